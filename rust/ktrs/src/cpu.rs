@@ -1,0 +1,272 @@
+//! What the CPU and the OS allow, and which instruction set the kernels use.
+//!
+//! Detection reads CPUID and XCR0 directly (not `is_x86_feature_detected!`, which cannot
+//! name AMX on stable Rust). An ISA counts as available only when the CPU has it *and*
+//! the OS saves its register state (XCR0), and for AMX also when Linux granted this
+//! process permission to use tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`).
+
+use crate::error::{KtrsError, Result};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+/// CPU features relevant to ktrs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuFeatures {
+    pub avx512f: bool,
+    pub avx512bw: bool,
+    pub avx512vl: bool,
+    pub avx512bf16: bool,
+    pub avx512vnni: bool,
+    pub amx_tile: bool,
+    pub amx_bf16: bool,
+    pub amx_int8: bool,
+    /// XCR0 says the OS saves opmask and zmm state.
+    pub os_avx512: bool,
+    /// XCR0 says the OS saves tile config and tile data.
+    pub os_amx: bool,
+}
+
+impl CpuFeatures {
+    /// Reads CPUID and XCR0 once per process.
+    pub fn get() -> CpuFeatures {
+        static CACHE: OnceLock<CpuFeatures> = OnceLock::new();
+        *CACHE.get_or_init(detect)
+    }
+
+    pub fn has_avx512_kernels(&self) -> bool {
+        self.avx512f && self.avx512bw && self.avx512vl && self.avx512bf16 && self.os_avx512
+    }
+
+    pub fn has_amx_hardware(&self) -> bool {
+        self.amx_tile && self.amx_bf16 && self.os_amx && self.has_avx512_kernels()
+    }
+
+    /// Feature names present, in a fixed order.
+    pub fn names(&self) -> Vec<&'static str> {
+        let all = [
+            ("avx512f", self.avx512f),
+            ("avx512bw", self.avx512bw),
+            ("avx512vl", self.avx512vl),
+            ("avx512bf16", self.avx512bf16),
+            ("avx512vnni", self.avx512vnni),
+            ("amx-tile", self.amx_tile),
+            ("amx-bf16", self.amx_bf16),
+            ("amx-int8", self.amx_int8),
+        ];
+        all.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> CpuFeatures {
+    use std::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv};
+    let max_leaf = __cpuid(0).eax;
+    if max_leaf < 7 {
+        return CpuFeatures::default();
+    }
+    let l1 = __cpuid(1);
+    let l7 = __cpuid_count(7, 0);
+    let l7_1 = __cpuid_count(7, 1);
+    let osxsave = l1.ecx & (1 << 27) != 0;
+    // SAFETY: XGETBV is only executed when CPUID says OSXSAVE is enabled.
+    let xcr0 = if osxsave { unsafe { _xgetbv(0) } } else { 0 };
+    let bit = |r: u32, b: u32| r & (1 << b) != 0;
+    CpuFeatures {
+        avx512f: bit(l7.ebx, 16),
+        avx512bw: bit(l7.ebx, 30),
+        avx512vl: bit(l7.ebx, 31),
+        avx512vnni: bit(l7.ecx, 11),
+        avx512bf16: bit(l7_1.eax, 5),
+        amx_bf16: bit(l7.edx, 22),
+        amx_tile: bit(l7.edx, 24),
+        amx_int8: bit(l7.edx, 25),
+        // opmask (5), upper zmm halves (6), zmm16-31 (7), plus SSE/AVX (1, 2).
+        os_avx512: xcr0 & 0xe6 == 0xe6,
+        // XTILECFG (17) and XTILEDATA (18).
+        os_amx: xcr0 & (0b11 << 17) == (0b11 << 17),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> CpuFeatures {
+    CpuFeatures::default()
+}
+
+/// Outcome of asking Linux for AMX tile-data permission (once per process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AmxPermission {
+    Granted,
+    Refused(String),
+    NoHardware,
+}
+
+/// Requests `XTILEDATA` permission once; later calls return the first answer.
+pub fn amx_permission() -> AmxPermission {
+    static CACHE: OnceLock<AmxPermission> = OnceLock::new();
+    CACHE.get_or_init(request_amx_permission).clone()
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_amx_permission() -> AmxPermission {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    if !CpuFeatures::get().has_amx_hardware() {
+        return AmxPermission::NoHardware;
+    }
+    // SAFETY: a plain syscall with integer arguments.
+    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    if rc == 0 {
+        AmxPermission::Granted
+    } else {
+        let err = std::io::Error::last_os_error();
+        AmxPermission::Refused(format!("arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) failed: {err}"))
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn request_amx_permission() -> AmxPermission {
+    AmxPermission::NoHardware
+}
+
+/// The instruction set the GEMM kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Isa {
+    /// Portable Rust; the reference every other path is tested against.
+    Scalar,
+    /// AVX-512 BF16 (`vdpbf16ps`).
+    Avx512,
+    /// AMX-BF16 tiles (with AVX-512 for the small parts).
+    Amx,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx512, Isa::Amx];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
+        }
+    }
+
+    /// Ok when this ISA can run here; otherwise the reason it cannot.
+    pub fn check_available(self) -> Result<()> {
+        let f = CpuFeatures::get();
+        let unavailable = |reason: &str| Err(KtrsError::IsaUnavailable { isa: self.name().into(), reason: reason.into() });
+        match self {
+            Isa::Scalar => Ok(()),
+            Isa::Avx512 if f.has_avx512_kernels() => Ok(()),
+            Isa::Avx512 => unavailable("the CPU or OS lacks AVX-512 F/BW/VL/BF16"),
+            Isa::Amx => {
+                if !f.has_amx_hardware() {
+                    return unavailable("the CPU or OS lacks AMX-TILE/AMX-BF16 (or AVX-512 BF16)");
+                }
+                if !crate::kernels::amx_kernels_built() {
+                    return unavailable("this build of ktrs has no AMX kernels yet; use avx512");
+                }
+                match amx_permission() {
+                    AmxPermission::Granted => Ok(()),
+                    AmxPermission::Refused(why) => unavailable(&why),
+                    AmxPermission::NoHardware => unavailable("no AMX hardware"),
+                }
+            }
+        }
+    }
+
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.iter().copied().filter(|i| i.check_available().is_ok()).collect()
+    }
+
+    /// The fastest available ISA.
+    pub fn best() -> Isa {
+        *Isa::available().last().expect("scalar is always available")
+    }
+
+    /// `KTRS_ISA` if set (an error if it names an unknown or unavailable ISA), else the best.
+    pub fn from_env_or_best() -> Result<Isa> {
+        match std::env::var("KTRS_ISA") {
+            Ok(v) if !v.trim().is_empty() && v.trim() != "auto" => {
+                let isa: Isa = v.trim().parse().map_err(|_| {
+                    KtrsError::invalid("KTRS_ISA", "one of scalar, avx512, amx, auto", format!("{v:?}"))
+                })?;
+                isa.check_available()?;
+                Ok(isa)
+            }
+            _ => Ok(Isa::best()),
+        }
+    }
+}
+
+impl FromStr for Isa {
+    type Err = KtrsError;
+    fn from_str(s: &str) -> Result<Isa> {
+        match s.to_ascii_lowercase().as_str() {
+            "scalar" => Ok(Isa::Scalar),
+            "avx512" | "avx512bf16" | "avx-512" => Ok(Isa::Avx512),
+            "amx" | "amx-bf16" | "amxbf16" => Ok(Isa::Amx),
+            _ => Err(KtrsError::invalid("isa", "one of scalar, avx512, amx", format!("{s:?}"))),
+        }
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Physical cores this process may run on (SMT siblings counted once).
+pub fn physical_cores() -> usize {
+    let allowed = allowed_cpus();
+    let mut seen = std::collections::BTreeSet::new();
+    for cpu in &allowed {
+        let base = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
+        let pkg = std::fs::read_to_string(format!("{base}/physical_package_id")).unwrap_or_default();
+        let core = std::fs::read_to_string(format!("{base}/core_id")).unwrap_or_else(|_| cpu.to_string());
+        seen.insert((pkg.trim().to_string(), core.trim().to_string()));
+    }
+    seen.len().max(1)
+}
+
+/// Logical CPUs in this process's affinity mask.
+pub fn allowed_cpus() -> Vec<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+                let v: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect();
+                if !v.is_empty() {
+                    return v;
+                }
+            }
+        }
+    }
+    (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_availability() {
+        assert_eq!("AVX512".parse::<Isa>().unwrap(), Isa::Avx512);
+        assert!("sse".parse::<Isa>().is_err());
+        assert!(Isa::Scalar.check_available().is_ok());
+        let avail = Isa::available();
+        assert_eq!(avail[0], Isa::Scalar);
+        assert_eq!(Isa::best(), *avail.last().unwrap());
+        // Agreement with std's detector where std can name the feature.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f = CpuFeatures::get();
+            assert_eq!(f.avx512f && f.os_avx512, is_x86_feature_detected!("avx512f"));
+            assert_eq!(f.avx512bf16 && f.os_avx512, is_x86_feature_detected!("avx512bf16"));
+        }
+        assert!(physical_cores() >= 1);
+    }
+}

@@ -1,0 +1,113 @@
+//! GEMM micro-kernels per ISA behind one dispatch point, plus the small f32 helpers LoRA
+//! and the epilogues use.
+//!
+//! Every kernel computes the same thing on the [`crate::pack`] layout:
+//! `C[i, 16p + l] = Σ_k A[i, k] · W[16p + l, k]` for `np` panels, with bf16 inputs and f32
+//! accumulation; `scalar` is the reference the others are tested against (see the tests
+//! at the bottom, shared by every ISA).
+//!
+//! ISA safety: the `avx512` functions are `unsafe` and only reached through [`gemm`] and
+//! the `multiversion!` helpers, whose `Isa` argument comes from a layer that checked
+//! [`Isa::check_available`]. These functions are crate-private for that reason.
+
+pub(crate) mod avx512;
+pub(crate) mod scalar;
+pub(crate) mod vec;
+
+use crate::cpu::Isa;
+
+/// Whether this build contains AMX kernels.
+pub fn amx_kernels_built() -> bool {
+    false
+}
+
+/// Operands of one GEMM call over a block of panels.
+pub(crate) struct Gemm<'a> {
+    /// Rows of A and C.
+    pub m: usize,
+    /// bf16 activations, `m` rows of stride `lda`, `k_pad` valid (zero-padded) columns.
+    pub a: &'a [u16],
+    pub lda: usize,
+    /// `np` consecutive packed panels, each `k_pad * 16` u16.
+    pub b: &'a [u16],
+    pub np: usize,
+    pub k_pad: usize,
+    /// f32 output, `m` rows of stride `ldc`; columns `0 .. 16·np` are overwritten.
+    pub c: &'a mut [f32],
+    pub ldc: usize,
+}
+
+impl Gemm<'_> {
+    fn check(&self) {
+        assert!(self.k_pad % crate::pack::PAD == 0, "k_pad must be a multiple of 32");
+        assert!(self.np >= 1 && self.b.len() >= self.np * self.k_pad * 16, "B too short");
+        if self.m > 0 {
+            assert!(self.lda >= self.k_pad && self.a.len() >= (self.m - 1) * self.lda + self.k_pad, "A too short");
+            assert!(self.ldc >= self.np * 16 && self.c.len() >= (self.m - 1) * self.ldc + self.np * 16, "C too short");
+        }
+    }
+}
+
+/// Runs one GEMM block on `isa`. Bounds are checked here, once, so the kernels can use
+/// raw pointers.
+pub(crate) fn gemm(isa: Isa, g: Gemm<'_>) {
+    g.check();
+    if g.m == 0 {
+        return;
+    }
+    match isa {
+        Isa::Scalar => scalar::gemm(g),
+        // SAFETY: see module doc: `isa` was checked available by the caller's layer.
+        Isa::Avx512 | Isa::Amx => unsafe { avx512::gemm(g) },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bf16;
+    use crate::pack::{pack_into, PackShape};
+
+    fn rand_bf16(n: usize, seed: &mut u64) -> Vec<u16> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = ((*seed >> 40) as f64) / (1u64 << 24) as f64;
+                bf16::from_f32((u * 2.0 - 1.0) as f32)
+            })
+            .collect()
+    }
+
+    /// Every available ISA against an f64 reference, on awkward shapes.
+    #[test]
+    fn gemm_all_isas_match_f64_reference() {
+        let mut seed = 42u64;
+        for &(m, n, k) in &[(1, 16, 32), (3, 17, 33), (7, 64, 2050), (13, 96, 1407), (6, 40, 64), (31, 2050 / 10, 96)] {
+            let sh = PackShape::new(n, k);
+            let w = rand_bf16(n * k, &mut seed);
+            let mut pw = vec![0u16; sh.len()];
+            pack_into(&w, sh, &mut pw);
+            let lda = sh.k_pad + 8; // a stride wider than k_pad must work too
+            let mut a = vec![0u16; m * lda];
+            for i in 0..m {
+                let row = rand_bf16(k, &mut seed);
+                a[i * lda..i * lda + k].copy_from_slice(&row);
+            }
+            let ldc = sh.n_pad;
+            for isa in Isa::available() {
+                let mut c = vec![f32::NAN; m * ldc];
+                gemm(isa, Gemm { m, a: &a, lda, b: &pw, np: sh.panels(), k_pad: sh.k_pad, c: &mut c, ldc });
+                for i in 0..m {
+                    for o in 0..n {
+                        let r: f64 = (0..k).map(|x| bf16::to_f32(a[i * lda + x]) as f64 * bf16::to_f32(w[o * k + x]) as f64).sum();
+                        let got = c[i * ldc + o] as f64;
+                        assert!((got - r).abs() <= 1e-4 * (1.0 + r.abs()) * (k as f64).sqrt(), "{isa} m{m} n{n} k{k} ({i},{o}): {got} vs {r}");
+                    }
+                    for o in n..sh.n_pad {
+                        assert_eq!(c[i * ldc + o], 0.0, "padding column must be 0");
+                    }
+                }
+            }
+        }
+    }
+}

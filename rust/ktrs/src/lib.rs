@@ -1,0 +1,30 @@
+//! ktrs core: the routed experts of one Mixture-of-Experts layer (SwiGLU) with LoRA,
+//! forward and backward, on the CPU.
+//!
+//! This crate knows nothing about Python. It owns every byte a kernel reads: packed
+//! expert weights, LoRA master weights and gradients, forward caches and scratch.
+//! Callers hand in plain slices and get results written into slices they own.
+//!
+//! Layout of the crate:
+//! - [`cpu`]: CPUID/XCR0 detection and the [`Isa`] choice.
+//! - [`pool`]: the persistent worker pool every layer call runs on.
+//! - [`pack`]: the VNNI panel layout the GEMM kernels read (shared by AVX-512 and AMX).
+//! - [`kernels`]: GEMM micro-kernels per ISA behind one dispatch function.
+//! - [`lora`]: Rust-owned LoRA weights and gradients.
+//! - [`moe`]: routing, the forward and backward passes, and the forward cache.
+
+pub mod bf16;
+pub mod buffer;
+pub mod cpu;
+pub mod error;
+pub mod kernels;
+pub mod lora;
+pub mod moe;
+pub mod pack;
+pub mod pool;
+
+pub use cpu::{CpuFeatures, Isa};
+pub use error::{KtrsError, Result};
+pub use lora::{LoraConfig, LoraMatrix, LoraWeights};
+pub use moe::{ExpertWeights, ForwardCache, GradTarget, MoeConfig, MoeLayer};
+pub use pool::ThreadPool;

@@ -1,0 +1,234 @@
+//! The backward pass: input gradient, routing-weight gradient and LoRA gradients.
+//!
+//! The transposed weights the input gradient needs are not stored: each task repacks the
+//! block it multiplies by from the forward layout (see `pack::pack_transposed_block`)
+//! into its thread's scratch, so expert memory stays at one copy.
+
+use super::{chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, GradTarget, MoeLayer, NB};
+use crate::bf16;
+use crate::buffer::{Buffer, SendPtr};
+use crate::error::{check_len, KtrsError, Result};
+use crate::kernels::vec;
+use crate::lora::LoraMatrix as M;
+use crate::pack::{fused_row, pack_transposed_block, ExpertPack, PANEL};
+use std::cell::RefCell;
+
+thread_local! {
+    /// Per-thread block of transposed weights; its only user is `with_transposed_block`.
+    static TRANSPOSED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the transposed block (new outputs `c0 .. c0 + 16·np`) of expert e of `pack`.
+fn with_transposed_block<R>(pack: &ExpertPack, e: usize, c0: usize, np: usize, f: impl FnOnce(&[u16]) -> R) -> R {
+    TRANSPOSED.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let len = np * PANEL * pack.shape.n_pad;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        pack_transposed_block(pack.expert(e), pack.shape, c0, np, &mut buf[..len]);
+        f(&buf[..len])
+    })
+}
+
+impl MoeLayer {
+    /// From `grad_out [T, H]` (bf16) writes `grad_hidden [T, H]` (bf16) and
+    /// `grad_weights [T, k]` (f32), and produces LoRA gradients as `grads` says.
+    pub fn backward(
+        &self,
+        cache: &ForwardCache,
+        grad_out: &[u16],
+        grad_hidden: &mut [u16],
+        grad_weights: &mut [f32],
+        grads: GradTarget<'_>,
+    ) -> Result<()> {
+        if cache.layer_id != self.id() {
+            return Err(KtrsError::StaleCache("this forward cache was made by another layer".into()));
+        }
+        let cfg = self.config;
+        let (h, i, h_pad, i_pad) = (cfg.hidden, cfg.intermediate, cfg.h_pad(), cfg.i_pad());
+        let rt = &cache.routing;
+        let (tokens, k, n) = (rt.tokens, rt.k, rt.pairs());
+        check_len("grad_output", grad_out.len(), tokens * h)?;
+        check_len("grad_hidden", grad_hidden.len(), tokens * h)?;
+        check_len("grad_topk_weights", grad_weights.len(), tokens * k)?;
+        if let Some(t) = (0..tokens).find(|&t| bf16::any_non_finite(&grad_out[t * h..(t + 1) * h])) {
+            return Err(KtrsError::NonFinite { what: format!("grad_output at token {t}") });
+        }
+        let lora = self.lora.as_ref();
+        let r = lora.map_or(0, |l| l.config.rank);
+        let s = lora.map_or(0.0, |l| l.config.scaling());
+        let isa = self.isa;
+        let off = &rt.offsets;
+        let (x, g, u, act) = (cache.x.as_slice(), cache.g.as_slice(), cache.u.as_slice(), cache.act.as_slice());
+
+        // 1. Gather dy rows (unweighted); vd = dy·Bd.
+        let dy = Buffer::<u16>::zeroed(n * h_pad);
+        let mut vd = vec![0f32; n * r];
+        let (dyp, vdp) = (SendPtr(dy.as_ptr()), SendPtr(vd.as_mut_ptr()));
+        self.pool.run(row_chunks(n), |task, _| {
+            for p in chunk_range(task, n) {
+                let t = rt.pair_token[p] as usize;
+                // SAFETY: pair row p is written by this task alone.
+                let row = unsafe { dyp.slice_mut(p * h_pad, h) };
+                row.copy_from_slice(&grad_out[t * h..(t + 1) * h]);
+                if r > 0 {
+                    let e = rt.expert_of(p);
+                    vec::project_t(isa, row, self.lora_expert(M::DownB, e), h, r, unsafe { vdp.slice_mut(p * r, r) });
+                }
+            }
+        });
+
+        // 2. da0 = dy·Wd (+ s·vd·Ad); routing-weight gradient partials; SiLU backward into
+        //    dgu, laid out like the fused gate+up rows.
+        let dn = &self.down;
+        let i_blocks = dn.shape.k_pad / PANEL;
+        let i_blocks = i_blocks.div_ceil(NB);
+        let gw_part = Buffer::<f32>::zeroed(n * i_blocks);
+        let dgu = Buffer::<u16>::zeroed(n * 2 * i_pad);
+        let (gwp, dgup) = (SendPtr(gw_part.as_ptr()), SendPtr(dgu.as_ptr()));
+        let tasks = expert_blocks(off, i_blocks);
+        self.pool.run(tasks.len(), |task, _| {
+            let (e, blk) = tasks[task];
+            let np = NB.min(dn.shape.k_pad / PANEL - blk * NB);
+            let i0 = blk * NB * PANEL;
+            with_transposed_block(dn, e, i0, np, |b| {
+                gemm_rows(isa, dy.as_slice(), h_pad, dn.shape.n_pad, off[e]..off[e + 1], b, np, |p, da| {
+                    let cols = (np * PANEL).min(i.saturating_sub(i0));
+                    if r > 0 && cols > 0 {
+                        vec::combine_rows(isa, s, &vd[p * r..(p + 1) * r], &self.lora_expert(M::DownA, e)[i0..], i, r, cols, da);
+                    }
+                    let arow = &act[p * i_pad + i0..];
+                    // SAFETY: (pair p, block blk) and (pair p, columns i0..i0+16·np) are this task's.
+                    unsafe { gwp.write(p * i_blocks + blk, vec::dot_f32_bf16(isa, da, arow, cols)) };
+                    let w = rt.pair_weight[p];
+                    let drow = unsafe { dgup.slice_mut(p * 2 * i_pad, 2 * i_pad) };
+                    for l in 0..cols {
+                        let c = i0 + l;
+                        let (gv, uv) = (bf16::to_f32(g[p * i_pad + c]), bf16::to_f32(u[p * i_pad + c]));
+                        let sig = 1.0 / (1.0 + (-gv).exp());
+                        let da_w = w * da[l];
+                        drow[fused_row(c, false)] = bf16::from_f32(da_w * uv * sig * (1.0 + gv * (1.0 - sig)));
+                        drow[fused_row(c, true)] = bf16::from_f32(da_w * gv * sig);
+                    }
+                });
+            });
+        });
+
+        // 3. LoRA gradients, one task per (expert, projection); vg/vu = dg·Bg, du·Bu.
+        let mut vg = vec![0f32; n * r];
+        let mut vu = vec![0f32; n * r];
+        if r > 0 {
+            let l = lora.expect("rank > 0 implies LoRA");
+            let (vgp, vup) = (SendPtr(vg.as_mut_ptr()), SendPtr(vu.as_mut_ptr()));
+            // Destination base pointers, in LoraMatrix::ALL order, and whether to add.
+            let want_grads = !matches!(grads, GradTarget::Skip);
+            let (dst, accumulate): ([SendPtr<f32>; 6], bool) = match grads {
+                GradTarget::Skip => ([SendPtr(std::ptr::null_mut()); 6], true),
+                GradTarget::Owned => (M::ALL.map(|m| SendPtr(l.grad(m).as_ptr())), true),
+                GradTarget::External { bufs, accumulate } => {
+                    for (m, b) in M::ALL.iter().zip(bufs.iter()) {
+                        check_len(&format!("grad_{}", m.name()), b.len(), l.grad(*m).len())?;
+                    }
+                    let [a, b, c, d, e, f] = bufs;
+                    ([a, b, c, d, e, f].map(|s| SendPtr(s.as_mut_ptr())), accumulate)
+                }
+            };
+                        let dgu_s = dgu.as_slice();
+            self.pool.run(3 * cfg.experts, |task, _| {
+                let (e, proj) = (task / 3, task % 3);
+                let rows = off[e]..off[e + 1];
+                // SAFETY: task (e, proj) owns expert e's slices of proj's two gradient
+                // matrices and rows `rows` of vg (gate) or vu (up).
+                let grad = |m: M| -> Option<*mut [f32]> {
+                    if !want_grads {
+                        return None;
+                    }
+                    let [_, rr, cc] = l.shape(m);
+                    let sl = unsafe { dst[m.index()].slice_mut(e * rr * cc, rr * cc) };
+                    if !accumulate {
+                        sl.fill(0.0);
+                    }
+                    Some(sl as *mut [f32])
+                };
+                match proj {
+                    0 | 1 => {
+                        let up_proj = proj == 1;
+                        let (ma, mb) = if up_proj { (M::UpA, M::UpB) } else { (M::GateA, M::GateB) };
+                        let (ga, gb) = (grad(ma), grad(mb));
+                        let z = if up_proj { &cache.zu } else { &cache.zg };
+                        let vptr = if up_proj { vup } else { vgp };
+                        let bmat = self.lora_expert(mb, e);
+                        let mut drow = vec![0u16; i];
+                        for p in rows {
+                            let src = &dgu_s[p * 2 * i_pad..];
+                            for (c, d) in drow.iter_mut().enumerate() {
+                                *d = src[fused_row(c, up_proj)];
+                            }
+                            let v = unsafe { vptr.slice_mut(p * r, r) };
+                            vec::project_t(isa, &drow, bmat, i, r, v);
+                            if let (Some(ga), Some(gb)) = (ga, gb) {
+                                // SAFETY: the pointers come from `grad` above (this task's).
+                                let (ga, gb) = unsafe { (&mut *ga, &mut *gb) };
+                                vec::outer_nr(isa, s, &drow, &z[p * r..(p + 1) * r], i, r, gb);
+                                vec::outer_rk(isa, s, v, &x[p * h_pad..], r, h, ga);
+                            }
+                        }
+                    }
+                    _ => {
+                        if let (Some(ga), Some(gb)) = (grad(M::DownA), grad(M::DownB)) {
+                            // SAFETY: as above.
+                            let (ga, gb) = unsafe { (&mut *ga, &mut *gb) };
+                            for p in rows {
+                                let sw = s * rt.pair_weight[p];
+                                vec::outer_nr(isa, sw, &dy.as_slice()[p * h_pad..], &cache.zd[p * r..(p + 1) * r], h, r, gb);
+                                vec::outer_rk(isa, sw, &vd[p * r..(p + 1) * r], &act[p * i_pad..], r, i, ga);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+
+        // 4. dx = dgu·W_gu (+ s·(vg·Ag + vu·Au)) per pair.
+        let gu = &self.gate_up;
+        let h_blocks = (gu.shape.k_pad / PANEL).div_ceil(NB);
+        let dx = Buffer::<f32>::zeroed(n * h_pad);
+        let dxp = SendPtr(dx.as_ptr());
+        let tasks = expert_blocks(off, h_blocks);
+        self.pool.run(tasks.len(), |task, _| {
+            let (e, blk) = tasks[task];
+            let np = NB.min(gu.shape.k_pad / PANEL - blk * NB);
+            let h0 = blk * NB * PANEL;
+            with_transposed_block(gu, e, h0, np, |b| {
+                gemm_rows(isa, dgu.as_slice(), 2 * i_pad, gu.shape.n_pad, off[e]..off[e + 1], b, np, |p, c| {
+                    let cols = (np * PANEL).min(h.saturating_sub(h0));
+                    if r > 0 && cols > 0 {
+                        vec::combine_rows(isa, s, &vg[p * r..(p + 1) * r], &self.lora_expert(M::GateA, e)[h0..], h, r, cols, c);
+                        vec::combine_rows(isa, s, &vu[p * r..(p + 1) * r], &self.lora_expert(M::UpA, e)[h0..], h, r, cols, c);
+                    }
+                    // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
+                    unsafe { dxp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
+                });
+            });
+        });
+
+        // 5. Sum over each token's k pairs; routing-weight gradient from the partials.
+        let (ghp, gwo) = (SendPtr(grad_hidden.as_mut_ptr()), SendPtr(grad_weights.as_mut_ptr()));
+        self.pool.run(row_chunks(tokens), |task, _| {
+            let mut acc = vec![0f32; h];
+            for t in chunk_range(task, tokens) {
+                acc.fill(0.0);
+                for slot in 0..k {
+                    let p = rt.pos[t * k + slot] as usize;
+                    vec::axpy(isa, 1.0, &dx.as_slice()[p * h_pad..p * h_pad + h], &mut acc);
+                    let gw: f32 = gw_part.as_slice()[p * i_blocks..(p + 1) * i_blocks].iter().sum();
+                    // SAFETY: token t's rows are written by this task alone.
+                    unsafe { gwo.write(t * k + slot, gw) };
+                }
+                bf16::from_f32_slice(&acc, unsafe { ghp.slice_mut(t * h, h) });
+            }
+        });
+        Ok(())
+    }
+}

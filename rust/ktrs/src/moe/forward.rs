@@ -1,0 +1,152 @@
+//! The forward pass of the routed experts.
+
+use super::routing::Routing;
+use super::{chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, MoeLayer, NB};
+use crate::bf16;
+use crate::buffer::{Buffer, SendPtr};
+use crate::error::{check_len, KtrsError, Result};
+use crate::kernels::vec;
+use crate::lora::LoraMatrix as M;
+use crate::pack::PANEL;
+
+impl MoeLayer {
+    /// `out[t] = Σ_s w[t,s] · expert_{ids[t,s]}(hidden[t])` for bf16 `hidden [T, H]`,
+    /// `ids [T, k]`, f32 `weights [T, k]`; `out [T, H]` bf16. With `save`, returns the
+    /// cache its backward needs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        hidden: &[u16],
+        tokens: usize,
+        ids: &[i64],
+        weights: &[f32],
+        k: usize,
+        out: &mut [u16],
+        save: bool,
+    ) -> Result<Option<ForwardCache>> {
+        let cfg = self.config;
+        let (h, i, h_pad, i_pad) = (cfg.hidden, cfg.intermediate, cfg.h_pad(), cfg.i_pad());
+        check_len("hidden", hidden.len(), tokens * h)?;
+        check_len("out", out.len(), tokens * h)?;
+        if k == 0 {
+            return Err(KtrsError::invalid("topk_ids", "at least one expert per token (k >= 1)", 0));
+        }
+        let routing = Routing::new(ids, weights, tokens, k, cfg.experts)?;
+        if let Some(t) = (0..tokens).find(|&t| bf16::any_non_finite(&hidden[t * h..(t + 1) * h])) {
+            return Err(KtrsError::NonFinite { what: format!("hidden_states at token {t}") });
+        }
+        let n = routing.pairs();
+        let isa = self.isa;
+        let r = self.lora.as_ref().map_or(0, |l| l.config.rank);
+        let s = self.lora.as_ref().map_or(0.0, |l| l.config.scaling());
+        let off = &routing.offsets;
+
+        let x = Buffer::<u16>::zeroed(n * h_pad);
+        let g = Buffer::<u16>::zeroed(n * i_pad);
+        let u = Buffer::<u16>::zeroed(n * i_pad);
+        let act = Buffer::<u16>::zeroed(n * i_pad);
+        let mut zg = vec![0f32; n * r];
+        let mut zu = vec![0f32; n * r];
+        let mut zd = vec![0f32; n * r];
+        let (xp, gp, up, ap) = (SendPtr(x.as_ptr()), SendPtr(g.as_ptr()), SendPtr(u.as_ptr()), SendPtr(act.as_ptr()));
+        let (zgp, zup, zdp) = (SendPtr(zg.as_mut_ptr()), SendPtr(zu.as_mut_ptr()), SendPtr(zd.as_mut_ptr()));
+
+        // 1. Gather token rows into expert order; LoRA-A of gate and up.
+        self.pool.run(row_chunks(n), |task, _| {
+            for p in chunk_range(task, n) {
+                let t = routing.pair_token[p] as usize;
+                // SAFETY: each pair row p is written by exactly one task.
+                let xr = unsafe { xp.slice_mut(p * h_pad, h) };
+                xr.copy_from_slice(&hidden[t * h..(t + 1) * h]);
+                if r > 0 {
+                    let e = routing.expert_of(p);
+                    let (zgr, zur) = unsafe { (zgp.slice_mut(p * r, r), zup.slice_mut(p * r, r)) };
+                    vec::project(isa, xr, self.lora_expert(M::GateA, e), r, h, zgr);
+                    vec::project(isa, xr, self.lora_expert(M::UpA, e), r, h, zur);
+                }
+            }
+        });
+
+        // 2. gate+up GEMM; epilogue adds LoRA-B and forms SiLU(gate)·up.
+        let gu = &self.gate_up;
+        let gu_blocks = gu.shape.panels() / NB;
+        let tasks = expert_blocks(off, gu_blocks);
+        self.pool.run(tasks.len(), |task, _| {
+            let (e, blk) = tasks[task];
+            let panel_len = gu.shape.panel_len();
+            let b = &gu.expert(e)[blk * NB * panel_len..];
+            gemm_rows(isa, x.as_slice(), h_pad, h_pad, off[e]..off[e + 1], b, NB, |p, c| {
+                for half in 0..NB / 2 {
+                    let i0 = blk * NB / 2 * PANEL + half * PANEL;
+                    let (gate, rest) = c[half * 2 * PANEL..].split_at_mut(PANEL);
+                    let upv = &mut rest[..PANEL];
+                    if r > 0 && i0 < i {
+                        let cnt = PANEL.min(i - i0);
+                        let (zgr, zur) = (&zg[p * r..(p + 1) * r], &zu[p * r..(p + 1) * r]);
+                        vec::expand(isa, s, zgr, &self.lora_expert(M::GateB, e)[i0 * r..], cnt, r, gate);
+                        vec::expand(isa, s, zur, &self.lora_expert(M::UpB, e)[i0 * r..], cnt, r, upv);
+                    }
+                    // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
+                    let (gr, ur, ar) = unsafe {
+                        (gp.slice_mut(p * i_pad + i0, PANEL), up.slice_mut(p * i_pad + i0, PANEL), ap.slice_mut(p * i_pad + i0, PANEL))
+                    };
+                    for l in 0..PANEL {
+                        gr[l] = bf16::from_f32(gate[l]);
+                        ur[l] = bf16::from_f32(upv[l]);
+                        ar[l] = bf16::from_f32(vec::silu(gate[l]) * upv[l]);
+                    }
+                }
+            });
+        });
+
+        // 3. LoRA-A of down.
+        if r > 0 {
+            self.pool.run(row_chunks(n), |task, _| {
+                for p in chunk_range(task, n) {
+                    let e = routing.expert_of(p);
+                    // SAFETY: row p of zd is written by this task alone.
+                    let zdr = unsafe { zdp.slice_mut(p * r, r) };
+                    vec::project(isa, &act.as_slice()[p * i_pad..], self.lora_expert(M::DownA, e), r, i, zdr);
+                }
+            });
+        }
+
+        // 4. down GEMM per pair (+ LoRA-B) into y.
+        let y = Buffer::<f32>::zeroed(n * h_pad);
+        let yp = SendPtr(y.as_ptr());
+        let dn = &self.down;
+        let d_blocks = dn.shape.panels().div_ceil(NB);
+        let tasks = expert_blocks(off, d_blocks);
+        self.pool.run(tasks.len(), |task, _| {
+            let (e, blk) = tasks[task];
+            let np = NB.min(dn.shape.panels() - blk * NB);
+            let b = &dn.expert(e)[blk * NB * dn.shape.panel_len()..];
+            let h0 = blk * NB * PANEL;
+            gemm_rows(isa, act.as_slice(), i_pad, i_pad, off[e]..off[e + 1], b, np, |p, c| {
+                if r > 0 && h0 < h {
+                    let cnt = (np * PANEL).min(h - h0);
+                    vec::expand(isa, s, &zd[p * r..(p + 1) * r], &self.lora_expert(M::DownB, e)[h0 * r..], cnt, r, c);
+                }
+                // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
+                unsafe { yp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
+            });
+        });
+
+        // 5. Weighted sum over each token's k experts.
+        let outp = SendPtr(out.as_mut_ptr());
+        self.pool.run(row_chunks(tokens), |task, _| {
+            let mut acc = vec![0f32; h];
+            for t in chunk_range(task, tokens) {
+                acc.fill(0.0);
+                for slot in 0..k {
+                    let p = routing.pos[t * k + slot] as usize;
+                    vec::axpy(isa, routing.pair_weight[p], &y.as_slice()[p * h_pad..p * h_pad + h], &mut acc);
+                }
+                // SAFETY: token row t is written by this task alone.
+                bf16::from_f32_slice(&acc, unsafe { outp.slice_mut(t * h, h) });
+            }
+        });
+
+        Ok(save.then(|| ForwardCache { layer_id: self.id(), routing, x, g, u, act, zg, zu, zd }))
+    }
+}

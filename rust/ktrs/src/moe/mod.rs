@@ -1,0 +1,263 @@
+//! One MoE layer's routed experts: weights, LoRA, forward, backward.
+//!
+//! Data flow of a call (details in docs/architecture.md):
+//! forward:  route (counting sort) → gather x → LoRA-A of gate/up → gate+up GEMM with the
+//!           LoRA-B and SiLU·up epilogue → LoRA-A of down → down GEMM (+LoRA-B) per pair
+//!           → weighted sum per token.
+//! backward: gather dy → dy·Wd (+LoRA), routing-weight gradient, SiLU backward → LoRA
+//!           gradients → dgu·W_gu (+LoRA) per pair → sum per token.
+
+mod backward;
+mod cache;
+mod forward;
+pub mod routing;
+
+pub use cache::ForwardCache;
+
+use crate::buffer::SendPtr;
+use crate::cpu::Isa;
+use crate::error::{check_len, KtrsError, Result};
+use crate::kernels::{self, Gemm};
+use crate::lora::{LoraConfig, LoraMatrix, LoraWeights};
+use crate::pack::{self, fused_row, round_up, ExpertPack, PackShape, PAD, PANEL};
+use crate::pool::ThreadPool;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Sizes of one MoE layer's routed experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+}
+
+impl MoeConfig {
+    pub(crate) fn h_pad(&self) -> usize {
+        round_up(self.hidden, PAD)
+    }
+    pub(crate) fn i_pad(&self) -> usize {
+        round_up(self.intermediate, PAD)
+    }
+}
+
+/// Borrowed bf16 expert weights in HF layout: gate and up `[E, I, H]`, down `[E, H, I]`.
+pub struct ExpertWeights<'a> {
+    pub gate: &'a [u16],
+    pub up: &'a [u16],
+    pub down: &'a [u16],
+}
+
+/// Where a backward writes the LoRA gradients.
+pub enum GradTarget<'a> {
+    /// Skip LoRA gradients.
+    Skip,
+    /// Accumulate into the layer's own gradient buffers.
+    Owned,
+    /// Write (or, with `accumulate`, add) into caller slices, in [`LoraMatrix::ALL`] order.
+    External { bufs: [&'a mut [f32]; 6], accumulate: bool },
+}
+
+/// Panels per GEMM task: 4 × 16 = 64 output columns, so the gate+up task holds 32 gate
+/// and the 32 matching up columns, and the B block of a task stays in L2.
+const NB: usize = 4;
+/// Rows per GEMM call inside a task (a multiple of the AVX-512 block height, 6).
+const MC: usize = 48;
+
+static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
+
+pub struct MoeLayer {
+    pub config: MoeConfig,
+    isa: Isa,
+    pool: Arc<ThreadPool>,
+    /// Fused gate+up, `[2·I_pad, H]` per expert with interleaved panels.
+    gate_up: ExpertPack,
+    /// Down, `[H, I]` per expert.
+    down: ExpertPack,
+    lora: Option<LoraWeights>,
+    id: u64,
+}
+
+impl MoeLayer {
+    /// A layer with all-zero expert weights; fill it with [`MoeLayer::set_expert`].
+    pub fn new_empty(config: MoeConfig, lora: Option<LoraConfig>, isa: Isa, threads: usize, seed: u64) -> Result<MoeLayer> {
+        for (name, v) in [("experts", config.experts), ("hidden", config.hidden), ("intermediate", config.intermediate)] {
+            if v == 0 {
+                return Err(KtrsError::invalid(name, "a positive size", v));
+            }
+        }
+        isa.check_available()?;
+        let (h, i) = (config.hidden, config.intermediate);
+        let gate_up = ExpertPack::zeroed(config.experts, PackShape::new(2 * config.i_pad(), h));
+        let down = ExpertPack::zeroed(config.experts, PackShape::new(h, i));
+        let lora = lora.map(|c| LoraWeights::new(c, config.experts, h, i, seed)).transpose()?;
+        Ok(MoeLayer {
+            config,
+            isa,
+            pool: ThreadPool::shared(threads.max(1)),
+            gate_up,
+            down,
+            lora,
+            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// A layer packed from all experts' weights at once (in parallel).
+    pub fn new(
+        config: MoeConfig,
+        w: ExpertWeights<'_>,
+        lora: Option<LoraConfig>,
+        isa: Isa,
+        threads: usize,
+        seed: u64,
+    ) -> Result<MoeLayer> {
+        let mut layer = MoeLayer::new_empty(config, lora, isa, threads, seed)?;
+        let (e, h, i) = (config.experts, config.hidden, config.intermediate);
+        check_len("gate", w.gate.len(), e * i * h)?;
+        check_len("up", w.up.len(), e * i * h)?;
+        check_len("down", w.down.len(), e * h * i)?;
+        let (gu_shape, d_shape) = (layer.gate_up.shape, layer.down.shape);
+        let gu = SendPtr(layer.gate_up.expert_mut(0).as_mut_ptr());
+        let dn = SendPtr(layer.down.expert_mut(0).as_mut_ptr());
+        layer.pool.run(e, |x, _| {
+            // SAFETY: task x writes only expert x's region of each pack.
+            let (g, d) = unsafe { (gu.slice_mut(x * gu_shape.len(), gu_shape.len()), dn.slice_mut(x * d_shape.len(), d_shape.len())) };
+            pack_expert(gu_shape, d_shape, h, i, &w.gate[x * i * h..(x + 1) * i * h], &w.up[x * i * h..(x + 1) * i * h], &w.down[x * h * i..(x + 1) * h * i], g, d);
+        });
+        Ok(layer)
+    }
+
+    /// Packs one expert's weights (gate, up `[I, H]`, down `[H, I]`, bf16 bits).
+    pub fn set_expert(&mut self, e: usize, gate: &[u16], up: &[u16], down: &[u16]) -> Result<()> {
+        self.gate_up.check_expert(e)?;
+        let (h, i) = (self.config.hidden, self.config.intermediate);
+        check_len("gate", gate.len(), i * h)?;
+        check_len("up", up.len(), i * h)?;
+        check_len("down", down.len(), h * i)?;
+        let (gs, ds) = (self.gate_up.shape, self.down.shape);
+        let g = SendPtr(self.gate_up.expert_mut(e).as_mut_ptr());
+        let d = self.down.expert_mut(e);
+        // SAFETY: g points at expert e's region, which we hold mutably through &mut self.
+        let g = unsafe { g.slice_mut(0, gs.len()) };
+        pack_expert(gs, ds, h, i, gate, up, down, g, d);
+        Ok(())
+    }
+
+    /// Expert e's weights unpacked to HF layout (gate, up `[I, H]`, down `[H, I]`).
+    pub fn get_expert(&self, e: usize) -> Result<(Vec<u16>, Vec<u16>, Vec<u16>)> {
+        self.gate_up.check_expert(e)?;
+        let (h, i) = (self.config.hidden, self.config.intermediate);
+        let gs = self.gate_up.shape;
+        let gu = self.gate_up.expert(e);
+        let mut gate = vec![0u16; i * h];
+        let mut up = vec![0u16; i * h];
+        for r in 0..i {
+            for c in 0..h {
+                gate[r * h + c] = gu[gs.index(fused_row(r, false), c)];
+                up[r * h + c] = gu[gs.index(fused_row(r, true), c)];
+            }
+        }
+        let down = pack::unpack(self.down.expert(e), self.down.shape);
+        Ok((gate, up, down))
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Switches the kernels used from now on; packed weights are shared by every ISA.
+    pub fn set_isa(&mut self, isa: Isa) -> Result<()> {
+        isa.check_available()?;
+        self.isa = isa;
+        Ok(())
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    pub fn set_threads(&mut self, threads: usize) {
+        self.pool = ThreadPool::shared(threads.max(1));
+    }
+
+    pub fn lora(&self) -> Option<&LoraWeights> {
+        self.lora.as_ref()
+    }
+
+    /// Bytes of packed expert weights held.
+    pub fn weight_bytes(&self) -> usize {
+        self.gate_up.bytes() + self.down.bytes()
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pack_expert(gs: PackShape, ds: PackShape, h: usize, i: usize, gate: &[u16], up: &[u16], down: &[u16], g: &mut [u16], d: &mut [u16]) {
+    g.fill(0);
+    for r in 0..i {
+        pack::pack_row(&gate[r * h..(r + 1) * h], gs, fused_row(r, false), g);
+        pack::pack_row(&up[r * h..(r + 1) * h], gs, fused_row(r, true), g);
+    }
+    pack::pack_into(down, ds, d);
+}
+
+/// `(expert, block)` pairs for every expert with tokens, `blocks` blocks each.
+fn expert_blocks(offsets: &[usize], blocks: usize) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for e in 0..offsets.len() - 1 {
+        if offsets[e + 1] > offsets[e] {
+            v.extend((0..blocks).map(|b| (e, b)));
+        }
+    }
+    v
+}
+
+/// `C = A·Bᵀ` over `np` panels for the pair rows in `rows`, in chunks of `MC` rows on the
+/// stack; `epi(pair, row)` receives each finished row of `16·np` f32 values.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows(
+    isa: Isa,
+    a: &[u16],
+    lda: usize,
+    k_pad: usize,
+    rows: Range<usize>,
+    b: &[u16],
+    np: usize,
+    mut epi: impl FnMut(usize, &mut [f32]),
+) {
+    let mut c = [0f32; MC * NB * PANEL];
+    let ldc = NB * PANEL;
+    let mut p0 = rows.start;
+    while p0 < rows.end {
+        let m = (rows.end - p0).min(MC);
+        kernels::gemm(isa, Gemm { m, a: &a[p0 * lda..], lda, b, np, k_pad, c: &mut c[..m * ldc], ldc });
+        for r in 0..m {
+            epi(p0 + r, &mut c[r * ldc..r * ldc + np * PANEL]);
+        }
+        p0 += m;
+    }
+}
+
+/// Pairs per task in the row-wise phases (gather, LoRA projections, reductions).
+const ROW_CHUNK: usize = 16;
+
+fn row_chunks(n: usize) -> usize {
+    n.div_ceil(ROW_CHUNK)
+}
+
+fn chunk_range(task: usize, n: usize) -> Range<usize> {
+    task * ROW_CHUNK..((task + 1) * ROW_CHUNK).min(n)
+}
+
+impl MoeLayer {
+    fn lora_expert(&self, m: LoraMatrix, e: usize) -> &[f32] {
+        self.lora.as_ref().expect("lora present").expert_weight(m, e)
+    }
+}
+
+#[cfg(test)]
+mod tests;

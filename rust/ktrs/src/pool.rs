@@ -1,0 +1,319 @@
+//! A persistent worker pool: one job at a time, tasks handed out by an atomic counter.
+//!
+//! Why not rayon: a decode step issues ~50 small parallel regions per token; workers here
+//! spin briefly before sleeping so back-to-back regions do not pay a futex wake-up each,
+//! the calling thread does work too (so `threads = N` means N busy cores, none of them
+//! fighting the caller), and every job carries a worker index for per-worker scratch.
+//!
+//! Jobs are serialised by a mutex: two Python threads (or two models) calling into ktrs
+//! at once take turns rather than interleave on shared scratch memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+type TaskFn<'a> = dyn Fn(usize, usize) + Sync + 'a;
+
+#[allow(dead_code)]
+struct Job {
+    // Lifetime erased: the job is only reachable while `open` is set, and `run` does not
+    // return before every worker that saw it open has left (see `active`).
+    f: *const TaskFn<'static>,
+    n_tasks: usize,
+}
+
+struct Shared {
+    job: Mutex<Option<JobSlot>>,
+    wake: Condvar,
+    /// Bumped for every job so sleeping workers can tell a new job from a spurious wake.
+    generation: AtomicUsize,
+    open: AtomicBool,
+    next_task: AtomicUsize,
+    /// Workers currently inside the open job.
+    active: AtomicUsize,
+    shutdown: AtomicBool,
+    /// Set if a task panicked; `run` re-raises it on the caller.
+    panicked: AtomicBool,
+}
+
+#[derive(Clone, Copy)]
+struct JobSlot(*const TaskFn<'static>, usize);
+// SAFETY: the pointee is `Sync`, and its lifetime is guarded as described on `Job`.
+unsafe impl Send for JobSlot {}
+
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    threads: usize,
+    owner_pid: u32,
+    run_lock: Mutex<()>,
+}
+
+const SPIN: Duration = Duration::from_micros(200);
+
+impl ThreadPool {
+    /// A pool of `threads` busy threads in all: the caller plus `threads - 1` workers.
+    /// With `pin`, worker i is bound to the (i+1)-th allowed physical core, leaving the
+    /// first one to the caller.
+    pub fn new(threads: usize, pin: bool) -> ThreadPool {
+        let threads = threads.max(1);
+        let shared = Arc::new(Shared {
+            job: Mutex::new(None),
+            wake: Condvar::new(),
+            generation: AtomicUsize::new(0),
+            open: AtomicBool::new(false),
+            next_task: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
+        });
+        let cores = if pin { pin_targets() } else { Vec::new() };
+        let mut workers = Vec::with_capacity(threads - 1);
+        for w in 1..threads {
+            let s = shared.clone();
+            let cpu = if cores.len() >= threads { Some(cores[w]) } else { None };
+            let handle = std::thread::Builder::new()
+                .name(format!("ktrs-worker-{w}"))
+                .spawn(move || worker_loop(s, w, cpu))
+                .expect("ktrs: cannot spawn worker thread");
+            workers.push(handle);
+        }
+        ThreadPool { shared, workers, threads, owner_pid: std::process::id(), run_lock: Mutex::new(()) }
+    }
+
+    /// A process-wide pool per thread count, shared by every layer that asks for it.
+    pub fn shared(threads: usize) -> Arc<ThreadPool> {
+        static POOLS: OnceLock<Mutex<HashMap<usize, Weak<ThreadPool>>>> = OnceLock::new();
+        let mut map = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = map.get(&threads).and_then(Weak::upgrade) {
+            if p.owner_pid == std::process::id() {
+                return p;
+            }
+        }
+        let pin = std::env::var("KTRS_PIN").map(|v| v != "0").unwrap_or(true);
+        let p = Arc::new(ThreadPool::new(threads, pin));
+        map.insert(threads, Arc::downgrade(&p));
+        p
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `f(task, worker)` for every task in `0..n_tasks`; `worker < self.threads()`
+    /// and no two concurrently running calls share a worker index.
+    pub fn run<F: Fn(usize, usize) + Sync>(&self, n_tasks: usize, f: F) {
+        if n_tasks == 0 {
+            return;
+        }
+        let _serial = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // After fork() the workers do not exist in the child: run inline.
+        if self.threads == 1 || n_tasks == 1 || std::process::id() != self.owner_pid {
+            for t in 0..n_tasks {
+                f(t, 0);
+            }
+            return;
+        }
+        let s = &*self.shared;
+        let dyn_f: &TaskFn<'_> = &f;
+        // SAFETY: lifetime erasure; see `Job`. We wait for all workers below.
+        let ptr: *const TaskFn<'static> = unsafe { std::mem::transmute(dyn_f as *const TaskFn<'_>) };
+        {
+            let mut slot = s.job.lock().unwrap_or_else(|e| e.into_inner());
+            *slot = Some(JobSlot(ptr, n_tasks));
+            s.next_task.store(0, SeqCst);
+            s.open.store(true, SeqCst);
+            s.generation.fetch_add(1, SeqCst);
+        }
+        s.wake.notify_all();
+        let caller = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drain(s, ptr, n_tasks, 0)));
+        s.open.store(false, SeqCst);
+        while s.active.load(SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Err(p) = caller {
+            std::panic::resume_unwind(p);
+        }
+        if s.panicked.swap(false, SeqCst) {
+            panic!("ktrs: a worker task panicked");
+        }
+    }
+}
+
+fn drain(s: &Shared, f: *const TaskFn<'static>, n_tasks: usize, worker: usize) {
+    loop {
+        let t = s.next_task.fetch_add(1, Relaxed);
+        if t >= n_tasks {
+            break;
+        }
+        // SAFETY: the job is open, so `f` is alive (see `Job`).
+        unsafe { (*f)(t, worker) };
+    }
+}
+
+fn worker_loop(s: Arc<Shared>, worker: usize, cpu: Option<usize>) {
+    if let Some(c) = cpu {
+        pin_current_thread(c);
+    }
+    let mut seen = 0usize;
+    loop {
+        // Spin a little, then sleep until a new generation or shutdown.
+        let start = Instant::now();
+        while s.generation.load(Acquire) == seen && !s.shutdown.load(Relaxed) {
+            if start.elapsed() > SPIN {
+                let guard = s.job.lock().unwrap_or_else(|e| e.into_inner());
+                let _g = s
+                    .wake
+                    .wait_while(guard, |_| s.generation.load(Acquire) == seen && !s.shutdown.load(Relaxed))
+                    .unwrap_or_else(|e| e.into_inner());
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if s.shutdown.load(Relaxed) {
+            return;
+        }
+        seen = s.generation.load(Acquire);
+        s.active.fetch_add(1, SeqCst);
+        if s.open.load(SeqCst) {
+            let slot = *s.job.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(JobSlot(f, n)) = slot {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drain(&s, f, n, worker)));
+                if r.is_err() {
+                    s.panicked.store(true, SeqCst);
+                }
+            }
+        }
+        s.active.fetch_sub(1, SeqCst);
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, SeqCst);
+        {
+            let _g = self.shared.job.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        if std::process::id() == self.owner_pid {
+            for w in self.workers.drain(..) {
+                let _ = w.join();
+            }
+        }
+    }
+}
+
+/// One logical CPU per physical core, in order, from the allowed set.
+fn pin_targets() -> Vec<usize> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for cpu in crate::cpu::allowed_cpus() {
+        let base = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
+        let pkg = std::fs::read_to_string(format!("{base}/physical_package_id")).unwrap_or_default();
+        let core = std::fs::read_to_string(format!("{base}/core_id")).unwrap_or_else(|_| cpu.to_string());
+        if seen.insert((pkg.trim().to_string(), core.trim().to_string())) {
+            out.push(cpu);
+        }
+    }
+    out
+}
+
+fn pin_current_thread(cpu: usize) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain libc calls on a zeroed cpu_set_t; failure only means no pinning.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cpu;
+}
+
+/// Default thread count: `KTRS_THREADS` if set, else one per physical core.
+pub fn default_threads() -> usize {
+    std::env::var("KTRS_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(crate::cpu::physical_cores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn every_task_runs_once() {
+        for threads in [1, 2, 3, 8] {
+            let pool = ThreadPool::new(threads, false);
+            for n in [1, 2, 7, 100, 1000] {
+                let hits: Vec<AtomicU64> = (0..n).map(|_| AtomicU64::new(0)).collect();
+                pool.run(n, |t, w| {
+                    assert!(w < threads);
+                    hits[t].fetch_add(1, Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn back_to_back_and_after_sleep() {
+        let pool = ThreadPool::new(4, false);
+        let sum = AtomicU64::new(0);
+        for i in 0..200 {
+            if i == 100 {
+                std::thread::sleep(Duration::from_millis(5)); // workers park
+            }
+            pool.run(16, |t, _| {
+                sum.fetch_add(t as u64, Relaxed);
+            });
+        }
+        assert_eq!(sum.load(Relaxed), 200 * 120);
+    }
+
+    #[test]
+    fn panics_propagate_and_pool_survives() {
+        let pool = ThreadPool::new(3, false);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(64, |t, _| {
+                if t == 33 {
+                    panic!("boom");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        let c = AtomicU64::new(0);
+        pool.run(10, |_, _| {
+            c.fetch_add(1, Relaxed);
+        });
+        assert_eq!(c.load(Relaxed), 10);
+    }
+
+    #[test]
+    fn concurrent_callers_serialise() {
+        let pool = Arc::new(ThreadPool::new(3, false));
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let p = pool.clone();
+                std::thread::spawn(move || {
+                    let c = AtomicU64::new(0);
+                    for _ in 0..50 {
+                        p.run(9, |_, _| {
+                            c.fetch_add(1, Relaxed);
+                        });
+                    }
+                    c.load(Relaxed)
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), 450);
+        }
+    }
+}
