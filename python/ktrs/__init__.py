@@ -1,0 +1,22 @@
+"""ktrs: routed experts of Mixture-of-Experts models on the CPU, with LoRA.
+
+The expert weights, the expert LoRA weights and their gradients live in Rust memory;
+Python sees zero-copy views. Start with :class:`MoeExperts` (one layer, forward and
+backward) or :class:`KtrsExperts` (an ``nn.Module`` with autograd), and :func:`info`.
+"""
+
+from ._native import IsaUnavailableError, KtrsError, __version__
+from .experts import ForwardHandle, MoeExperts
+from .info import info
+from .module import KtrsExperts, experts_function
+
+__all__ = [
+    "ForwardHandle",
+    "IsaUnavailableError",
+    "KtrsError",
+    "KtrsExperts",
+    "MoeExperts",
+    "__version__",
+    "experts_function",
+    "info",
+]

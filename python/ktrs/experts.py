@@ -1,0 +1,190 @@
+"""The low-level experts object: one MoE layer's routed experts held by Rust."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _native
+
+ForwardHandle = _native.ForwardHandle
+
+LORA_NAMES: Tuple[str, ...] = tuple(_native.Experts.lora_names())
+
+
+def _as_bf16_cpu(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    return t.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+
+
+class MoeExperts:
+    """The routed experts (SwiGLU) of one MoE layer, with optional LoRA, in Rust memory.
+
+    Weights are copied from ``gate [E, I, H]``, ``up [E, I, H]`` and ``down [E, H, I]``
+    (any dtype or device; packed as bf16) and never read from Python again.
+
+    ``forward`` and ``backward`` are strict: ``hidden`` must be a contiguous CPU bf16
+    ``[T, H]`` tensor, ``topk_ids`` int64 ``[T, k]``, ``topk_weights`` float32 ``[T, k]``;
+    anything else raises an exception naming the argument. For autograd and automatic
+    dtype/device handling use :class:`ktrs.KtrsExperts`.
+    """
+
+    def __init__(
+        self,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        *,
+        lora_rank: int = 0,
+        lora_alpha: Optional[float] = None,
+        use_rslora: bool = False,
+        isa: Optional[str] = None,
+        threads: Optional[int] = None,
+        seed: int = 0,
+    ) -> None:
+        self._native = _native.Experts(
+            _as_bf16_cpu("gate", gate),
+            _as_bf16_cpu("up", up),
+            _as_bf16_cpu("down", down),
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            use_rslora=use_rslora,
+            isa=isa,
+            threads=threads,
+            seed=seed,
+        )
+        self._views: Dict[str, torch.Tensor] = {}
+        self._grad_views: Dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def empty(
+        cls,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        **kwargs,
+    ) -> "MoeExperts":
+        """A layer with zero weights, filled later with :meth:`set_expert`."""
+        self = cls.__new__(cls)
+        self._native = _native.Experts.empty(num_experts, hidden_size, intermediate_size, **kwargs)
+        self._views = {}
+        self._grad_views = {}
+        return self
+
+    # -- weights -------------------------------------------------------------------------
+    def set_expert(self, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Packs one expert's weights (gate, up ``[I, H]``, down ``[H, I]``)."""
+        self._native.set_expert(expert, _as_bf16_cpu("gate", gate), _as_bf16_cpu("up", up), _as_bf16_cpu("down", down))
+
+    def get_expert(self, expert: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copies of one expert's weights in HF layout (bf16)."""
+        i, h = self.intermediate_size, self.hidden_size
+        g = torch.empty(i, h, dtype=torch.bfloat16)
+        u = torch.empty(i, h, dtype=torch.bfloat16)
+        d = torch.empty(h, i, dtype=torch.bfloat16)
+        self._native.get_expert(expert, g, u, d)
+        return g, u, d
+
+    # -- compute -------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        save_for_backward: bool = False,
+        out: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Optional[ForwardHandle]]:
+        """Returns ``(out [T, H] bf16, handle)``; ``handle`` is None unless saving."""
+        if out is None:
+            if not isinstance(hidden, torch.Tensor):
+                raise TypeError(f"`hidden_states` must be a torch.Tensor, got {type(hidden).__name__}")
+            out = torch.empty(hidden.shape, dtype=torch.bfloat16)
+        handle = self._native.forward(hidden, topk_ids, topk_weights, out, save_for_backward=save_for_backward)
+        return out, handle
+
+    __call__ = forward
+
+    def backward(
+        self,
+        handle: ForwardHandle,
+        grad_output: torch.Tensor,
+        *,
+        lora_grads: Optional[Sequence[torch.Tensor]] = None,
+        accumulate: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(grad_hidden [T, H] bf16, grad_topk_weights [T, k] f32)``.
+
+        LoRA gradients are added to the layer's own buffers (:meth:`lora_grad`) unless
+        ``lora_grads`` (six f32 tensors, :data:`LORA_NAMES` order) is given; those are
+        overwritten, or added to with ``accumulate=True``.
+        """
+        if not isinstance(handle, ForwardHandle):
+            raise TypeError(f"`handle` must be the ForwardHandle of a forward with save_for_backward=True, got {type(handle).__name__}")
+        grad_hidden = torch.empty(handle.tokens, self.hidden_size, dtype=torch.bfloat16)
+        grad_weights = torch.empty(handle.tokens, handle.top_k, dtype=torch.float32)
+        self._native.backward(
+            handle,
+            grad_output,
+            grad_hidden,
+            grad_weights,
+            lora_grads=list(lora_grads) if lora_grads is not None else None,
+            accumulate=accumulate,
+        )
+        return grad_hidden, grad_weights
+
+    # -- LoRA ----------------------------------------------------------------------------
+    def lora_weight(self, name: str) -> torch.Tensor:
+        """Zero-copy f32 view ``[E, rows, cols]`` of LoRA matrix ``name`` (Rust memory)."""
+        if name not in self._views:
+            self._views[name] = torch.from_dlpack(self._native.lora_weight(name))
+        return self._views[name]
+
+    def lora_grad(self, name: str) -> torch.Tensor:
+        """Zero-copy view of the layer-owned gradient of LoRA matrix ``name``."""
+        if name not in self._grad_views:
+            self._grad_views[name] = torch.from_dlpack(self._native.lora_grad(name))
+        return self._grad_views[name]
+
+    def lora_weights(self) -> Dict[str, torch.Tensor]:
+        return {n: self.lora_weight(n) for n in LORA_NAMES}
+
+    def set_lora_weight(self, name: str, value: torch.Tensor) -> None:
+        """Copies ``value`` (any dtype/device, shape ``lora_shape(name)``) into Rust memory."""
+        self._native.set_lora_weight(name, value.detach().to("cpu", torch.float32).contiguous())
+
+    def lora_shape(self, name: str) -> List[int]:
+        return list(self._native.lora_shape(name))
+
+    def zero_lora_grads(self) -> None:
+        self._native.zero_lora_grads()
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def isa(self) -> str:
+        return self._native.isa
+
+    @isa.setter
+    def isa(self, value: str) -> None:
+        self._native.isa = value
+
+    @property
+    def threads(self) -> int:
+        return self._native.threads
+
+    @threads.setter
+    def threads(self, value: int) -> None:
+        self._native.threads = value
+
+    num_experts = property(lambda self: self._native.num_experts)
+    hidden_size = property(lambda self: self._native.hidden_size)
+    intermediate_size = property(lambda self: self._native.intermediate_size)
+    lora_rank = property(lambda self: self._native.lora_rank)
+    lora_alpha = property(lambda self: self._native.lora_alpha)
+    lora_scaling = property(lambda self: self._native.lora_scaling)
+    weight_bytes = property(lambda self: self._native.weight_bytes)
+
+    def __repr__(self) -> str:
+        return repr(self._native).replace("Experts(", "MoeExperts(", 1)

@@ -1,0 +1,32 @@
+"""What this machine offers ktrs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+from . import _native
+
+
+def info() -> Dict[str, Any]:
+    """CPU features, available and selected ISA, thread defaults, AMX permission."""
+    d = dict(_native.cpu_info())
+    d["version"] = _native.__version__
+    d["KTRS_ISA"] = os.environ.get("KTRS_ISA")
+    d["KTRS_THREADS"] = os.environ.get("KTRS_THREADS")
+    return d
+
+
+def format_info(d: Dict[str, Any]) -> str:
+    rows = [
+        ("ktrs version", d["version"]),
+        ("CPU features", " ".join(d["features"]) or "(none relevant)"),
+        ("available ISAs", ", ".join(d["available_isas"])),
+        ("selected ISA", d["selected_isa"] + (f"  (KTRS_ISA={d['KTRS_ISA']})" if d.get("KTRS_ISA") else "")),
+        ("physical cores", d["physical_cores"]),
+        ("default threads", d["default_threads"] if not d.get("KTRS_THREADS") else f"{d['default_threads']}  (KTRS_THREADS)"),
+        ("AMX permission", d["amx_permission"]),
+        ("AMX kernels in build", "yes" if d["amx_kernels_built"] else "no"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

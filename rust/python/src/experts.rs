@@ -1,0 +1,342 @@
+//! `Experts`: one layer's routed experts (a `ktrs::MoeLayer`), and `ForwardHandle`, the
+//! saved state of one forward.
+
+use crate::dlpack::{export_f32, DType, TensorArg};
+use crate::error::IntoPy;
+use ktrs::{ExpertWeights, ForwardCache, GradTarget, Isa, LoraConfig, LoraMatrix, MoeConfig, MoeLayer};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+#[pyclass(module = "ktrs._native", name = "Experts")]
+pub struct Experts {
+    layer: MoeLayer,
+}
+
+/// What one forward saved for its backward. Dropping it frees the memory.
+#[pyclass(module = "ktrs._native", name = "ForwardHandle", frozen)]
+pub struct ForwardHandle {
+    cache: ForwardCache,
+}
+
+fn parse_isa(py: Python<'_>, isa: Option<&str>) -> PyResult<Isa> {
+    match isa {
+        None | Some("auto") => Isa::from_env_or_best().py_err(py),
+        Some(name) => {
+            let isa: Isa = name.parse().py_err(py)?;
+            isa.check_available().py_err(py)?;
+            Ok(isa)
+        }
+    }
+}
+
+fn lora_config(rank: usize, alpha: Option<f32>, use_rslora: bool) -> Option<LoraConfig> {
+    (rank > 0).then(|| LoraConfig { rank, alpha: alpha.unwrap_or(rank as f32), use_rslora })
+}
+
+fn no_overlap(a: (&str, &TensorArg<'_>, usize), b: (&str, &TensorArg<'_>, usize)) -> PyResult<()> {
+    let (x0, x1) = a.1.addr_range(a.2);
+    let (y0, y1) = b.1.addr_range(b.2);
+    if x0 < y1 && y0 < x1 {
+        return Err(PyValueError::new_err(format!("`{}` must not share memory with `{}`", a.0, b.0)));
+    }
+    Ok(())
+}
+
+#[pymethods]
+impl Experts {
+    /// Packs bf16 weights `gate [E, I, H]`, `up [E, I, H]`, `down [E, H, I]` into Rust memory.
+    #[new]
+    #[pyo3(signature = (gate, up, down, *, lora_rank=0, lora_alpha=None, use_rslora=false, isa=None, threads=None, seed=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        gate: &Bound<'_, PyAny>,
+        up: &Bound<'_, PyAny>,
+        down: &Bound<'_, PyAny>,
+        lora_rank: usize,
+        lora_alpha: Option<f32>,
+        use_rslora: bool,
+        isa: Option<&str>,
+        threads: Option<usize>,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let g = TensorArg::new("gate", gate, DType::BF16, &[None, None, None])?;
+        let (e, i, h) = (g.shape[0], g.shape[1], g.shape[2]);
+        let u = TensorArg::new("up", up, DType::BF16, &[Some(e), Some(i), Some(h)])?;
+        let d = TensorArg::new("down", down, DType::BF16, &[Some(e), Some(h), Some(i)])?;
+        let isa = parse_isa(py, isa)?;
+        let threads = threads.unwrap_or_else(ktrs::pool::default_threads);
+        let cfg = MoeConfig { experts: e, hidden: h, intermediate: i };
+        let w = ExpertWeights { gate: g.u16s(), up: u.u16s(), down: d.u16s() };
+        let lora = lora_config(lora_rank, lora_alpha, use_rslora);
+        let layer = py.detach(|| MoeLayer::new(cfg, w, lora, isa, threads, seed)).py_err(py)?;
+        Ok(Experts { layer })
+    }
+
+    /// A layer with zero weights, to be filled expert by expert with `set_expert`
+    /// (streaming loads never hold more than one expert outside Rust).
+    #[staticmethod]
+    #[pyo3(signature = (experts, hidden, intermediate, *, lora_rank=0, lora_alpha=None, use_rslora=false, isa=None, threads=None, seed=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn empty(
+        py: Python<'_>,
+        experts: usize,
+        hidden: usize,
+        intermediate: usize,
+        lora_rank: usize,
+        lora_alpha: Option<f32>,
+        use_rslora: bool,
+        isa: Option<&str>,
+        threads: Option<usize>,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let isa = parse_isa(py, isa)?;
+        let threads = threads.unwrap_or_else(ktrs::pool::default_threads);
+        let cfg = MoeConfig { experts, hidden, intermediate };
+        let layer = MoeLayer::new_empty(cfg, lora_config(lora_rank, lora_alpha, use_rslora), isa, threads, seed).py_err(py)?;
+        Ok(Experts { layer })
+    }
+
+    /// Packs expert `expert`'s bf16 weights (gate, up `[I, H]`, down `[H, I]`).
+    fn set_expert(&mut self, py: Python<'_>, expert: usize, gate: &Bound<'_, PyAny>, up: &Bound<'_, PyAny>, down: &Bound<'_, PyAny>) -> PyResult<()> {
+        let c = self.layer.config;
+        let (h, i) = (Some(c.hidden), Some(c.intermediate));
+        let g = TensorArg::new("gate", gate, DType::BF16, &[i, h])?;
+        let u = TensorArg::new("up", up, DType::BF16, &[i, h])?;
+        let d = TensorArg::new("down", down, DType::BF16, &[h, i])?;
+        let (gs, us, ds) = (g.u16s(), u.u16s(), d.u16s());
+        let layer = &mut self.layer;
+        py.detach(|| layer.set_expert(expert, gs, us, ds)).py_err(py)
+    }
+
+    /// Writes expert `expert`'s weights into bf16 tensors gate, up `[I, H]`, down `[H, I]`.
+    fn get_expert(&self, py: Python<'_>, expert: usize, gate: &Bound<'_, PyAny>, up: &Bound<'_, PyAny>, down: &Bound<'_, PyAny>) -> PyResult<()> {
+        let c = self.layer.config;
+        let (h, i) = (Some(c.hidden), Some(c.intermediate));
+        let g = TensorArg::new("gate", gate, DType::BF16, &[i, h])?;
+        let u = TensorArg::new("up", up, DType::BF16, &[i, h])?;
+        let d = TensorArg::new("down", down, DType::BF16, &[h, i])?;
+        let (gv, uv, dv) = self.layer.get_expert(expert).py_err(py)?;
+        g.slice_mut::<u16>().copy_from_slice(&gv);
+        u.slice_mut::<u16>().copy_from_slice(&uv);
+        d.slice_mut::<u16>().copy_from_slice(&dv);
+        Ok(())
+    }
+
+    /// Forward of the routed experts into `out` (bf16 `[T, H]`); returns a handle for
+    /// backward when `save_for_backward`.
+    #[pyo3(signature = (hidden, topk_ids, topk_weights, out, *, save_for_backward=false))]
+    fn forward(
+        &self,
+        py: Python<'_>,
+        hidden: &Bound<'_, PyAny>,
+        topk_ids: &Bound<'_, PyAny>,
+        topk_weights: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        save_for_backward: bool,
+    ) -> PyResult<Option<ForwardHandle>> {
+        let h = self.layer.config.hidden;
+        let x = TensorArg::new("hidden_states", hidden, DType::BF16, &[None, Some(h)])?;
+        let t = x.shape[0];
+        let ids = TensorArg::new("topk_ids", topk_ids, DType::I64, &[Some(t), None])?;
+        let k = ids.shape[1];
+        let w = TensorArg::new("topk_weights", topk_weights, DType::F32, &[Some(t), Some(k)])?;
+        let o = TensorArg::new("out", out, DType::BF16, &[Some(t), Some(h)])?;
+        no_overlap(("out", &o, 2), ("hidden_states", &x, 2))?;
+        let (xs, is, ws, os) = (x.u16s(), ids.i64s(), w.f32s(), o.slice_mut::<u16>());
+        let layer = &self.layer;
+        let cache = py.detach(|| layer.forward(xs, t, is, ws, k, os, save_for_backward)).py_err(py)?;
+        Ok(cache.map(|cache| ForwardHandle { cache }))
+    }
+
+    /// Backward from `grad_output` (bf16 `[T, H]`): writes `grad_hidden` (bf16 `[T, H]`)
+    /// and `grad_topk_weights` (f32 `[T, k]`). LoRA gradients go into `lora_grads` (six
+    /// f32 tensors in `lora_names()` order; overwritten, or added to with `accumulate`),
+    /// or, when `lora_grads` is None, are added to the layer's own gradient buffers.
+    #[pyo3(signature = (handle, grad_output, grad_hidden, grad_topk_weights, *, lora_grads=None, accumulate=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        py: Python<'_>,
+        handle: &ForwardHandle,
+        grad_output: &Bound<'_, PyAny>,
+        grad_hidden: &Bound<'_, PyAny>,
+        grad_topk_weights: &Bound<'_, PyAny>,
+        lora_grads: Option<&Bound<'_, PyList>>,
+        accumulate: bool,
+    ) -> PyResult<()> {
+        let (t, k, h) = (handle.cache.tokens(), handle.cache.top_k(), self.layer.config.hidden);
+        let go = TensorArg::new("grad_output", grad_output, DType::BF16, &[Some(t), Some(h)])?;
+        let gh = TensorArg::new("grad_hidden", grad_hidden, DType::BF16, &[Some(t), Some(h)])?;
+        let gw = TensorArg::new("grad_topk_weights", grad_topk_weights, DType::F32, &[Some(t), Some(k)])?;
+        no_overlap(("grad_hidden", &gh, 2), ("grad_output", &go, 2))?;
+        let mut ext = Vec::new();
+        if let Some(list) = lora_grads {
+            let lora = self.layer.lora().ok_or_else(|| PyValueError::new_err("`lora_grads` given, but this layer has no LoRA"))?;
+            if list.len() != 6 {
+                return Err(PyValueError::new_err(format!("`lora_grads` must hold 6 tensors ({}), got {}", names().join(", "), list.len())));
+            }
+            for (m, obj) in LoraMatrix::ALL.iter().zip(list.iter()) {
+                let shape = lora.shape(*m).map(Some);
+                ext.push(TensorArg::new(&format!("lora_grads[{}]", m.name()), &obj, DType::F32, &shape)?);
+            }
+        }
+        let (gos, ghs, gws) = (go.u16s(), gh.slice_mut::<u16>(), gw.slice_mut::<f32>());
+        let layer = &self.layer;
+        let cache = &handle.cache;
+        if ext.is_empty() {
+            let target = if layer.lora().is_some() { GradTarget::Owned } else { GradTarget::Skip };
+            py.detach(|| layer.backward(cache, gos, ghs, gws, target)).py_err(py)
+        } else {
+            let mut it = ext.iter().map(|a| a.slice_mut::<f32>());
+            let bufs = [(); 6].map(|_| it.next().expect("six tensors"));
+            py.detach(|| layer.backward(cache, gos, ghs, gws, GradTarget::External { bufs, accumulate })).py_err(py)
+        }
+    }
+
+    /// A DLPack capsule viewing LoRA matrix `name` (f32 `[E, rows, cols]`, Rust-owned).
+    fn lora_weight<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        let (l, m) = self.lora_matrix(py, name)?;
+        export_f32(py, l.weight(m), &l.shape(m))
+    }
+
+    /// A DLPack capsule viewing the layer-owned gradient of LoRA matrix `name`.
+    fn lora_grad<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        let (l, m) = self.lora_matrix(py, name)?;
+        export_f32(py, l.grad(m), &l.shape(m))
+    }
+
+    /// Copies f32 values into LoRA matrix `name`.
+    fn set_lora_weight(&self, py: Python<'_>, name: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let (l, m) = self.lora_matrix(py, name)?;
+        let v = TensorArg::new(name, value, DType::F32, &l.shape(m).map(Some))?;
+        l.set(m, v.f32s()).py_err(py)
+    }
+
+    /// Zeroes the layer-owned LoRA gradients.
+    fn zero_lora_grads(&self) {
+        if let Some(l) = self.layer.lora() {
+            l.zero_grads();
+        }
+    }
+
+    /// Shape `[E, rows, cols]` of LoRA matrix `name`.
+    fn lora_shape(&self, py: Python<'_>, name: &str) -> PyResult<Vec<usize>> {
+        let (l, m) = self.lora_matrix(py, name)?;
+        Ok(l.shape(m).to_vec())
+    }
+
+    #[staticmethod]
+    fn lora_names() -> Vec<&'static str> {
+        names()
+    }
+
+    #[getter]
+    fn isa(&self) -> &'static str {
+        self.layer.isa().name()
+    }
+
+    #[setter(isa)]
+    fn set_isa(&mut self, py: Python<'_>, isa: &str) -> PyResult<()> {
+        let isa = parse_isa(py, Some(isa))?;
+        self.layer.set_isa(isa).py_err(py)
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.layer.threads()
+    }
+
+    #[setter(threads)]
+    fn set_threads(&mut self, threads: usize) -> PyResult<()> {
+        if threads == 0 {
+            return Err(PyValueError::new_err("`threads` must be at least 1"));
+        }
+        self.layer.set_threads(threads);
+        Ok(())
+    }
+
+    #[getter]
+    fn num_experts(&self) -> usize {
+        self.layer.config.experts
+    }
+    #[getter]
+    fn hidden_size(&self) -> usize {
+        self.layer.config.hidden
+    }
+    #[getter]
+    fn intermediate_size(&self) -> usize {
+        self.layer.config.intermediate
+    }
+    #[getter]
+    fn lora_rank(&self) -> usize {
+        self.layer.lora().map_or(0, |l| l.config.rank)
+    }
+    #[getter]
+    fn lora_alpha(&self) -> Option<f32> {
+        self.layer.lora().map(|l| l.config.alpha)
+    }
+    #[getter]
+    fn lora_scaling(&self) -> f32 {
+        self.layer.lora().map_or(0.0, |l| l.config.scaling())
+    }
+    #[getter]
+    fn use_rslora(&self) -> bool {
+        self.layer.lora().is_some_and(|l| l.config.use_rslora)
+    }
+    /// Bytes of packed expert weights in Rust memory.
+    #[getter]
+    fn weight_bytes(&self) -> usize {
+        self.layer.weight_bytes()
+    }
+    /// Bytes of LoRA weights plus gradients in Rust memory.
+    #[getter]
+    fn lora_bytes(&self) -> usize {
+        self.layer.lora().map_or(0, |l| l.bytes())
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.layer.config;
+        format!(
+            "Experts(num_experts={}, hidden_size={}, intermediate_size={}, lora_rank={}, isa='{}', threads={})",
+            c.experts,
+            c.hidden,
+            c.intermediate,
+            self.lora_rank(),
+            self.isa(),
+            self.threads()
+        )
+    }
+}
+
+impl Experts {
+    fn lora_matrix(&self, _py: Python<'_>, name: &str) -> PyResult<(&ktrs::LoraWeights, LoraMatrix)> {
+        let l = self.layer.lora().ok_or_else(|| PyValueError::new_err("this layer has no LoRA (lora_rank=0)"))?;
+        let m = LoraMatrix::from_name(name).map_err(|e| PyTypeError::new_err(e.to_string()))?;
+        Ok((l, m))
+    }
+}
+
+fn names() -> Vec<&'static str> {
+    LoraMatrix::ALL.iter().map(|m| m.name()).collect()
+}
+
+#[pymethods]
+impl ForwardHandle {
+    #[getter]
+    fn tokens(&self) -> usize {
+        self.cache.tokens()
+    }
+    #[getter]
+    fn top_k(&self) -> usize {
+        self.cache.top_k()
+    }
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.cache.bytes()
+    }
+    fn __repr__(&self) -> String {
+        format!("{:?}", self.cache)
+    }
+}

@@ -1,0 +1,33 @@
+//! `cpu_info()`: what the CPU and OS offer and what ktrs would choose.
+
+use ktrs::cpu::{amx_permission, physical_cores, AmxPermission, CpuFeatures, Isa};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+#[pyfunction]
+pub fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let f = CpuFeatures::get();
+    let d = PyDict::new(py);
+    d.set_item("features", f.names())?;
+    d.set_item("available_isas", Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>())?;
+    d.set_item("best_isa", Isa::best().name())?;
+    d.set_item(
+        "selected_isa",
+        match Isa::from_env_or_best() {
+            Ok(i) => i.name().to_string(),
+            Err(e) => format!("error: {e}"),
+        },
+    )?;
+    d.set_item("physical_cores", physical_cores())?;
+    d.set_item("default_threads", ktrs::pool::default_threads())?;
+    d.set_item(
+        "amx_permission",
+        match amx_permission() {
+            AmxPermission::Granted => "granted".to_string(),
+            AmxPermission::Refused(why) => format!("refused: {why}"),
+            AmxPermission::NoHardware => "no AMX hardware".to_string(),
+        },
+    )?;
+    d.set_item("amx_kernels_built", ktrs::kernels::amx_kernels_built())?;
+    Ok(d)
+}

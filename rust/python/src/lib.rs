@@ -1,0 +1,20 @@
+//! `ktrs._native`: the thin PyO3 layer over the `ktrs` crate. Arguments are validated
+//! and extracted while the GIL is held; kernels run with it released.
+
+mod dlpack;
+mod error;
+mod experts;
+mod info;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("KtrsError", m.py().get_type::<error::KtrsError>())?;
+    m.add("IsaUnavailableError", m.py().get_type::<error::IsaUnavailableError>())?;
+    m.add_class::<experts::Experts>()?;
+    m.add_class::<experts::ForwardHandle>()?;
+    m.add_function(wrap_pyfunction!(info::cpu_info, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,150 @@
+"""MoeExperts (low level) and KtrsExperts (autograd) against a float64 torch reference,
+on every ISA this machine has."""
+
+import gc
+
+import pytest
+import torch
+
+import ktrs
+from ktrs.experts import LORA_NAMES
+
+from conftest import build, make_problem, reference, rel_l2
+
+SHAPES = [
+    dict(E=8, H=64, I=48, k=2, T=7, r=4),
+    dict(E=16, H=130, I=97, k=6, T=33, r=8),  # sizes not multiples of 16/32
+    dict(E=64, H=96, I=40, k=8, T=20, r=2),  # many experts, k = 8, most experts idle
+    dict(E=1, H=32, I=32, k=1, T=1, r=16),
+    dict(E=4, H=48, I=32, k=3, T=600, r=0),  # many tokens, no LoRA
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "E{E}-H{H}-I{I}-k{k}-T{T}-r{r}".format(**s))
+def test_forward_and_all_gradients_match_float64(isa, shape):
+    p = make_problem(**shape, seed=1)
+    ex = build(p, isa=isa)
+    assert ex.isa == isa
+    out, handle = ex.forward(p.hidden, p.ids, p.weights, save_for_backward=True)
+    ref = reference(p)
+    assert out.dtype == torch.bfloat16 and out.shape == p.hidden.shape
+    assert rel_l2(out, ref["out"]) < 1e-2
+    n = len(LORA_NAMES) if p.rank else 0
+    grads = [torch.full(ex.lora_shape(nm), float("nan")) for nm in LORA_NAMES[:n]] if n else None
+    gh, gw = ex.backward(handle, p.grad_out, lora_grads=grads)
+    assert rel_l2(gh, ref["grad_hidden"]) < 1e-2
+    assert rel_l2(gw, ref["grad_weights"]) < 1e-2
+    for nm, g in zip(LORA_NAMES[:n], grads or []):
+        assert torch.isfinite(g).all(), nm
+        assert rel_l2(g, ref[f"grad_{nm}"]) < 1e-2, nm
+
+
+def test_awkward_wide_shape_h2050_i1407():
+    p = make_problem(E=4, H=2050, I=1407, k=2, T=5, r=8, seed=2)
+    ex = build(p)
+    out, handle = ex.forward(p.hidden, p.ids, p.weights, save_for_backward=True)
+    ref = reference(p)
+    assert rel_l2(out, ref["out"]) < 1e-2
+    gh, gw = ex.backward(handle, p.grad_out)
+    assert rel_l2(gh, ref["grad_hidden"]) < 1e-2
+    assert rel_l2(gw, ref["grad_weights"]) < 1e-2
+    for nm in LORA_NAMES:
+        assert rel_l2(ex.lora_grad(nm), ref[f"grad_{nm}"]) < 1e-2, nm
+
+
+def test_isas_agree_and_threads_do_not_change_results():
+    p = make_problem(E=8, H=80, I=56, k=3, T=25, r=4, seed=3)
+    outs = {}
+    for isa in ktrs.info()["available_isas"]:
+        for threads in (1, 2, 3):
+            ex = build(p, isa=isa, threads=threads)
+            outs[(isa, threads)] = ex.forward(p.hidden, p.ids, p.weights)[0]
+    for (isa, threads), o in outs.items():
+        # Each output element is computed by one task in a fixed order: bitwise equal.
+        assert torch.equal(o, outs[(isa, 1)]), (isa, threads)
+        assert rel_l2(o, outs[("scalar", 1)]) < 1e-2
+
+
+def test_layer_owned_gradients_accumulate_and_zero():
+    p = make_problem(E=6, H=40, I=24, k=2, T=9, r=4, seed=4)
+    ex = build(p)
+    _, h = ex.forward(p.hidden, p.ids, p.weights, save_for_backward=True)
+    ex.backward(h, p.grad_out)
+    once = {n: ex.lora_grad(n).clone() for n in LORA_NAMES}
+    ex.backward(h, p.grad_out)
+    ref = reference(p)
+    for n in LORA_NAMES:
+        assert rel_l2(once[n], ref[f"grad_{n}"]) < 1e-2
+        torch.testing.assert_close(ex.lora_grad(n), 2 * once[n], rtol=1e-5, atol=1e-6)
+    ex.zero_lora_grads()
+    assert all(ex.lora_grad(n).abs().sum() == 0 for n in LORA_NAMES)
+
+
+def test_external_grads_accumulate_flag():
+    p = make_problem(E=5, H=32, I=32, k=2, T=6, r=2, seed=5)
+    ex = build(p)
+    _, h = ex.forward(p.hidden, p.ids, p.weights, save_for_backward=True)
+    grads = [torch.ones(ex.lora_shape(n)) for n in LORA_NAMES]
+    ex.backward(h, p.grad_out, lora_grads=grads, accumulate=True)
+    ref = reference(p)
+    for n, g in zip(LORA_NAMES, grads):
+        assert rel_l2(g - 1, ref[f"grad_{n}"]) < 1e-2
+
+
+def test_experts_without_tokens_get_zero_lora_gradients():
+    p = make_problem(E=16, H=32, I=32, k=2, T=10, r=2, seed=6, used_experts=4)
+    ex = build(p)
+    _, h = ex.forward(p.hidden, p.ids, p.weights, save_for_backward=True)
+    grads = [torch.full(ex.lora_shape(n), 7.0) for n in LORA_NAMES]
+    ex.backward(h, p.grad_out, lora_grads=grads)
+    for g in grads:
+        assert g[4:].abs().sum() == 0 and g[:4].abs().sum() > 0
+
+
+def test_interleaved_forwards_keep_their_own_caches():
+    p = make_problem(E=8, H=48, I=32, k=2, T=12, r=4, seed=7)
+    q = make_problem(E=8, H=48, I=32, k=2, T=5, r=4, seed=8)
+    ex = build(p)
+    _, h1 = ex.forward(p.hidden, p.ids, p.weights, save_for_backward=True)
+    _, h2 = ex.forward(q.hidden, q.ids, q.weights, save_for_backward=True)  # e.g. a recompute
+    gh1, gw1 = ex.backward(h1, p.grad_out, lora_grads=[torch.empty(ex.lora_shape(n)) for n in LORA_NAMES])
+    ref = reference(p)
+    assert rel_l2(gh1, ref["grad_hidden"]) < 1e-2 and rel_l2(gw1, ref["grad_weights"]) < 1e-2
+    gh2, _ = ex.backward(h2, q.grad_out)
+    q.gate, q.up, q.down, q.lora = p.gate, p.up, p.down, p.lora  # same layer
+    assert rel_l2(gh2, reference(q)["grad_hidden"]) < 1e-2
+
+
+def test_handle_from_another_layer_is_refused():
+    p = make_problem(E=4, H=32, I=32, k=1, T=3, r=2, seed=9)
+    a, b = build(p), build(p)
+    _, h = a.forward(p.hidden, p.ids, p.weights, save_for_backward=True)
+    with pytest.raises(ktrs.KtrsError, match="another layer"):
+        b.backward(h, p.grad_out)
+
+
+def test_build_empty_then_set_experts_matches_and_round_trips():
+    p = make_problem(E=3, H=40, I=24, k=1, T=4, r=0, seed=10)
+    full = build(p)
+    empty = ktrs.MoeExperts.empty(3, 40, 24, threads=2)
+    for e in range(3):
+        g, u, d = full.get_expert(e)
+        assert torch.equal(g, p.gate[e]) and torch.equal(u, p.up[e]) and torch.equal(d, p.down[e])
+        empty.set_expert(e, g, u, d)
+    assert torch.equal(full.forward(p.hidden, p.ids, p.weights)[0], empty.forward(p.hidden, p.ids, p.weights)[0])
+    with pytest.raises(ValueError, match="expert"):
+        empty.set_expert(3, p.gate[0], p.up[0], p.down[0])
+    with pytest.raises(ValueError, match="gate"):
+        empty.set_expert(0, p.gate[0, :5], p.up[0], p.down[0])
+
+
+def test_lora_init_follows_peft():
+    ex = ktrs.MoeExperts(*[torch.zeros(s, dtype=torch.bfloat16) for s in [(4, 24, 64), (4, 24, 64), (4, 64, 24)]], lora_rank=8, lora_alpha=16, seed=3)
+    assert ex.lora_scaling == 2.0
+    a = ex.lora_weight("gate_A")
+    assert a.shape == (4, 8, 64) and a.abs().max() <= 64**-0.5 and a.std() > 0.3 * 64**-0.5 / 3**0.5
+    assert ex.lora_weight("down_A").abs().max() <= 24**-0.5
+    for n in ("gate_B", "up_B", "down_B"):
+        assert ex.lora_weight(n).abs().sum() == 0
+    rs = ktrs.MoeExperts(*[torch.zeros(s) for s in [(1, 16, 16), (1, 16, 16), (1, 16, 16)]], lora_rank=4, lora_alpha=8, use_rslora=True)
+    assert rs.lora_scaling == pytest.approx(4.0)

@@ -1,0 +1,167 @@
+"""KtrsExperts: autograd, zero-copy LoRA parameters, and what device/dtype moves do."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ktrs
+from ktrs.experts import LORA_NAMES
+
+from conftest import build, make_problem, reference, rel_l2
+
+
+def module_for(p, **kw):
+    return ktrs.KtrsExperts(build(p, **kw))
+
+
+def test_autograd_matches_float64_reference(isa):
+    p = make_problem(E=8, H=64, I=48, k=3, T=11, r=4, seed=21)
+    m = module_for(p, isa=isa)
+    x = p.hidden.float().requires_grad_(True)  # fp32 in, fp32 out: the module converts
+    w = p.weights.clone().requires_grad_(True)
+    out = m(x, p.ids, w)
+    assert out.dtype == torch.float32
+    out.backward(p.grad_out.float())
+    ref = reference(p)
+    assert rel_l2(out, ref["out"]) < 1e-2
+    assert rel_l2(x.grad, ref["grad_hidden"]) < 1e-2
+    assert rel_l2(w.grad, ref["grad_weights"]) < 1e-2
+    for n in LORA_NAMES:
+        assert m.lora[n].grad is not None and m.lora[n].grad.dtype == torch.float32
+        assert rel_l2(m.lora[n].grad, ref[f"grad_{n}"]) < 1e-2, n
+
+
+def test_gradients_accumulate_over_two_backward_calls():
+    p = make_problem(E=6, H=48, I=32, k=2, T=8, r=4, seed=22)
+    q = make_problem(E=6, H=48, I=32, k=2, T=5, r=4, seed=23)
+    q.gate, q.up, q.down, q.lora = p.gate, p.up, p.down, p.lora
+    m = module_for(p)
+    for prob in (p, q):  # two micro-batches, one optimizer step
+        m(prob.hidden, prob.ids, prob.weights).backward(prob.grad_out)
+    rp, rq = reference(p), reference(q)
+    for n in LORA_NAMES:
+        assert rel_l2(m.lora[n].grad, rp[f"grad_{n}"] + rq[f"grad_{n}"]) < 1e-2, n
+
+
+def test_lora_parameters_are_the_rust_buffers():
+    p = make_problem(E=4, H=32, I=32, k=2, T=6, r=4, seed=24)
+    m = module_for(p)
+    for n in LORA_NAMES:
+        assert m.lora[n].data_ptr() == m.experts.lora_weight(n).data_ptr()
+    # A write from Python changes the next forward.
+    with torch.no_grad():
+        m.lora["down_B"].mul_(3.0)
+    p.lora["down_B"] = p.lora["down_B"] * 3.0
+    assert rel_l2(m(p.hidden, p.ids, p.weights), reference(p)["out"]) < 1e-2
+
+
+def test_optimizer_step_changes_next_forward_as_expected():
+    p = make_problem(E=4, H=32, I=32, k=2, T=6, r=4, seed=25)
+    m = module_for(p)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    out = m(p.hidden, p.ids, p.weights)
+    out.backward(p.grad_out)
+    ref = reference(p)
+    opt.step()
+    stepped = {n: p.lora[n] - 0.5 * ref[f"grad_{n}"].float() for n in LORA_NAMES}
+    for n in LORA_NAMES:
+        assert rel_l2(m.experts.lora_weight(n), stepped[n]) < 1e-2
+    assert rel_l2(m(p.hidden, p.ids, p.weights), reference(p, stepped)["out"]) < 1e-2
+
+
+def test_adamw_and_zero_grad_set_to_none_keep_training_expert_lora():
+    # Failure mode 10: with zero_grad(set_to_none=True) gradients must still reach the
+    # optimizer through autograd, and every expert that got tokens must change.
+    p = make_problem(E=8, H=32, I=32, k=2, T=16, r=4, seed=26, used_experts=6)
+    m = module_for(p)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    before = {n: m.lora[n].detach().clone() for n in LORA_NAMES}
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        m(p.hidden, p.ids, p.weights).float().pow(2).mean().backward()
+        opt.step()
+    for n in LORA_NAMES:
+        changed = (m.experts.lora_weight(n) - before[n]).flatten(1).abs().amax(1) > 0
+        assert changed[:6].all(), n  # experts that received tokens
+        # AdamW weight decay also touches idle experts; their A/B stay finite.
+        assert torch.isfinite(m.experts.lora_weight(n)).all()
+
+
+@pytest.mark.parametrize(
+    "move",
+    [
+        lambda mod: mod.to(torch.float16),
+        lambda mod: mod.half(),
+        lambda mod: mod.float(),
+        lambda mod: mod.double(),
+        lambda mod: mod.to(torch.bfloat16),
+        lambda mod: mod.to("cpu"),
+        lambda mod: mod.cuda() if torch.cuda.is_available() else mod.to("meta"),
+    ],
+    ids=["to-fp16", "half", "float", "double", "to-bf16", "to-cpu", "cuda-or-meta"],
+)
+def test_moving_or_casting_a_parent_module_does_not_detach_lora(move):
+    # Failure mode 1: the Trainer's model.to(device) must not reach the kernel's memory.
+    p = make_problem(E=4, H=32, I=32, k=2, T=6, r=4, seed=27)
+    parent = nn.Sequential(nn.Linear(4, 4))
+    parent.experts = module_for(p)
+    ptrs = {n: parent.experts.experts.lora_weight(n).data_ptr() for n in LORA_NAMES}
+    move(parent)
+    for n in LORA_NAMES:
+        prm = parent.experts.lora[n]
+        assert prm.device.type == "cpu" and prm.dtype == torch.float32 and prm.data_ptr() == ptrs[n]
+    # Still trains: an optimizer step on the expert LoRA changes the kernel's output.
+    opt = torch.optim.SGD(parent.experts.parameters(), lr=1.0)
+    out0 = parent.experts(p.hidden, p.ids, p.weights)
+    out0.float().sum().backward()
+    opt.step()
+    out1 = parent.experts(p.hidden, p.ids, p.weights)
+    assert not torch.equal(out0, out1)
+
+
+def test_rebinding_parameter_data_is_detected_and_restored():
+    p = make_problem(E=4, H=32, I=32, k=2, T=6, r=4, seed=28)
+    m = module_for(p)
+    view_ptr = m.experts.lora_weight("up_B").data_ptr()
+    m.lora["up_B"].data = m.lora["up_B"].data.to(torch.float64) * 2  # e.g. a careless cast
+    p.lora["up_B"] = p.lora["up_B"] * 2
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = m(p.hidden, p.ids, p.weights)
+    assert any("storage of expert LoRA parameter 'up_B'" in str(w.message) for w in rec)
+    assert m.lora["up_B"].data_ptr() == view_ptr and m.lora["up_B"].dtype == torch.float32
+    assert rel_l2(out, reference(p)["out"]) < 1e-2
+
+
+def test_views_outlive_the_layer_and_drop_order_never_crashes():
+    p = make_problem(E=4, H=32, I=32, k=2, T=6, r=4, seed=29)
+    ex = build(p)
+    view = ex.lora_weight("gate_A")
+    grad_view = ex.lora_grad("down_B")
+    _, handle = ex.forward(p.hidden, p.ids, p.weights, save_for_backward=True)
+    expected = p.lora["gate_A"].clone()
+    del ex
+    import gc
+
+    gc.collect()
+    assert torch.equal(view, expected)  # memory kept alive by the view
+    view.add_(1.0)
+    assert grad_view.abs().sum() == 0
+    del handle, view, grad_view
+    gc.collect()
+    m = module_for(p)
+    out = m(p.hidden, p.ids, p.weights)
+    del m
+    gc.collect()
+    out.float().sum().backward() if out.requires_grad else None
+
+
+def test_module_keeps_input_device_and_dtype_and_signature():
+    p = make_problem(E=4, H=32, I=32, k=2, T=6, r=0, seed=30)
+    m = module_for(p)
+    assert len(list(m.parameters())) == 0
+    out = m(p.hidden.to(torch.float16), p.ids.to(torch.int32), p.weights.to(torch.float64))
+    assert out.dtype == torch.float16 and out.shape == (6, 32)
+    assert rel_l2(out, reference(p)["out"]) < 1e-2
