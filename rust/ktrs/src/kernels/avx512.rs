@@ -77,3 +77,54 @@ unsafe fn tile<const M: usize, const NP: usize>(
         }
     }
 }
+
+/// AVX-512 version of [`crate::pack::pack_transposed_block`] (same arguments, same result).
+///
+/// A 16×16 bf16 block is 8 pair rows of 64 bytes in both layouts; seen as an 8×8 matrix
+/// of u64 (each a 2×2 bf16 block), the new layout is its transpose with the middle two
+/// bf16 of every u64 swapped. Three `vpermt2q` stages plus one `vpshufb` per row.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW; slice bounds are checked by the caller
+/// (`kernels::transpose_block`).
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn pack_transposed_block(src: &[u16], shape: crate::pack::PackShape, c0: usize, np: usize, dst: &mut [u16]) {
+    let t_k = shape.n_pad;
+    let kp2 = shape.k_pad / 2;
+    let idx = |v: [i64; 8]| _mm512_loadu_si512(v.as_ptr() as *const _);
+    let (s1lo, s1hi) = (idx([0, 8, 2, 10, 4, 12, 6, 14]), idx([1, 9, 3, 11, 5, 13, 7, 15]));
+    let (s2lo, s2hi) = (idx([0, 1, 8, 9, 4, 5, 12, 13]), idx([2, 3, 10, 11, 6, 7, 14, 15]));
+    let (s3lo, s3hi) = (idx([0, 1, 2, 3, 8, 9, 10, 11]), idx([4, 5, 6, 7, 12, 13, 14, 15]));
+    let lane: [i8; 16] = [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15];
+    let swap = _mm512_broadcast_i32x4(_mm_loadu_si128(lane.as_ptr() as *const _));
+    let s = src.as_ptr();
+    let d = dst.as_mut_ptr();
+    for q in 0..np {
+        let j0 = (c0 + q * PANEL) / 2;
+        for p in 0..shape.panels() {
+            let mut r = [_mm512_setzero_si512(); 8];
+            for (jj, v) in r.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(s.add((p * kp2 + j0 + jj) * 2 * PANEL) as *const _);
+            }
+            let mut a = [_mm512_setzero_si512(); 8];
+            for k in 0..4 {
+                a[2 * k] = _mm512_permutex2var_epi64(r[2 * k], s1lo, r[2 * k + 1]);
+                a[2 * k + 1] = _mm512_permutex2var_epi64(r[2 * k], s1hi, r[2 * k + 1]);
+            }
+            let mut b = [_mm512_setzero_si512(); 8];
+            for h in [0, 4] {
+                b[h] = _mm512_permutex2var_epi64(a[h], s2lo, a[h + 2]);
+                b[h + 2] = _mm512_permutex2var_epi64(a[h], s2hi, a[h + 2]);
+                b[h + 1] = _mm512_permutex2var_epi64(a[h + 1], s2lo, a[h + 3]);
+                b[h + 3] = _mm512_permutex2var_epi64(a[h + 1], s2hi, a[h + 3]);
+            }
+            for jj in 0..4 {
+                let lo = _mm512_permutex2var_epi64(b[jj], s3lo, b[jj + 4]);
+                let hi = _mm512_permutex2var_epi64(b[jj], s3hi, b[jj + 4]);
+                let out = d.add(q * PANEL * t_k + (8 * p) * 2 * PANEL);
+                _mm512_storeu_si512(out.add(jj * 2 * PANEL) as *mut _, _mm512_shuffle_epi8(lo, swap));
+                _mm512_storeu_si512(out.add((jj + 4) * 2 * PANEL) as *mut _, _mm512_shuffle_epi8(hi, swap));
+            }
+        }
+    }
+}

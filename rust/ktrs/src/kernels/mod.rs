@@ -62,6 +62,19 @@ pub(crate) fn gemm(isa: Isa, g: Gemm<'_>) {
     }
 }
 
+/// Packs the transposed block of one expert's weights (see
+/// [`crate::pack::pack_transposed_block`]) with the fastest code `isa` allows.
+pub(crate) fn transpose_block(isa: Isa, src: &[u16], shape: crate::pack::PackShape, c0: usize, np: usize, dst: &mut [u16]) {
+    assert!(src.len() >= shape.len(), "source pack too short");
+    assert!(c0 % 16 == 0 && c0 + np * 16 <= shape.k_pad, "column block out of range");
+    assert!(dst.len() >= np * 16 * shape.n_pad, "destination too short");
+    match isa {
+        Isa::Scalar => crate::pack::pack_transposed_block(src, shape, c0, np, &mut dst[..np * 16 * shape.n_pad]),
+        // SAFETY: bounds asserted above; `isa` checked available by the caller's layer.
+        Isa::Avx512 | Isa::Amx => unsafe { avx512::pack_transposed_block(src, shape, c0, np, dst) },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +89,28 @@ mod tests {
                 bf16::from_f32((u * 2.0 - 1.0) as f32)
             })
             .collect()
+    }
+
+    #[test]
+    fn transpose_block_same_on_every_isa() {
+        let mut seed = 3u64;
+        for (n, k) in [(32, 32), (64, 96), (100, 70)] {
+            let sh = PackShape::new(n, k);
+            let w = rand_bf16(n * k, &mut seed);
+            let mut pw = vec![0u16; sh.len()];
+            pack_into(&w, sh, &mut pw);
+            let np = sh.k_pad / 16;
+            let mut want = vec![0u16; np * 16 * sh.n_pad];
+            crate::pack::pack_transposed_block(&pw, sh, 0, np, &mut want);
+            for isa in Isa::available() {
+                for (c0, cnt) in [(0, np), (16, np - 1), (sh.k_pad - 16, 1)] {
+                    let mut got = vec![1u16; cnt * 16 * sh.n_pad];
+                    transpose_block(isa, &pw, sh, c0, cnt, &mut got);
+                    let off = c0 / 16 * 16 * sh.n_pad;
+                    assert_eq!(got, want[off..off + got.len()], "{isa} n{n} k{k} c0 {c0}");
+                }
+            }
+        }
     }
 
     /// Every available ISA against an f64 reference, on awkward shapes.

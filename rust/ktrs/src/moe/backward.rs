@@ -10,7 +10,9 @@ use crate::buffer::{Buffer, SendPtr};
 use crate::error::{check_len, KtrsError, Result};
 use crate::kernels::vec;
 use crate::lora::LoraMatrix as M;
-use crate::pack::{fused_row, pack_transposed_block, ExpertPack, PANEL};
+use crate::cpu::Isa;
+use crate::kernels::transpose_block;
+use crate::pack::{fused_row, ExpertPack, PANEL};
 use std::cell::RefCell;
 
 thread_local! {
@@ -19,14 +21,14 @@ thread_local! {
 }
 
 /// Runs `f` on the transposed block (new outputs `c0 .. c0 + 16·np`) of expert e of `pack`.
-fn with_transposed_block<R>(pack: &ExpertPack, e: usize, c0: usize, np: usize, f: impl FnOnce(&[u16]) -> R) -> R {
+fn with_transposed_block<R>(isa: Isa, pack: &ExpertPack, e: usize, c0: usize, np: usize, f: impl FnOnce(&[u16]) -> R) -> R {
     TRANSPOSED.with(|cell| {
         let mut buf = cell.borrow_mut();
         let len = np * PANEL * pack.shape.n_pad;
         if buf.len() < len {
             buf.resize(len, 0);
         }
-        pack_transposed_block(pack.expert(e), pack.shape, c0, np, &mut buf[..len]);
+        transpose_block(isa, pack.expert(e), pack.shape, c0, np, &mut buf[..len]);
         f(&buf[..len])
     })
 }
@@ -92,7 +94,7 @@ impl MoeLayer {
             let (e, blk) = tasks[task];
             let np = NB.min(dn.shape.k_pad / PANEL - blk * NB);
             let i0 = blk * NB * PANEL;
-            with_transposed_block(dn, e, i0, np, |b| {
+            with_transposed_block(isa, dn, e, i0, np, |b| {
                 gemm_rows(isa, dy.as_slice(), h_pad, dn.shape.n_pad, off[e]..off[e + 1], b, np, |p, da| {
                     let cols = (np * PANEL).min(i.saturating_sub(i0));
                     if r > 0 && cols > 0 {
@@ -200,7 +202,7 @@ impl MoeLayer {
             let (e, blk) = tasks[task];
             let np = NB.min(gu.shape.k_pad / PANEL - blk * NB);
             let h0 = blk * NB * PANEL;
-            with_transposed_block(gu, e, h0, np, |b| {
+            with_transposed_block(isa, gu, e, h0, np, |b| {
                 gemm_rows(isa, dgu.as_slice(), 2 * i_pad, gu.shape.n_pad, off[e]..off[e + 1], b, np, |p, c| {
                     let cols = (np * PANEL).min(h.saturating_sub(h0));
                     if r > 0 && cols > 0 {
