@@ -10,12 +10,17 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::cell::UnsafeCell;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
 
 pub const ALIGN: usize = 64;
 
 pub struct Buffer<T: Copy> {
     ptr: NonNull<T>,
     len: usize,
+    /// Bytes allocated (may exceed `len` elements for a recycled block).
+    cap: usize,
+    /// Where the block goes when dropped; `None` frees it.
+    pool: Option<Arc<BufferPool>>,
     _marker: PhantomData<UnsafeCell<T>>,
 }
 
@@ -23,23 +28,22 @@ pub struct Buffer<T: Copy> {
 unsafe impl<T: Copy + Send> Send for Buffer<T> {}
 unsafe impl<T: Copy + Sync> Sync for Buffer<T> {}
 
+fn layout(bytes: usize) -> Layout {
+    Layout::from_size_align(bytes, ALIGN).expect("buffer too large")
+}
+
 impl<T: Copy> Buffer<T> {
     /// A zero-filled buffer of `len` elements (all-zero bits are valid for u16/f32/u32/i64).
     pub fn zeroed(len: usize) -> Self {
-        if len == 0 {
-            return Buffer { ptr: NonNull::dangling(), len: 0, _marker: PhantomData };
+        let bytes = len * std::mem::size_of::<T>();
+        if bytes == 0 {
+            return Buffer { ptr: NonNull::dangling(), len, cap: 0, pool: None, _marker: PhantomData };
         }
-        let layout = Self::layout(len);
         // SAFETY: layout has non-zero size.
-        let raw = unsafe { alloc_zeroed(layout) } as *mut T;
-        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Buffer { ptr, len, _marker: PhantomData }
+        let raw = unsafe { alloc_zeroed(layout(bytes)) } as *mut T;
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout(bytes)));
+        Buffer { ptr, len, cap: bytes, pool: None, _marker: PhantomData }
     }
-
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len * std::mem::size_of::<T>(), ALIGN).expect("buffer too large")
-    }
-
     pub fn len(&self) -> usize {
         self.len
     }
@@ -80,9 +84,96 @@ impl<T: Copy> Buffer<T> {
 
 impl<T: Copy> Drop for Buffer<T> {
     fn drop(&mut self) {
-        if self.len != 0 {
-            // SAFETY: allocated in `zeroed` with the same layout.
-            unsafe { dealloc(self.ptr.as_ptr() as *mut u8, Self::layout(self.len)) }
+        if self.cap == 0 {
+            return;
+        }
+        let raw = self.ptr.as_ptr() as *mut u8;
+        match self.pool.take() {
+            Some(pool) => pool.give(raw, self.cap),
+            // SAFETY: allocated with `layout(self.cap)`.
+            None => unsafe { dealloc(raw, layout(self.cap)) },
+        }
+    }
+}
+
+/// Recycles large blocks between calls of one layer.
+///
+/// Fresh memory costs a page fault per 4 KiB on first touch (several microseconds in a
+/// VM); a T=2048 forward at DeepSeek-V2-Lite shape touches ~250 MB of scratch and cache,
+/// so allocating per call cost more than the GEMMs. Blocks come back here when their
+/// `Buffer` drops (a forward cache included). Recycled blocks are *not* zeroed: users
+/// write every element they later read, padding included.
+pub struct BufferPool {
+    free: Mutex<Vec<RawBlock>>,
+}
+
+struct RawBlock(*mut u8, usize);
+// SAFETY: an owned heap block with no other references.
+unsafe impl Send for RawBlock {}
+
+/// Free blocks kept per pool; more are released to the allocator.
+const MAX_FREE: usize = 16;
+
+impl BufferPool {
+    pub fn new() -> Arc<BufferPool> {
+        Arc::new(BufferPool { free: Mutex::new(Vec::new()) })
+    }
+
+    /// A buffer of `len` elements with unspecified (but initialised) contents.
+    pub fn take<T: Copy>(self: &Arc<Self>, len: usize) -> Buffer<T> {
+        let need = len * std::mem::size_of::<T>();
+        if need == 0 {
+            return Buffer::zeroed(len);
+        }
+        let block = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let best = free.iter().enumerate().filter(|(_, b)| b.1 >= need).min_by_key(|(_, b)| b.1).map(|(i, _)| i);
+            best.map(|i| free.swap_remove(i))
+        };
+        let (raw, cap) = match block {
+            Some(RawBlock(p, c)) => (p, c),
+            None => {
+                // Zeroed once, so contents are always initialised plain data.
+                // SAFETY: non-zero size.
+                let p = unsafe { alloc_zeroed(layout(need)) };
+                if p.is_null() {
+                    std::alloc::handle_alloc_error(layout(need));
+                }
+                (p, need)
+            }
+        };
+        // Tests poison every block (NaN in bf16 and f32) so any read-before-write shows.
+        #[cfg(test)]
+        // SAFETY: the block has `cap >= need` bytes and is exclusively ours.
+        unsafe {
+            std::ptr::write_bytes(raw, 0xff, need)
+        };
+        Buffer { ptr: NonNull::new(raw as *mut T).expect("non-null"), len, cap, pool: Some(self.clone()), _marker: PhantomData }
+    }
+
+    fn give(&self, raw: *mut u8, cap: usize) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.push(RawBlock(raw, cap));
+        if free.len() > MAX_FREE {
+            // Drop the smallest: big blocks are the expensive ones to fault in again.
+            let i = free.iter().enumerate().min_by_key(|(_, b)| b.1).map(|(i, _)| i).expect("non-empty");
+            let RawBlock(p, c) = free.swap_remove(i);
+            // SAFETY: allocated with `layout(c)`.
+            unsafe { dealloc(p, layout(c)) };
+        }
+    }
+
+    /// Bytes held in free blocks.
+    pub fn free_bytes(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|b| b.1).sum()
+    }
+}
+
+impl Drop for BufferPool {
+    fn drop(&mut self) {
+        for RawBlock(p, c) in self.free.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            // SAFETY: allocated with `layout(c)`.
+            unsafe { dealloc(p, layout(c)) };
         }
     }
 }
@@ -115,6 +206,21 @@ impl<T> SendPtr<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_recycles_blocks() {
+        let pool = BufferPool::new();
+        let a: Buffer<f32> = pool.take(1000);
+        let p = a.as_ptr() as usize;
+        assert_eq!(p % ALIGN, 0);
+        drop(a);
+        assert_eq!(pool.free_bytes(), 4000);
+        let b: Buffer<u16> = pool.take(1500); // fits the 4000-byte block
+        assert_eq!(b.as_ptr() as usize, p);
+        assert_eq!(pool.free_bytes(), 0);
+        drop(pool); // the buffer keeps the pool alive
+        drop(b);
+    }
 
     #[test]
     fn aligned_and_zeroed() {

@@ -10,6 +10,7 @@
 //! the `multiversion!` helpers, whose `Isa` argument comes from a layer that checked
 //! [`Isa::check_available`]. These functions are crate-private for that reason.
 
+pub(crate) mod amx;
 pub(crate) mod avx512;
 pub(crate) mod scalar;
 pub(crate) mod vec;
@@ -18,7 +19,7 @@ use crate::cpu::Isa;
 
 /// Whether this build contains AMX kernels.
 pub fn amx_kernels_built() -> bool {
-    false
+    cfg!(target_arch = "x86_64")
 }
 
 /// Operands of one GEMM call over a block of panels.
@@ -58,7 +59,27 @@ pub(crate) fn gemm(isa: Isa, g: Gemm<'_>) {
     match isa {
         Isa::Scalar => scalar::gemm(g),
         // SAFETY: see module doc: `isa` was checked available by the caller's layer.
-        Isa::Avx512 | Isa::Amx => unsafe { avx512::gemm(g) },
+        Isa::Avx512 => unsafe { avx512::gemm(g) },
+        // SAFETY: as above; `amx_split` keeps tile reads inside A.
+        Isa::Amx => unsafe { amx_split::<amx::Hardware>(g) },
+    }
+}
+
+/// AMX for as many whole 32-row blocks as A can supply (a partial last block is fine
+/// when A has readable rows past `m`: the extra results are dropped), AVX-512 for the rest.
+///
+/// # Safety
+/// `K` must be usable on this CPU (and AVX-512 BF16 for the remainder).
+unsafe fn amx_split<K: amx::TileKernel>(mut g: Gemm<'_>) {
+    let rows_readable = if g.a.len() >= g.k_pad { (g.a.len() - g.k_pad) / g.lda + 1 } else { 0 };
+    let m32 = (g.m.next_multiple_of(amx::MR).min(rows_readable) / amx::MR) * amx::MR;
+    let m32 = if g.np % 2 == 0 { m32 } else { 0 };
+    if m32 > 0 {
+        amx::gemm_tiles::<K>(&mut g, m32);
+    }
+    if m32 < g.m {
+        let rest = Gemm { m: g.m - m32, a: &g.a[m32 * g.lda..], lda: g.lda, b: g.b, np: g.np, k_pad: g.k_pad, c: &mut g.c[m32 * g.ldc..], ldc: g.ldc };
+        avx512::gemm(rest);
     }
 }
 
@@ -108,6 +129,43 @@ mod tests {
                     transpose_block(isa, &pw, sh, c0, cnt, &mut got);
                     let off = c0 / 16 * 16 * sh.n_pad;
                     assert_eq!(got, want[off..off + got.len()], "{isa} n{n} k{k} c0 {c0}");
+                }
+            }
+        }
+    }
+
+    /// The AMX blocking and packing logic with TDPBF16PS emulated in Rust, so it is
+    /// exercised on machines without AMX (the real tiles run the same driver).
+    #[test]
+    fn amx_driver_with_emulated_tiles_matches_scalar() {
+        let mut seed = 8u64;
+        for &(m, n, k, extra_rows) in &[(32, 32, 32, 0), (45, 64, 96, 0), (45, 64, 96, 32), (7, 32, 2050, 32), (70, 96, 64, 0)] {
+            let sh = PackShape::new(n, k);
+            let w = rand_bf16(n * k, &mut seed);
+            let mut pw = vec![0u16; sh.len()];
+            pack_into(&w, sh, &mut pw);
+            let lda = sh.k_pad;
+            let a = rand_bf16((m + extra_rows) * lda, &mut seed);
+            let ldc = sh.n_pad + 16;
+            let mut want = vec![0f32; m * ldc];
+            gemm(Isa::Scalar, Gemm { m, a: &a, lda, b: &pw, np: sh.panels(), k_pad: sh.k_pad, c: &mut want, ldc });
+            let mut got = vec![f32::NAN; m * ldc];
+            let g = Gemm { m, a: &a, lda, b: &pw, np: sh.panels(), k_pad: sh.k_pad, c: &mut got, ldc };
+            if Isa::Avx512.check_available().is_ok() {
+                unsafe { amx_split::<amx::Emulated>(g) };
+            } else {
+                let mut g = g;
+                let m32 = (m / amx::MR) * amx::MR;
+                unsafe { amx::gemm_tiles::<amx::Emulated>(&mut g, m32) };
+                for i in m32..m {
+                    let row = i * ldc;
+                    want[row..row + ldc].copy_from_slice(&vec![f32::NAN; ldc]);
+                }
+            }
+            for i in 0..m {
+                for o in 0..sh.n_pad {
+                    let (x, y) = (got[i * ldc + o], want[i * ldc + o]);
+                    assert!(x.is_nan() && y.is_nan() || (x - y).abs() <= 1e-4 * (1.0 + y.abs()), "m{m} n{n} k{k} ({i},{o}) {x} vs {y}");
                 }
             }
         }

@@ -4,9 +4,9 @@
 //! block it multiplies by from the forward layout (see `pack::pack_transposed_block`)
 //! into its thread's scratch, so expert memory stays at one copy.
 
-use super::{chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, GradTarget, MoeLayer, NB};
+use super::{chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, GradTarget, MoeLayer, NB, ROW_PAD};
 use crate::bf16;
-use crate::buffer::{Buffer, SendPtr};
+use crate::buffer::SendPtr;
 use crate::error::{check_len, KtrsError, Result};
 use crate::kernels::vec;
 use crate::lora::LoraMatrix as M;
@@ -65,14 +65,16 @@ impl MoeLayer {
         let (x, g, u, act) = (cache.x.as_slice(), cache.g.as_slice(), cache.u.as_slice(), cache.act.as_slice());
 
         // 1. Gather dy rows (unweighted); vd = dy·Bd.
-        let dy = Buffer::<u16>::zeroed(n * h_pad);
+        let dy = self.scratch.take::<u16>((n + ROW_PAD) * h_pad);
         let mut vd = vec![0f32; n * r];
         let (dyp, vdp) = (SendPtr(dy.as_ptr()), SendPtr(vd.as_mut_ptr()));
         self.pool.run(row_chunks(n), |task, _| {
             for p in chunk_range(task, n) {
                 let t = rt.pair_token[p] as usize;
                 // SAFETY: pair row p is written by this task alone.
-                let row = unsafe { dyp.slice_mut(p * h_pad, h) };
+                let full = unsafe { dyp.slice_mut(p * h_pad, h_pad) };
+                full[h..].fill(0);
+                let row = &mut full[..h];
                 row.copy_from_slice(&grad_out[t * h..(t + 1) * h]);
                 if r > 0 {
                     let e = rt.expert_of(p);
@@ -86,8 +88,8 @@ impl MoeLayer {
         let dn = &self.down;
         let i_blocks = dn.shape.k_pad / PANEL;
         let i_blocks = i_blocks.div_ceil(NB);
-        let gw_part = Buffer::<f32>::zeroed(n * i_blocks);
-        let dgu = Buffer::<u16>::zeroed(n * 2 * i_pad);
+        let gw_part = self.scratch.take::<f32>(n * i_blocks);
+        let dgu = self.scratch.take::<u16>((n + ROW_PAD) * 2 * i_pad);
         let (gwp, dgup) = (SendPtr(gw_part.as_ptr()), SendPtr(dgu.as_ptr()));
         let tasks = expert_blocks(off, i_blocks);
         self.pool.run(tasks.len(), |task, _| {
@@ -105,6 +107,11 @@ impl MoeLayer {
                     unsafe { gwp.write(p * i_blocks + blk, vec::dot_f32_bf16(isa, da, arow, cols)) };
                     let w = rt.pair_weight[p];
                     let drow = unsafe { dgup.slice_mut(p * 2 * i_pad, 2 * i_pad) };
+                    for l in cols..np * PANEL {
+                        // Padding columns (c >= I) must read as zero in the next GEMM.
+                        drow[fused_row(i0 + l, false)] = 0;
+                        drow[fused_row(i0 + l, true)] = 0;
+                    }
                     for l in 0..cols {
                         let c = i0 + l;
                         let (gv, uv) = (bf16::to_f32(g[p * i_pad + c]), bf16::to_f32(u[p * i_pad + c]));
@@ -195,7 +202,7 @@ impl MoeLayer {
         // 4. dx = dgu·W_gu (+ s·(vg·Ag + vu·Au)) per pair.
         let gu = &self.gate_up;
         let h_blocks = (gu.shape.k_pad / PANEL).div_ceil(NB);
-        let dx = Buffer::<f32>::zeroed(n * h_pad);
+        let dx = self.scratch.take::<f32>(n * h_pad);
         let dxp = SendPtr(dx.as_ptr());
         let tasks = expert_blocks(off, h_blocks);
         self.pool.run(tasks.len(), |task, _| {

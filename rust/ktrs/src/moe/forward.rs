@@ -1,9 +1,9 @@
 //! The forward pass of the routed experts.
 
 use super::routing::Routing;
-use super::{chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, MoeLayer, NB};
+use super::{chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, MoeLayer, NB, ROW_PAD};
 use crate::bf16;
-use crate::buffer::{Buffer, SendPtr};
+use crate::buffer::SendPtr;
 use crate::error::{check_len, KtrsError, Result};
 use crate::kernels::vec;
 use crate::lora::LoraMatrix as M;
@@ -41,10 +41,11 @@ impl MoeLayer {
         let s = self.lora.as_ref().map_or(0.0, |l| l.config.scaling());
         let off = &routing.offsets;
 
-        let x = Buffer::<u16>::zeroed(n * h_pad);
-        let g = Buffer::<u16>::zeroed(n * i_pad);
-        let u = Buffer::<u16>::zeroed(n * i_pad);
-        let act = Buffer::<u16>::zeroed(n * i_pad);
+        // Recycled blocks: every element read later is written below (padding included).
+        let x = self.scratch.take::<u16>((n + ROW_PAD) * h_pad);
+        let g = self.scratch.take::<u16>(n * i_pad);
+        let u = self.scratch.take::<u16>(n * i_pad);
+        let act = self.scratch.take::<u16>((n + ROW_PAD) * i_pad);
         let mut zg = vec![0f32; n * r];
         let mut zu = vec![0f32; n * r];
         let mut zd = vec![0f32; n * r];
@@ -56,7 +57,9 @@ impl MoeLayer {
             for p in chunk_range(task, n) {
                 let t = routing.pair_token[p] as usize;
                 // SAFETY: each pair row p is written by exactly one task.
-                let xr = unsafe { xp.slice_mut(p * h_pad, h) };
+                let row = unsafe { xp.slice_mut(p * h_pad, h_pad) };
+                row[h..].fill(0);
+                let xr = &mut row[..h];
                 xr.copy_from_slice(&hidden[t * h..(t + 1) * h]);
                 if r > 0 {
                     let e = routing.expert_of(p);
@@ -112,7 +115,7 @@ impl MoeLayer {
         }
 
         // 4. down GEMM per pair (+ LoRA-B) into y.
-        let y = Buffer::<f32>::zeroed(n * h_pad);
+        let y = self.scratch.take::<f32>(n * h_pad);
         let yp = SendPtr(y.as_ptr());
         let dn = &self.down;
         let d_blocks = dn.shape.panels().div_ceil(NB);

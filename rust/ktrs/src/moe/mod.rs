@@ -14,7 +14,7 @@ pub mod routing;
 
 pub use cache::ForwardCache;
 
-use crate::buffer::SendPtr;
+use crate::buffer::{BufferPool, SendPtr};
 use crate::cpu::Isa;
 use crate::error::{check_len, KtrsError, Result};
 use crate::kernels::{self, Gemm};
@@ -62,8 +62,21 @@ pub enum GradTarget<'a> {
 /// Panels per GEMM task: 4 × 16 = 64 output columns, so the gate+up task holds 32 gate
 /// and the 32 matching up columns, and the B block of a task stays in L2.
 const NB: usize = 4;
-/// Rows per GEMM call inside a task (a multiple of the AVX-512 block height, 6).
-const MC: usize = 48;
+/// Rows per GEMM call inside a task: a multiple of the AVX-512 block height (6) and of
+/// the AMX block height (32).
+const MC: usize = 96;
+/// Extra zero rows after every GEMM input buffer, so AMX may read a whole 32-row block
+/// past an expert's last row (those results are dropped).
+pub(crate) const ROW_PAD: usize = 32;
+
+/// Experts with fewer rows than this use AVX-512 even when AMX is selected: tile loads
+/// and stores cost more than they save on a handful of rows. `KTRS_AMX_MIN_ROWS`
+/// overrides it (for measuring the crossover).
+fn amx_min_rows() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("KTRS_AMX_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_AMX_MIN_ROWS))
+}
+const DEFAULT_AMX_MIN_ROWS: usize = 8;
 
 static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -76,6 +89,8 @@ pub struct MoeLayer {
     /// Down, `[H, I]` per expert.
     down: ExpertPack,
     lora: Option<LoraWeights>,
+    /// Scratch and cache blocks recycled between calls (see `BufferPool`).
+    scratch: Arc<BufferPool>,
     id: u64,
 }
 
@@ -99,6 +114,7 @@ impl MoeLayer {
             gate_up,
             down,
             lora,
+            scratch: BufferPool::new(),
             id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -229,6 +245,7 @@ fn gemm_rows(
     np: usize,
     mut epi: impl FnMut(usize, &mut [f32]),
 ) {
+    let isa = if isa == Isa::Amx && rows.len() < amx_min_rows() { Isa::Avx512 } else { isa };
     let mut c = [0f32; MC * NB * PANEL];
     let ldc = NB * PANEL;
     let mut p0 = rows.start;

@@ -1,0 +1,163 @@
+//! AMX-BF16 GEMM: `tdpbf16ps` with a 2×2 tile block (32 rows × 32 columns of f32 in
+//! tmm0–3, A in tmm4–5, B in tmm6–7), emitted with inline `asm!` because AMX intrinsics
+//! are unstable in Rust. B tiles are read straight from the packed panels (16 pair rows
+//! of 64 bytes = one panel's K-block of 32), so no repacking happens at run time.
+//!
+//! The blocking logic is written once, generic over [`TileKernel`]; [`Emulated`] runs the
+//! same tile operations in plain Rust, so the driver and the packing are tested on
+//! machines without AMX too.
+
+use super::Gemm;
+use crate::pack::PANEL;
+
+/// Rows of one micro-kernel call (two A tiles).
+pub(crate) const MR: usize = 32;
+const TILE_K: usize = 32; // bf16 per A-tile row
+#[cfg_attr(not(test), allow(dead_code))]
+const B_TILE_U16: usize = 16 * 2 * PANEL; // one B tile: 16 pair rows × 16 lanes × 2
+
+/// One 2×2 tile step: `c[32×32] = A[32 rows, 32·kblocks] · [panel b0 | panel b1]`.
+pub(crate) trait TileKernel {
+    /// Prepares the tile unit for a run of micro-kernels on this thread.
+    unsafe fn begin();
+    /// # Safety
+    /// `a` readable for 32 rows of stride `lda` u16 and `32·kblocks` columns; `b0`, `b1`
+    /// readable for `kblocks` B tiles; `c` writable for 32×32 f32 (row stride 32).
+    unsafe fn run(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32);
+    /// Releases the tile state (so an idle thread carries none).
+    unsafe fn end();
+}
+
+/// The real AMX unit.
+pub(crate) struct Hardware;
+
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+/// Palette 1; every tile 16 rows × 64 bytes (A: 16×32 bf16, B: 16 pair rows × 16 lanes,
+/// C: 16×16 f32).
+static CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64;
+        c[48 + t] = 16;
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+#[cfg(target_arch = "x86_64")]
+impl TileKernel for Hardware {
+    unsafe fn begin() {
+        // Reloaded for every GEMM call: torch/oneDNN may have reconfigured or released
+        // the tiles on this thread (the caller's thread runs torch code too).
+        std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+    }
+
+    unsafe fn run(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32) {
+        let lda_b = lda * 2;
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {kb}",
+            "jnz 2b",
+            "tilestored [{c0} + {ldc}*1], tmm0",
+            "tilestored [{c1} + {ldc}*1], tmm1",
+            "tilestored [{c2} + {ldc}*1], tmm2",
+            "tilestored [{c3} + {ldc}*1], tmm3",
+            a0 = inout(reg) a => _,
+            a1 = inout(reg) a.add(16 * lda) => _,
+            b0 = inout(reg) b0 => _,
+            b1 = inout(reg) b1 => _,
+            kb = inout(reg) kblocks => _,
+            lda = in(reg) lda_b,
+            ldb = in(reg) 64usize,
+            ldc = in(reg) 128usize,
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(16),
+            c2 = in(reg) c.add(16 * 32),
+            c3 = in(reg) c.add(16 * 32 + 16),
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options(nostack),
+        );
+    }
+
+    unsafe fn end() {
+        std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+/// TDPBF16PS in plain Rust, tile by tile, in the instruction's order of accumulation.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) struct Emulated;
+
+impl TileKernel for Emulated {
+    unsafe fn begin() {}
+    unsafe fn end() {}
+
+    unsafe fn run(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32) {
+        use crate::bf16::to_f32;
+        let mut acc = [[0f32; 32]; 32];
+        for kb in 0..kblocks {
+            for (q, b) in [b0, b1].into_iter().enumerate() {
+                let bt = b.add(kb * B_TILE_U16);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let ar = a.add(r * lda + kb * TILE_K);
+                    for p in 0..16 {
+                        let (x0, x1) = (to_f32(*ar.add(2 * p)), to_f32(*ar.add(2 * p + 1)));
+                        for n in 0..16 {
+                            let pair = bt.add((p * 16 + n) * 2);
+                            row[q * 16 + n] += x0 * to_f32(*pair) + x1 * to_f32(*pair.add(1));
+                        }
+                    }
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), c.add(r * 32), 32);
+        }
+    }
+}
+
+/// The rows `0 .. m32` (a multiple of 32) of `g` with tile kernel `K`. The caller makes
+/// sure A has 32-row blocks readable up to `m32` and `np` is even.
+///
+/// # Safety
+/// `K`'s hardware must be usable on this thread; bounds as stated.
+pub(crate) unsafe fn gemm_tiles<K: TileKernel>(g: &mut Gemm<'_>, m32: usize) {
+    debug_assert!(m32 % MR == 0 && g.np % 2 == 0 && m32 <= g.m.next_multiple_of(MR));
+    let panel_len = g.k_pad * PANEL;
+    let kblocks = g.k_pad / TILE_K;
+    let mut tile = [0f32; MR * 32];
+    K::begin();
+    for pp in (0..g.np).step_by(2) {
+        let b0 = g.b.as_ptr().add(pp * panel_len);
+        let b1 = b0.add(panel_len);
+        for i in (0..m32).step_by(MR) {
+            K::run(g.a.as_ptr().add(i * g.lda), g.lda, b0, b1, kblocks, tile.as_mut_ptr());
+            for r in 0..MR.min(g.m - i) {
+                let dst = &mut g.c[(i + r) * g.ldc + pp * PANEL..(i + r) * g.ldc + pp * PANEL + 32];
+                dst.copy_from_slice(&tile[r * 32..r * 32 + 32]);
+            }
+        }
+    }
+    K::end();
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds, on this machine, everything the AMX reference machine needs into devbuild/
+# (git-ignored; name it in the device tool's `carry`): the abi3 wheel, the Rust test
+# binary, and pure-Python wheels of pytest in case the machine lacks it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+rm -rf devbuild && mkdir -p devbuild/pywheels
+"$VENV/bin/maturin" build --release -q -o devbuild
+bin=$(cargo test -p ktrs --release --no-run --message-format=json 2>/dev/null \
+  | "$VENV/bin/python" -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="ktrs": print(m["executable"])' | tail -1)
+cp "$bin" devbuild/ktrs-tests
+"$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d devbuild/pywheels pytest pluggy iniconfig
+ls -la devbuild devbuild/pywheels

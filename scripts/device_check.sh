@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs on the AMX reference machine over the carried devbuild/ (see device_build.sh):
+# install the wheel, run the Rust tests, pytest under each ISA, the layer benchmark, and
+# print a table. Usage (device tool): bash scripts/device_check.sh [bench args...]
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/ktrs-out}; mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+grep -m1 "model name" /proc/cpuinfo; grep -o -w 'amx_[a-z0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; nproc
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site devbuild/*.whl || exit 1
+python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site devbuild/pywheels/*.whl
+export PYTHONPATH=/tmp/site
+python3 -m ktrs info
+status=0
+echo "== cargo tests (every ISA this CPU has)"; ./devbuild/ktrs-tests -q 2>&1 | tail -3 || status=1
+for isa in ${ISAS:-amx avx512 scalar}; do
+  echo "== pytest KTRS_ISA=$isa"
+  KTRS_ISA=$isa python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -3 || status=1
+done
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  echo "== benchmark"
+  python3 benchmarks/bench_layer.py --json "$OUT/bench_layer.json" "$@" || status=1
+fi
+exit $status
