@@ -12,6 +12,8 @@
 
 pub(crate) mod amx;
 pub(crate) mod avx512;
+pub(crate) mod epilogue;
+pub(crate) mod lora_grad;
 pub(crate) mod scalar;
 pub(crate) mod vec;
 

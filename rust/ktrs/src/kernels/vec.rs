@@ -52,35 +52,6 @@ multiversion! {
 }
 
 multiversion! {
-    /// `out[j] = Σ_h x[h] · m[h, j]` for `h < n`, `j < r` (m f32 row-major [n, r]).
-    pub(crate) fn project_t(x: &[u16], m: &[f32], n: usize, r: usize, out: &mut [f32]) {
-        let out = &mut out[..r];
-        out.fill(0.0);
-        for h in 0..n {
-            let xv = to_f32(x[h]);
-            let mrow = &m[h * r..(h + 1) * r];
-            for j in 0..r {
-                out[j] += xv * mrow[j];
-            }
-        }
-    }
-}
-
-multiversion! {
-    /// `out[o] += alpha · Σ_j z[j] · m[o, j]` for `o < n` (m f32 row-major [n, r]).
-    pub(crate) fn expand(alpha: f32, z: &[f32], m: &[f32], n: usize, r: usize, out: &mut [f32]) {
-        for o in 0..n {
-            let mrow = &m[o * r..(o + 1) * r];
-            let mut s = 0f32;
-            for j in 0..r {
-                s += z[j] * mrow[j];
-            }
-            out[o] += alpha * s;
-        }
-    }
-}
-
-multiversion! {
     /// `out[c] += alpha · Σ_j v[j] · m[j·ld + c]` for `c < k` (r rows of stride `ld`).
     pub(crate) fn combine_rows(alpha: f32, v: &[f32], m: &[f32], ld: usize, r: usize, k: usize, out: &mut [f32]) {
         let out = &mut out[..k];
@@ -92,33 +63,6 @@ multiversion! {
             let mrow = &m[j * ld..j * ld + k];
             for c in 0..k {
                 out[c] += f * mrow[c];
-            }
-        }
-    }
-}
-
-multiversion! {
-    /// `m[j, c] += alpha · v[j] · x[c]` (m f32 [r, k], x bf16): a LoRA-A gradient term.
-    pub(crate) fn outer_rk(alpha: f32, v: &[f32], x: &[u16], r: usize, k: usize, m: &mut [f32]) {
-        let x = &x[..k];
-        for j in 0..r {
-            let f = alpha * v[j];
-            let mrow = &mut m[j * k..(j + 1) * k];
-            for c in 0..k {
-                mrow[c] += f * to_f32(x[c]);
-            }
-        }
-    }
-}
-
-multiversion! {
-    /// `m[h, j] += alpha · x[h] · v[j]` (m f32 [n, r], x bf16): a LoRA-B gradient term.
-    pub(crate) fn outer_nr(alpha: f32, x: &[u16], v: &[f32], n: usize, r: usize, m: &mut [f32]) {
-        for h in 0..n {
-            let f = alpha * to_f32(x[h]);
-            let mrow = &mut m[h * r..(h + 1) * r];
-            for j in 0..r {
-                mrow[j] += f * v[j];
             }
         }
     }
@@ -151,11 +95,6 @@ multiversion! {
             *o += w * v;
         }
     }
-}
-
-#[inline(always)]
-pub(crate) fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 #[cfg(test)]

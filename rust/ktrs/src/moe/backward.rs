@@ -8,7 +8,8 @@ use super::{chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, Gra
 use crate::bf16;
 use crate::buffer::SendPtr;
 use crate::error::{check_len, KtrsError, Result};
-use crate::kernels::vec;
+use crate::kernels::lora_grad::{self, Cols};
+use crate::kernels::{epilogue, vec};
 use crate::lora::LoraMatrix as M;
 use crate::cpu::Isa;
 use crate::kernels::transpose_block;
@@ -65,20 +66,21 @@ impl MoeLayer {
         let (x, g, u, act) = (cache.x.as_slice(), cache.g.as_slice(), cache.u.as_slice(), cache.act.as_slice());
 
         // 1. Gather dy rows (unweighted); vd = dy·Bd.
+        let active = rt.active_experts();
+        let bdt = if r > 0 { self.lora_b_transposed(M::DownB, &active, h_pad, Cols::Plain) } else { self.scratch.take::<f32>(0) };
         let dy = self.scratch.take::<u16>((n + ROW_PAD) * h_pad);
         let mut vd = vec![0f32; n * r];
         let (dyp, vdp) = (SendPtr(dy.as_ptr()), SendPtr(vd.as_mut_ptr()));
-        self.pool.run(row_chunks(n), |task, _| {
+        self.run_phase("bwd gather+lora", row_chunks(n), |task, _| {
             for p in chunk_range(task, n) {
                 let t = rt.pair_token[p] as usize;
                 // SAFETY: pair row p is written by this task alone.
                 let full = unsafe { dyp.slice_mut(p * h_pad, h_pad) };
                 full[h..].fill(0);
-                let row = &mut full[..h];
-                row.copy_from_slice(&grad_out[t * h..(t + 1) * h]);
+                full[..h].copy_from_slice(&grad_out[t * h..(t + 1) * h]);
                 if r > 0 {
                     let e = rt.expert_of(p);
-                    vec::project_t(isa, row, self.lora_expert(M::DownB, e), h, r, unsafe { vdp.slice_mut(p * r, r) });
+                    vec::project(isa, full, &bdt.as_slice()[e * r * h_pad..], r, h_pad, unsafe { vdp.slice_mut(p * r, r) });
                 }
             }
         });
@@ -92,7 +94,7 @@ impl MoeLayer {
         let dgu = self.scratch.take::<u16>((n + ROW_PAD) * 2 * i_pad);
         let (gwp, dgup) = (SendPtr(gw_part.as_ptr()), SendPtr(dgu.as_ptr()));
         let tasks = expert_blocks(off, i_blocks);
-        self.pool.run(tasks.len(), |task, _| {
+        self.run_phase("bwd down gemm+silu", tasks.len(), |task, _| {
             let (e, blk) = tasks[task];
             let np = NB.min(dn.shape.k_pad / PANEL - blk * NB);
             let i0 = blk * NB * PANEL;
@@ -107,96 +109,73 @@ impl MoeLayer {
                     unsafe { gwp.write(p * i_blocks + blk, vec::dot_f32_bf16(isa, da, arow, cols)) };
                     let w = rt.pair_weight[p];
                     let drow = unsafe { dgup.slice_mut(p * 2 * i_pad, 2 * i_pad) };
-                    for l in cols..np * PANEL {
-                        // Padding columns (c >= I) must read as zero in the next GEMM.
-                        drow[fused_row(i0 + l, false)] = 0;
-                        drow[fused_row(i0 + l, true)] = 0;
-                    }
-                    for l in 0..cols {
-                        let c = i0 + l;
-                        let (gv, uv) = (bf16::to_f32(g[p * i_pad + c]), bf16::to_f32(u[p * i_pad + c]));
-                        let sig = 1.0 / (1.0 + (-gv).exp());
-                        let da_w = w * da[l];
-                        drow[fused_row(c, false)] = bf16::from_f32(da_w * uv * sig * (1.0 + gv * (1.0 - sig)));
-                        drow[fused_row(c, true)] = bf16::from_f32(da_w * gv * sig);
+                    // Whole panels: padding columns (c >= I) have da = g = u = 0, so
+                    // they come out as the zeros the next GEMM must read there.
+                    for q in 0..np {
+                        let c = i0 + q * PANEL;
+                        let (dg, du) = drow[fused_row(c, false)..fused_row(c, false) + 2 * PANEL].split_at_mut(PANEL);
+                        let at = p * i_pad + c;
+                        epilogue::swiglu_bwd(isa, w, &da[q * PANEL..], &g[at..at + PANEL], &u[at..at + PANEL], dg, du);
                     }
                 });
             });
         });
 
-        // 3. LoRA gradients, one task per (expert, projection); vg/vu = dg·Bg, du·Bu.
+        // 3. vg/vu = dg·Bg, du·Bu per pair; then LoRA gradients, one task per (expert,
+        //    matrix), each a register-blocked sum of outer products over the expert's pairs.
         let mut vg = vec![0f32; n * r];
         let mut vu = vec![0f32; n * r];
         if r > 0 {
             let l = lora.expect("rank > 0 implies LoRA");
+            let ld = 2 * i_pad;
+            let bgt = self.lora_b_transposed(M::GateB, &active, ld, Cols::Fused(false));
+            let but = self.lora_b_transposed(M::UpB, &active, ld, Cols::Fused(true));
             let (vgp, vup) = (SendPtr(vg.as_mut_ptr()), SendPtr(vu.as_mut_ptr()));
+            self.run_phase("bwd lora v", row_chunks(n), |task, _| {
+                for p in chunk_range(task, n) {
+                    let e = rt.expert_of(p);
+                    let row = &dgu.as_slice()[p * ld..(p + 1) * ld];
+                    // SAFETY: row p of vg and vu is written by this task alone.
+                    let (vgr, vur) = unsafe { (vgp.slice_mut(p * r, r), vup.slice_mut(p * r, r)) };
+                    vec::project(isa, row, &bgt.as_slice()[e * r * ld..], r, ld, vgr);
+                    vec::project(isa, row, &but.as_slice()[e * r * ld..], r, ld, vur);
+                }
+            });
             // Destination base pointers, in LoraMatrix::ALL order, and whether to add.
-            let want_grads = !matches!(grads, GradTarget::Skip);
-            let (dst, accumulate): ([SendPtr<f32>; 6], bool) = match grads {
-                GradTarget::Skip => ([SendPtr(std::ptr::null_mut()); 6], true),
-                GradTarget::Owned => (M::ALL.map(|m| SendPtr(l.grad(m).as_ptr())), true),
+            let dst: Option<([SendPtr<f32>; 6], bool)> = match grads {
+                GradTarget::Skip => None,
+                GradTarget::Owned => Some((M::ALL.map(|m| SendPtr(l.grad(m).as_ptr())), true)),
                 GradTarget::External { bufs, accumulate } => {
                     for (m, b) in M::ALL.iter().zip(bufs.iter()) {
                         check_len(&format!("grad_{}", m.name()), b.len(), l.grad(*m).len())?;
                     }
                     let [a, b, c, d, e, f] = bufs;
-                    ([a, b, c, d, e, f].map(|s| SendPtr(s.as_mut_ptr())), accumulate)
+                    Some(([a, b, c, d, e, f].map(|s| SendPtr(s.as_mut_ptr())), accumulate))
                 }
             };
-                        let dgu_s = dgu.as_slice();
-            self.pool.run(3 * cfg.experts, |task, _| {
-                let (e, proj) = (task / 3, task % 3);
-                let rows = off[e]..off[e + 1];
-                // SAFETY: task (e, proj) owns expert e's slices of proj's two gradient
-                // matrices and rows `rows` of vg (gate) or vu (up).
-                let grad = |m: M| -> Option<*mut [f32]> {
-                    if !want_grads {
-                        return None;
-                    }
+            if let Some((dst, accumulate)) = dst {
+                let (dy_s, dgu_s) = (dy.as_slice(), dgu.as_slice());
+                let pw = &rt.pair_weight[..];
+                self.run_phase("bwd lora grads", 6 * cfg.experts, |task, _| {
+                    let (e, m) = (task / 6, M::ALL[task % 6]);
                     let [_, rr, cc] = l.shape(m);
-                    let sl = unsafe { dst[m.index()].slice_mut(e * rr * cc, rr * cc) };
+                    // SAFETY: task (e, m) owns expert e's slice of gradient matrix m.
+                    let out = unsafe { dst[m.index()].slice_mut(e * rr * cc, rr * cc) };
                     if !accumulate {
-                        sl.fill(0.0);
+                        out.fill(0.0);
                     }
-                    Some(sl as *mut [f32])
-                };
-                match proj {
-                    0 | 1 => {
-                        let up_proj = proj == 1;
-                        let (ma, mb) = if up_proj { (M::UpA, M::UpB) } else { (M::GateA, M::GateB) };
-                        let (ga, gb) = (grad(ma), grad(mb));
-                        let z = if up_proj { &cache.zu } else { &cache.zg };
-                        let vptr = if up_proj { vup } else { vgp };
-                        let bmat = self.lora_expert(mb, e);
-                        let mut drow = vec![0u16; i];
-                        for p in rows {
-                            let src = &dgu_s[p * 2 * i_pad..];
-                            for (c, d) in drow.iter_mut().enumerate() {
-                                *d = src[fused_row(c, up_proj)];
-                            }
-                            let v = unsafe { vptr.slice_mut(p * r, r) };
-                            vec::project_t(isa, &drow, bmat, i, r, v);
-                            if let (Some(ga), Some(gb)) = (ga, gb) {
-                                // SAFETY: the pointers come from `grad` above (this task's).
-                                let (ga, gb) = unsafe { (&mut *ga, &mut *gb) };
-                                vec::outer_nr(isa, s, &drow, &z[p * r..(p + 1) * r], i, r, gb);
-                                vec::outer_rk(isa, s, v, &x[p * h_pad..], r, h, ga);
-                            }
-                        }
+                    let rows = off[e]..off[e + 1];
+                    use lora_grad::{accumulate as acc, Coef, Layout::*};
+                    match m {
+                        M::GateA => acc(isa, x, h_pad, Cols::Plain, rows, &vg, Coef::Const(s), r, h, RankMajor, out),
+                        M::UpA => acc(isa, x, h_pad, Cols::Plain, rows, &vu, Coef::Const(s), r, h, RankMajor, out),
+                        M::GateB => acc(isa, dgu_s, ld, Cols::Fused(false), rows, &cache.zg, Coef::Const(s), r, i, ColMajor, out),
+                        M::UpB => acc(isa, dgu_s, ld, Cols::Fused(true), rows, &cache.zu, Coef::Const(s), r, i, ColMajor, out),
+                        M::DownA => acc(isa, act, i_pad, Cols::Plain, rows, &vd, Coef::Scaled(s, pw), r, i, RankMajor, out),
+                        M::DownB => acc(isa, dy_s, h_pad, Cols::Plain, rows, &cache.zd, Coef::Scaled(s, pw), r, h, ColMajor, out),
                     }
-                    _ => {
-                        if let (Some(ga), Some(gb)) = (grad(M::DownA), grad(M::DownB)) {
-                            // SAFETY: as above.
-                            let (ga, gb) = unsafe { (&mut *ga, &mut *gb) };
-                            for p in rows {
-                                let sw = s * rt.pair_weight[p];
-                                vec::outer_nr(isa, sw, &dy.as_slice()[p * h_pad..], &cache.zd[p * r..(p + 1) * r], h, r, gb);
-                                vec::outer_rk(isa, sw, &vd[p * r..(p + 1) * r], &act[p * i_pad..], r, i, ga);
-                            }
-                        }
-                    }
-                }
-            });
+                });
+            }
         }
 
         // 4. dx = dgu·W_gu (+ s·(vg·Ag + vu·Au)) per pair.
@@ -205,7 +184,7 @@ impl MoeLayer {
         let dx = self.scratch.take::<f32>(n * h_pad);
         let dxp = SendPtr(dx.as_ptr());
         let tasks = expert_blocks(off, h_blocks);
-        self.pool.run(tasks.len(), |task, _| {
+        self.run_phase("bwd gate/up gemm", tasks.len(), |task, _| {
             let (e, blk) = tasks[task];
             let np = NB.min(gu.shape.k_pad / PANEL - blk * NB);
             let h0 = blk * NB * PANEL;
@@ -224,7 +203,7 @@ impl MoeLayer {
 
         // 5. Sum over each token's k pairs; routing-weight gradient from the partials.
         let (ghp, gwo) = (SendPtr(grad_hidden.as_mut_ptr()), SendPtr(grad_weights.as_mut_ptr()));
-        self.pool.run(row_chunks(tokens), |task, _| {
+        self.run_phase("bwd combine", row_chunks(tokens), |task, _| {
             let mut acc = vec![0f32; h];
             for t in chunk_range(task, tokens) {
                 acc.fill(0.0);

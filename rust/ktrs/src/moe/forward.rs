@@ -5,7 +5,8 @@ use super::{chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, Moe
 use crate::bf16;
 use crate::buffer::SendPtr;
 use crate::error::{check_len, KtrsError, Result};
-use crate::kernels::vec;
+use crate::kernels::lora_grad::Cols;
+use crate::kernels::{epilogue, vec};
 use crate::lora::LoraMatrix as M;
 use crate::pack::PANEL;
 
@@ -53,7 +54,7 @@ impl MoeLayer {
         let (zgp, zup, zdp) = (SendPtr(zg.as_mut_ptr()), SendPtr(zu.as_mut_ptr()), SendPtr(zd.as_mut_ptr()));
 
         // 1. Gather token rows into expert order; LoRA-A of gate and up.
-        self.pool.run(row_chunks(n), |task, _| {
+        self.run_phase("fwd gather+lora A", row_chunks(n), |task, _| {
             for p in chunk_range(task, n) {
                 let t = routing.pair_token[p] as usize;
                 // SAFETY: each pair row p is written by exactly one task.
@@ -71,10 +72,16 @@ impl MoeLayer {
         });
 
         // 2. gate+up GEMM; epilogue adds LoRA-B and forms SiLU(gate)·up.
+        let active = routing.active_experts();
+        let (btg, btu) = if r > 0 {
+            (self.lora_b_transposed(M::GateB, &active, i_pad, Cols::Plain), self.lora_b_transposed(M::UpB, &active, i_pad, Cols::Plain))
+        } else {
+            (self.scratch.take::<f32>(0), self.scratch.take::<f32>(0))
+        };
         let gu = &self.gate_up;
         let gu_blocks = gu.shape.panels() / NB;
         let tasks = expert_blocks(off, gu_blocks);
-        self.pool.run(tasks.len(), |task, _| {
+        self.run_phase("fwd gate/up gemm", tasks.len(), |task, _| {
             let (e, blk) = tasks[task];
             let panel_len = gu.shape.panel_len();
             let b = &gu.expert(e)[blk * NB * panel_len..];
@@ -83,28 +90,24 @@ impl MoeLayer {
                     let i0 = blk * NB / 2 * PANEL + half * PANEL;
                     let (gate, rest) = c[half * 2 * PANEL..].split_at_mut(PANEL);
                     let upv = &mut rest[..PANEL];
-                    if r > 0 && i0 < i {
-                        let cnt = PANEL.min(i - i0);
+                    if r > 0 {
                         let (zgr, zur) = (&zg[p * r..(p + 1) * r], &zu[p * r..(p + 1) * r]);
-                        vec::expand(isa, s, zgr, &self.lora_expert(M::GateB, e)[i0 * r..], cnt, r, gate);
-                        vec::expand(isa, s, zur, &self.lora_expert(M::UpB, e)[i0 * r..], cnt, r, upv);
+                        let at = e * r * i_pad + i0;
+                        vec::combine_rows(isa, s, zgr, &btg.as_slice()[at..], i_pad, r, PANEL, gate);
+                        vec::combine_rows(isa, s, zur, &btu.as_slice()[at..], i_pad, r, PANEL, upv);
                     }
                     // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
                     let (gr, ur, ar) = unsafe {
                         (gp.slice_mut(p * i_pad + i0, PANEL), up.slice_mut(p * i_pad + i0, PANEL), ap.slice_mut(p * i_pad + i0, PANEL))
                     };
-                    for l in 0..PANEL {
-                        gr[l] = bf16::from_f32(gate[l]);
-                        ur[l] = bf16::from_f32(upv[l]);
-                        ar[l] = bf16::from_f32(vec::silu(gate[l]) * upv[l]);
-                    }
+                    epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
                 }
             });
         });
 
         // 3. LoRA-A of down.
         if r > 0 {
-            self.pool.run(row_chunks(n), |task, _| {
+            self.run_phase("fwd down lora A", row_chunks(n), |task, _| {
                 for p in chunk_range(task, n) {
                     let e = routing.expert_of(p);
                     // SAFETY: row p of zd is written by this task alone.
@@ -115,20 +118,21 @@ impl MoeLayer {
         }
 
         // 4. down GEMM per pair (+ LoRA-B) into y.
+        let btd = if r > 0 { self.lora_b_transposed(M::DownB, &active, h_pad, Cols::Plain) } else { self.scratch.take::<f32>(0) };
         let y = self.scratch.take::<f32>(n * h_pad);
         let yp = SendPtr(y.as_ptr());
         let dn = &self.down;
         let d_blocks = dn.shape.panels().div_ceil(NB);
         let tasks = expert_blocks(off, d_blocks);
-        self.pool.run(tasks.len(), |task, _| {
+        self.run_phase("fwd down gemm", tasks.len(), |task, _| {
             let (e, blk) = tasks[task];
             let np = NB.min(dn.shape.panels() - blk * NB);
             let b = &dn.expert(e)[blk * NB * dn.shape.panel_len()..];
             let h0 = blk * NB * PANEL;
             gemm_rows(isa, act.as_slice(), i_pad, i_pad, off[e]..off[e + 1], b, np, |p, c| {
-                if r > 0 && h0 < h {
-                    let cnt = (np * PANEL).min(h - h0);
-                    vec::expand(isa, s, &zd[p * r..(p + 1) * r], &self.lora_expert(M::DownB, e)[h0 * r..], cnt, r, c);
+                if r > 0 {
+                    let at = e * r * h_pad + h0;
+                    vec::combine_rows(isa, s, &zd[p * r..(p + 1) * r], &btd.as_slice()[at..], h_pad, r, np * PANEL, c);
                 }
                 // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
                 unsafe { yp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
@@ -137,7 +141,7 @@ impl MoeLayer {
 
         // 5. Weighted sum over each token's k experts.
         let outp = SendPtr(out.as_mut_ptr());
-        self.pool.run(row_chunks(tokens), |task, _| {
+        self.run_phase("fwd combine", row_chunks(tokens), |task, _| {
             let mut acc = vec![0f32; h];
             for t in chunk_range(task, tokens) {
                 acc.fill(0.0);

@@ -17,6 +17,7 @@ pub use cache::ForwardCache;
 use crate::buffer::{BufferPool, SendPtr};
 use crate::cpu::Isa;
 use crate::error::{check_len, KtrsError, Result};
+use crate::kernels::lora_grad::Cols;
 use crate::kernels::{self, Gemm};
 use crate::lora::{LoraConfig, LoraMatrix, LoraWeights};
 use crate::pack::{self, fused_row, round_up, ExpertPack, PackShape, PAD, PANEL};
@@ -273,6 +274,50 @@ fn chunk_range(task: usize, n: usize) -> Range<usize> {
 impl MoeLayer {
     fn lora_expert(&self, m: LoraMatrix, e: usize) -> &[f32] {
         self.lora.as_ref().expect("lora present").expert_weight(m, e)
+    }
+
+    /// `Bᵀ` of LoRA matrix `m` (`B [E, out, r]`) for `experts`, as `[E, r, ld]`, output o
+    /// at column `cols(o)` and zeros elsewhere, so `z·Bᵀ` and `dy·B` become contiguous
+    /// vector work.
+    fn lora_b_transposed(&self, m: LoraMatrix, experts: &[usize], ld: usize, cols: Cols) -> crate::buffer::Buffer<f32> {
+        let l = self.lora.as_ref().expect("lora present");
+        let [e_all, out, r] = l.shape(m);
+        let buf = self.scratch.take::<f32>(e_all * r * ld);
+        let bp = SendPtr(buf.as_ptr());
+        self.run_phase("lora B transpose", experts.len(), |t, _| {
+            let e = experts[t];
+            let src = l.expert_weight(m, e);
+            // SAFETY: task t writes expert e's block only; experts are distinct.
+            let dst = unsafe { bp.slice_mut(e * r * ld, r * ld) };
+            for j in 0..r {
+                let row = &mut dst[j * ld..(j + 1) * ld];
+                row.fill(0.0);
+                for o in 0..out {
+                    let at = match cols {
+                        Cols::Plain => o,
+                        Cols::Fused(up) => fused_row(o, up),
+                    };
+                    row[at] = src[o * r + j];
+                }
+            }
+        });
+        buf
+    }
+
+    /// `pool.run` that, with `KTRS_PROFILE=1`, prints how long the phase took (stderr).
+    fn run_phase<F: Fn(usize, usize) + Sync>(&self, name: &str, n_tasks: usize, f: F) {
+        self.phase(name, || self.pool.run(n_tasks, f))
+    }
+
+    fn phase<R>(&self, name: &str, f: impl FnOnce() -> R) -> R {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !*ON.get_or_init(|| std::env::var("KTRS_PROFILE").is_ok_and(|v| v == "1")) {
+            return f();
+        }
+        let t = std::time::Instant::now();
+        let r = f();
+        eprintln!("ktrs profile: {name:<24} {:8.3} ms", t.elapsed().as_secs_f64() * 1e3);
+        r
     }
 }
 

@@ -1,0 +1,137 @@
+//! SwiGLU epilogues on one panel (16 columns): the element-wise work between the GEMMs.
+//! The AVX-512 versions use a vectorised exp (range reduction + degree-6 polynomial +
+//! `vscalefps`), since `f32::exp` per element cost as much as the GEMMs at large T.
+
+use crate::bf16;
+use crate::cpu::Isa;
+use crate::pack::PANEL;
+
+/// Stores gate, up and SiLU(gate)·up (bf16) for 16 columns.
+pub(crate) fn swiglu_fwd(isa: Isa, gate: &[f32], up: &[f32], g_out: &mut [u16], u_out: &mut [u16], a_out: &mut [u16]) {
+    let (gate, up) = (&gate[..PANEL], &up[..PANEL]);
+    let (g_out, u_out, a_out) = (&mut g_out[..PANEL], &mut u_out[..PANEL], &mut a_out[..PANEL]);
+    match isa {
+        Isa::Scalar => {
+            for l in 0..PANEL {
+                g_out[l] = bf16::from_f32(gate[l]);
+                u_out[l] = bf16::from_f32(up[l]);
+                a_out[l] = bf16::from_f32(gate[l] / (1.0 + (-gate[l]).exp()) * up[l]);
+            }
+        }
+        // SAFETY: a non-scalar Isa reaches kernels only after check_available(); slices
+        // were cut to 16 elements above.
+        Isa::Avx512 | Isa::Amx => unsafe { avx512::swiglu_fwd(gate, up, g_out, u_out, a_out) },
+    }
+}
+
+/// From `da` (gradient of SiLU(gate)·up, before the routing weight `w`) and the saved
+/// bf16 gate and up, stores the gate and up gradients (bf16) for 16 columns.
+pub(crate) fn swiglu_bwd(isa: Isa, w: f32, da: &[f32], g: &[u16], u: &[u16], dg_out: &mut [u16], du_out: &mut [u16]) {
+    let (da, g, u) = (&da[..PANEL], &g[..PANEL], &u[..PANEL]);
+    let (dg_out, du_out) = (&mut dg_out[..PANEL], &mut du_out[..PANEL]);
+    match isa {
+        Isa::Scalar => {
+            for l in 0..PANEL {
+                let (gv, uv) = (bf16::to_f32(g[l]), bf16::to_f32(u[l]));
+                let sig = 1.0 / (1.0 + (-gv).exp());
+                let d = w * da[l];
+                dg_out[l] = bf16::from_f32(d * uv * sig * (1.0 + gv * (1.0 - sig)));
+                du_out[l] = bf16::from_f32(d * gv * sig);
+            }
+        }
+        // SAFETY: as in `swiglu_fwd`.
+        Isa::Avx512 | Isa::Amx => unsafe { avx512::swiglu_bwd(w, da, g, u, dg_out, du_out) },
+    }
+}
+
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// e^x for |x| ≤ 88 (clamped outside), relative error ≈ 2e-7.
+    #[inline(always)]
+    unsafe fn exp_ps(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0)), _mm512_set1_ps(-88.0));
+        let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    #[inline(always)]
+    unsafe fn sigmoid(x: __m512) -> __m512 {
+        let one = _mm512_set1_ps(1.0);
+        _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))))
+    }
+
+    #[inline(always)]
+    unsafe fn load_bf16(p: &[u16]) -> __m512 {
+        let v = _mm256_loadu_si256(p.as_ptr() as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+    }
+
+    #[inline(always)]
+    unsafe fn store_bf16(p: &mut [u16], v: __m512) {
+        let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(p.as_mut_ptr() as *mut __m256i, b);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn swiglu_fwd(gate: &[f32], up: &[f32], g_out: &mut [u16], u_out: &mut [u16], a_out: &mut [u16]) {
+        let g = _mm512_loadu_ps(gate.as_ptr());
+        let u = _mm512_loadu_ps(up.as_ptr());
+        store_bf16(g_out, g);
+        store_bf16(u_out, u);
+        store_bf16(a_out, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid(g)), u));
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn swiglu_bwd(w: f32, da: &[f32], g: &[u16], u: &[u16], dg_out: &mut [u16], du_out: &mut [u16]) {
+        let gv = load_bf16(g);
+        let uv = load_bf16(u);
+        let d = _mm512_mul_ps(_mm512_set1_ps(w), _mm512_loadu_ps(da.as_ptr()));
+        let sig = sigmoid(gv);
+        let one = _mm512_set1_ps(1.0);
+        // d/dg SiLU(g) = σ(g)·(1 + g·(1 − σ(g)))
+        let dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, sig), one));
+        store_bf16(dg_out, _mm512_mul_ps(_mm512_mul_ps(d, uv), dsilu));
+        store_bf16(du_out, _mm512_mul_ps(d, _mm512_mul_ps(gv, sig)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epilogues_agree_across_isas() {
+        let gate: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) * 1.9).collect(); // -14 .. 14
+        let up: Vec<f32> = (0..16).map(|i| 0.3 - i as f32 * 0.07).collect();
+        let da: Vec<f32> = (0..16).map(|i| (i as f32 * 0.7).sin()).collect();
+        let mut want = [[0u16; 16]; 5];
+        let [g0, u0, a0, dg0, du0] = &mut want;
+        swiglu_fwd(Isa::Scalar, &gate, &up, g0, u0, a0);
+        swiglu_bwd(Isa::Scalar, 0.7, &da, g0, u0, dg0, du0);
+        for isa in Isa::available() {
+            let mut got = [[0u16; 16]; 5];
+            let [g, u, a, dg, du] = &mut got;
+            swiglu_fwd(isa, &gate, &up, g, u, a);
+            swiglu_bwd(isa, 0.7, &da, g, u, dg, du);
+            for (x, y) in got.iter().flatten().zip(want.iter().flatten()) {
+                let (x, y) = (bf16::to_f32(*x), bf16::to_f32(*y));
+                assert!((x - y).abs() <= 1e-2 * y.abs() + 1e-6, "{isa}: {x} vs {y}");
+            }
+        }
+        // Extreme inputs stay finite.
+        let big = [90.0f32, -90.0, 1e4, -1e4, 0.0, 1e-30, -1e-30, 20.0, -20.0, 3.0, -3.0, 0.5, -0.5, 88.5, -88.5, 44.0];
+        for isa in Isa::available() {
+            let mut o = [[0u16; 16]; 3];
+            let [g, u, a] = &mut o;
+            swiglu_fwd(isa, &big, &[1.0; 16], g, u, a);
+            assert!(a.iter().all(|v| bf16::to_f32(*v).is_finite()), "{isa}");
+        }
+    }
+}
