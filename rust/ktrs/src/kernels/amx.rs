@@ -13,7 +13,6 @@ use crate::pack::PANEL;
 /// Rows of one micro-kernel call (two A tiles).
 pub(crate) const MR: usize = 32;
 const TILE_K: usize = 32; // bf16 per A-tile row
-#[cfg_attr(not(test), allow(dead_code))]
 const B_TILE_U16: usize = 16 * 2 * PANEL; // one B tile: 16 pair rows × 16 lanes × 2
 
 /// One 2×2 tile step: `c[32×32] = A[32 rows, 32·kblocks] · [panel b0 | panel b1]`.
@@ -24,6 +23,8 @@ pub(crate) trait TileKernel {
     /// `a` readable for 32 rows of stride `lda` u16 and `32·kblocks` columns; `b0`, `b1`
     /// readable for `kblocks` B tiles; `c` writable for 32×32 f32 (row stride 32).
     unsafe fn run(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32);
+    /// Like `run`, but when `load_c` adds to the 32×32 values already in `c`.
+    unsafe fn run_acc(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32, load_c: bool);
     /// Releases the tile state (so an idle thread carries none).
     unsafe fn end();
 }
@@ -100,6 +101,53 @@ impl TileKernel for Hardware {
         );
     }
 
+    unsafe fn run_acc(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32, load_c: bool) {
+        if !load_c {
+            return Self::run(a, lda, b0, b1, kblocks, c);
+        }
+        let lda_b = lda * 2;
+        std::arch::asm!(
+            "tileloadd tmm0, [{c0} + {ldc}*1]",
+            "tileloadd tmm1, [{c1} + {ldc}*1]",
+            "tileloadd tmm2, [{c2} + {ldc}*1]",
+            "tileloadd tmm3, [{c3} + {ldc}*1]",
+            "2:",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {kb}",
+            "jnz 2b",
+            "tilestored [{c0} + {ldc}*1], tmm0",
+            "tilestored [{c1} + {ldc}*1], tmm1",
+            "tilestored [{c2} + {ldc}*1], tmm2",
+            "tilestored [{c3} + {ldc}*1], tmm3",
+            a0 = inout(reg) a => _,
+            a1 = inout(reg) a.add(16 * lda) => _,
+            b0 = inout(reg) b0 => _,
+            b1 = inout(reg) b1 => _,
+            kb = inout(reg) kblocks => _,
+            lda = in(reg) lda_b,
+            ldb = in(reg) 64usize,
+            ldc = in(reg) 128usize,
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(16),
+            c2 = in(reg) c.add(16 * 32),
+            c3 = in(reg) c.add(16 * 32 + 16),
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options(nostack),
+        );
+    }
+
     unsafe fn end() {
         std::arch::asm!("tilerelease", options(nostack, nomem));
     }
@@ -112,6 +160,17 @@ pub(crate) struct Emulated;
 impl TileKernel for Emulated {
     unsafe fn begin() {}
     unsafe fn end() {}
+
+    unsafe fn run_acc(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32, load_c: bool) {
+        let mut prev = [0f32; 32 * 32];
+        if load_c {
+            std::ptr::copy_nonoverlapping(c, prev.as_mut_ptr(), 32 * 32);
+        }
+        Self::run(a, lda, b0, b1, kblocks, c);
+        for (i, p) in prev.iter().enumerate() {
+            *c.add(i) += p;
+        }
+    }
 
     unsafe fn run(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32) {
         use crate::bf16::to_f32;
@@ -146,18 +205,44 @@ pub(crate) unsafe fn gemm_tiles<K: TileKernel>(g: &mut Gemm<'_>, m32: usize) {
     debug_assert!(m32 % MR == 0 && g.np % 2 == 0 && m32 <= g.m.next_multiple_of(MR));
     let panel_len = g.k_pad * PANEL;
     let kblocks = g.k_pad / TILE_K;
-    let mut tile = [0f32; MR * 32];
+    let kstep = match k_block() {
+        0 => kblocks,
+        s => s.min(kblocks),
+    };
+    let (chunks, pairs) = (m32 / MR, g.np / 2);
+    // One 32×32 f32 accumulator block per (row chunk, panel pair), alive across K blocks.
+    let mut tiles = vec![0f32; chunks * pairs * MR * 32];
     K::begin();
-    for pp in (0..g.np).step_by(2) {
-        let b0 = g.b.as_ptr().add(pp * panel_len);
-        let b1 = b0.add(panel_len);
-        for i in (0..m32).step_by(MR) {
-            K::run(g.a.as_ptr().add(i * g.lda), g.lda, b0, b1, kblocks, tile.as_mut_ptr());
-            for r in 0..MR.min(g.m - i) {
-                let dst = &mut g.c[(i + r) * g.ldc + pp * PANEL..(i + r) * g.ldc + pp * PANEL + 32];
-                dst.copy_from_slice(&tile[r * 32..r * 32 + 32]);
+    for kb0 in (0..kblocks).step_by(kstep) {
+        let kn = kstep.min(kblocks - kb0);
+        // The B block of a panel pair (kn KiB per panel) stays in L1 while every row
+        // chunk streams past it.
+        for pp in 0..pairs {
+            let b0 = g.b.as_ptr().add(2 * pp * panel_len + kb0 * B_TILE_U16);
+            let b1 = b0.add(panel_len);
+            for ch in 0..chunks {
+                let a = g.a.as_ptr().add(ch * MR * g.lda + kb0 * TILE_K);
+                let c = tiles.as_mut_ptr().add((ch * pairs + pp) * MR * 32);
+                K::run_acc(a, g.lda, b0, b1, kn, c, kb0 > 0);
             }
         }
     }
     K::end();
+    for ch in 0..chunks {
+        for pp in 0..pairs {
+            let t = &tiles[(ch * pairs + pp) * MR * 32..];
+            for r in 0..MR.min(g.m - ch * MR) {
+                let row = ch * MR + r;
+                g.c[row * g.ldc + pp * 32..row * g.ldc + pp * 32 + 32].copy_from_slice(&t[r * 32..r * 32 + 32]);
+            }
+        }
+    }
 }
+
+/// K block (in units of 32) of the AMX loop; 0 = all of K in one pass. `KTRS_AMX_KBLOCK`
+/// overrides the measured default.
+fn k_block() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("KTRS_AMX_KBLOCK").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_K_BLOCK))
+}
+const DEFAULT_K_BLOCK: usize = 16;

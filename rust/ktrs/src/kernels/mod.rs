@@ -136,6 +136,32 @@ mod tests {
         }
     }
 
+    /// `cargo test -- --ignored --nocapture gemm_throughput`: single-thread GEMM speed at
+    /// an expert-shaped block (one task's worth, repeated), for tuning on the AMX machine.
+    #[test]
+    #[ignore]
+    fn gemm_throughput() {
+        let mut seed = 1u64;
+        let (m, k, np) = (96usize, 2048usize, 4usize);
+        let sh = PackShape::new(np * 16 * 11, k);
+        let w = rand_bf16(sh.n * k, &mut seed);
+        let mut pw = vec![0u16; sh.len()];
+        pack_into(&w, sh, &mut pw);
+        let a = rand_bf16((m + 32) * sh.k_pad, &mut seed);
+        let mut c = vec![0f32; m * 64];
+        for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
+            let reps = 40;
+            let t = std::time::Instant::now();
+            for rep in 0..reps {
+                let blk = rep % 11;
+                gemm(isa, Gemm { m, a: &a, lda: sh.k_pad, b: &pw[blk * np * sh.panel_len()..], np, k_pad: sh.k_pad, c: &mut c, ldc: 64 });
+            }
+            let s = t.elapsed().as_secs_f64();
+            let flops = 2.0 * (m * np * 16 * k * reps) as f64;
+            println!("gemm {isa}: m={m} n={} k={k}: {:.1} GFLOPS (1 thread)", np * 16, flops / s / 1e9);
+        }
+    }
+
     /// The AMX blocking and packing logic with TDPBF16PS emulated in Rust, so it is
     /// exercised on machines without AMX (the real tiles run the same driver).
     #[test]
