@@ -147,14 +147,15 @@ mod tests {
         let w = rand_bf16(sh.n * k, &mut seed);
         let mut pw = vec![0u16; sh.len()];
         pack_into(&w, sh, &mut pw);
-        let a = rand_bf16((m + 32) * sh.k_pad, &mut seed);
+        let lda = sh.k_pad + 32;
+        let a = rand_bf16((m + 32) * lda, &mut seed);
         let mut c = vec![0f32; m * 64];
         for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
             let reps = 40;
             let t = std::time::Instant::now();
             for rep in 0..reps {
                 let blk = rep % 11;
-                gemm(isa, Gemm { m, a: &a, lda: sh.k_pad, b: &pw[blk * np * sh.panel_len()..], np, k_pad: sh.k_pad, c: &mut c, ldc: 64 });
+                gemm(isa, Gemm { m, a: &a, lda, b: &pw[blk * np * sh.panel_len()..], np, k_pad: sh.k_pad, c: &mut c, ldc: 64 });
             }
             let s = t.elapsed().as_secs_f64();
             let flops = 2.0 * (m * np * 16 * k * reps) as f64;

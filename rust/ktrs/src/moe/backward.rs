@@ -50,6 +50,7 @@ impl MoeLayer {
         }
         let cfg = self.config;
         let (h, i, h_pad, i_pad) = (cfg.hidden, cfg.intermediate, cfg.h_pad(), cfg.i_pad());
+        let (xs, as_, ds, gs) = (cfg.x_ld(), cfg.act_ld(), cfg.x_ld(), cfg.dgu_ld());
         let rt = &cache.routing;
         let (tokens, k, n) = (rt.tokens, rt.k, rt.pairs());
         check_len("grad_output", grad_out.len(), tokens * h)?;
@@ -68,14 +69,14 @@ impl MoeLayer {
         // 1. Gather dy rows (unweighted); vd = dy·Bd.
         let active = rt.active_experts();
         let bdt = if r > 0 { self.lora_b_transposed(M::DownB, &active, h_pad, Cols::Plain) } else { self.scratch.take::<f32>(0) };
-        let dy = self.scratch.take::<u16>((n + ROW_PAD) * h_pad);
+        let dy = self.scratch.take::<u16>((n + ROW_PAD) * ds);
         let mut vd = vec![0f32; n * r];
         let (dyp, vdp) = (SendPtr(dy.as_ptr()), SendPtr(vd.as_mut_ptr()));
         self.run_phase("bwd gather+lora", row_chunks(n), |task, _| {
             for p in chunk_range(task, n) {
                 let t = rt.pair_token[p] as usize;
                 // SAFETY: pair row p is written by this task alone.
-                let full = unsafe { dyp.slice_mut(p * h_pad, h_pad) };
+                let full = unsafe { dyp.slice_mut(p * ds, h_pad) };
                 full[h..].fill(0);
                 full[..h].copy_from_slice(&grad_out[t * h..(t + 1) * h]);
                 if r > 0 {
@@ -91,7 +92,7 @@ impl MoeLayer {
         let i_blocks = dn.shape.k_pad / PANEL;
         let i_blocks = i_blocks.div_ceil(NB);
         let gw_part = self.scratch.take::<f32>(n * i_blocks);
-        let dgu = self.scratch.take::<u16>((n + ROW_PAD) * 2 * i_pad);
+        let dgu = self.scratch.take::<u16>((n + ROW_PAD) * gs);
         let (gwp, dgup) = (SendPtr(gw_part.as_ptr()), SendPtr(dgu.as_ptr()));
         let tasks = expert_blocks(off, i_blocks);
         self.run_phase("bwd down gemm+silu", tasks.len(), |task, _| {
@@ -99,16 +100,16 @@ impl MoeLayer {
             let np = NB.min(dn.shape.k_pad / PANEL - blk * NB);
             let i0 = blk * NB * PANEL;
             with_transposed_block(isa, dn, e, i0, np, |b| {
-                gemm_rows(isa, dy.as_slice(), h_pad, dn.shape.n_pad, off[e]..off[e + 1], b, np, |p, da| {
+                gemm_rows(isa, dy.as_slice(), ds, dn.shape.n_pad, off[e]..off[e + 1], b, np, |p, da| {
                     let cols = (np * PANEL).min(i.saturating_sub(i0));
                     if r > 0 && cols > 0 {
                         vec::combine_rows(isa, s, &vd[p * r..(p + 1) * r], &self.lora_expert(M::DownA, e)[i0..], i, r, cols, da);
                     }
-                    let arow = &act[p * i_pad + i0..];
+                    let arow = &act[p * as_ + i0..];
                     // SAFETY: (pair p, block blk) and (pair p, columns i0..i0+16·np) are this task's.
                     unsafe { gwp.write(p * i_blocks + blk, vec::dot_f32_bf16(isa, da, arow, cols)) };
                     let w = rt.pair_weight[p];
-                    let drow = unsafe { dgup.slice_mut(p * 2 * i_pad, 2 * i_pad) };
+                    let drow = unsafe { dgup.slice_mut(p * gs, 2 * i_pad) };
                     // Whole panels: padding columns (c >= I) have da = g = u = 0, so
                     // they come out as the zeros the next GEMM must read there.
                     for q in 0..np {
@@ -134,7 +135,7 @@ impl MoeLayer {
             self.run_phase("bwd lora v", row_chunks(n), |task, _| {
                 for p in chunk_range(task, n) {
                     let e = rt.expert_of(p);
-                    let row = &dgu.as_slice()[p * ld..(p + 1) * ld];
+                    let row = &dgu.as_slice()[p * gs..p * gs + ld];
                     // SAFETY: row p of vg and vu is written by this task alone.
                     let (vgr, vur) = unsafe { (vgp.slice_mut(p * r, r), vup.slice_mut(p * r, r)) };
                     vec::project(isa, row, &bgt.as_slice()[e * r * ld..], r, ld, vgr);
@@ -167,12 +168,12 @@ impl MoeLayer {
                     let rows = off[e]..off[e + 1];
                     use lora_grad::{accumulate as acc, Coef, Layout::*};
                     match m {
-                        M::GateA => acc(isa, x, h_pad, Cols::Plain, rows, &vg, Coef::Const(s), r, h, RankMajor, out),
-                        M::UpA => acc(isa, x, h_pad, Cols::Plain, rows, &vu, Coef::Const(s), r, h, RankMajor, out),
-                        M::GateB => acc(isa, dgu_s, ld, Cols::Fused(false), rows, &cache.zg, Coef::Const(s), r, i, ColMajor, out),
-                        M::UpB => acc(isa, dgu_s, ld, Cols::Fused(true), rows, &cache.zu, Coef::Const(s), r, i, ColMajor, out),
-                        M::DownA => acc(isa, act, i_pad, Cols::Plain, rows, &vd, Coef::Scaled(s, pw), r, i, RankMajor, out),
-                        M::DownB => acc(isa, dy_s, h_pad, Cols::Plain, rows, &cache.zd, Coef::Scaled(s, pw), r, h, ColMajor, out),
+                        M::GateA => acc(isa, x, xs, Cols::Plain, rows, &vg, Coef::Const(s), r, h, RankMajor, out),
+                        M::UpA => acc(isa, x, xs, Cols::Plain, rows, &vu, Coef::Const(s), r, h, RankMajor, out),
+                        M::GateB => acc(isa, dgu_s, gs, Cols::Fused(false), rows, &cache.zg, Coef::Const(s), r, i, ColMajor, out),
+                        M::UpB => acc(isa, dgu_s, gs, Cols::Fused(true), rows, &cache.zu, Coef::Const(s), r, i, ColMajor, out),
+                        M::DownA => acc(isa, act, as_, Cols::Plain, rows, &vd, Coef::Scaled(s, pw), r, i, RankMajor, out),
+                        M::DownB => acc(isa, dy_s, ds, Cols::Plain, rows, &cache.zd, Coef::Scaled(s, pw), r, h, ColMajor, out),
                     }
                 });
             }
@@ -189,7 +190,7 @@ impl MoeLayer {
             let np = NB.min(gu.shape.k_pad / PANEL - blk * NB);
             let h0 = blk * NB * PANEL;
             with_transposed_block(isa, gu, e, h0, np, |b| {
-                gemm_rows(isa, dgu.as_slice(), 2 * i_pad, gu.shape.n_pad, off[e]..off[e + 1], b, np, |p, c| {
+                gemm_rows(isa, dgu.as_slice(), gs, gu.shape.n_pad, off[e]..off[e + 1], b, np, |p, c| {
                     let cols = (np * PANEL).min(h.saturating_sub(h0));
                     if r > 0 && cols > 0 {
                         vec::combine_rows(isa, s, &vg[p * r..(p + 1) * r], &self.lora_expert(M::GateA, e)[h0..], h, r, cols, c);

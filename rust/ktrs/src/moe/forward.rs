@@ -27,6 +27,7 @@ impl MoeLayer {
     ) -> Result<Option<ForwardCache>> {
         let cfg = self.config;
         let (h, i, h_pad, i_pad) = (cfg.hidden, cfg.intermediate, cfg.h_pad(), cfg.i_pad());
+        let (xs, as_) = (cfg.x_ld(), cfg.act_ld());
         check_len("hidden", hidden.len(), tokens * h)?;
         check_len("out", out.len(), tokens * h)?;
         if k == 0 {
@@ -43,10 +44,10 @@ impl MoeLayer {
         let off = &routing.offsets;
 
         // Recycled blocks: every element read later is written below (padding included).
-        let x = self.scratch.take::<u16>((n + ROW_PAD) * h_pad);
+        let x = self.scratch.take::<u16>((n + ROW_PAD) * xs);
         let g = self.scratch.take::<u16>(n * i_pad);
         let u = self.scratch.take::<u16>(n * i_pad);
-        let act = self.scratch.take::<u16>((n + ROW_PAD) * i_pad);
+        let act = self.scratch.take::<u16>((n + ROW_PAD) * as_);
         let mut zg = vec![0f32; n * r];
         let mut zu = vec![0f32; n * r];
         let mut zd = vec![0f32; n * r];
@@ -58,7 +59,7 @@ impl MoeLayer {
             for p in chunk_range(task, n) {
                 let t = routing.pair_token[p] as usize;
                 // SAFETY: each pair row p is written by exactly one task.
-                let row = unsafe { xp.slice_mut(p * h_pad, h_pad) };
+                let row = unsafe { xp.slice_mut(p * xs, h_pad) };
                 row[h..].fill(0);
                 let xr = &mut row[..h];
                 xr.copy_from_slice(&hidden[t * h..(t + 1) * h]);
@@ -85,7 +86,7 @@ impl MoeLayer {
             let (e, blk) = tasks[task];
             let panel_len = gu.shape.panel_len();
             let b = &gu.expert(e)[blk * NB * panel_len..];
-            gemm_rows(isa, x.as_slice(), h_pad, h_pad, off[e]..off[e + 1], b, NB, |p, c| {
+            gemm_rows(isa, x.as_slice(), xs, h_pad, off[e]..off[e + 1], b, NB, |p, c| {
                 for half in 0..NB / 2 {
                     let i0 = blk * NB / 2 * PANEL + half * PANEL;
                     let (gate, rest) = c[half * 2 * PANEL..].split_at_mut(PANEL);
@@ -98,7 +99,7 @@ impl MoeLayer {
                     }
                     // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
                     let (gr, ur, ar) = unsafe {
-                        (gp.slice_mut(p * i_pad + i0, PANEL), up.slice_mut(p * i_pad + i0, PANEL), ap.slice_mut(p * i_pad + i0, PANEL))
+                        (gp.slice_mut(p * i_pad + i0, PANEL), up.slice_mut(p * i_pad + i0, PANEL), ap.slice_mut(p * as_ + i0, PANEL))
                     };
                     epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
                 }
@@ -112,7 +113,7 @@ impl MoeLayer {
                     let e = routing.expert_of(p);
                     // SAFETY: row p of zd is written by this task alone.
                     let zdr = unsafe { zdp.slice_mut(p * r, r) };
-                    vec::project(isa, &act.as_slice()[p * i_pad..], self.lora_expert(M::DownA, e), r, i, zdr);
+                    vec::project(isa, &act.as_slice()[p * as_..], self.lora_expert(M::DownA, e), r, i, zdr);
                 }
             });
         }
@@ -129,7 +130,7 @@ impl MoeLayer {
             let np = NB.min(dn.shape.panels() - blk * NB);
             let b = &dn.expert(e)[blk * NB * dn.shape.panel_len()..];
             let h0 = blk * NB * PANEL;
-            gemm_rows(isa, act.as_slice(), i_pad, i_pad, off[e]..off[e + 1], b, np, |p, c| {
+            gemm_rows(isa, act.as_slice(), as_, i_pad, off[e]..off[e + 1], b, np, |p, c| {
                 if r > 0 {
                     let at = e * r * h_pad + h0;
                     vec::combine_rows(isa, s, &zd[p * r..(p + 1) * r], &btd.as_slice()[at..], h_pad, r, np * PANEL, c);

@@ -41,7 +41,21 @@ impl MoeConfig {
     pub(crate) fn i_pad(&self) -> usize {
         round_up(self.intermediate, PAD)
     }
+    /// Row strides of the bf16 GEMM inputs: padded by 64 bytes so consecutive rows do not
+    /// fall in the same L1 set (a 4 KiB stride made every A-tile load miss L1).
+    pub(crate) fn x_ld(&self) -> usize {
+        self.h_pad() + STRIDE_PAD
+    }
+    pub(crate) fn act_ld(&self) -> usize {
+        self.i_pad() + STRIDE_PAD
+    }
+    pub(crate) fn dgu_ld(&self) -> usize {
+        2 * self.i_pad() + STRIDE_PAD
+    }
 }
+
+/// Extra bf16 elements per row of a GEMM input buffer (see `MoeConfig::x_ld`).
+pub(crate) const STRIDE_PAD: usize = 32;
 
 /// Borrowed bf16 expert weights in HF layout: gate and up `[E, I, H]`, down `[E, H, I]`.
 pub struct ExpertWeights<'a> {
