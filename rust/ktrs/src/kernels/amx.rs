@@ -22,11 +22,24 @@ pub(crate) trait TileKernel {
     /// # Safety
     /// `a` readable for 32 rows of stride `lda` u16 and `32·kblocks` columns; `b0`, `b1`
     /// readable for `kblocks` B tiles; `c` writable for 32×32 f32 (row stride 32).
-    unsafe fn run(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32);
     /// Like `run`, but when `load_c` adds to the 32×32 values already in `c`.
-    unsafe fn run_acc(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32, load_c: bool);
+    unsafe fn run_acc(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32, load_c: bool) {
+        Self::run_gen(ATile { a, lda, a1: a.add(16 * lda), step: TILE_K }, b0, b1, kblocks, c, load_c)
+    }
+    /// The general form: A tiles at `a.a` and `a.a1` (rows 0–15 and 16–31), row stride
+    /// `a.lda`, advancing `a.step` u16 per K block.
+    unsafe fn run_gen(a: ATile, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32, load_c: bool);
     /// Releases the tile state (so an idle thread carries none).
     unsafe fn end();
+}
+
+/// Where the two A tiles of a micro-kernel call start and how they advance.
+#[derive(Clone, Copy)]
+pub(crate) struct ATile {
+    pub a: *const u16,
+    pub a1: *const u16,
+    pub lda: usize,
+    pub step: usize,
 }
 
 /// The real AMX unit.
@@ -57,60 +70,27 @@ impl TileKernel for Hardware {
         std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
     }
 
-    unsafe fn run(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32) {
-        let lda_b = lda * 2;
-        std::arch::asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            "2:",
-            "tileloadd tmm4, [{a0} + {lda}*1]",
-            "tileloadd tmm5, [{a1} + {lda}*1]",
-            "tileloadd tmm6, [{b0} + {ldb}*1]",
-            "tileloadd tmm7, [{b1} + {ldb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 64",
-            "add {a1}, 64",
-            "add {b0}, 1024",
-            "add {b1}, 1024",
-            "dec {kb}",
-            "jnz 2b",
-            "tilestored [{c0} + {ldc}*1], tmm0",
-            "tilestored [{c1} + {ldc}*1], tmm1",
-            "tilestored [{c2} + {ldc}*1], tmm2",
-            "tilestored [{c3} + {ldc}*1], tmm3",
-            a0 = inout(reg) a => _,
-            a1 = inout(reg) a.add(16 * lda) => _,
-            b0 = inout(reg) b0 => _,
-            b1 = inout(reg) b1 => _,
-            kb = inout(reg) kblocks => _,
-            lda = in(reg) lda_b,
-            ldb = in(reg) 64usize,
-            ldc = in(reg) 128usize,
-            c0 = in(reg) c,
-            c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * 32),
-            c3 = in(reg) c.add(16 * 32 + 16),
-            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-            options(nostack),
-        );
-    }
-
-    unsafe fn run_acc(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32, load_c: bool) {
-        if !load_c {
-            return Self::run(a, lda, b0, b1, kblocks, c);
+    unsafe fn run_gen(a: ATile, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32, load_c: bool) {
+        if load_c {
+            std::arch::asm!(
+                "tileloadd tmm0, [{c0} + {ldc}*1]",
+                "tileloadd tmm1, [{c1} + {ldc}*1]",
+                "tileloadd tmm2, [{c2} + {ldc}*1]",
+                "tileloadd tmm3, [{c3} + {ldc}*1]",
+                c0 = in(reg) c, c1 = in(reg) c.add(16), c2 = in(reg) c.add(16 * 32), c3 = in(reg) c.add(16 * 32 + 16),
+                ldc = in(reg) 128usize,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                options(nostack, readonly),
+            );
+        } else {
+            std::arch::asm!(
+                "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                options(nostack, nomem),
+            );
         }
-        let lda_b = lda * 2;
+        // C stays in tmm0-3 between the blocks: nothing between them touches tiles.
         std::arch::asm!(
-            "tileloadd tmm0, [{c0} + {ldc}*1]",
-            "tileloadd tmm1, [{c1} + {ldc}*1]",
-            "tileloadd tmm2, [{c2} + {ldc}*1]",
-            "tileloadd tmm3, [{c3} + {ldc}*1]",
             "2:",
             "tileloadd tmm4, [{a0} + {lda}*1]",
             "tileloadd tmm5, [{a1} + {lda}*1]",
@@ -120,8 +100,8 @@ impl TileKernel for Hardware {
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 64",
-            "add {a1}, 64",
+            "add {a0}, {astep}",
+            "add {a1}, {astep}",
             "add {b0}, 1024",
             "add {b1}, 1024",
             "dec {kb}",
@@ -130,12 +110,13 @@ impl TileKernel for Hardware {
             "tilestored [{c1} + {ldc}*1], tmm1",
             "tilestored [{c2} + {ldc}*1], tmm2",
             "tilestored [{c3} + {ldc}*1], tmm3",
-            a0 = inout(reg) a => _,
-            a1 = inout(reg) a.add(16 * lda) => _,
+            a0 = inout(reg) a.a => _,
+            a1 = inout(reg) a.a1 => _,
             b0 = inout(reg) b0 => _,
             b1 = inout(reg) b1 => _,
             kb = inout(reg) kblocks => _,
-            lda = in(reg) lda_b,
+            lda = in(reg) a.lda * 2,
+            astep = in(reg) a.step * 2,
             ldb = in(reg) 64usize,
             ldc = in(reg) 128usize,
             c0 = in(reg) c,
@@ -161,25 +142,20 @@ impl TileKernel for Emulated {
     unsafe fn begin() {}
     unsafe fn end() {}
 
-    unsafe fn run_acc(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32, load_c: bool) {
-        let mut prev = [0f32; 32 * 32];
-        if load_c {
-            std::ptr::copy_nonoverlapping(c, prev.as_mut_ptr(), 32 * 32);
-        }
-        Self::run(a, lda, b0, b1, kblocks, c);
-        for (i, p) in prev.iter().enumerate() {
-            *c.add(i) += p;
-        }
-    }
-
-    unsafe fn run(a: *const u16, lda: usize, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32) {
+    unsafe fn run_gen(a: ATile, b0: *const u16, b1: *const u16, kblocks: usize, c: *mut f32, load_c: bool) {
         use crate::bf16::to_f32;
         let mut acc = [[0f32; 32]; 32];
+        if load_c {
+            for (r, row) in acc.iter_mut().enumerate() {
+                std::ptr::copy_nonoverlapping(c.add(r * 32), row.as_mut_ptr(), 32);
+            }
+        }
         for kb in 0..kblocks {
             for (q, b) in [b0, b1].into_iter().enumerate() {
                 let bt = b.add(kb * B_TILE_U16);
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let ar = a.add(r * lda + kb * TILE_K);
+                    let base = if r < 16 { a.a.add(r * a.lda) } else { a.a1.add((r - 16) * a.lda) };
+                    let ar = base.add(kb * a.step);
                     for p in 0..16 {
                         let (x0, x1) = (to_f32(*ar.add(2 * p)), to_f32(*ar.add(2 * p + 1)));
                         for n in 0..16 {

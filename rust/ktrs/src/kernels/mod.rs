@@ -161,6 +161,37 @@ mod tests {
             let flops = 2.0 * (m * np * 16 * k * reps) as f64;
             println!("gemm {isa}: m={m} n={} k={k}: {:.1} GFLOPS (1 thread)", np * 16, flops / s / 1e9);
         }
+        if Isa::Amx.check_available().is_ok() {
+            // The same work with A in tile-contiguous blocks (each A tile 1 KiB contiguous),
+            // and a small L1-resident problem: the micro-kernel's ceiling.
+            let kbc = sh.k_pad / 32;
+            let at = rand_bf16((m / 16 + 2) * kbc * 512, &mut seed);
+            let mut tile = vec![0f32; 32 * 32];
+            let reps = 40;
+            for (label, kb_n, blocks) in [("tile-layout A", kbc, 11usize), ("L1-resident k=256", 8, 1)] {
+                let t = std::time::Instant::now();
+                unsafe {
+                    use amx::TileKernel;
+                    amx::Hardware::begin();
+                    for rep in 0..reps {
+                        let blk = rep % blocks;
+                        for pp in 0..np / 2 {
+                            let b0 = pw.as_ptr().add((blk * np + 2 * pp) * sh.panel_len());
+                            let b1 = b0.add(sh.panel_len());
+                            for ch in 0..m / 32 {
+                                let a0 = at.as_ptr().add(2 * ch * kbc * 512);
+                                let a = amx::ATile { a: a0, a1: a0.add(kbc * 512), lda: 32, step: 512 };
+                                amx::Hardware::run_gen(a, b0, b1, kb_n, tile.as_mut_ptr(), false);
+                            }
+                        }
+                    }
+                    amx::Hardware::end();
+                }
+                let s = t.elapsed().as_secs_f64();
+                let flops = 2.0 * (m * np * 16 * kb_n * 32 * reps) as f64;
+                println!("gemm amx {label}: {:.1} GFLOPS (1 thread)", flops / s / 1e9);
+            }
+        }
     }
 
     /// The AMX blocking and packing logic with TDPBF16PS emulated in Rust, so it is
