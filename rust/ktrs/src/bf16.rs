@@ -36,7 +36,14 @@ mod tests {
 
     #[test]
     fn round_trip_and_rounding() {
-        for v in [0.0f32, 1.0, -2.5, 3.140625, 2.0f32.powi(-100), -1.5 * 2.0f32.powi(70)] {
+        for v in [
+            0.0f32,
+            1.0,
+            -2.5,
+            3.140625,
+            2.0f32.powi(-100),
+            -1.5 * 2.0f32.powi(70),
+        ] {
             assert_eq!(to_f32(from_f32(v)), v);
         }
         // 1 + 2^-8 lies exactly between two bf16 values: ties go to even (1.0).
@@ -44,7 +51,10 @@ mod tests {
         assert_eq!(to_f32(from_f32(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0);
         assert!(to_f32(from_f32(f32::NAN)).is_nan());
         assert_eq!(to_f32(from_f32(f32::INFINITY)), f32::INFINITY);
-        assert!(any_non_finite(&[from_f32(1.0), from_f32(f32::NEG_INFINITY)]));
+        assert!(any_non_finite(&[
+            from_f32(1.0),
+            from_f32(f32::NEG_INFINITY)
+        ]));
         assert!(!any_non_finite(&[from_f32(1.0), from_f32(-3.0)]));
     }
 }

@@ -37,12 +37,25 @@ impl<T: Copy> Buffer<T> {
     pub fn zeroed(len: usize) -> Self {
         let bytes = len * std::mem::size_of::<T>();
         if bytes == 0 {
-            return Buffer { ptr: NonNull::dangling(), len, cap: 0, pool: None, _marker: PhantomData };
+            return Buffer {
+                ptr: NonNull::dangling(),
+                len,
+                cap: 0,
+                pool: None,
+                _marker: PhantomData,
+            };
         }
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc_zeroed(layout(bytes)) } as *mut T;
-        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout(bytes)));
-        Buffer { ptr, len, cap: bytes, pool: None, _marker: PhantomData }
+        let ptr =
+            NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout(bytes)));
+        Buffer {
+            ptr,
+            len,
+            cap: bytes,
+            pool: None,
+            _marker: PhantomData,
+        }
     }
     pub fn len(&self) -> usize {
         self.len
@@ -116,7 +129,9 @@ const MAX_FREE: usize = 16;
 
 impl BufferPool {
     pub fn new() -> Arc<BufferPool> {
-        Arc::new(BufferPool { free: Mutex::new(Vec::new()) })
+        Arc::new(BufferPool {
+            free: Mutex::new(Vec::new()),
+        })
     }
 
     /// A buffer of `len` elements with unspecified (but initialised) contents.
@@ -127,7 +142,12 @@ impl BufferPool {
         }
         let block = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            let best = free.iter().enumerate().filter(|(_, b)| b.1 >= need).min_by_key(|(_, b)| b.1).map(|(i, _)| i);
+            let best = free
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.1 >= need)
+                .min_by_key(|(_, b)| b.1)
+                .map(|(i, _)| i);
             best.map(|i| free.swap_remove(i))
         };
         let (raw, cap) = match block {
@@ -148,7 +168,13 @@ impl BufferPool {
         unsafe {
             std::ptr::write_bytes(raw, 0xff, need)
         };
-        Buffer { ptr: NonNull::new(raw as *mut T).expect("non-null"), len, cap, pool: Some(self.clone()), _marker: PhantomData }
+        Buffer {
+            ptr: NonNull::new(raw as *mut T).expect("non-null"),
+            len,
+            cap,
+            pool: Some(self.clone()),
+            _marker: PhantomData,
+        }
     }
 
     fn give(&self, raw: *mut u8, cap: usize) {
@@ -156,7 +182,12 @@ impl BufferPool {
         free.push(RawBlock(raw, cap));
         if free.len() > MAX_FREE {
             // Drop the smallest: big blocks are the expensive ones to fault in again.
-            let i = free.iter().enumerate().min_by_key(|(_, b)| b.1).map(|(i, _)| i).expect("non-empty");
+            let i = free
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, b)| b.1)
+                .map(|(i, _)| i)
+                .expect("non-empty");
             let RawBlock(p, c) = free.swap_remove(i);
             // SAFETY: allocated with `layout(c)`.
             unsafe { dealloc(p, layout(c)) };
@@ -165,13 +196,23 @@ impl BufferPool {
 
     /// Bytes held in free blocks.
     pub fn free_bytes(&self) -> usize {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|b| b.1).sum()
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|b| b.1)
+            .sum()
     }
 }
 
 impl Drop for BufferPool {
     fn drop(&mut self) {
-        for RawBlock(p, c) in self.free.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for RawBlock(p, c) in self
+            .free
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             // SAFETY: allocated with `layout(c)`.
             unsafe { dealloc(p, layout(c)) };
         }

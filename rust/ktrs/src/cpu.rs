@@ -115,12 +115,20 @@ fn request_amx_permission() -> AmxPermission {
         return AmxPermission::NoHardware;
     }
     // SAFETY: a plain syscall with integer arguments.
-    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
     if rc == 0 {
         AmxPermission::Granted
     } else {
         let err = std::io::Error::last_os_error();
-        AmxPermission::Refused(format!("arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) failed: {err}"))
+        AmxPermission::Refused(format!(
+            "arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) failed: {err}"
+        ))
     }
 }
 
@@ -154,7 +162,12 @@ impl Isa {
     /// Ok when this ISA can run here; otherwise the reason it cannot.
     pub fn check_available(self) -> Result<()> {
         let f = CpuFeatures::get();
-        let unavailable = |reason: &str| Err(KtrsError::IsaUnavailable { isa: self.name().into(), reason: reason.into() });
+        let unavailable = |reason: &str| {
+            Err(KtrsError::IsaUnavailable {
+                isa: self.name().into(),
+                reason: reason.into(),
+            })
+        };
         match self {
             Isa::Scalar => Ok(()),
             Isa::Avx512 if f.has_avx512_kernels() => Ok(()),
@@ -176,7 +189,11 @@ impl Isa {
     }
 
     pub fn available() -> Vec<Isa> {
-        Isa::ALL.iter().copied().filter(|i| i.check_available().is_ok()).collect()
+        Isa::ALL
+            .iter()
+            .copied()
+            .filter(|i| i.check_available().is_ok())
+            .collect()
     }
 
     /// The fastest available ISA.
@@ -189,7 +206,11 @@ impl Isa {
         match std::env::var("KTRS_ISA") {
             Ok(v) if !v.trim().is_empty() && v.trim() != "auto" => {
                 let isa: Isa = v.trim().parse().map_err(|_| {
-                    KtrsError::invalid("KTRS_ISA", "one of scalar, avx512, amx, auto", format!("{v:?}"))
+                    KtrsError::invalid(
+                        "KTRS_ISA",
+                        "one of scalar, avx512, amx, auto",
+                        format!("{v:?}"),
+                    )
                 })?;
                 isa.check_available()?;
                 Ok(isa)
@@ -206,7 +227,11 @@ impl FromStr for Isa {
             "scalar" => Ok(Isa::Scalar),
             "avx512" | "avx512bf16" | "avx-512" => Ok(Isa::Avx512),
             "amx" | "amx-bf16" | "amxbf16" => Ok(Isa::Amx),
-            _ => Err(KtrsError::invalid("isa", "one of scalar, avx512, amx", format!("{s:?}"))),
+            _ => Err(KtrsError::invalid(
+                "isa",
+                "one of scalar, avx512, amx",
+                format!("{s:?}"),
+            )),
         }
     }
 }
@@ -223,8 +248,10 @@ pub fn physical_cores() -> usize {
     let mut seen = std::collections::BTreeSet::new();
     for cpu in &allowed {
         let base = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
-        let pkg = std::fs::read_to_string(format!("{base}/physical_package_id")).unwrap_or_default();
-        let core = std::fs::read_to_string(format!("{base}/core_id")).unwrap_or_else(|_| cpu.to_string());
+        let pkg =
+            std::fs::read_to_string(format!("{base}/physical_package_id")).unwrap_or_default();
+        let core =
+            std::fs::read_to_string(format!("{base}/core_id")).unwrap_or_else(|_| cpu.to_string());
         seen.insert((pkg.trim().to_string(), core.trim().to_string()));
     }
     seen.len().max(1)
@@ -238,14 +265,19 @@ pub fn allowed_cpus() -> Vec<usize> {
         unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
             if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
-                let v: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect();
+                let v: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                    .filter(|&c| libc::CPU_ISSET(c, &set))
+                    .collect();
                 if !v.is_empty() {
                     return v;
                 }
             }
         }
     }
-    (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect()
+    (0..std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1))
+        .collect()
 }
 
 #[cfg(test)]
@@ -264,8 +296,14 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         {
             let f = CpuFeatures::get();
-            assert_eq!(f.avx512f && f.os_avx512, is_x86_feature_detected!("avx512f"));
-            assert_eq!(f.avx512bf16 && f.os_avx512, is_x86_feature_detected!("avx512bf16"));
+            assert_eq!(
+                f.avx512f && f.os_avx512,
+                is_x86_feature_detected!("avx512f")
+            );
+            assert_eq!(
+                f.avx512bf16 && f.os_avx512,
+                is_x86_feature_detected!("avx512bf16")
+            );
         }
         assert!(physical_cores() >= 1);
     }

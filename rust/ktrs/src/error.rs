@@ -6,7 +6,11 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq)]
 pub enum KtrsError {
     /// An argument has the wrong shape, size or value.
-    InvalidArgument { arg: String, expected: String, got: String },
+    InvalidArgument {
+        arg: String,
+        expected: String,
+        got: String,
+    },
     /// The requested instruction set is not available on this CPU or OS.
     IsaUnavailable { isa: String, reason: String },
     /// A NaN or infinity was found where the caller asked for finite values.
@@ -20,8 +24,16 @@ pub enum KtrsError {
 pub type Result<T> = std::result::Result<T, KtrsError>;
 
 impl KtrsError {
-    pub fn invalid(arg: impl Into<String>, expected: impl Into<String>, got: impl fmt::Display) -> Self {
-        KtrsError::InvalidArgument { arg: arg.into(), expected: expected.into(), got: got.to_string() }
+    pub fn invalid(
+        arg: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl fmt::Display,
+    ) -> Self {
+        KtrsError::InvalidArgument {
+            arg: arg.into(),
+            expected: expected.into(),
+            got: got.to_string(),
+        }
     }
 }
 
@@ -29,9 +41,14 @@ impl fmt::Display for KtrsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KtrsError::InvalidArgument { arg, expected, got } => {
-                write!(f, "invalid argument `{arg}`: expected {expected}, got {got}")
+                write!(
+                    f,
+                    "invalid argument `{arg}`: expected {expected}, got {got}"
+                )
             }
-            KtrsError::IsaUnavailable { isa, reason } => write!(f, "ISA `{isa}` is not available: {reason}"),
+            KtrsError::IsaUnavailable { isa, reason } => {
+                write!(f, "ISA `{isa}` is not available: {reason}")
+            }
             KtrsError::NonFinite { what } => write!(f, "non-finite value (NaN or Inf) in {what}"),
             KtrsError::StaleCache(msg) => write!(f, "invalid forward cache: {msg}"),
             KtrsError::System(msg) => write!(f, "system error: {msg}"),
@@ -44,7 +61,11 @@ impl std::error::Error for KtrsError {}
 /// Checks `got == expected` for a size, naming the argument.
 pub fn check_len(arg: &str, got: usize, expected: usize) -> Result<()> {
     if got != expected {
-        return Err(KtrsError::invalid(arg, format!("{expected} elements"), format!("{got}")));
+        return Err(KtrsError::invalid(
+            arg,
+            format!("{expected} elements"),
+            format!("{got}"),
+        ));
     }
     Ok(())
 }

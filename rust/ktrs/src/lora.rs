@@ -41,8 +41,14 @@ pub enum LoraMatrix {
 }
 
 impl LoraMatrix {
-    pub const ALL: [LoraMatrix; 6] =
-        [LoraMatrix::GateA, LoraMatrix::GateB, LoraMatrix::UpA, LoraMatrix::UpB, LoraMatrix::DownA, LoraMatrix::DownB];
+    pub const ALL: [LoraMatrix; 6] = [
+        LoraMatrix::GateA,
+        LoraMatrix::GateB,
+        LoraMatrix::UpA,
+        LoraMatrix::UpB,
+        LoraMatrix::DownA,
+        LoraMatrix::DownB,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -60,7 +66,10 @@ impl LoraMatrix {
     }
 
     pub fn is_a(self) -> bool {
-        matches!(self, LoraMatrix::GateA | LoraMatrix::UpA | LoraMatrix::DownA)
+        matches!(
+            self,
+            LoraMatrix::GateA | LoraMatrix::UpA | LoraMatrix::DownA
+        )
     }
 
     pub fn from_name(name: &str) -> Result<LoraMatrix> {
@@ -68,7 +77,13 @@ impl LoraMatrix {
             .iter()
             .copied()
             .find(|m| m.name() == name)
-            .ok_or_else(|| KtrsError::invalid("name", "one of gate_A, gate_B, up_A, up_B, down_A, down_B", format!("{name:?}")))
+            .ok_or_else(|| {
+                KtrsError::invalid(
+                    "name",
+                    "one of gate_A, gate_B, up_A, up_B, down_A, down_B",
+                    format!("{name:?}"),
+                )
+            })
     }
 }
 
@@ -83,12 +98,22 @@ pub struct LoraWeights {
 
 impl LoraWeights {
     /// PEFT's default init: A Kaiming-uniform (bound `1/sqrt(in)`), B zero.
-    pub fn new(config: LoraConfig, experts: usize, hidden: usize, intermediate: usize, seed: u64) -> Result<LoraWeights> {
+    pub fn new(
+        config: LoraConfig,
+        experts: usize,
+        hidden: usize,
+        intermediate: usize,
+        seed: u64,
+    ) -> Result<LoraWeights> {
         if config.rank == 0 {
             return Err(KtrsError::invalid("lora_rank", "a rank of at least 1", 0));
         }
         if !config.alpha.is_finite() {
-            return Err(KtrsError::invalid("lora_alpha", "a finite number", config.alpha));
+            return Err(KtrsError::invalid(
+                "lora_alpha",
+                "a finite number",
+                config.alpha,
+            ));
         }
         let mk = |m: LoraMatrix| {
             let (rows, cols) = Self::dims(m, config.rank, hidden, intermediate);
@@ -106,7 +131,14 @@ impl LoraWeights {
                 *v = ((rng.next_f64() * 2.0 - 1.0) * bound) as f32;
             }
         }
-        Ok(LoraWeights { config, experts, hidden, intermediate, weights, grads })
+        Ok(LoraWeights {
+            config,
+            experts,
+            hidden,
+            intermediate,
+            weights,
+            grads,
+        })
     }
 
     /// (rows, cols) of one expert's matrix.
@@ -144,10 +176,16 @@ impl LoraWeights {
         let want = self.weights[m.index()].len();
         if src.len() != want {
             let s = self.shape(m);
-            return Err(KtrsError::invalid(m.name(), format!("{} values (shape {:?})", want, s), src.len()));
+            return Err(KtrsError::invalid(
+                m.name(),
+                format!("{} values (shape {:?})", want, s),
+                src.len(),
+            ));
         }
         if src.iter().any(|v| !v.is_finite()) {
-            return Err(KtrsError::NonFinite { what: format!("LoRA matrix {}", m.name()) });
+            return Err(KtrsError::NonFinite {
+                what: format!("LoRA matrix {}", m.name()),
+            });
         }
         // SAFETY: callers serialise writes with kernel calls (GIL held by the binding).
         unsafe { self.weights[m.index()].as_mut_slice_unchecked() }.copy_from_slice(src);
@@ -164,7 +202,11 @@ impl LoraWeights {
 
     /// Bytes of weights plus gradients.
     pub fn bytes(&self) -> usize {
-        self.weights.iter().chain(self.grads.iter()).map(|b| b.len() * 4).sum()
+        self.weights
+            .iter()
+            .chain(self.grads.iter())
+            .map(|b| b.len() * 4)
+            .sum()
     }
 }
 
@@ -190,15 +232,30 @@ mod tests {
 
     #[test]
     fn init_matches_peft_convention() {
-        let cfg = LoraConfig { rank: 4, alpha: 8.0, use_rslora: false };
+        let cfg = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            use_rslora: false,
+        };
         let l = LoraWeights::new(cfg, 3, 64, 40, 7).unwrap();
         assert_eq!(l.shape(LoraMatrix::GateA), [3, 4, 64]);
         assert_eq!(l.shape(LoraMatrix::DownB), [3, 64, 4]);
         let a = l.weight(LoraMatrix::GateA).as_slice();
         assert!(a.iter().all(|v| v.abs() <= 1.0 / 8.0) && a.iter().any(|&v| v != 0.0));
-        assert!(l.weight(LoraMatrix::UpB).as_slice().iter().all(|&v| v == 0.0));
+        assert!(l
+            .weight(LoraMatrix::UpB)
+            .as_slice()
+            .iter()
+            .all(|&v| v == 0.0));
         assert_eq!(cfg.scaling(), 2.0);
-        assert_eq!(LoraConfig { use_rslora: true, ..cfg }.scaling(), 4.0);
+        assert_eq!(
+            LoraConfig {
+                use_rslora: true,
+                ..cfg
+            }
+            .scaling(),
+            4.0
+        );
         assert!(l.set(LoraMatrix::GateB, &[0.0; 3]).is_err());
         assert!(LoraWeights::new(LoraConfig { rank: 0, ..cfg }, 1, 8, 8, 0).is_err());
     }

@@ -42,7 +42,12 @@ pub struct PackShape {
 
 impl PackShape {
     pub fn new(n: usize, k: usize) -> PackShape {
-        PackShape { n, k, n_pad: round_up(n.max(1), PAD), k_pad: round_up(k.max(1), PAD) }
+        PackShape {
+            n,
+            k,
+            n_pad: round_up(n.max(1), PAD),
+            k_pad: round_up(k.max(1), PAD),
+        }
     }
     pub fn panels(&self) -> usize {
         self.n_pad / PANEL
@@ -145,7 +150,11 @@ pub struct ExpertPack {
 
 impl ExpertPack {
     pub fn zeroed(experts: usize, shape: PackShape) -> ExpertPack {
-        ExpertPack { shape, experts, data: Buffer::zeroed(experts * shape.len()) }
+        ExpertPack {
+            shape,
+            experts,
+            data: Buffer::zeroed(experts * shape.len()),
+        }
     }
 
     pub fn expert(&self, e: usize) -> &[u16] {
@@ -165,7 +174,11 @@ impl ExpertPack {
 
     pub fn check_expert(&self, e: usize) -> Result<()> {
         if e >= self.experts {
-            return Err(KtrsError::invalid("expert", format!("an index below {}", self.experts), e));
+            return Err(KtrsError::invalid(
+                "expert",
+                format!("an index below {}", self.experts),
+                e,
+            ));
         }
         Ok(())
     }
@@ -176,7 +189,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> u16 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (*seed >> 48) as u16
     }
 

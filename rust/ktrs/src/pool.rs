@@ -73,20 +73,33 @@ impl ThreadPool {
         let mut workers = Vec::with_capacity(threads - 1);
         for w in 1..threads {
             let s = shared.clone();
-            let cpu = if cores.len() >= threads { Some(cores[w]) } else { None };
+            let cpu = if cores.len() >= threads {
+                Some(cores[w])
+            } else {
+                None
+            };
             let handle = std::thread::Builder::new()
                 .name(format!("ktrs-worker-{w}"))
                 .spawn(move || worker_loop(s, w, cpu))
                 .expect("ktrs: cannot spawn worker thread");
             workers.push(handle);
         }
-        ThreadPool { shared, workers, threads, owner_pid: std::process::id(), run_lock: Mutex::new(()) }
+        ThreadPool {
+            shared,
+            workers,
+            threads,
+            owner_pid: std::process::id(),
+            run_lock: Mutex::new(()),
+        }
     }
 
     /// A process-wide pool per thread count, shared by every layer that asks for it.
     pub fn shared(threads: usize) -> Arc<ThreadPool> {
         static POOLS: OnceLock<Mutex<HashMap<usize, Weak<ThreadPool>>>> = OnceLock::new();
-        let mut map = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = POOLS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(p) = map.get(&threads).and_then(Weak::upgrade) {
             if p.owner_pid == std::process::id() {
                 return p;
@@ -119,7 +132,8 @@ impl ThreadPool {
         let s = &*self.shared;
         let dyn_f: &TaskFn<'_> = &f;
         // SAFETY: lifetime erasure; see `Job`. We wait for all workers below.
-        let ptr: *const TaskFn<'static> = unsafe { std::mem::transmute(dyn_f as *const TaskFn<'_>) };
+        let ptr: *const TaskFn<'static> =
+            unsafe { std::mem::transmute(dyn_f as *const TaskFn<'_>) };
         {
             let mut slot = s.job.lock().unwrap_or_else(|e| e.into_inner());
             *slot = Some(JobSlot(ptr, n_tasks));
@@ -128,7 +142,8 @@ impl ThreadPool {
             s.generation.fetch_add(1, SeqCst);
         }
         s.wake.notify_all();
-        let caller = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drain(s, ptr, n_tasks, 0)));
+        let caller =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drain(s, ptr, n_tasks, 0)));
         s.open.store(false, SeqCst);
         while s.active.load(SeqCst) != 0 {
             std::hint::spin_loop();
@@ -167,7 +182,9 @@ fn worker_loop(s: Arc<Shared>, worker: usize, cpu: Option<usize>) {
                 let guard = s.job.lock().unwrap_or_else(|e| e.into_inner());
                 let _g = s
                     .wake
-                    .wait_while(guard, |_| s.generation.load(Acquire) == seen && !s.shutdown.load(Relaxed))
+                    .wait_while(guard, |_| {
+                        s.generation.load(Acquire) == seen && !s.shutdown.load(Relaxed)
+                    })
                     .unwrap_or_else(|e| e.into_inner());
                 break;
             }
@@ -181,7 +198,9 @@ fn worker_loop(s: Arc<Shared>, worker: usize, cpu: Option<usize>) {
         if s.open.load(SeqCst) {
             let slot = *s.job.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(JobSlot(f, n)) = slot {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drain(&s, f, n, worker)));
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    drain(&s, f, n, worker)
+                }));
                 if r.is_err() {
                     s.panicked.store(true, SeqCst);
                 }
@@ -212,8 +231,10 @@ fn pin_targets() -> Vec<usize> {
     let mut out = Vec::new();
     for cpu in crate::cpu::allowed_cpus() {
         let base = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
-        let pkg = std::fs::read_to_string(format!("{base}/physical_package_id")).unwrap_or_default();
-        let core = std::fs::read_to_string(format!("{base}/core_id")).unwrap_or_else(|_| cpu.to_string());
+        let pkg =
+            std::fs::read_to_string(format!("{base}/physical_package_id")).unwrap_or_default();
+        let core =
+            std::fs::read_to_string(format!("{base}/core_id")).unwrap_or_else(|_| cpu.to_string());
         if seen.insert((pkg.trim().to_string(), core.trim().to_string())) {
             out.push(cpu);
         }

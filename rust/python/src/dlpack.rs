@@ -64,9 +64,21 @@ pub enum DType {
 impl DType {
     fn dl(self) -> DLDataType {
         match self {
-            DType::BF16 => DLDataType { code: 4, bits: 16, lanes: 1 },
-            DType::F32 => DLDataType { code: 2, bits: 32, lanes: 1 },
-            DType::I64 => DLDataType { code: 0, bits: 64, lanes: 1 },
+            DType::BF16 => DLDataType {
+                code: 4,
+                bits: 16,
+                lanes: 1,
+            },
+            DType::F32 => DLDataType {
+                code: 2,
+                bits: 32,
+                lanes: 1,
+            },
+            DType::I64 => DLDataType {
+                code: 0,
+                bits: 64,
+                lanes: 1,
+            },
         }
     }
     fn torch_name(self) -> &'static str {
@@ -101,7 +113,12 @@ pub struct TensorArg<'py> {
 impl<'py> TensorArg<'py> {
     /// Validates `obj` as a contiguous CPU tensor of `dtype` whose shape matches `shape`
     /// (`None` entries are free). `name` is the argument name used in errors.
-    pub fn new(name: &str, obj: &Bound<'py, PyAny>, dtype: DType, shape: &[Option<usize>]) -> PyResult<TensorArg<'py>> {
+    pub fn new(
+        name: &str,
+        obj: &Bound<'py, PyAny>,
+        dtype: DType,
+        shape: &[Option<usize>],
+    ) -> PyResult<TensorArg<'py>> {
         if !obj.hasattr("__dlpack__")? {
             return Err(PyTypeError::new_err(format!(
                 "`{name}` must be a torch.Tensor (or any DLPack tensor), got {}",
@@ -110,32 +127,64 @@ impl<'py> TensorArg<'py> {
         }
         let (dev_type, dev_id): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
         if dev_type != DL_CPU {
-            let dev = if dev_type == 2 { format!("cuda:{dev_id}") } else { format!("device type {dev_type}") };
-            return Err(PyValueError::new_err(format!("`{name}` must be a CPU tensor, got a tensor on {dev}")));
+            let dev = if dev_type == 2 {
+                format!("cuda:{dev_id}")
+            } else {
+                format!("device type {dev_type}")
+            };
+            return Err(PyValueError::new_err(format!(
+                "`{name}` must be a CPU tensor, got a tensor on {dev}"
+            )));
         }
-        if obj.getattr("requires_grad").and_then(|v| v.extract::<bool>()).unwrap_or(false) {
-            return Err(PyValueError::new_err(format!("`{name}` must not require grad here; pass `{name}.detach()`")));
+        if obj
+            .getattr("requires_grad")
+            .and_then(|v| v.extract::<bool>())
+            .unwrap_or(false)
+        {
+            return Err(PyValueError::new_err(format!(
+                "`{name}` must not require grad here; pass `{name}.detach()`"
+            )));
         }
         let capsule = obj.call_method0("__dlpack__")?;
-        let cap = capsule.cast::<PyCapsule>().map_err(|_| PyTypeError::new_err(format!("`{name}`.__dlpack__() did not return a capsule")))?;
+        let cap = capsule.cast::<PyCapsule>().map_err(|_| {
+            PyTypeError::new_err(format!("`{name}`.__dlpack__() did not return a capsule"))
+        })?;
         // SAFETY: a "dltensor" capsule holds a DLManagedTensor that lives as long as the
         // capsule, which we keep in `_capsule`.
-        let managed = unsafe { pyo3::ffi::PyCapsule_GetPointer(cap.as_ptr(), DLTENSOR.as_ptr()) } as *const DLManagedTensor;
+        let managed = unsafe { pyo3::ffi::PyCapsule_GetPointer(cap.as_ptr(), DLTENSOR.as_ptr()) }
+            as *const DLManagedTensor;
         if managed.is_null() {
-            return Err(PyTypeError::new_err(format!("`{name}`.__dlpack__() returned an unnamed or used capsule")));
+            return Err(PyTypeError::new_err(format!(
+                "`{name}`.__dlpack__() returned an unnamed or used capsule"
+            )));
         }
         let t = unsafe { &(*managed).dl_tensor };
         if t.dtype != dtype.dl() {
-            return Err(PyTypeError::new_err(format!("`{name}` must have dtype {}, got {}", dtype.torch_name(), dtype_name(t.dtype))));
+            return Err(PyTypeError::new_err(format!(
+                "`{name}` must have dtype {}, got {}",
+                dtype.torch_name(),
+                dtype_name(t.dtype)
+            )));
         }
         let ndim = t.ndim.max(0) as usize;
         // SAFETY: shape has ndim entries; strides is null or has ndim entries (DLPack).
         let dims: Vec<i64> = (0..ndim).map(|i| unsafe { *t.shape.add(i) }).collect();
         let got: Vec<usize> = dims.iter().map(|&d| d.max(0) as usize).collect();
-        let shape_ok = got.len() == shape.len() && got.iter().zip(shape).all(|(g, w)| w.is_none_or(|w| *g == w));
+        let shape_ok = got.len() == shape.len()
+            && got
+                .iter()
+                .zip(shape)
+                .all(|(g, w)| w.is_none_or(|w| *g == w));
         if !shape_ok {
-            let want: Vec<String> = shape.iter().map(|d| d.map_or("*".to_string(), |v| v.to_string())).collect();
-            return Err(PyValueError::new_err(format!("`{name}` must have shape [{}], got {:?}", want.join(", "), got)));
+            let want: Vec<String> = shape
+                .iter()
+                .map(|d| d.map_or("*".to_string(), |v| v.to_string()))
+                .collect();
+            return Err(PyValueError::new_err(format!(
+                "`{name}` must have shape [{}], got {:?}",
+                want.join(", "),
+                got
+            )));
         }
         let numel: usize = got.iter().product();
         if !t.strides.is_null() && numel > 1 {
@@ -143,7 +192,9 @@ impl<'py> TensorArg<'py> {
             for i in (0..ndim).rev() {
                 let st = unsafe { *t.strides.add(i) };
                 if dims[i] != 1 && st != expect {
-                    return Err(PyValueError::new_err(format!("`{name}` must be contiguous; call `{name}.contiguous()` first")));
+                    return Err(PyValueError::new_err(format!(
+                        "`{name}` must be contiguous; call `{name}.contiguous()` first"
+                    )));
                 }
                 expect *= dims[i].max(1);
             }
@@ -155,9 +206,16 @@ impl<'py> TensorArg<'py> {
             DType::I64 => 8,
         };
         if numel > 0 && (data as usize) % align != 0 {
-            return Err(PyValueError::new_err(format!("`{name}` data is not aligned to its element size")));
+            return Err(PyValueError::new_err(format!(
+                "`{name}` data is not aligned to its element size"
+            )));
         }
-        Ok(TensorArg { _capsule: capsule, data, numel, shape: got })
+        Ok(TensorArg {
+            _capsule: capsule,
+            data,
+            numel,
+            shape: got,
+        })
     }
 
     pub fn u16s(&self) -> &[u16] {
@@ -221,13 +279,20 @@ unsafe extern "C" fn capsule_destructor(cap: *mut pyo3::ffi::PyObject) {
 }
 
 /// A `dltensor` capsule viewing `buf` with `shape` (f32, contiguous, CPU).
-pub fn export_f32<'py>(py: Python<'py>, buf: &Arc<Buffer<f32>>, shape: &[usize]) -> PyResult<Bound<'py, PyAny>> {
+pub fn export_f32<'py>(
+    py: Python<'py>,
+    buf: &Arc<Buffer<f32>>,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyAny>> {
     assert_eq!(shape.iter().product::<usize>(), buf.len());
     let mut ex = Box::new(Export {
         managed: DLManagedTensor {
             dl_tensor: DLTensor {
                 data: buf.as_ptr() as *mut c_void,
-                device: DLDevice { device_type: DL_CPU, device_id: 0 },
+                device: DLDevice {
+                    device_type: DL_CPU,
+                    device_id: 0,
+                },
                 ndim: shape.len() as i32,
                 dtype: DType::F32.dl(),
                 shape: std::ptr::null_mut(),
@@ -246,7 +311,11 @@ pub fn export_f32<'py>(py: Python<'py>, buf: &Arc<Buffer<f32>>, shape: &[usize])
     unsafe {
         (*raw).managed.manager_ctx = raw as *mut c_void;
         let m = &mut (*raw).managed as *mut DLManagedTensor;
-        let cap = pyo3::ffi::PyCapsule_New(m as *mut c_void, DLTENSOR.as_ptr(), Some(capsule_destructor));
+        let cap = pyo3::ffi::PyCapsule_New(
+            m as *mut c_void,
+            DLTENSOR.as_ptr(),
+            Some(capsule_destructor),
+        );
         if cap.is_null() {
             delete_export(m);
             return Err(PyErr::fetch(py));

@@ -8,8 +8,18 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
-create_exception!(_native, KtrsError, PyException, "Base class of ktrs errors.");
-create_exception!(_native, IsaUnavailableError, KtrsError, "The requested instruction set cannot run here.");
+create_exception!(
+    _native,
+    KtrsError,
+    PyException,
+    "Base class of ktrs errors."
+);
+create_exception!(
+    _native,
+    IsaUnavailableError,
+    KtrsError,
+    "The requested instruction set cannot run here."
+);
 
 pub fn to_py(py: Python<'_>, e: CoreError) -> PyErr {
     let msg = e.to_string();

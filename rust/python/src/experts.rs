@@ -3,7 +3,9 @@
 
 use crate::dlpack::{export_f32, DType, TensorArg};
 use crate::error::IntoPy;
-use ktrs::{ExpertWeights, ForwardCache, GradTarget, Isa, LoraConfig, LoraMatrix, MoeConfig, MoeLayer};
+use ktrs::{
+    ExpertWeights, ForwardCache, GradTarget, Isa, LoraConfig, LoraMatrix, MoeConfig, MoeLayer,
+};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
@@ -31,14 +33,21 @@ fn parse_isa(py: Python<'_>, isa: Option<&str>) -> PyResult<Isa> {
 }
 
 fn lora_config(rank: usize, alpha: Option<f32>, use_rslora: bool) -> Option<LoraConfig> {
-    (rank > 0).then(|| LoraConfig { rank, alpha: alpha.unwrap_or(rank as f32), use_rslora })
+    (rank > 0).then(|| LoraConfig {
+        rank,
+        alpha: alpha.unwrap_or(rank as f32),
+        use_rslora,
+    })
 }
 
 fn no_overlap(a: (&str, &TensorArg<'_>, usize), b: (&str, &TensorArg<'_>, usize)) -> PyResult<()> {
     let (x0, x1) = a.1.addr_range(a.2);
     let (y0, y1) = b.1.addr_range(b.2);
     if x0 < y1 && y0 < x1 {
-        return Err(PyValueError::new_err(format!("`{}` must not share memory with `{}`", a.0, b.0)));
+        return Err(PyValueError::new_err(format!(
+            "`{}` must not share memory with `{}`",
+            a.0, b.0
+        )));
     }
     Ok(())
 }
@@ -67,10 +76,20 @@ impl Experts {
         let d = TensorArg::new("down", down, DType::BF16, &[Some(e), Some(h), Some(i)])?;
         let isa = parse_isa(py, isa)?;
         let threads = threads.unwrap_or_else(ktrs::pool::default_threads);
-        let cfg = MoeConfig { experts: e, hidden: h, intermediate: i };
-        let w = ExpertWeights { gate: g.u16s(), up: u.u16s(), down: d.u16s() };
+        let cfg = MoeConfig {
+            experts: e,
+            hidden: h,
+            intermediate: i,
+        };
+        let w = ExpertWeights {
+            gate: g.u16s(),
+            up: u.u16s(),
+            down: d.u16s(),
+        };
         let lora = lora_config(lora_rank, lora_alpha, use_rslora);
-        let layer = py.detach(|| MoeLayer::new(cfg, w, lora, isa, threads, seed)).py_err(py)?;
+        let layer = py
+            .detach(|| MoeLayer::new(cfg, w, lora, isa, threads, seed))
+            .py_err(py)?;
         Ok(Experts { layer })
     }
 
@@ -93,13 +112,31 @@ impl Experts {
     ) -> PyResult<Self> {
         let isa = parse_isa(py, isa)?;
         let threads = threads.unwrap_or_else(ktrs::pool::default_threads);
-        let cfg = MoeConfig { experts, hidden, intermediate };
-        let layer = MoeLayer::new_empty(cfg, lora_config(lora_rank, lora_alpha, use_rslora), isa, threads, seed).py_err(py)?;
+        let cfg = MoeConfig {
+            experts,
+            hidden,
+            intermediate,
+        };
+        let layer = MoeLayer::new_empty(
+            cfg,
+            lora_config(lora_rank, lora_alpha, use_rslora),
+            isa,
+            threads,
+            seed,
+        )
+        .py_err(py)?;
         Ok(Experts { layer })
     }
 
     /// Packs expert `expert`'s bf16 weights (gate, up `[I, H]`, down `[H, I]`).
-    fn set_expert(&mut self, py: Python<'_>, expert: usize, gate: &Bound<'_, PyAny>, up: &Bound<'_, PyAny>, down: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn set_expert(
+        &mut self,
+        py: Python<'_>,
+        expert: usize,
+        gate: &Bound<'_, PyAny>,
+        up: &Bound<'_, PyAny>,
+        down: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let c = self.layer.config;
         let (h, i) = (Some(c.hidden), Some(c.intermediate));
         let g = TensorArg::new("gate", gate, DType::BF16, &[i, h])?;
@@ -107,11 +144,19 @@ impl Experts {
         let d = TensorArg::new("down", down, DType::BF16, &[h, i])?;
         let (gs, us, ds) = (g.u16s(), u.u16s(), d.u16s());
         let layer = &mut self.layer;
-        py.detach(|| layer.set_expert(expert, gs, us, ds)).py_err(py)
+        py.detach(|| layer.set_expert(expert, gs, us, ds))
+            .py_err(py)
     }
 
     /// Writes expert `expert`'s weights into bf16 tensors gate, up `[I, H]`, down `[H, I]`.
-    fn get_expert(&self, py: Python<'_>, expert: usize, gate: &Bound<'_, PyAny>, up: &Bound<'_, PyAny>, down: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn get_expert(
+        &self,
+        py: Python<'_>,
+        expert: usize,
+        gate: &Bound<'_, PyAny>,
+        up: &Bound<'_, PyAny>,
+        down: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let c = self.layer.config;
         let (h, i) = (Some(c.hidden), Some(c.intermediate));
         let g = TensorArg::new("gate", gate, DType::BF16, &[i, h])?;
@@ -141,12 +186,19 @@ impl Experts {
         let t = x.shape[0];
         let ids = TensorArg::new("topk_ids", topk_ids, DType::I64, &[Some(t), None])?;
         let k = ids.shape[1];
-        let w = TensorArg::new("topk_weights", topk_weights, DType::F32, &[Some(t), Some(k)])?;
+        let w = TensorArg::new(
+            "topk_weights",
+            topk_weights,
+            DType::F32,
+            &[Some(t), Some(k)],
+        )?;
         let o = TensorArg::new("out", out, DType::BF16, &[Some(t), Some(h)])?;
         no_overlap(("out", &o, 2), ("hidden_states", &x, 2))?;
         let (xs, is, ws, os) = (x.u16s(), ids.i64s(), w.f32s(), o.slice_mut::<u16>());
         let layer = &self.layer;
-        let cache = py.detach(|| layer.forward(xs, t, is, ws, k, os, save_for_backward)).py_err(py)?;
+        let cache = py
+            .detach(|| layer.forward(xs, t, is, ws, k, os, save_for_backward))
+            .py_err(py)?;
         Ok(cache.map(|cache| ForwardHandle { cache }))
     }
 
@@ -166,32 +218,66 @@ impl Experts {
         lora_grads: Option<&Bound<'_, PyList>>,
         accumulate: bool,
     ) -> PyResult<()> {
-        let (t, k, h) = (handle.cache.tokens(), handle.cache.top_k(), self.layer.config.hidden);
+        let (t, k, h) = (
+            handle.cache.tokens(),
+            handle.cache.top_k(),
+            self.layer.config.hidden,
+        );
         let go = TensorArg::new("grad_output", grad_output, DType::BF16, &[Some(t), Some(h)])?;
         let gh = TensorArg::new("grad_hidden", grad_hidden, DType::BF16, &[Some(t), Some(h)])?;
-        let gw = TensorArg::new("grad_topk_weights", grad_topk_weights, DType::F32, &[Some(t), Some(k)])?;
+        let gw = TensorArg::new(
+            "grad_topk_weights",
+            grad_topk_weights,
+            DType::F32,
+            &[Some(t), Some(k)],
+        )?;
         no_overlap(("grad_hidden", &gh, 2), ("grad_output", &go, 2))?;
         let mut ext = Vec::new();
         if let Some(list) = lora_grads {
-            let lora = self.layer.lora().ok_or_else(|| PyValueError::new_err("`lora_grads` given, but this layer has no LoRA"))?;
+            let lora = self.layer.lora().ok_or_else(|| {
+                PyValueError::new_err("`lora_grads` given, but this layer has no LoRA")
+            })?;
             if list.len() != 6 {
-                return Err(PyValueError::new_err(format!("`lora_grads` must hold 6 tensors ({}), got {}", names().join(", "), list.len())));
+                return Err(PyValueError::new_err(format!(
+                    "`lora_grads` must hold 6 tensors ({}), got {}",
+                    names().join(", "),
+                    list.len()
+                )));
             }
             for (m, obj) in LoraMatrix::ALL.iter().zip(list.iter()) {
                 let shape = lora.shape(*m).map(Some);
-                ext.push(TensorArg::new(&format!("lora_grads[{}]", m.name()), &obj, DType::F32, &shape)?);
+                ext.push(TensorArg::new(
+                    &format!("lora_grads[{}]", m.name()),
+                    &obj,
+                    DType::F32,
+                    &shape,
+                )?);
             }
         }
         let (gos, ghs, gws) = (go.u16s(), gh.slice_mut::<u16>(), gw.slice_mut::<f32>());
         let layer = &self.layer;
         let cache = &handle.cache;
         if ext.is_empty() {
-            let target = if layer.lora().is_some() { GradTarget::Owned } else { GradTarget::Skip };
-            py.detach(|| layer.backward(cache, gos, ghs, gws, target)).py_err(py)
+            let target = if layer.lora().is_some() {
+                GradTarget::Owned
+            } else {
+                GradTarget::Skip
+            };
+            py.detach(|| layer.backward(cache, gos, ghs, gws, target))
+                .py_err(py)
         } else {
             let mut it = ext.iter().map(|a| a.slice_mut::<f32>());
             let bufs = [(); 6].map(|_| it.next().expect("six tensors"));
-            py.detach(|| layer.backward(cache, gos, ghs, gws, GradTarget::External { bufs, accumulate })).py_err(py)
+            py.detach(|| {
+                layer.backward(
+                    cache,
+                    gos,
+                    ghs,
+                    gws,
+                    GradTarget::External { bufs, accumulate },
+                )
+            })
+            .py_err(py)
         }
     }
 
@@ -208,7 +294,12 @@ impl Experts {
     }
 
     /// Copies f32 values into LoRA matrix `name`.
-    fn set_lora_weight(&self, py: Python<'_>, name: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn set_lora_weight(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let (l, m) = self.lora_matrix(py, name)?;
         let v = TensorArg::new(name, value, DType::F32, &l.shape(m).map(Some))?;
         l.set(m, v.f32s()).py_err(py)
@@ -311,8 +402,15 @@ impl Experts {
 }
 
 impl Experts {
-    fn lora_matrix(&self, _py: Python<'_>, name: &str) -> PyResult<(&ktrs::LoraWeights, LoraMatrix)> {
-        let l = self.layer.lora().ok_or_else(|| PyValueError::new_err("this layer has no LoRA (lora_rank=0)"))?;
+    fn lora_matrix(
+        &self,
+        _py: Python<'_>,
+        name: &str,
+    ) -> PyResult<(&ktrs::LoraWeights, LoraMatrix)> {
+        let l = self
+            .layer
+            .lora()
+            .ok_or_else(|| PyValueError::new_err("this layer has no LoRA (lora_rank=0)"))?;
         let m = LoraMatrix::from_name(name).map_err(|e| PyTypeError::new_err(e.to_string()))?;
         Ok((l, m))
     }

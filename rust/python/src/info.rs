@@ -9,7 +9,13 @@ pub fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let f = CpuFeatures::get();
     let d = PyDict::new(py);
     d.set_item("features", f.names())?;
-    d.set_item("available_isas", Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>())?;
+    d.set_item(
+        "available_isas",
+        Isa::available()
+            .iter()
+            .map(|i| i.name())
+            .collect::<Vec<_>>(),
+    )?;
     d.set_item("best_isa", Isa::best().name())?;
     d.set_item(
         "selected_isa",

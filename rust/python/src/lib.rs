@@ -12,7 +12,10 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("KtrsError", m.py().get_type::<error::KtrsError>())?;
-    m.add("IsaUnavailableError", m.py().get_type::<error::IsaUnavailableError>())?;
+    m.add(
+        "IsaUnavailableError",
+        m.py().get_type::<error::IsaUnavailableError>(),
+    )?;
     m.add_class::<experts::Experts>()?;
     m.add_class::<experts::ForwardHandle>()?;
     m.add_function(wrap_pyfunction!(info::cpu_info, m)?)?;

@@ -88,13 +88,28 @@ unsafe fn tile<const M: usize, const NP: usize>(
 /// The CPU must support AVX-512 F/BW; slice bounds are checked by the caller
 /// (`kernels::transpose_block`).
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn pack_transposed_block(src: &[u16], shape: crate::pack::PackShape, c0: usize, np: usize, dst: &mut [u16]) {
+pub(crate) unsafe fn pack_transposed_block(
+    src: &[u16],
+    shape: crate::pack::PackShape,
+    c0: usize,
+    np: usize,
+    dst: &mut [u16],
+) {
     let t_k = shape.n_pad;
     let kp2 = shape.k_pad / 2;
     let idx = |v: [i64; 8]| _mm512_loadu_si512(v.as_ptr() as *const _);
-    let (s1lo, s1hi) = (idx([0, 8, 2, 10, 4, 12, 6, 14]), idx([1, 9, 3, 11, 5, 13, 7, 15]));
-    let (s2lo, s2hi) = (idx([0, 1, 8, 9, 4, 5, 12, 13]), idx([2, 3, 10, 11, 6, 7, 14, 15]));
-    let (s3lo, s3hi) = (idx([0, 1, 2, 3, 8, 9, 10, 11]), idx([4, 5, 6, 7, 12, 13, 14, 15]));
+    let (s1lo, s1hi) = (
+        idx([0, 8, 2, 10, 4, 12, 6, 14]),
+        idx([1, 9, 3, 11, 5, 13, 7, 15]),
+    );
+    let (s2lo, s2hi) = (
+        idx([0, 1, 8, 9, 4, 5, 12, 13]),
+        idx([2, 3, 10, 11, 6, 7, 14, 15]),
+    );
+    let (s3lo, s3hi) = (
+        idx([0, 1, 2, 3, 8, 9, 10, 11]),
+        idx([4, 5, 6, 7, 12, 13, 14, 15]),
+    );
     let lane: [i8; 16] = [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15];
     let swap = _mm512_broadcast_i32x4(_mm_loadu_si128(lane.as_ptr() as *const _));
     let s = src.as_ptr();
@@ -122,9 +137,85 @@ pub(crate) unsafe fn pack_transposed_block(src: &[u16], shape: crate::pack::Pack
                 let lo = _mm512_permutex2var_epi64(b[jj], s3lo, b[jj + 4]);
                 let hi = _mm512_permutex2var_epi64(b[jj], s3hi, b[jj + 4]);
                 let out = d.add(q * PANEL * t_k + (8 * p) * 2 * PANEL);
-                _mm512_storeu_si512(out.add(jj * 2 * PANEL) as *mut _, _mm512_shuffle_epi8(lo, swap));
-                _mm512_storeu_si512(out.add((jj + 4) * 2 * PANEL) as *mut _, _mm512_shuffle_epi8(hi, swap));
+                _mm512_storeu_si512(
+                    out.add(jj * 2 * PANEL) as *mut _,
+                    _mm512_shuffle_epi8(lo, swap),
+                );
+                _mm512_storeu_si512(
+                    out.add((jj + 4) * 2 * PANEL) as *mut _,
+                    _mm512_shuffle_epi8(hi, swap),
+                );
             }
         }
+    }
+}
+
+/// `out[i, c] = Σ_o A[i, o] · W[o, c]` for `c` in `c0 .. c0 + nc` (a multiple of 8), read
+/// straight from W's forward packing (`src`, `shape`): the backward product for experts
+/// with a few rows, where repacking the block first would cost more than the product.
+///
+/// Each 64-byte pair row holds 16 outputs o × 2 columns; `vdpbf16ps` against A spread
+/// as (a, 0) and (0, a) pairs gives per-lane partial sums for the even and odd column,
+/// summed across lanes at the end.
+///
+/// # Safety
+/// AVX-512 F/BW/BF16 available; `a` has `m` rows of stride `lda` covering `shape.n_pad`
+/// columns; `out` has `m` rows of stride `ldo` covering `nc` columns; `c0 + nc <= k_pad`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_t_direct(
+    a: &[u16],
+    m: usize,
+    lda: usize,
+    src: &[u16],
+    shape: crate::pack::PackShape,
+    c0: usize,
+    nc: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    const JB: usize = 4; // column pairs per block: 8 columns
+    let panels = shape.panels();
+    let kp2 = shape.k_pad / 2;
+    let mut spread = vec![_mm512_setzero_si512(); 2 * panels * 2]; // [row][panel][even/odd]
+    let mut i = 0;
+    while i < m {
+        let mr = (m - i).min(2);
+        for r in 0..mr {
+            let row = a.as_ptr().add((i + r) * lda);
+            for p in 0..panels {
+                let v =
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(row.add(p * PANEL) as *const __m256i));
+                spread[(r * panels + p) * 2] = v;
+                spread[(r * panels + p) * 2 + 1] = _mm512_slli_epi32::<16>(v);
+            }
+        }
+        for jb in (0..nc / 2).step_by(JB) {
+            let j0 = c0 / 2 + jb;
+            let mut acc = [[_mm512_setzero_ps(); 2 * JB]; 2];
+            for p in 0..panels {
+                let base = src.as_ptr().add((p * kp2 + j0) * 2 * PANEL);
+                let mut w = [_mm512_setzero_si512(); JB];
+                for (q, x) in w.iter_mut().enumerate() {
+                    *x = _mm512_loadu_si512(base.add(q * 2 * PANEL) as *const _);
+                }
+                for (r, acc_r) in acc.iter_mut().enumerate().take(mr) {
+                    let e: __m512bh = std::mem::transmute(spread[(r * panels + p) * 2]);
+                    let o: __m512bh = std::mem::transmute(spread[(r * panels + p) * 2 + 1]);
+                    for q in 0..JB {
+                        let wq: __m512bh = std::mem::transmute(w[q]);
+                        acc_r[2 * q] = _mm512_dpbf16_ps(acc_r[2 * q], e, wq);
+                        acc_r[2 * q + 1] = _mm512_dpbf16_ps(acc_r[2 * q + 1], o, wq);
+                    }
+                }
+            }
+            for (r, acc_r) in acc.iter().enumerate().take(mr) {
+                let dst = out.as_mut_ptr().add((i + r) * ldo + 2 * jb);
+                for (t, v) in acc_r.iter().enumerate() {
+                    *dst.add(t) = _mm512_reduce_add_ps(*v);
+                }
+            }
+        }
+        i += mr;
     }
 }

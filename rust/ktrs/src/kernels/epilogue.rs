@@ -7,9 +7,20 @@ use crate::cpu::Isa;
 use crate::pack::PANEL;
 
 /// Stores gate, up and SiLU(gate)·up (bf16) for 16 columns.
-pub(crate) fn swiglu_fwd(isa: Isa, gate: &[f32], up: &[f32], g_out: &mut [u16], u_out: &mut [u16], a_out: &mut [u16]) {
+pub(crate) fn swiglu_fwd(
+    isa: Isa,
+    gate: &[f32],
+    up: &[f32],
+    g_out: &mut [u16],
+    u_out: &mut [u16],
+    a_out: &mut [u16],
+) {
     let (gate, up) = (&gate[..PANEL], &up[..PANEL]);
-    let (g_out, u_out, a_out) = (&mut g_out[..PANEL], &mut u_out[..PANEL], &mut a_out[..PANEL]);
+    let (g_out, u_out, a_out) = (
+        &mut g_out[..PANEL],
+        &mut u_out[..PANEL],
+        &mut a_out[..PANEL],
+    );
     match isa {
         Isa::Scalar => {
             for l in 0..PANEL {
@@ -26,7 +37,15 @@ pub(crate) fn swiglu_fwd(isa: Isa, gate: &[f32], up: &[f32], g_out: &mut [u16], 
 
 /// From `da` (gradient of SiLU(gate)·up, before the routing weight `w`) and the saved
 /// bf16 gate and up, stores the gate and up gradients (bf16) for 16 columns.
-pub(crate) fn swiglu_bwd(isa: Isa, w: f32, da: &[f32], g: &[u16], u: &[u16], dg_out: &mut [u16], du_out: &mut [u16]) {
+pub(crate) fn swiglu_bwd(
+    isa: Isa,
+    w: f32,
+    da: &[f32],
+    g: &[u16],
+    u: &[u16],
+    dg_out: &mut [u16],
+    du_out: &mut [u16],
+) {
     let (da, g, u) = (&da[..PANEL], &g[..PANEL], &u[..PANEL]);
     let (dg_out, du_out) = (&mut dg_out[..PANEL], &mut du_out[..PANEL]);
     match isa {
@@ -50,8 +69,14 @@ mod avx512 {
     /// e^x for |x| ≤ 88 (clamped outside), relative error ≈ 2e-7.
     #[inline(always)]
     unsafe fn exp_ps(x: __m512) -> __m512 {
-        let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0)), _mm512_set1_ps(-88.0));
-        let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let x = _mm512_max_ps(
+            _mm512_min_ps(x, _mm512_set1_ps(88.0)),
+            _mm512_set1_ps(-88.0),
+        );
+        let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
         let mut p = _mm512_set1_ps(1.0 / 720.0);
@@ -64,7 +89,10 @@ mod avx512 {
     #[inline(always)]
     unsafe fn sigmoid(x: __m512) -> __m512 {
         let one = _mm512_set1_ps(1.0);
-        _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))))
+        _mm512_div_ps(
+            one,
+            _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))),
+        )
     }
 
     #[inline(always)]
@@ -80,7 +108,13 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn swiglu_fwd(gate: &[f32], up: &[f32], g_out: &mut [u16], u_out: &mut [u16], a_out: &mut [u16]) {
+    pub(super) unsafe fn swiglu_fwd(
+        gate: &[f32],
+        up: &[f32],
+        g_out: &mut [u16],
+        u_out: &mut [u16],
+        a_out: &mut [u16],
+    ) {
         let g = _mm512_loadu_ps(gate.as_ptr());
         let u = _mm512_loadu_ps(up.as_ptr());
         store_bf16(g_out, g);
@@ -89,7 +123,14 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn swiglu_bwd(w: f32, da: &[f32], g: &[u16], u: &[u16], dg_out: &mut [u16], du_out: &mut [u16]) {
+    pub(super) unsafe fn swiglu_bwd(
+        w: f32,
+        da: &[f32],
+        g: &[u16],
+        u: &[u16],
+        dg_out: &mut [u16],
+        du_out: &mut [u16],
+    ) {
         let gv = load_bf16(g);
         let uv = load_bf16(u);
         let d = _mm512_mul_ps(_mm512_set1_ps(w), _mm512_loadu_ps(da.as_ptr()));
@@ -126,7 +167,10 @@ mod tests {
             }
         }
         // Extreme inputs stay finite.
-        let big = [90.0f32, -90.0, 1e4, -1e4, 0.0, 1e-30, -1e-30, 20.0, -20.0, 3.0, -3.0, 0.5, -0.5, 88.5, -88.5, 44.0];
+        let big = [
+            90.0f32, -90.0, 1e4, -1e4, 0.0, 1e-30, -1e-30, 20.0, -20.0, 3.0, -3.0, 0.5, -0.5, 88.5,
+            -88.5, 44.0,
+        ];
         for isa in Isa::available() {
             let mut o = [[0u16; 16]; 3];
             let [g, u, a] = &mut o;

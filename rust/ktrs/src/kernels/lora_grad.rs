@@ -46,7 +46,19 @@ const JB: usize = 8;
 /// `out += Σ_{p ∈ rows} coef_p · v[p, j] · x[p, col(c)]` for `j < r`, `c < k`, stored as
 /// `out[j·k + c]` (RankMajor) or `out[c·r + j]` (ColMajor). `x` rows have stride `ld`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn accumulate(isa: Isa, x: &[u16], ld: usize, cols: Cols, rows: Range<usize>, v: &[f32], coef: Coef<'_>, r: usize, k: usize, layout: Layout, out: &mut [f32]) {
+pub(crate) fn accumulate(
+    isa: Isa,
+    x: &[u16],
+    ld: usize,
+    cols: Cols,
+    rows: Range<usize>,
+    v: &[f32],
+    coef: Coef<'_>,
+    r: usize,
+    k: usize,
+    layout: Layout,
+    out: &mut [f32],
+) {
     assert!(out.len() >= r * k && v.len() >= rows.end * r);
     if rows.is_empty() {
         return;
@@ -54,14 +66,27 @@ pub(crate) fn accumulate(isa: Isa, x: &[u16], ld: usize, cols: Cols, rows: Range
     match isa {
         Isa::Scalar => body(x, ld, cols, rows, v, coef, r, k, layout, out),
         // SAFETY: a non-scalar Isa reaches kernels only after check_available().
-        Isa::Avx512 | Isa::Amx => unsafe { body_avx512(x, ld, cols, rows, v, coef, r, k, layout, out) },
+        Isa::Avx512 | Isa::Amx => unsafe {
+            body_avx512(x, ld, cols, rows, v, coef, r, k, layout, out)
+        },
     }
 }
 
 /// Same as `body`, with the 8 × 16 accumulator block pinned in zmm registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn body_avx512(x: &[u16], ld: usize, cols: Cols, rows: Range<usize>, v: &[f32], coef: Coef<'_>, r: usize, k: usize, layout: Layout, out: &mut [f32]) {
+unsafe fn body_avx512(
+    x: &[u16],
+    ld: usize,
+    cols: Cols,
+    rows: Range<usize>,
+    v: &[f32],
+    coef: Coef<'_>,
+    r: usize,
+    k: usize,
+    layout: Layout,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let col_of = |c: usize| match cols {
         Cols::Plain => c,
@@ -106,7 +131,18 @@ unsafe fn body_avx512(x: &[u16], ld: usize, cols: Cols, rows: Range<usize>, v: &
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn body(x: &[u16], ld: usize, cols: Cols, rows: Range<usize>, v: &[f32], coef: Coef<'_>, r: usize, k: usize, layout: Layout, out: &mut [f32]) {
+fn body(
+    x: &[u16],
+    ld: usize,
+    cols: Cols,
+    rows: Range<usize>,
+    v: &[f32],
+    coef: Coef<'_>,
+    r: usize,
+    k: usize,
+    layout: Layout,
+    out: &mut [f32],
+) {
     let col_of = |c: usize| match cols {
         Cols::Plain => c,
         Cols::Fused(up) => fused_row(c, up),
@@ -154,8 +190,12 @@ mod tests {
     #[test]
     fn matches_naive_sum_on_every_isa() {
         let (n, ld, k, r) = (7usize, 96usize, 45usize, 11usize);
-        let x: Vec<u16> = (0..n * ld).map(|i| from_f32(((i * 7919) % 101) as f32 / 50.0 - 1.0)).collect();
-        let v: Vec<f32> = (0..n * r).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+        let x: Vec<u16> = (0..n * ld)
+            .map(|i| from_f32(((i * 7919) % 101) as f32 / 50.0 - 1.0))
+            .collect();
+        let v: Vec<f32> = (0..n * r)
+            .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+            .collect();
         let w: Vec<f32> = (0..n).map(|p| 0.1 + p as f32 * 0.05).collect();
         for cols in [Cols::Plain, Cols::Fused(true)] {
             for layout in [Layout::RankMajor, Layout::ColMajor] {
@@ -168,14 +208,30 @@ mod tests {
                                 Cols::Plain => c,
                                 Cols::Fused(up) => fused_row(c, up),
                             };
-                            let idx = if layout == Layout::RankMajor { j * k + c } else { c * r + j };
+                            let idx = if layout == Layout::RankMajor {
+                                j * k + c
+                            } else {
+                                c * r + j
+                            };
                             want[idx] += 2.0 * w[p] * v[p * r + j] * to_f32(x[p * ld + col]);
                         }
                     }
                 }
                 for isa in Isa::available() {
                     let mut got = vec![0.5f32; r * k];
-                    accumulate(isa, &x, ld, cols, rows.clone(), &v, Coef::Scaled(2.0, &w), r, k, layout, &mut got);
+                    accumulate(
+                        isa,
+                        &x,
+                        ld,
+                        cols,
+                        rows.clone(),
+                        &v,
+                        Coef::Scaled(2.0, &w),
+                        r,
+                        k,
+                        layout,
+                        &mut got,
+                    );
                     for (a, b) in got.iter().zip(&want) {
                         assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{isa}");
                     }

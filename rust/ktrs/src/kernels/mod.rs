@@ -42,11 +42,23 @@ pub(crate) struct Gemm<'a> {
 
 impl Gemm<'_> {
     fn check(&self) {
-        assert!(self.k_pad % crate::pack::PAD == 0, "k_pad must be a multiple of 32");
-        assert!(self.np >= 1 && self.b.len() >= self.np * self.k_pad * 16, "B too short");
+        assert!(
+            self.k_pad % crate::pack::PAD == 0,
+            "k_pad must be a multiple of 32"
+        );
+        assert!(
+            self.np >= 1 && self.b.len() >= self.np * self.k_pad * 16,
+            "B too short"
+        );
         if self.m > 0 {
-            assert!(self.lda >= self.k_pad && self.a.len() >= (self.m - 1) * self.lda + self.k_pad, "A too short");
-            assert!(self.ldc >= self.np * 16 && self.c.len() >= (self.m - 1) * self.ldc + self.np * 16, "C too short");
+            assert!(
+                self.lda >= self.k_pad && self.a.len() >= (self.m - 1) * self.lda + self.k_pad,
+                "A too short"
+            );
+            assert!(
+                self.ldc >= self.np * 16 && self.c.len() >= (self.m - 1) * self.ldc + self.np * 16,
+                "C too short"
+            );
         }
     }
 }
@@ -73,29 +85,85 @@ pub(crate) fn gemm(isa: Isa, g: Gemm<'_>) {
 /// # Safety
 /// `K` must be usable on this CPU (and AVX-512 BF16 for the remainder).
 unsafe fn amx_split<K: amx::TileKernel>(mut g: Gemm<'_>) {
-    let rows_readable = if g.a.len() >= g.k_pad { (g.a.len() - g.k_pad) / g.lda + 1 } else { 0 };
+    let rows_readable = if g.a.len() >= g.k_pad {
+        (g.a.len() - g.k_pad) / g.lda + 1
+    } else {
+        0
+    };
     let m32 = (g.m.next_multiple_of(amx::MR).min(rows_readable) / amx::MR) * amx::MR;
     let m32 = if g.np % 2 == 0 { m32 } else { 0 };
     if m32 > 0 {
         amx::gemm_tiles::<K>(&mut g, m32);
     }
     if m32 < g.m {
-        let rest = Gemm { m: g.m - m32, a: &g.a[m32 * g.lda..], lda: g.lda, b: g.b, np: g.np, k_pad: g.k_pad, c: &mut g.c[m32 * g.ldc..], ldc: g.ldc };
+        let rest = Gemm {
+            m: g.m - m32,
+            a: &g.a[m32 * g.lda..],
+            lda: g.lda,
+            b: g.b,
+            np: g.np,
+            k_pad: g.k_pad,
+            c: &mut g.c[m32 * g.ldc..],
+            ldc: g.ldc,
+        };
         avx512::gemm(rest);
     }
 }
 
 /// Packs the transposed block of one expert's weights (see
 /// [`crate::pack::pack_transposed_block`]) with the fastest code `isa` allows.
-pub(crate) fn transpose_block(isa: Isa, src: &[u16], shape: crate::pack::PackShape, c0: usize, np: usize, dst: &mut [u16]) {
+pub(crate) fn transpose_block(
+    isa: Isa,
+    src: &[u16],
+    shape: crate::pack::PackShape,
+    c0: usize,
+    np: usize,
+    dst: &mut [u16],
+) {
     assert!(src.len() >= shape.len(), "source pack too short");
-    assert!(c0 % 16 == 0 && c0 + np * 16 <= shape.k_pad, "column block out of range");
+    assert!(
+        c0 % 16 == 0 && c0 + np * 16 <= shape.k_pad,
+        "column block out of range"
+    );
     assert!(dst.len() >= np * 16 * shape.n_pad, "destination too short");
     match isa {
-        Isa::Scalar => crate::pack::pack_transposed_block(src, shape, c0, np, &mut dst[..np * 16 * shape.n_pad]),
+        Isa::Scalar => crate::pack::pack_transposed_block(
+            src,
+            shape,
+            c0,
+            np,
+            &mut dst[..np * 16 * shape.n_pad],
+        ),
         // SAFETY: bounds asserted above; `isa` checked available by the caller's layer.
         Isa::Avx512 | Isa::Amx => unsafe { avx512::pack_transposed_block(src, shape, c0, np, dst) },
     }
+}
+
+/// `out[i, c] = Σ_o A[i, o] · W[o, c]` for the 16·np columns from `c0` (W given by its
+/// forward packing): the backward product. Few rows read W directly; more rows repack the
+/// block into the transposed layout first (in this thread's scratch) and run the GEMM.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_t_direct(
+    isa: Isa,
+    a: &[u16],
+    m: usize,
+    lda: usize,
+    src: &[u16],
+    shape: crate::pack::PackShape,
+    c0: usize,
+    np: usize,
+    out: &mut [f32],
+    ldo: usize,
+) -> bool {
+    if isa == Isa::Scalar || m == 0 {
+        return false;
+    }
+    assert!(src.len() >= shape.len() && c0 % 16 == 0 && c0 + np * 16 <= shape.k_pad);
+    assert!(lda >= shape.n_pad && a.len() >= (m - 1) * lda + shape.n_pad);
+    assert!(ldo >= np * 16 && out.len() >= (m - 1) * ldo + np * 16);
+    // SAFETY: bounds asserted above; `isa` checked available by the caller's layer.
+    unsafe { avx512::gemm_t_direct(a, m, lda, src, shape, c0, np * 16, out, ldo) };
+    true
 }
 
 #[cfg(test)]
@@ -107,7 +175,9 @@ mod tests {
     fn rand_bf16(n: usize, seed: &mut u64) -> Vec<u16> {
         (0..n)
             .map(|_| {
-                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let u = ((*seed >> 40) as f64) / (1u64 << 24) as f64;
                 bf16::from_f32((u * 2.0 - 1.0) as f32)
             })
@@ -155,11 +225,27 @@ mod tests {
             let t = std::time::Instant::now();
             for rep in 0..reps {
                 let blk = rep % 11;
-                gemm(isa, Gemm { m, a: &a, lda, b: &pw[blk * np * sh.panel_len()..], np, k_pad: sh.k_pad, c: &mut c, ldc: 64 });
+                gemm(
+                    isa,
+                    Gemm {
+                        m,
+                        a: &a,
+                        lda,
+                        b: &pw[blk * np * sh.panel_len()..],
+                        np,
+                        k_pad: sh.k_pad,
+                        c: &mut c,
+                        ldc: 64,
+                    },
+                );
             }
             let s = t.elapsed().as_secs_f64();
             let flops = 2.0 * (m * np * 16 * k * reps) as f64;
-            println!("gemm {isa}: m={m} n={} k={k}: {:.1} GFLOPS (1 thread)", np * 16, flops / s / 1e9);
+            println!(
+                "gemm {isa}: m={m} n={} k={k}: {:.1} GFLOPS (1 thread)",
+                np * 16,
+                flops / s / 1e9
+            );
         }
         if Isa::Amx.check_available().is_ok() {
             // The same work with A in tile-contiguous blocks (each A tile 1 KiB contiguous),
@@ -168,7 +254,9 @@ mod tests {
             let at = rand_bf16((m / 16 + 2) * kbc * 512, &mut seed);
             let mut tile = vec![0f32; 32 * 32];
             let reps = 40;
-            for (label, kb_n, blocks) in [("tile-layout A", kbc, 11usize), ("L1-resident k=256", 8, 1)] {
+            for (label, kb_n, blocks) in
+                [("tile-layout A", kbc, 11usize), ("L1-resident k=256", 8, 1)]
+            {
                 let t = std::time::Instant::now();
                 unsafe {
                     use amx::TileKernel;
@@ -180,7 +268,12 @@ mod tests {
                             let b1 = b0.add(sh.panel_len());
                             for ch in 0..m / 32 {
                                 let a0 = at.as_ptr().add(2 * ch * kbc * 512);
-                                let a = amx::ATile { a: a0, a1: a0.add(kbc * 512), lda: 32, step: 512 };
+                                let a = amx::ATile {
+                                    a: a0,
+                                    a1: a0.add(kbc * 512),
+                                    lda: 32,
+                                    step: 512,
+                                };
                                 amx::Hardware::run_gen(a, b0, b1, kb_n, tile.as_mut_ptr(), false);
                             }
                         }
@@ -199,7 +292,13 @@ mod tests {
     #[test]
     fn amx_driver_with_emulated_tiles_matches_scalar() {
         let mut seed = 8u64;
-        for &(m, n, k, extra_rows) in &[(32, 32, 32, 0), (45, 64, 96, 0), (45, 64, 96, 32), (7, 32, 2050, 32), (70, 96, 64, 0)] {
+        for &(m, n, k, extra_rows) in &[
+            (32, 32, 32, 0),
+            (45, 64, 96, 0),
+            (45, 64, 96, 32),
+            (7, 32, 2050, 32),
+            (70, 96, 64, 0),
+        ] {
             let sh = PackShape::new(n, k);
             let w = rand_bf16(n * k, &mut seed);
             let mut pw = vec![0u16; sh.len()];
@@ -208,9 +307,30 @@ mod tests {
             let a = rand_bf16((m + extra_rows) * lda, &mut seed);
             let ldc = sh.n_pad + 16;
             let mut want = vec![0f32; m * ldc];
-            gemm(Isa::Scalar, Gemm { m, a: &a, lda, b: &pw, np: sh.panels(), k_pad: sh.k_pad, c: &mut want, ldc });
+            gemm(
+                Isa::Scalar,
+                Gemm {
+                    m,
+                    a: &a,
+                    lda,
+                    b: &pw,
+                    np: sh.panels(),
+                    k_pad: sh.k_pad,
+                    c: &mut want,
+                    ldc,
+                },
+            );
             let mut got = vec![f32::NAN; m * ldc];
-            let g = Gemm { m, a: &a, lda, b: &pw, np: sh.panels(), k_pad: sh.k_pad, c: &mut got, ldc };
+            let g = Gemm {
+                m,
+                a: &a,
+                lda,
+                b: &pw,
+                np: sh.panels(),
+                k_pad: sh.k_pad,
+                c: &mut got,
+                ldc,
+            };
             if Isa::Avx512.check_available().is_ok() {
                 unsafe { amx_split::<amx::Emulated>(g) };
             } else {
@@ -225,7 +345,56 @@ mod tests {
             for i in 0..m {
                 for o in 0..sh.n_pad {
                     let (x, y) = (got[i * ldc + o], want[i * ldc + o]);
-                    assert!(x.is_nan() && y.is_nan() || (x - y).abs() <= 1e-4 * (1.0 + y.abs()), "m{m} n{n} k{k} ({i},{o}) {x} vs {y}");
+                    assert!(
+                        x.is_nan() && y.is_nan() || (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "m{m} n{n} k{k} ({i},{o}) {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn direct_transposed_product_matches_repacked_gemm() {
+        let mut seed = 4u64;
+        for &(n, k, m) in &[(32, 64, 1), (64, 96, 2), (96, 2050, 3), (2816, 64, 4)] {
+            let sh = PackShape::new(n, k);
+            let w = rand_bf16(n * k, &mut seed);
+            let mut pw = vec![0u16; sh.len()];
+            pack_into(&w, sh, &mut pw);
+            let lda = sh.n_pad + 32;
+            let a = rand_bf16(m * lda, &mut seed);
+            for isa in Isa::available() {
+                let np = (sh.k_pad / 16).min(4);
+                for c0 in [0, sh.k_pad - np * 16] {
+                    let mut tb = vec![0u16; np * 16 * sh.n_pad];
+                    transpose_block(Isa::Scalar, &pw, sh, c0, np, &mut tb);
+                    let mut want = vec![0f32; m * 64];
+                    gemm(
+                        Isa::Scalar,
+                        Gemm {
+                            m,
+                            a: &a,
+                            lda,
+                            b: &tb,
+                            np,
+                            k_pad: sh.n_pad,
+                            c: &mut want,
+                            ldc: 64,
+                        },
+                    );
+                    let mut got = vec![f32::NAN; m * 64];
+                    if gemm_t_direct(isa, &a, m, lda, &pw, sh, c0, np, &mut got, 64) {
+                        for i in 0..m {
+                            for c in 0..np * 16 {
+                                let (x, y) = (got[i * 64 + c], want[i * 64 + c]);
+                                assert!(
+                                    (x - y).abs() <= 1e-3 * (1.0 + y.abs()),
+                                    "{isa} n{n} k{k} m{m} c0 {c0}: {x} vs {y}"
+                                );
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -235,7 +404,14 @@ mod tests {
     #[test]
     fn gemm_all_isas_match_f64_reference() {
         let mut seed = 42u64;
-        for &(m, n, k) in &[(1, 16, 32), (3, 17, 33), (7, 64, 2050), (13, 96, 1407), (6, 40, 64), (31, 2050 / 10, 96)] {
+        for &(m, n, k) in &[
+            (1, 16, 32),
+            (3, 17, 33),
+            (7, 64, 2050),
+            (13, 96, 1407),
+            (6, 40, 64),
+            (31, 2050 / 10, 96),
+        ] {
             let sh = PackShape::new(n, k);
             let w = rand_bf16(n * k, &mut seed);
             let mut pw = vec![0u16; sh.len()];
@@ -249,12 +425,32 @@ mod tests {
             let ldc = sh.n_pad;
             for isa in Isa::available() {
                 let mut c = vec![f32::NAN; m * ldc];
-                gemm(isa, Gemm { m, a: &a, lda, b: &pw, np: sh.panels(), k_pad: sh.k_pad, c: &mut c, ldc });
+                gemm(
+                    isa,
+                    Gemm {
+                        m,
+                        a: &a,
+                        lda,
+                        b: &pw,
+                        np: sh.panels(),
+                        k_pad: sh.k_pad,
+                        c: &mut c,
+                        ldc,
+                    },
+                );
                 for i in 0..m {
                     for o in 0..n {
-                        let r: f64 = (0..k).map(|x| bf16::to_f32(a[i * lda + x]) as f64 * bf16::to_f32(w[o * k + x]) as f64).sum();
+                        let r: f64 = (0..k)
+                            .map(|x| {
+                                bf16::to_f32(a[i * lda + x]) as f64
+                                    * bf16::to_f32(w[o * k + x]) as f64
+                            })
+                            .sum();
                         let got = c[i * ldc + o] as f64;
-                        assert!((got - r).abs() <= 1e-4 * (1.0 + r.abs()) * (k as f64).sqrt(), "{isa} m{m} n{n} k{k} ({i},{o}): {got} vs {r}");
+                        assert!(
+                            (got - r).abs() <= 1e-4 * (1.0 + r.abs()) * (k as f64).sqrt(),
+                            "{isa} m{m} n{n} k{k} ({i},{o}): {got} vs {r}"
+                        );
                     }
                     for o in n..sh.n_pad {
                         assert_eq!(c[i * ldc + o], 0.0, "padding column must be 0");

@@ -4,15 +4,18 @@
 //! block it multiplies by from the forward layout (see `pack::pack_transposed_block`)
 //! into its thread's scratch, so expert memory stays at one copy.
 
-use super::{chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, GradTarget, MoeLayer, NB, ROW_PAD};
+use super::{
+    chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, GradTarget, MoeLayer, NB,
+    ROW_PAD,
+};
 use crate::bf16;
 use crate::buffer::SendPtr;
+use crate::cpu::Isa;
 use crate::error::{check_len, KtrsError, Result};
 use crate::kernels::lora_grad::{self, Cols};
+use crate::kernels::transpose_block;
 use crate::kernels::{epilogue, vec};
 use crate::lora::LoraMatrix as M;
-use crate::cpu::Isa;
-use crate::kernels::transpose_block;
 use crate::pack::{fused_row, ExpertPack, PANEL};
 use std::cell::RefCell;
 
@@ -22,7 +25,14 @@ thread_local! {
 }
 
 /// Runs `f` on the transposed block (new outputs `c0 .. c0 + 16·np`) of expert e of `pack`.
-fn with_transposed_block<R>(isa: Isa, pack: &ExpertPack, e: usize, c0: usize, np: usize, f: impl FnOnce(&[u16]) -> R) -> R {
+fn with_transposed_block<R>(
+    isa: Isa,
+    pack: &ExpertPack,
+    e: usize,
+    c0: usize,
+    np: usize,
+    f: impl FnOnce(&[u16]) -> R,
+) -> R {
     TRANSPOSED.with(|cell| {
         let mut buf = cell.borrow_mut();
         let len = np * PANEL * pack.shape.n_pad;
@@ -31,6 +41,61 @@ fn with_transposed_block<R>(isa: Isa, pack: &ExpertPack, e: usize, c0: usize, np
         }
         transpose_block(isa, pack.expert(e), pack.shape, c0, np, &mut buf[..len]);
         f(&buf[..len])
+    })
+}
+
+/// Experts with at most this many rows multiply by W directly from its forward packing
+/// (`kernels::gemm_t_direct`); more rows amortise repacking the block first.
+/// `KTRS_DIRECT_MAX_ROWS` overrides it.
+fn direct_max_rows() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("KTRS_DIRECT_MAX_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4)
+            .min(DIRECT_CAP)
+    })
+}
+const DIRECT_CAP: usize = 8;
+
+/// `A[rows] · W` for the 16·np columns from `c0` of expert e's weights (given by their
+/// forward packing); `epi(pair, row)` gets each finished row.
+#[allow(clippy::too_many_arguments)]
+fn gemm_t_rows(
+    isa: Isa,
+    a: &[u16],
+    lda: usize,
+    rows: std::ops::Range<usize>,
+    pack: &ExpertPack,
+    e: usize,
+    c0: usize,
+    np: usize,
+    mut epi: impl FnMut(usize, &mut [f32]),
+) {
+    if rows.len() <= direct_max_rows() {
+        let mut c = [0f32; DIRECT_CAP * NB * PANEL];
+        let ldc = NB * PANEL;
+        if crate::kernels::gemm_t_direct(
+            isa,
+            &a[rows.start * lda..],
+            rows.len(),
+            lda,
+            pack.expert(e),
+            pack.shape,
+            c0,
+            np,
+            &mut c,
+            ldc,
+        ) {
+            for (r, p) in rows.enumerate() {
+                epi(p, &mut c[r * ldc..r * ldc + np * PANEL]);
+            }
+            return;
+        }
+    }
+    with_transposed_block(isa, pack, e, c0, np, |b| {
+        gemm_rows(isa, a, lda, pack.shape.n_pad, rows, b, np, epi)
     })
 }
 
@@ -46,7 +111,9 @@ impl MoeLayer {
         grads: GradTarget<'_>,
     ) -> Result<()> {
         if cache.layer_id != self.id() {
-            return Err(KtrsError::StaleCache("this forward cache was made by another layer".into()));
+            return Err(KtrsError::StaleCache(
+                "this forward cache was made by another layer".into(),
+            ));
         }
         let cfg = self.config;
         let (h, i, h_pad, i_pad) = (cfg.hidden, cfg.intermediate, cfg.h_pad(), cfg.i_pad());
@@ -56,19 +123,31 @@ impl MoeLayer {
         check_len("grad_output", grad_out.len(), tokens * h)?;
         check_len("grad_hidden", grad_hidden.len(), tokens * h)?;
         check_len("grad_topk_weights", grad_weights.len(), tokens * k)?;
-        if let Some(t) = (0..tokens).find(|&t| bf16::any_non_finite(&grad_out[t * h..(t + 1) * h])) {
-            return Err(KtrsError::NonFinite { what: format!("grad_output at token {t}") });
+        if let Some(t) = (0..tokens).find(|&t| bf16::any_non_finite(&grad_out[t * h..(t + 1) * h]))
+        {
+            return Err(KtrsError::NonFinite {
+                what: format!("grad_output at token {t}"),
+            });
         }
         let lora = self.lora.as_ref();
         let r = lora.map_or(0, |l| l.config.rank);
         let s = lora.map_or(0.0, |l| l.config.scaling());
         let isa = self.isa;
         let off = &rt.offsets;
-        let (x, g, u, act) = (cache.x.as_slice(), cache.g.as_slice(), cache.u.as_slice(), cache.act.as_slice());
+        let (x, g, u, act) = (
+            cache.x.as_slice(),
+            cache.g.as_slice(),
+            cache.u.as_slice(),
+            cache.act.as_slice(),
+        );
 
         // 1. Gather dy rows (unweighted); vd = dy·Bd.
         let active = rt.active_experts();
-        let bdt = if r > 0 { self.lora_b_transposed(M::DownB, &active, h_pad, Cols::Plain) } else { self.scratch.take::<f32>(0) };
+        let bdt = if r > 0 {
+            self.lora_b_transposed(M::DownB, &active, h_pad, Cols::Plain)
+        } else {
+            self.scratch.take::<f32>(0)
+        };
         let dy = self.scratch.take::<u16>((n + ROW_PAD) * ds);
         let mut vd = vec![0f32; n * r];
         let (dyp, vdp) = (SendPtr(dy.as_ptr()), SendPtr(vd.as_mut_ptr()));
@@ -81,7 +160,14 @@ impl MoeLayer {
                 full[..h].copy_from_slice(&grad_out[t * h..(t + 1) * h]);
                 if r > 0 {
                     let e = rt.expert_of(p);
-                    vec::project(isa, full, &bdt.as_slice()[e * r * h_pad..], r, h_pad, unsafe { vdp.slice_mut(p * r, r) });
+                    vec::project(
+                        isa,
+                        full,
+                        &bdt.as_slice()[e * r * h_pad..],
+                        r,
+                        h_pad,
+                        unsafe { vdp.slice_mut(p * r, r) },
+                    );
                 }
             }
         });
@@ -99,27 +185,58 @@ impl MoeLayer {
             let (e, blk) = tasks[task];
             let np = NB.min(dn.shape.k_pad / PANEL - blk * NB);
             let i0 = blk * NB * PANEL;
-            with_transposed_block(isa, dn, e, i0, np, |b| {
-                gemm_rows(isa, dy.as_slice(), ds, dn.shape.n_pad, off[e]..off[e + 1], b, np, |p, da| {
-                    let cols = (np * PANEL).min(i.saturating_sub(i0));
-                    if r > 0 && cols > 0 {
-                        vec::combine_rows(isa, s, &vd[p * r..(p + 1) * r], &self.lora_expert(M::DownA, e)[i0..], i, r, cols, da);
-                    }
-                    let arow = &act[p * as_ + i0..];
-                    // SAFETY: (pair p, block blk) and (pair p, columns i0..i0+16·np) are this task's.
-                    unsafe { gwp.write(p * i_blocks + blk, vec::dot_f32_bf16(isa, da, arow, cols)) };
-                    let w = rt.pair_weight[p];
-                    let drow = unsafe { dgup.slice_mut(p * gs, 2 * i_pad) };
-                    // Whole panels: padding columns (c >= I) have da = g = u = 0, so
-                    // they come out as the zeros the next GEMM must read there.
-                    for q in 0..np {
-                        let c = i0 + q * PANEL;
-                        let (dg, du) = drow[fused_row(c, false)..fused_row(c, false) + 2 * PANEL].split_at_mut(PANEL);
-                        let at = p * i_pad + c;
-                        epilogue::swiglu_bwd(isa, w, &da[q * PANEL..], &g[at..at + PANEL], &u[at..at + PANEL], dg, du);
-                    }
-                });
-            });
+            {
+                gemm_t_rows(
+                    isa,
+                    dy.as_slice(),
+                    ds,
+                    off[e]..off[e + 1],
+                    dn,
+                    e,
+                    i0,
+                    np,
+                    |p, da| {
+                        let cols = (np * PANEL).min(i.saturating_sub(i0));
+                        if r > 0 && cols > 0 {
+                            vec::combine_rows(
+                                isa,
+                                s,
+                                &vd[p * r..(p + 1) * r],
+                                &self.lora_expert(M::DownA, e)[i0..],
+                                i,
+                                r,
+                                cols,
+                                da,
+                            );
+                        }
+                        let arow = &act[p * as_ + i0..];
+                        // SAFETY: (pair p, block blk) and (pair p, columns i0..i0+16·np) are this task's.
+                        unsafe {
+                            gwp.write(p * i_blocks + blk, vec::dot_f32_bf16(isa, da, arow, cols))
+                        };
+                        let w = rt.pair_weight[p];
+                        let drow = unsafe { dgup.slice_mut(p * gs, 2 * i_pad) };
+                        // Whole panels: padding columns (c >= I) have da = g = u = 0, so
+                        // they come out as the zeros the next GEMM must read there.
+                        for q in 0..np {
+                            let c = i0 + q * PANEL;
+                            let (dg, du) = drow
+                                [fused_row(c, false)..fused_row(c, false) + 2 * PANEL]
+                                .split_at_mut(PANEL);
+                            let at = p * i_pad + c;
+                            epilogue::swiglu_bwd(
+                                isa,
+                                w,
+                                &da[q * PANEL..],
+                                &g[at..at + PANEL],
+                                &u[at..at + PANEL],
+                                dg,
+                                du,
+                            );
+                        }
+                    },
+                );
+            }
         });
 
         // 3. vg/vu = dg·Bg, du·Bu per pair; then LoRA gradients, one task per (expert,
@@ -151,7 +268,10 @@ impl MoeLayer {
                         check_len(&format!("grad_{}", m.name()), b.len(), l.grad(*m).len())?;
                     }
                     let [a, b, c, d, e, f] = bufs;
-                    Some(([a, b, c, d, e, f].map(|s| SendPtr(s.as_mut_ptr())), accumulate))
+                    Some((
+                        [a, b, c, d, e, f].map(|s| SendPtr(s.as_mut_ptr())),
+                        accumulate,
+                    ))
                 }
             };
             if let Some((dst, accumulate)) = dst {
@@ -168,12 +288,84 @@ impl MoeLayer {
                     let rows = off[e]..off[e + 1];
                     use lora_grad::{accumulate as acc, Coef, Layout::*};
                     match m {
-                        M::GateA => acc(isa, x, xs, Cols::Plain, rows, &vg, Coef::Const(s), r, h, RankMajor, out),
-                        M::UpA => acc(isa, x, xs, Cols::Plain, rows, &vu, Coef::Const(s), r, h, RankMajor, out),
-                        M::GateB => acc(isa, dgu_s, gs, Cols::Fused(false), rows, &cache.zg, Coef::Const(s), r, i, ColMajor, out),
-                        M::UpB => acc(isa, dgu_s, gs, Cols::Fused(true), rows, &cache.zu, Coef::Const(s), r, i, ColMajor, out),
-                        M::DownA => acc(isa, act, as_, Cols::Plain, rows, &vd, Coef::Scaled(s, pw), r, i, RankMajor, out),
-                        M::DownB => acc(isa, dy_s, ds, Cols::Plain, rows, &cache.zd, Coef::Scaled(s, pw), r, h, ColMajor, out),
+                        M::GateA => acc(
+                            isa,
+                            x,
+                            xs,
+                            Cols::Plain,
+                            rows,
+                            &vg,
+                            Coef::Const(s),
+                            r,
+                            h,
+                            RankMajor,
+                            out,
+                        ),
+                        M::UpA => acc(
+                            isa,
+                            x,
+                            xs,
+                            Cols::Plain,
+                            rows,
+                            &vu,
+                            Coef::Const(s),
+                            r,
+                            h,
+                            RankMajor,
+                            out,
+                        ),
+                        M::GateB => acc(
+                            isa,
+                            dgu_s,
+                            gs,
+                            Cols::Fused(false),
+                            rows,
+                            &cache.zg,
+                            Coef::Const(s),
+                            r,
+                            i,
+                            ColMajor,
+                            out,
+                        ),
+                        M::UpB => acc(
+                            isa,
+                            dgu_s,
+                            gs,
+                            Cols::Fused(true),
+                            rows,
+                            &cache.zu,
+                            Coef::Const(s),
+                            r,
+                            i,
+                            ColMajor,
+                            out,
+                        ),
+                        M::DownA => acc(
+                            isa,
+                            act,
+                            as_,
+                            Cols::Plain,
+                            rows,
+                            &vd,
+                            Coef::Scaled(s, pw),
+                            r,
+                            i,
+                            RankMajor,
+                            out,
+                        ),
+                        M::DownB => acc(
+                            isa,
+                            dy_s,
+                            ds,
+                            Cols::Plain,
+                            rows,
+                            &cache.zd,
+                            Coef::Scaled(s, pw),
+                            r,
+                            h,
+                            ColMajor,
+                            out,
+                        ),
                     }
                 });
             }
@@ -189,21 +381,52 @@ impl MoeLayer {
             let (e, blk) = tasks[task];
             let np = NB.min(gu.shape.k_pad / PANEL - blk * NB);
             let h0 = blk * NB * PANEL;
-            with_transposed_block(isa, gu, e, h0, np, |b| {
-                gemm_rows(isa, dgu.as_slice(), gs, gu.shape.n_pad, off[e]..off[e + 1], b, np, |p, c| {
-                    let cols = (np * PANEL).min(h.saturating_sub(h0));
-                    if r > 0 && cols > 0 {
-                        vec::combine_rows(isa, s, &vg[p * r..(p + 1) * r], &self.lora_expert(M::GateA, e)[h0..], h, r, cols, c);
-                        vec::combine_rows(isa, s, &vu[p * r..(p + 1) * r], &self.lora_expert(M::UpA, e)[h0..], h, r, cols, c);
-                    }
-                    // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
-                    unsafe { dxp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
-                });
-            });
+            {
+                gemm_t_rows(
+                    isa,
+                    dgu.as_slice(),
+                    gs,
+                    off[e]..off[e + 1],
+                    gu,
+                    e,
+                    h0,
+                    np,
+                    |p, c| {
+                        let cols = (np * PANEL).min(h.saturating_sub(h0));
+                        if r > 0 && cols > 0 {
+                            vec::combine_rows(
+                                isa,
+                                s,
+                                &vg[p * r..(p + 1) * r],
+                                &self.lora_expert(M::GateA, e)[h0..],
+                                h,
+                                r,
+                                cols,
+                                c,
+                            );
+                            vec::combine_rows(
+                                isa,
+                                s,
+                                &vu[p * r..(p + 1) * r],
+                                &self.lora_expert(M::UpA, e)[h0..],
+                                h,
+                                r,
+                                cols,
+                                c,
+                            );
+                        }
+                        // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
+                        unsafe { dxp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
+                    },
+                );
+            }
         });
 
         // 5. Sum over each token's k pairs; routing-weight gradient from the partials.
-        let (ghp, gwo) = (SendPtr(grad_hidden.as_mut_ptr()), SendPtr(grad_weights.as_mut_ptr()));
+        let (ghp, gwo) = (
+            SendPtr(grad_hidden.as_mut_ptr()),
+            SendPtr(grad_weights.as_mut_ptr()),
+        );
         self.run_phase("bwd combine", row_chunks(tokens), |task, _| {
             let mut acc = vec![0f32; h];
             for t in chunk_range(task, tokens) {
@@ -211,7 +434,9 @@ impl MoeLayer {
                 for slot in 0..k {
                     let p = rt.pos[t * k + slot] as usize;
                     vec::axpy(isa, 1.0, &dx.as_slice()[p * h_pad..p * h_pad + h], &mut acc);
-                    let gw: f32 = gw_part.as_slice()[p * i_blocks..(p + 1) * i_blocks].iter().sum();
+                    let gw: f32 = gw_part.as_slice()[p * i_blocks..(p + 1) * i_blocks]
+                        .iter()
+                        .sum();
                     // SAFETY: token t's rows are written by this task alone.
                     unsafe { gwo.write(t * k + slot, gw) };
                 }

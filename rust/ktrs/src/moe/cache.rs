@@ -43,6 +43,12 @@ impl ForwardCache {
 
 impl std::fmt::Debug for ForwardCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ForwardCache(tokens={}, k={}, bytes={})", self.tokens(), self.top_k(), self.bytes())
+        write!(
+            f,
+            "ForwardCache(tokens={}, k={}, bytes={})",
+            self.tokens(),
+            self.top_k(),
+            self.bytes()
+        )
     }
 }

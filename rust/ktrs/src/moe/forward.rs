@@ -1,7 +1,9 @@
 //! The forward pass of the routed experts.
 
 use super::routing::Routing;
-use super::{chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, MoeLayer, NB, ROW_PAD};
+use super::{
+    chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, MoeLayer, NB, ROW_PAD,
+};
 use crate::bf16;
 use crate::buffer::SendPtr;
 use crate::error::{check_len, KtrsError, Result};
@@ -31,11 +33,17 @@ impl MoeLayer {
         check_len("hidden", hidden.len(), tokens * h)?;
         check_len("out", out.len(), tokens * h)?;
         if k == 0 {
-            return Err(KtrsError::invalid("topk_ids", "at least one expert per token (k >= 1)", 0));
+            return Err(KtrsError::invalid(
+                "topk_ids",
+                "at least one expert per token (k >= 1)",
+                0,
+            ));
         }
         let routing = Routing::new(ids, weights, tokens, k, cfg.experts)?;
         if let Some(t) = (0..tokens).find(|&t| bf16::any_non_finite(&hidden[t * h..(t + 1) * h])) {
-            return Err(KtrsError::NonFinite { what: format!("hidden_states at token {t}") });
+            return Err(KtrsError::NonFinite {
+                what: format!("hidden_states at token {t}"),
+            });
         }
         let n = routing.pairs();
         let isa = self.isa;
@@ -51,8 +59,17 @@ impl MoeLayer {
         let mut zg = vec![0f32; n * r];
         let mut zu = vec![0f32; n * r];
         let mut zd = vec![0f32; n * r];
-        let (xp, gp, up, ap) = (SendPtr(x.as_ptr()), SendPtr(g.as_ptr()), SendPtr(u.as_ptr()), SendPtr(act.as_ptr()));
-        let (zgp, zup, zdp) = (SendPtr(zg.as_mut_ptr()), SendPtr(zu.as_mut_ptr()), SendPtr(zd.as_mut_ptr()));
+        let (xp, gp, up, ap) = (
+            SendPtr(x.as_ptr()),
+            SendPtr(g.as_ptr()),
+            SendPtr(u.as_ptr()),
+            SendPtr(act.as_ptr()),
+        );
+        let (zgp, zup, zdp) = (
+            SendPtr(zg.as_mut_ptr()),
+            SendPtr(zu.as_mut_ptr()),
+            SendPtr(zd.as_mut_ptr()),
+        );
 
         // 1. Gather token rows into expert order; LoRA-A of gate and up.
         self.run_phase("fwd gather+lora A", row_chunks(n), |task, _| {
@@ -75,7 +92,10 @@ impl MoeLayer {
         // 2. gate+up GEMM; epilogue adds LoRA-B and forms SiLU(gate)·up.
         let active = routing.active_experts();
         let (btg, btu) = if r > 0 {
-            (self.lora_b_transposed(M::GateB, &active, i_pad, Cols::Plain), self.lora_b_transposed(M::UpB, &active, i_pad, Cols::Plain))
+            (
+                self.lora_b_transposed(M::GateB, &active, i_pad, Cols::Plain),
+                self.lora_b_transposed(M::UpB, &active, i_pad, Cols::Plain),
+            )
         } else {
             (self.scratch.take::<f32>(0), self.scratch.take::<f32>(0))
         };
@@ -86,24 +106,55 @@ impl MoeLayer {
             let (e, blk) = tasks[task];
             let panel_len = gu.shape.panel_len();
             let b = &gu.expert(e)[blk * NB * panel_len..];
-            gemm_rows(isa, x.as_slice(), xs, h_pad, off[e]..off[e + 1], b, NB, |p, c| {
-                for half in 0..NB / 2 {
-                    let i0 = blk * NB / 2 * PANEL + half * PANEL;
-                    let (gate, rest) = c[half * 2 * PANEL..].split_at_mut(PANEL);
-                    let upv = &mut rest[..PANEL];
-                    if r > 0 {
-                        let (zgr, zur) = (&zg[p * r..(p + 1) * r], &zu[p * r..(p + 1) * r]);
-                        let at = e * r * i_pad + i0;
-                        vec::combine_rows(isa, s, zgr, &btg.as_slice()[at..], i_pad, r, PANEL, gate);
-                        vec::combine_rows(isa, s, zur, &btu.as_slice()[at..], i_pad, r, PANEL, upv);
+            gemm_rows(
+                isa,
+                x.as_slice(),
+                xs,
+                h_pad,
+                off[e]..off[e + 1],
+                b,
+                NB,
+                |p, c| {
+                    for half in 0..NB / 2 {
+                        let i0 = blk * NB / 2 * PANEL + half * PANEL;
+                        let (gate, rest) = c[half * 2 * PANEL..].split_at_mut(PANEL);
+                        let upv = &mut rest[..PANEL];
+                        if r > 0 {
+                            let (zgr, zur) = (&zg[p * r..(p + 1) * r], &zu[p * r..(p + 1) * r]);
+                            let at = e * r * i_pad + i0;
+                            vec::combine_rows(
+                                isa,
+                                s,
+                                zgr,
+                                &btg.as_slice()[at..],
+                                i_pad,
+                                r,
+                                PANEL,
+                                gate,
+                            );
+                            vec::combine_rows(
+                                isa,
+                                s,
+                                zur,
+                                &btu.as_slice()[at..],
+                                i_pad,
+                                r,
+                                PANEL,
+                                upv,
+                            );
+                        }
+                        // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
+                        let (gr, ur, ar) = unsafe {
+                            (
+                                gp.slice_mut(p * i_pad + i0, PANEL),
+                                up.slice_mut(p * i_pad + i0, PANEL),
+                                ap.slice_mut(p * as_ + i0, PANEL),
+                            )
+                        };
+                        epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
                     }
-                    // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
-                    let (gr, ur, ar) = unsafe {
-                        (gp.slice_mut(p * i_pad + i0, PANEL), up.slice_mut(p * i_pad + i0, PANEL), ap.slice_mut(p * as_ + i0, PANEL))
-                    };
-                    epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
-                }
-            });
+                },
+            );
         });
 
         // 3. LoRA-A of down.
@@ -113,13 +164,24 @@ impl MoeLayer {
                     let e = routing.expert_of(p);
                     // SAFETY: row p of zd is written by this task alone.
                     let zdr = unsafe { zdp.slice_mut(p * r, r) };
-                    vec::project(isa, &act.as_slice()[p * as_..], self.lora_expert(M::DownA, e), r, i, zdr);
+                    vec::project(
+                        isa,
+                        &act.as_slice()[p * as_..],
+                        self.lora_expert(M::DownA, e),
+                        r,
+                        i,
+                        zdr,
+                    );
                 }
             });
         }
 
         // 4. down GEMM per pair (+ LoRA-B) into y.
-        let btd = if r > 0 { self.lora_b_transposed(M::DownB, &active, h_pad, Cols::Plain) } else { self.scratch.take::<f32>(0) };
+        let btd = if r > 0 {
+            self.lora_b_transposed(M::DownB, &active, h_pad, Cols::Plain)
+        } else {
+            self.scratch.take::<f32>(0)
+        };
         let y = self.scratch.take::<f32>(n * h_pad);
         let yp = SendPtr(y.as_ptr());
         let dn = &self.down;
@@ -130,14 +192,32 @@ impl MoeLayer {
             let np = NB.min(dn.shape.panels() - blk * NB);
             let b = &dn.expert(e)[blk * NB * dn.shape.panel_len()..];
             let h0 = blk * NB * PANEL;
-            gemm_rows(isa, act.as_slice(), as_, i_pad, off[e]..off[e + 1], b, np, |p, c| {
-                if r > 0 {
-                    let at = e * r * h_pad + h0;
-                    vec::combine_rows(isa, s, &zd[p * r..(p + 1) * r], &btd.as_slice()[at..], h_pad, r, np * PANEL, c);
-                }
-                // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
-                unsafe { yp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
-            });
+            gemm_rows(
+                isa,
+                act.as_slice(),
+                as_,
+                i_pad,
+                off[e]..off[e + 1],
+                b,
+                np,
+                |p, c| {
+                    if r > 0 {
+                        let at = e * r * h_pad + h0;
+                        vec::combine_rows(
+                            isa,
+                            s,
+                            &zd[p * r..(p + 1) * r],
+                            &btd.as_slice()[at..],
+                            h_pad,
+                            r,
+                            np * PANEL,
+                            c,
+                        );
+                    }
+                    // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
+                    unsafe { yp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
+                },
+            );
         });
 
         // 5. Weighted sum over each token's k experts.
@@ -148,13 +228,28 @@ impl MoeLayer {
                 acc.fill(0.0);
                 for slot in 0..k {
                     let p = routing.pos[t * k + slot] as usize;
-                    vec::axpy(isa, routing.pair_weight[p], &y.as_slice()[p * h_pad..p * h_pad + h], &mut acc);
+                    vec::axpy(
+                        isa,
+                        routing.pair_weight[p],
+                        &y.as_slice()[p * h_pad..p * h_pad + h],
+                        &mut acc,
+                    );
                 }
                 // SAFETY: token row t is written by this task alone.
                 bf16::from_f32_slice(&acc, unsafe { outp.slice_mut(t * h, h) });
             }
         });
 
-        Ok(save.then(|| ForwardCache { layer_id: self.id(), routing, x, g, u, act, zg, zu, zd }))
+        Ok(save.then(|| ForwardCache {
+            layer_id: self.id(),
+            routing,
+            x,
+            g,
+            u,
+            act,
+            zg,
+            zu,
+            zd,
+        }))
     }
 }

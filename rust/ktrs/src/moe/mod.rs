@@ -71,7 +71,10 @@ pub enum GradTarget<'a> {
     /// Accumulate into the layer's own gradient buffers.
     Owned,
     /// Write (or, with `accumulate`, add) into caller slices, in [`LoraMatrix::ALL`] order.
-    External { bufs: [&'a mut [f32]; 6], accumulate: bool },
+    External {
+        bufs: [&'a mut [f32]; 6],
+        accumulate: bool,
+    },
 }
 
 /// Panels per GEMM task: 4 × 16 = 64 output columns, so the gate+up task holds 32 gate
@@ -89,7 +92,12 @@ pub(crate) const ROW_PAD: usize = 32;
 /// overrides it (for measuring the crossover).
 fn amx_min_rows() -> usize {
     static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| std::env::var("KTRS_AMX_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_AMX_MIN_ROWS))
+    *V.get_or_init(|| {
+        std::env::var("KTRS_AMX_MIN_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_AMX_MIN_ROWS)
+    })
 }
 const DEFAULT_AMX_MIN_ROWS: usize = 8;
 
@@ -111,8 +119,18 @@ pub struct MoeLayer {
 
 impl MoeLayer {
     /// A layer with all-zero expert weights; fill it with [`MoeLayer::set_expert`].
-    pub fn new_empty(config: MoeConfig, lora: Option<LoraConfig>, isa: Isa, threads: usize, seed: u64) -> Result<MoeLayer> {
-        for (name, v) in [("experts", config.experts), ("hidden", config.hidden), ("intermediate", config.intermediate)] {
+    pub fn new_empty(
+        config: MoeConfig,
+        lora: Option<LoraConfig>,
+        isa: Isa,
+        threads: usize,
+        seed: u64,
+    ) -> Result<MoeLayer> {
+        for (name, v) in [
+            ("experts", config.experts),
+            ("hidden", config.hidden),
+            ("intermediate", config.intermediate),
+        ] {
             if v == 0 {
                 return Err(KtrsError::invalid(name, "a positive size", v));
             }
@@ -121,7 +139,9 @@ impl MoeLayer {
         let (h, i) = (config.hidden, config.intermediate);
         let gate_up = ExpertPack::zeroed(config.experts, PackShape::new(2 * config.i_pad(), h));
         let down = ExpertPack::zeroed(config.experts, PackShape::new(h, i));
-        let lora = lora.map(|c| LoraWeights::new(c, config.experts, h, i, seed)).transpose()?;
+        let lora = lora
+            .map(|c| LoraWeights::new(c, config.experts, h, i, seed))
+            .transpose()?;
         Ok(MoeLayer {
             config,
             isa,
@@ -153,8 +173,23 @@ impl MoeLayer {
         let dn = SendPtr(layer.down.expert_mut(0).as_mut_ptr());
         layer.pool.run(e, |x, _| {
             // SAFETY: task x writes only expert x's region of each pack.
-            let (g, d) = unsafe { (gu.slice_mut(x * gu_shape.len(), gu_shape.len()), dn.slice_mut(x * d_shape.len(), d_shape.len())) };
-            pack_expert(gu_shape, d_shape, h, i, &w.gate[x * i * h..(x + 1) * i * h], &w.up[x * i * h..(x + 1) * i * h], &w.down[x * h * i..(x + 1) * h * i], g, d);
+            let (g, d) = unsafe {
+                (
+                    gu.slice_mut(x * gu_shape.len(), gu_shape.len()),
+                    dn.slice_mut(x * d_shape.len(), d_shape.len()),
+                )
+            };
+            pack_expert(
+                gu_shape,
+                d_shape,
+                h,
+                i,
+                &w.gate[x * i * h..(x + 1) * i * h],
+                &w.up[x * i * h..(x + 1) * i * h],
+                &w.down[x * h * i..(x + 1) * h * i],
+                g,
+                d,
+            );
         });
         Ok(layer)
     }
@@ -227,7 +262,17 @@ impl MoeLayer {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn pack_expert(gs: PackShape, ds: PackShape, h: usize, i: usize, gate: &[u16], up: &[u16], down: &[u16], g: &mut [u16], d: &mut [u16]) {
+fn pack_expert(
+    gs: PackShape,
+    ds: PackShape,
+    h: usize,
+    i: usize,
+    gate: &[u16],
+    up: &[u16],
+    down: &[u16],
+    g: &mut [u16],
+    d: &mut [u16],
+) {
     g.fill(0);
     for r in 0..i {
         pack::pack_row(&gate[r * h..(r + 1) * h], gs, fused_row(r, false), g);
@@ -260,13 +305,29 @@ fn gemm_rows(
     np: usize,
     mut epi: impl FnMut(usize, &mut [f32]),
 ) {
-    let isa = if isa == Isa::Amx && rows.len() < amx_min_rows() { Isa::Avx512 } else { isa };
+    let isa = if isa == Isa::Amx && rows.len() < amx_min_rows() {
+        Isa::Avx512
+    } else {
+        isa
+    };
     let mut c = [0f32; MC * NB * PANEL];
     let ldc = NB * PANEL;
     let mut p0 = rows.start;
     while p0 < rows.end {
         let m = (rows.end - p0).min(MC);
-        kernels::gemm(isa, Gemm { m, a: &a[p0 * lda..], lda, b, np, k_pad, c: &mut c[..m * ldc], ldc });
+        kernels::gemm(
+            isa,
+            Gemm {
+                m,
+                a: &a[p0 * lda..],
+                lda,
+                b,
+                np,
+                k_pad,
+                c: &mut c[..m * ldc],
+                ldc,
+            },
+        );
         for r in 0..m {
             epi(p0 + r, &mut c[r * ldc..r * ldc + np * PANEL]);
         }
@@ -287,13 +348,22 @@ fn chunk_range(task: usize, n: usize) -> Range<usize> {
 
 impl MoeLayer {
     fn lora_expert(&self, m: LoraMatrix, e: usize) -> &[f32] {
-        self.lora.as_ref().expect("lora present").expert_weight(m, e)
+        self.lora
+            .as_ref()
+            .expect("lora present")
+            .expert_weight(m, e)
     }
 
     /// `Bᵀ` of LoRA matrix `m` (`B [E, out, r]`) for `experts`, as `[E, r, ld]`, output o
     /// at column `cols(o)` and zeros elsewhere, so `z·Bᵀ` and `dy·B` become contiguous
     /// vector work.
-    fn lora_b_transposed(&self, m: LoraMatrix, experts: &[usize], ld: usize, cols: Cols) -> crate::buffer::Buffer<f32> {
+    fn lora_b_transposed(
+        &self,
+        m: LoraMatrix,
+        experts: &[usize],
+        ld: usize,
+        cols: Cols,
+    ) -> crate::buffer::Buffer<f32> {
         let l = self.lora.as_ref().expect("lora present");
         let [e_all, out, r] = l.shape(m);
         let buf = self.scratch.take::<f32>(e_all * r * ld);
@@ -330,7 +400,10 @@ impl MoeLayer {
         }
         let t = std::time::Instant::now();
         let r = f();
-        eprintln!("ktrs profile: {name:<24} {:8.3} ms", t.elapsed().as_secs_f64() * 1e3);
+        eprintln!(
+            "ktrs profile: {name:<24} {:8.3} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
         r
     }
 }

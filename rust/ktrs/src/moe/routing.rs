@@ -21,15 +21,33 @@ pub struct Routing {
 
 impl Routing {
     /// Validates `ids` ([T, k], each in `0..experts`) and `weights` ([T, k], finite).
-    pub fn new(ids: &[i64], weights: &[f32], tokens: usize, k: usize, experts: usize) -> Result<Routing> {
+    pub fn new(
+        ids: &[i64],
+        weights: &[f32],
+        tokens: usize,
+        k: usize,
+        experts: usize,
+    ) -> Result<Routing> {
         if ids.len() != tokens * k {
-            return Err(KtrsError::invalid("topk_ids", format!("{tokens}x{k} values"), ids.len()));
+            return Err(KtrsError::invalid(
+                "topk_ids",
+                format!("{tokens}x{k} values"),
+                ids.len(),
+            ));
         }
         if weights.len() != tokens * k {
-            return Err(KtrsError::invalid("topk_weights", format!("{tokens}x{k} values (same shape as topk_ids)"), weights.len()));
+            return Err(KtrsError::invalid(
+                "topk_weights",
+                format!("{tokens}x{k} values (same shape as topk_ids)"),
+                weights.len(),
+            ));
         }
         if tokens * k > u32::MAX as usize {
-            return Err(KtrsError::invalid("topk_ids", "fewer than 2^32 (token, slot) pairs", tokens * k));
+            return Err(KtrsError::invalid(
+                "topk_ids",
+                "fewer than 2^32 (token, slot) pairs",
+                tokens * k,
+            ));
         }
         let mut counts = vec![0usize; experts + 1];
         for (i, &e) in ids.iter().enumerate() {
@@ -43,7 +61,9 @@ impl Routing {
             counts[e as usize + 1] += 1;
         }
         if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
-            return Err(KtrsError::NonFinite { what: format!("topk_weights at token {}, slot {}", i / k, i % k) });
+            return Err(KtrsError::NonFinite {
+                what: format!("topk_weights at token {}, slot {}", i / k, i % k),
+            });
         }
         for e in 0..experts {
             counts[e + 1] += counts[e];
@@ -61,7 +81,15 @@ impl Routing {
             pair_weight[p] = weights[i];
             pos[i] = p as u32;
         }
-        Ok(Routing { tokens, k, experts, offsets, pair_token, pair_weight, pos })
+        Ok(Routing {
+            tokens,
+            k,
+            experts,
+            offsets,
+            pair_token,
+            pair_weight,
+            pos,
+        })
     }
 
     pub fn pairs(&self) -> usize {

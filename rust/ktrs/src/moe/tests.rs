@@ -31,7 +31,9 @@ fn rnd(rng: &mut SplitMix64, scale: f64) -> f32 {
 
 fn make(c: &Case, seed: u64) -> Data {
     let mut g = SplitMix64(seed);
-    let bf = |n: usize, sc: f64, g: &mut SplitMix64| -> Vec<u16> { (0..n).map(|_| bf16::from_f32(rnd(g, sc))).collect() };
+    let bf = |n: usize, sc: f64, g: &mut SplitMix64| -> Vec<u16> {
+        (0..n).map(|_| bf16::from_f32(rnd(g, sc))).collect()
+    };
     let ws = 1.0 / (c.h as f64).sqrt();
     let gate = bf(c.e * c.i * c.h, ws, &mut g);
     let up = bf(c.e * c.i * c.h, ws, &mut g);
@@ -57,10 +59,21 @@ fn make(c: &Case, seed: u64) -> Data {
         .iter()
         .map(|&m| {
             let (rr, cc) = crate::lora::LoraWeights::dims(m, c.r, c.h, c.i);
-            (0..c.e * rr * cc).map(|_| rnd(&mut g, 0.3 / (cc as f64).sqrt())).collect()
+            (0..c.e * rr * cc)
+                .map(|_| rnd(&mut g, 0.3 / (cc as f64).sqrt()))
+                .collect()
         })
         .collect();
-    Data { gate, up, down, hidden, ids, w, gout, lora }
+    Data {
+        gate,
+        up,
+        down,
+        hidden,
+        ids,
+        w,
+        gout,
+        lora,
+    }
 }
 
 struct RefOut {
@@ -78,29 +91,43 @@ fn reference(c: &Case, d: &Data, s: f64) -> RefOut {
     let mut gh = vec![0f64; c.t * h];
     let mut gw = vec![0f64; c.t * c.k];
     let mut lg: Vec<Vec<f64>> = d.lora.iter().map(|m| vec![0f64; m.len()]).collect();
-    let la = |m: usize, e: usize, row: usize, col: usize, cols: usize, rows: usize| d.lora[m][e * rows * cols + row * cols + col] as f64;
+    let la = |m: usize, e: usize, row: usize, col: usize, cols: usize, rows: usize| {
+        d.lora[m][e * rows * cols + row * cols + col] as f64
+    };
     for t in 0..c.t {
         let x: Vec<f64> = (0..h).map(|q| f(d.hidden[t * h + q])).collect();
         let go: Vec<f64> = (0..h).map(|q| f(d.gout[t * h + q])).collect();
         for sl in 0..c.k {
             let e = d.ids[t * c.k + sl] as usize;
             let wt = d.w[t * c.k + sl] as f64;
-            let zg: Vec<f64> = (0..r).map(|j| (0..h).map(|q| la(0, e, j, q, h, r) * x[q]).sum()).collect();
-            let zu: Vec<f64> = (0..r).map(|j| (0..h).map(|q| la(2, e, j, q, h, r) * x[q]).sum()).collect();
+            let zg: Vec<f64> = (0..r)
+                .map(|j| (0..h).map(|q| la(0, e, j, q, h, r) * x[q]).sum())
+                .collect();
+            let zu: Vec<f64> = (0..r)
+                .map(|j| (0..h).map(|q| la(2, e, j, q, h, r) * x[q]).sum())
+                .collect();
             let mut gv = vec![0f64; i];
             let mut uv = vec![0f64; i];
             for o in 0..i {
-                gv[o] = (0..h).map(|q| f(d.gate[(e * i + o) * h + q]) * x[q]).sum::<f64>()
+                gv[o] = (0..h)
+                    .map(|q| f(d.gate[(e * i + o) * h + q]) * x[q])
+                    .sum::<f64>()
                     + s * (0..r).map(|j| la(1, e, o, j, r, i) * zg[j]).sum::<f64>();
-                uv[o] = (0..h).map(|q| f(d.up[(e * i + o) * h + q]) * x[q]).sum::<f64>()
+                uv[o] = (0..h)
+                    .map(|q| f(d.up[(e * i + o) * h + q]) * x[q])
+                    .sum::<f64>()
                     + s * (0..r).map(|j| la(3, e, o, j, r, i) * zu[j]).sum::<f64>();
             }
             let sig: Vec<f64> = gv.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
             let a: Vec<f64> = (0..i).map(|o| gv[o] * sig[o] * uv[o]).collect();
-            let zd: Vec<f64> = (0..r).map(|j| (0..i).map(|o| la(4, e, j, o, i, r) * a[o]).sum()).collect();
+            let zd: Vec<f64> = (0..r)
+                .map(|j| (0..i).map(|o| la(4, e, j, o, i, r) * a[o]).sum())
+                .collect();
             let y: Vec<f64> = (0..h)
                 .map(|q| {
-                    (0..i).map(|o| f(d.down[(e * h + q) * i + o]) * a[o]).sum::<f64>()
+                    (0..i)
+                        .map(|o| f(d.down[(e * h + q) * i + o]) * a[o])
+                        .sum::<f64>()
                         + s * (0..r).map(|j| la(5, e, q, j, r, h) * zd[j]).sum::<f64>()
                 })
                 .collect();
@@ -110,7 +137,9 @@ fn reference(c: &Case, d: &Data, s: f64) -> RefOut {
             // backward
             gw[t * c.k + sl] = (0..h).map(|q| go[q] * y[q]).sum();
             let dy: Vec<f64> = go.iter().map(|v| v * wt).collect();
-            let vd: Vec<f64> = (0..r).map(|j| (0..h).map(|q| dy[q] * la(5, e, q, j, r, h)).sum()).collect();
+            let vd: Vec<f64> = (0..r)
+                .map(|j| (0..h).map(|q| dy[q] * la(5, e, q, j, r, h)).sum())
+                .collect();
             for q in 0..h {
                 for j in 0..r {
                     lg[5][(e * h + q) * r + j] += s * dy[q] * zd[j];
@@ -122,12 +151,23 @@ fn reference(c: &Case, d: &Data, s: f64) -> RefOut {
                 }
             }
             let da: Vec<f64> = (0..i)
-                .map(|o| (0..h).map(|q| dy[q] * f(d.down[(e * h + q) * i + o])).sum::<f64>() + s * (0..r).map(|j| vd[j] * la(4, e, j, o, i, r)).sum::<f64>())
+                .map(|o| {
+                    (0..h)
+                        .map(|q| dy[q] * f(d.down[(e * h + q) * i + o]))
+                        .sum::<f64>()
+                        + s * (0..r).map(|j| vd[j] * la(4, e, j, o, i, r)).sum::<f64>()
+                })
                 .collect();
-            let dg: Vec<f64> = (0..i).map(|o| da[o] * uv[o] * sig[o] * (1.0 + gv[o] * (1.0 - sig[o]))).collect();
+            let dg: Vec<f64> = (0..i)
+                .map(|o| da[o] * uv[o] * sig[o] * (1.0 + gv[o] * (1.0 - sig[o])))
+                .collect();
             let du: Vec<f64> = (0..i).map(|o| da[o] * gv[o] * sig[o]).collect();
-            for (ma, mb, dd, z, wmat) in [(0usize, 1usize, &dg, &zg, &d.gate), (2, 3, &du, &zu, &d.up)] {
-                let v: Vec<f64> = (0..r).map(|j| (0..i).map(|o| dd[o] * la(mb, e, o, j, r, i)).sum()).collect();
+            for (ma, mb, dd, z, wmat) in
+                [(0usize, 1usize, &dg, &zg, &d.gate), (2, 3, &du, &zu, &d.up)]
+            {
+                let v: Vec<f64> = (0..r)
+                    .map(|j| (0..i).map(|o| dd[o] * la(mb, e, o, j, r, i)).sum())
+                    .collect();
                 for o in 0..i {
                     for j in 0..r {
                         lg[mb][(e * i + o) * r + j] += s * dd[o] * z[j];
@@ -139,7 +179,9 @@ fn reference(c: &Case, d: &Data, s: f64) -> RefOut {
                     }
                 }
                 for q in 0..h {
-                    gh[t * h + q] += (0..i).map(|o| dd[o] * f(wmat[(e * i + o) * h + q])).sum::<f64>()
+                    gh[t * h + q] += (0..i)
+                        .map(|o| dd[o] * f(wmat[(e * i + o) * h + q]))
+                        .sum::<f64>()
                         + s * (0..r).map(|j| v[j] * la(ma, e, j, q, h, r)).sum::<f64>();
                 }
             }
@@ -160,9 +202,21 @@ fn rel_l2(got: impl Iterator<Item = f64>, want: &[f64]) -> f64 {
 
 fn check_case(c: &Case, seed: u64) {
     let d = make(c, seed);
-    let cfg = MoeConfig { experts: c.e, hidden: c.h, intermediate: c.i };
-    let lcfg = (c.r > 0).then_some(LoraConfig { rank: c.r, alpha: 2.0 * c.r as f32, use_rslora: false });
-    let w = ExpertWeights { gate: &d.gate, up: &d.up, down: &d.down };
+    let cfg = MoeConfig {
+        experts: c.e,
+        hidden: c.h,
+        intermediate: c.i,
+    };
+    let lcfg = (c.r > 0).then_some(LoraConfig {
+        rank: c.r,
+        alpha: 2.0 * c.r as f32,
+        use_rslora: false,
+    });
+    let w = ExpertWeights {
+        gate: &d.gate,
+        up: &d.up,
+        down: &d.down,
+    };
     let mut layer = MoeLayer::new(cfg, w, lcfg, Isa::Scalar, 2, 0).unwrap();
     if let Some(l) = layer.lora() {
         for (m, v) in crate::lora::LoraMatrix::ALL.iter().zip(&d.lora) {
@@ -174,8 +228,14 @@ fn check_case(c: &Case, seed: u64) {
     for isa in Isa::available() {
         layer.set_isa(isa).unwrap();
         let mut out = vec![0u16; c.t * c.h];
-        let cache = layer.forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true).unwrap().unwrap();
-        let tag = format!("{isa} E{} H{} I{} k{} T{} r{}", c.e, c.h, c.i, c.k, c.t, c.r);
+        let cache = layer
+            .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
+            .unwrap()
+            .unwrap();
+        let tag = format!(
+            "{isa} E{} H{} I{} k{} T{} r{}",
+            c.e, c.h, c.i, c.k, c.t, c.r
+        );
         let err = rel_l2(out.iter().map(|&v| bf16::to_f32(v) as f64), &want.out);
         assert!(err < 1e-2, "{tag}: forward rel L2 {err}");
         let mut gh = vec![0u16; c.t * c.h];
@@ -183,20 +243,34 @@ fn check_case(c: &Case, seed: u64) {
         let mut lg: Vec<Vec<f32>> = d.lora.iter().map(|m| vec![f32::NAN; m.len()]).collect();
         {
             let grads = if c.r > 0 {
-                let [a, b, cc, dd, e, f] = &mut lg[..] else { unreachable!() };
-                GradTarget::External { bufs: [a, b, cc, dd, e, f], accumulate: false }
+                let [a, b, cc, dd, e, f] = &mut lg[..] else {
+                    unreachable!()
+                };
+                GradTarget::External {
+                    bufs: [a, b, cc, dd, e, f],
+                    accumulate: false,
+                }
             } else {
                 GradTarget::Skip
             };
-            layer.backward(&cache, &d.gout, &mut gh, &mut gw, grads).unwrap();
+            layer
+                .backward(&cache, &d.gout, &mut gh, &mut gw, grads)
+                .unwrap();
         }
         let err = rel_l2(gh.iter().map(|&v| bf16::to_f32(v) as f64), &want.gh);
         assert!(err < 1e-2, "{tag}: grad_hidden rel L2 {err}");
         let err = rel_l2(gw.iter().map(|&v| v as f64), &want.gw);
         assert!(err < 1e-2, "{tag}: grad_weights rel L2 {err}");
         if c.r > 0 {
-            for (m, (g, wnt)) in crate::lora::LoraMatrix::ALL.iter().zip(lg.iter().zip(&want.lg)) {
-                assert!(g.iter().all(|v| v.is_finite()), "{tag}: {} has unwritten entries", m.name());
+            for (m, (g, wnt)) in crate::lora::LoraMatrix::ALL
+                .iter()
+                .zip(lg.iter().zip(&want.lg))
+            {
+                assert!(
+                    g.iter().all(|v| v.is_finite()),
+                    "{tag}: {} has unwritten entries",
+                    m.name()
+                );
                 let err = rel_l2(g.iter().map(|&v| v as f64), wnt);
                 assert!(err < 1e-2, "{tag}: grad {} rel L2 {err}", m.name());
             }
@@ -206,84 +280,289 @@ fn check_case(c: &Case, seed: u64) {
 
 #[test]
 fn small_awkward_shapes() {
-    check_case(&Case { e: 5, h: 70, i: 45, k: 3, t: 17, r: 4 }, 1);
-    check_case(&Case { e: 1, h: 33, i: 17, k: 1, t: 1, r: 8 }, 2);
-    check_case(&Case { e: 2, h: 33, i: 17, k: 1, t: 4, r: 2 }, 7);
-    check_case(&Case { e: 3, h: 16, i: 32, k: 2, t: 5, r: 0 }, 3);
+    check_case(
+        &Case {
+            e: 5,
+            h: 70,
+            i: 45,
+            k: 3,
+            t: 17,
+            r: 4,
+        },
+        1,
+    );
+    check_case(
+        &Case {
+            e: 1,
+            h: 33,
+            i: 17,
+            k: 1,
+            t: 1,
+            r: 8,
+        },
+        2,
+    );
+    check_case(
+        &Case {
+            e: 2,
+            h: 33,
+            i: 17,
+            k: 1,
+            t: 4,
+            r: 2,
+        },
+        7,
+    );
+    check_case(
+        &Case {
+            e: 3,
+            h: 16,
+            i: 32,
+            k: 2,
+            t: 5,
+            r: 0,
+        },
+        3,
+    );
 }
 
 #[test]
 fn many_experts_and_k8() {
-    check_case(&Case { e: 64, h: 96, i: 40, k: 8, t: 33, r: 8 }, 4);
+    check_case(
+        &Case {
+            e: 64,
+            h: 96,
+            i: 40,
+            k: 8,
+            t: 33,
+            r: 8,
+        },
+        4,
+    );
 }
 
 #[test]
 fn many_tokens() {
-    check_case(&Case { e: 16, h: 48, i: 40, k: 6, t: 600, r: 3 }, 5);
+    check_case(
+        &Case {
+            e: 16,
+            h: 48,
+            i: 40,
+            k: 6,
+            t: 600,
+            r: 3,
+        },
+        5,
+    );
 }
 
 #[test]
 fn wide_unaligned_hidden() {
-    check_case(&Case { e: 4, h: 2050, i: 1407, k: 2, t: 3, r: 8 }, 6);
+    check_case(
+        &Case {
+            e: 4,
+            h: 2050,
+            i: 1407,
+            k: 2,
+            t: 3,
+            r: 8,
+        },
+        6,
+    );
 }
 
 #[test]
 fn owned_grads_accumulate_and_caches_are_independent() {
-    let c = Case { e: 6, h: 40, i: 24, k: 2, t: 9, r: 4 };
+    let c = Case {
+        e: 6,
+        h: 40,
+        i: 24,
+        k: 2,
+        t: 9,
+        r: 4,
+    };
     let d = make(&c, 9);
-    let cfg = MoeConfig { experts: c.e, hidden: c.h, intermediate: c.i };
-    let lcfg = Some(LoraConfig { rank: 4, alpha: 8.0, use_rslora: false });
-    let layer = MoeLayer::new(cfg, ExpertWeights { gate: &d.gate, up: &d.up, down: &d.down }, lcfg, Isa::best(), 2, 0).unwrap();
+    let cfg = MoeConfig {
+        experts: c.e,
+        hidden: c.h,
+        intermediate: c.i,
+    };
+    let lcfg = Some(LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        use_rslora: false,
+    });
+    let layer = MoeLayer::new(
+        cfg,
+        ExpertWeights {
+            gate: &d.gate,
+            up: &d.up,
+            down: &d.down,
+        },
+        lcfg,
+        Isa::best(),
+        2,
+        0,
+    )
+    .unwrap();
     for (m, v) in crate::lora::LoraMatrix::ALL.iter().zip(&d.lora) {
         layer.lora().unwrap().set(*m, v).unwrap();
     }
     let mut out = vec![0u16; c.t * c.h];
-    let c1 = layer.forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true).unwrap().unwrap();
+    let c1 = layer
+        .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
+        .unwrap()
+        .unwrap();
     // A second, different forward in between must not disturb c1.
     let other: Vec<u16> = d.hidden.iter().rev().copied().collect();
-    let _c2 = layer.forward(&other, c.t, &d.ids, &d.w, c.k, &mut out, true).unwrap().unwrap();
+    let _c2 = layer
+        .forward(&other, c.t, &d.ids, &d.w, c.k, &mut out, true)
+        .unwrap()
+        .unwrap();
     let mut gh = vec![0u16; c.t * c.h];
     let mut gw = vec![0f32; c.t * c.k];
-    layer.backward(&c1, &d.gout, &mut gh, &mut gw, GradTarget::Owned).unwrap();
-    let once: Vec<f32> = layer.lora().unwrap().grad(crate::lora::LoraMatrix::GateA).as_slice().to_vec();
-    layer.backward(&c1, &d.gout, &mut gh, &mut gw, GradTarget::Owned).unwrap();
-    let twice = layer.lora().unwrap().grad(crate::lora::LoraMatrix::GateA).as_slice();
+    layer
+        .backward(&c1, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
+        .unwrap();
+    let once: Vec<f32> = layer
+        .lora()
+        .unwrap()
+        .grad(crate::lora::LoraMatrix::GateA)
+        .as_slice()
+        .to_vec();
+    layer
+        .backward(&c1, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
+        .unwrap();
+    let twice = layer
+        .lora()
+        .unwrap()
+        .grad(crate::lora::LoraMatrix::GateA)
+        .as_slice();
     for (a, b) in once.iter().zip(twice) {
         assert!((2.0 * a - b).abs() <= 1e-5 * (1.0 + a.abs()));
     }
     let want = reference(&c, &d, 2.0);
     let err = rel_l2(once.iter().map(|&v| v as f64), &want.lg[0]);
-    assert!(err < 1e-2, "c1's gradient after an interleaved forward: {err}");
+    assert!(
+        err < 1e-2,
+        "c1's gradient after an interleaved forward: {err}"
+    );
     layer.lora().unwrap().zero_grads();
-    assert!(layer.lora().unwrap().grad(crate::lora::LoraMatrix::GateA).as_slice().iter().all(|&v| v == 0.0));
+    assert!(layer
+        .lora()
+        .unwrap()
+        .grad(crate::lora::LoraMatrix::GateA)
+        .as_slice()
+        .iter()
+        .all(|&v| v == 0.0));
     // A cache from another layer is refused.
-    let layer2 = MoeLayer::new(cfg, ExpertWeights { gate: &d.gate, up: &d.up, down: &d.down }, lcfg, Isa::Scalar, 1, 0).unwrap();
-    assert!(layer2.backward(&c1, &d.gout, &mut gh, &mut gw, GradTarget::Owned).is_err());
+    let layer2 = MoeLayer::new(
+        cfg,
+        ExpertWeights {
+            gate: &d.gate,
+            up: &d.up,
+            down: &d.down,
+        },
+        lcfg,
+        Isa::Scalar,
+        1,
+        0,
+    )
+    .unwrap();
+    assert!(layer2
+        .backward(&c1, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
+        .is_err());
 }
 
 #[test]
 fn bad_inputs_are_errors() {
-    let c = Case { e: 4, h: 32, i: 32, k: 2, t: 2, r: 0 };
+    let c = Case {
+        e: 4,
+        h: 32,
+        i: 32,
+        k: 2,
+        t: 2,
+        r: 0,
+    };
     let d = make(&c, 11);
-    let cfg = MoeConfig { experts: 4, hidden: 32, intermediate: 32 };
-    let layer = MoeLayer::new(cfg, ExpertWeights { gate: &d.gate, up: &d.up, down: &d.down }, None, Isa::Scalar, 1, 0).unwrap();
+    let cfg = MoeConfig {
+        experts: 4,
+        hidden: 32,
+        intermediate: 32,
+    };
+    let layer = MoeLayer::new(
+        cfg,
+        ExpertWeights {
+            gate: &d.gate,
+            up: &d.up,
+            down: &d.down,
+        },
+        None,
+        Isa::Scalar,
+        1,
+        0,
+    )
+    .unwrap();
     let mut out = vec![0u16; 64];
-    assert!(layer.forward(&d.hidden, 2, &[0, 4, 1, 2], &d.w, 2, &mut out, false).is_err());
-    assert!(layer.forward(&d.hidden, 2, &[0, -1, 1, 2], &d.w, 2, &mut out, false).is_err());
-    assert!(layer.forward(&d.hidden[..10], 2, &d.ids, &d.w, 2, &mut out, false).is_err());
+    assert!(layer
+        .forward(&d.hidden, 2, &[0, 4, 1, 2], &d.w, 2, &mut out, false)
+        .is_err());
+    assert!(layer
+        .forward(&d.hidden, 2, &[0, -1, 1, 2], &d.w, 2, &mut out, false)
+        .is_err());
+    assert!(layer
+        .forward(&d.hidden[..10], 2, &d.ids, &d.w, 2, &mut out, false)
+        .is_err());
     let mut nan = d.hidden.clone();
     nan[40] = bf16::from_f32(f32::NAN);
-    let e = layer.forward(&nan, 2, &d.ids, &d.w, 2, &mut out, false).unwrap_err();
+    let e = layer
+        .forward(&nan, 2, &d.ids, &d.w, 2, &mut out, false)
+        .unwrap_err();
     assert!(e.to_string().contains("token 1"), "{e}");
-    assert!(MoeLayer::new(cfg, ExpertWeights { gate: &d.gate[1..], up: &d.up, down: &d.down }, None, Isa::Scalar, 1, 0).is_err());
+    assert!(MoeLayer::new(
+        cfg,
+        ExpertWeights {
+            gate: &d.gate[1..],
+            up: &d.up,
+            down: &d.down
+        },
+        None,
+        Isa::Scalar,
+        1,
+        0
+    )
+    .is_err());
 }
 
 #[test]
 fn set_and_get_expert_round_trip() {
-    let c = Case { e: 3, h: 40, i: 24, k: 1, t: 1, r: 0 };
+    let c = Case {
+        e: 3,
+        h: 40,
+        i: 24,
+        k: 1,
+        t: 1,
+        r: 0,
+    };
     let d = make(&c, 12);
-    let cfg = MoeConfig { experts: 3, hidden: 40, intermediate: 24 };
-    let full = MoeLayer::new(cfg, ExpertWeights { gate: &d.gate, up: &d.up, down: &d.down }, None, Isa::Scalar, 1, 0).unwrap();
+    let cfg = MoeConfig {
+        experts: 3,
+        hidden: 40,
+        intermediate: 24,
+    };
+    let full = MoeLayer::new(
+        cfg,
+        ExpertWeights {
+            gate: &d.gate,
+            up: &d.up,
+            down: &d.down,
+        },
+        None,
+        Isa::Scalar,
+        1,
+        0,
+    )
+    .unwrap();
     let mut empty = MoeLayer::new_empty(cfg, None, Isa::Scalar, 1, 0).unwrap();
     for e in 0..3 {
         let (g, u, dn) = full.get_expert(e).unwrap();
@@ -292,8 +571,11 @@ fn set_and_get_expert_round_trip() {
         empty.set_expert(e, &g, &u, &dn).unwrap();
     }
     let (mut o1, mut o2) = (vec![0u16; 40], vec![0u16; 40]);
-    full.forward(&d.hidden, 1, &d.ids, &d.w, 1, &mut o1, false).unwrap();
-    empty.forward(&d.hidden, 1, &d.ids, &d.w, 1, &mut o2, false).unwrap();
+    full.forward(&d.hidden, 1, &d.ids, &d.w, 1, &mut o1, false)
+        .unwrap();
+    empty
+        .forward(&d.hidden, 1, &d.ids, &d.w, 1, &mut o2, false)
+        .unwrap();
     assert_eq!(o1, o2);
     assert!(empty.set_expert(3, &[], &[], &[]).is_err());
 }
