@@ -139,33 +139,6 @@ pub(crate) fn transpose_block(
     }
 }
 
-/// `out[i, c] = Σ_o A[i, o] · W[o, c]` for the 16·np columns from `c0` (W given by its
-/// forward packing): the backward product. Few rows read W directly; more rows repack the
-/// block into the transposed layout first (in this thread's scratch) and run the GEMM.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_t_direct(
-    isa: Isa,
-    a: &[u16],
-    m: usize,
-    lda: usize,
-    src: &[u16],
-    shape: crate::pack::PackShape,
-    c0: usize,
-    np: usize,
-    out: &mut [f32],
-    ldo: usize,
-) -> bool {
-    if isa == Isa::Scalar || m == 0 {
-        return false;
-    }
-    assert!(src.len() >= shape.len() && c0 % 16 == 0 && c0 + np * 16 <= shape.k_pad);
-    assert!(lda >= shape.n_pad && a.len() >= (m - 1) * lda + shape.n_pad);
-    assert!(ldo >= np * 16 && out.len() >= (m - 1) * ldo + np * 16);
-    // SAFETY: bounds asserted above; `isa` checked available by the caller's layer.
-    unsafe { avx512::gemm_t_direct(a, m, lda, src, shape, c0, np * 16, out, ldo) };
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,52 +322,6 @@ mod tests {
                         x.is_nan() && y.is_nan() || (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
                         "m{m} n{n} k{k} ({i},{o}) {x} vs {y}"
                     );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn direct_transposed_product_matches_repacked_gemm() {
-        let mut seed = 4u64;
-        for &(n, k, m) in &[(32, 64, 1), (64, 96, 2), (96, 2050, 3), (2816, 64, 4)] {
-            let sh = PackShape::new(n, k);
-            let w = rand_bf16(n * k, &mut seed);
-            let mut pw = vec![0u16; sh.len()];
-            pack_into(&w, sh, &mut pw);
-            let lda = sh.n_pad + 32;
-            let a = rand_bf16(m * lda, &mut seed);
-            for isa in Isa::available() {
-                let np = (sh.k_pad / 16).min(4);
-                for c0 in [0, sh.k_pad - np * 16] {
-                    let mut tb = vec![0u16; np * 16 * sh.n_pad];
-                    transpose_block(Isa::Scalar, &pw, sh, c0, np, &mut tb);
-                    let mut want = vec![0f32; m * 64];
-                    gemm(
-                        Isa::Scalar,
-                        Gemm {
-                            m,
-                            a: &a,
-                            lda,
-                            b: &tb,
-                            np,
-                            k_pad: sh.n_pad,
-                            c: &mut want,
-                            ldc: 64,
-                        },
-                    );
-                    let mut got = vec![f32::NAN; m * 64];
-                    if gemm_t_direct(isa, &a, m, lda, &pw, sh, c0, np, &mut got, 64) {
-                        for i in 0..m {
-                            for c in 0..np * 16 {
-                                let (x, y) = (got[i * 64 + c], want[i * 64 + c]);
-                                assert!(
-                                    (x - y).abs() <= 1e-3 * (1.0 + y.abs()),
-                                    "{isa} n{n} k{k} m{m} c0 {c0}: {x} vs {y}"
-                                );
-                            }
-                        }
-                    }
                 }
             }
         }
