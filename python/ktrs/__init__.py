@@ -7,6 +7,7 @@ backward) or :class:`KtrsExperts` (an ``nn.Module`` with autograd), and :func:`i
 
 from ._native import IsaUnavailableError, KtrsError, __version__
 from .experts import ForwardHandle, MoeExperts
+from .hf import find_moe_blocks, from_pretrained, patch_model
 from .info import info
 from .module import KtrsExperts, experts_function
 
@@ -18,5 +19,8 @@ __all__ = [
     "MoeExperts",
     "__version__",
     "experts_function",
+    "find_moe_blocks",
+    "from_pretrained",
     "info",
+    "patch_model",
 ]

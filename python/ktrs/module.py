@@ -44,6 +44,51 @@ def experts_function(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.
     return _ExpertsFunction.apply(experts, hidden, topk_ids, topk_weights, *lora_params)
 
 
+_EXECUTOR = None
+
+
+def _executor():
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # One thread: ktrs runs one layer at a time anyway (its pool serialises jobs).
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktrs-submit")
+    return _EXECUTOR
+
+
+class ExpertsFuture:
+    """The pending result of :meth:`KtrsExperts.submit`."""
+
+    def __init__(self, module: "KtrsExperts", hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        self.device, self.dtype = hidden.device, hidden.dtype
+        pin = hidden.is_cuda
+        x = torch.empty(hidden.shape, dtype=torch.bfloat16, pin_memory=pin)
+        i = torch.empty(ids.shape, dtype=torch.int64, pin_memory=pin)
+        w = torch.empty(weights.shape, dtype=torch.float32, pin_memory=pin)
+        x.copy_(hidden.detach(), non_blocking=pin)
+        i.copy_(ids.detach(), non_blocking=pin)
+        w.copy_(weights.detach(), non_blocking=pin)
+        event = None
+        if pin:
+            event = torch.cuda.Event()
+            event.record()
+        out = torch.empty(hidden.shape, dtype=torch.bfloat16, pin_memory=pin)
+        experts = module.experts
+
+        def work():
+            if event is not None:
+                event.synchronize()
+            experts.forward(x, i, w, out=out)
+            return out
+
+        self._future = _executor().submit(work)
+
+    def result(self) -> torch.Tensor:
+        out = self._future.result()
+        return out.to(device=self.device, dtype=self.dtype, non_blocking=self.device.type == "cuda")
+
+
 class KtrsExperts(nn.Module):
     """An ``nn.Module`` with the call signature of HF's ``DeepseekV2Experts``:
     ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``.
@@ -102,6 +147,34 @@ class KtrsExperts(nn.Module):
         params = tuple(self.lora[n] for n in LORA_NAMES) if len(self.lora) else ()
         out = experts_function(self.experts, x, ids, w, *params)
         return out.to(device=device, dtype=dtype)
+
+    # -- what HF/PEFT code may inspect ---------------------------------------------------
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        """A zero-byte (meta) placeholder of the HF shape ``[E, 2I, H]``; the weights are in Rust."""
+        e = self.experts
+        return torch.empty(e.num_experts, 2 * e.intermediate_size, e.hidden_size, device="meta", dtype=torch.bfloat16)
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        """A zero-byte (meta) placeholder of the HF shape ``[E, H, I]``."""
+        e = self.experts
+        return torch.empty(e.num_experts, e.hidden_size, e.intermediate_size, device="meta", dtype=torch.bfloat16)
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> "ExpertsFuture":
+        """Starts the expert computation for CUDA inputs without waiting for it (no autograd).
+
+        Inputs are copied to pinned host memory on the current stream; a worker thread waits
+        for that copy, runs the kernels (the GIL is released meanwhile) and the result comes
+        back to the GPU when :meth:`ExpertsFuture.result` is called. Meanwhile the caller can
+        queue more GPU work (the shared experts).
+        """
+        self._ensure_views()
+        return ExpertsFuture(self, hidden_states, top_k_index, top_k_weights)
 
     def extra_repr(self) -> str:
         e = self.experts

@@ -1,0 +1,290 @@
+"""HF transformers integration: put the routed experts of DeepSeek-V2 models on ktrs.
+
+`patch_model` swaps every MoE block's ``experts`` for a :class:`ktrs.KtrsExperts` whose
+weights live in Rust, frees the originals and moves everything else to ``device``.
+`from_pretrained` builds the model without ever materialising the experts in torch:
+their weights stream from the safetensors shards straight into Rust packing.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import types
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .experts import MoeExperts
+from .module import KtrsExperts
+
+__all__ = ["find_moe_blocks", "patch_model", "from_pretrained"]
+
+
+def _fused_expert_shapes(experts: nn.Module) -> Optional[Tuple[int, int, int]]:
+    """(E, H, I) if `experts` holds HF's fused expert tensors, else None."""
+    gu = experts._parameters.get("gate_up_proj")
+    dn = experts._parameters.get("down_proj")
+    if gu is None or dn is None or gu.dim() != 3 or dn.dim() != 3:
+        return None
+    e, two_i, h = gu.shape
+    if two_i % 2 or tuple(dn.shape) != (e, h, two_i // 2):
+        return None
+    return e, h, two_i // 2
+
+
+def _is_module_list_experts(experts: nn.Module) -> bool:
+    return isinstance(experts, nn.ModuleList) and len(experts) > 0 and all(
+        isinstance(getattr(m, n, None), nn.Linear) for m in experts for n in ("gate_proj", "up_proj", "down_proj")
+    )
+
+
+def find_moe_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """MoE blocks of `model`, found by structure: a module whose ``experts`` child holds
+    fused 3-D expert weights (or is already a KtrsExperts) and which also has a router
+    (``gate``). Dense MLPs (e.g. DeepSeek-V2's layer 0) are never matched."""
+    found = []
+    for name, mod in model.named_modules():
+        experts = mod._modules.get("experts")
+        if experts is None or mod._modules.get("gate") is None:
+            continue
+        if isinstance(experts, KtrsExperts) or _fused_expert_shapes(experts) is not None:
+            found.append((name, mod))
+        elif _is_module_list_experts(experts):
+            raise TypeError(
+                f"{name}.experts is a ModuleList of per-expert MLPs: this model was loaded with "
+                "trust_remote_code. ktrs supports the native transformers DeepSeek-V2 classes: load the "
+                "checkpoint without trust_remote_code (transformers >= 5 converts the per-expert keys "
+                "itself), e.g. AutoModelForCausalLM.from_pretrained(path), or use ktrs.from_pretrained(path)."
+            )
+    return found
+
+
+def _moe_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """DeepseekV2Moe.forward with the CPU experts overlapped with the GPU shared experts."""
+    residuals = hidden_states
+    orig_shape = hidden_states.shape
+    _, topk_weights, topk_indices = self.gate(hidden_states)
+    flat = hidden_states.view(-1, hidden_states.shape[-1])
+    experts: KtrsExperts = self.experts
+    needs_grad = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in experts.parameters()))
+    if flat.is_cuda and not needs_grad:
+        pending = experts.submit(flat, topk_indices, topk_weights)
+        shared = self.shared_experts(residuals)
+        routed = pending.result()
+    else:
+        routed = experts(flat, topk_indices, topk_weights)
+        shared = self.shared_experts(residuals)
+    return routed.view(*orig_shape) + shared
+
+
+def _install(block: nn.Module, experts: MoeExperts) -> None:
+    block.experts = KtrsExperts(experts)
+    block.forward = types.MethodType(_moe_forward, block)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def patch_model(
+    model: nn.Module,
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    threads: Optional[int] = None,
+    isa: Optional[str] = None,
+    lora_rank: int = 0,
+    lora_alpha: Optional[float] = None,
+    use_rslora: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """Moves the routed experts of every MoE block of `model` into ktrs and the rest to `device`.
+
+    Works on a transformers 5 ``DeepseekV2ForCausalLM`` (fused ``gate_up_proj [E, 2I, H]``,
+    ``down_proj [E, H, I]``). The original expert tensors are freed: nothing in Python keeps
+    them. Attention, router, shared experts, dense MLPs, norms, embeddings and ``lm_head``
+    go to `device` (default: CUDA when available, else CPU). Patching twice is a no-op.
+
+    Args:
+        device: where everything but the routed experts runs.
+        threads: ktrs worker threads (default: one per physical core, or ``KTRS_THREADS``).
+        isa: ``"amx"``, ``"avx512"`` or ``"scalar"`` (default: the best, or ``KTRS_ISA``).
+        lora_rank, lora_alpha, use_rslora: expert LoRA owned by ktrs (0: none).
+    """
+    device = torch.device(device or _default_device())
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no MoE block with fused experts; ktrs patches DeepSeek-V2-style models")
+    for name, block in blocks:
+        if isinstance(block.experts, KtrsExperts):
+            continue
+        old = block.experts
+        e, h, i = _fused_expert_shapes(old)
+        if old.gate_up_proj.is_meta:
+            raise ValueError(f"{name}.experts has no weights (meta tensors); use ktrs.from_pretrained(path) to stream them from disk")
+        rust = MoeExperts.empty(e, h, i, lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
+        with torch.no_grad():
+            gu, dn = old.gate_up_proj, old.down_proj
+            for x in range(e):  # one expert at a time: no second full copy in torch
+                rust.set_expert(x, gu[x, :i], gu[x, i:], dn[x])
+        del gu, dn
+        _install(block, rust)
+        # Free the originals now, not at the next GC: their storage may be tens of GB.
+        for p in ("gate_up_proj", "down_proj"):
+            old._parameters[p] = None
+        del old
+    gc.collect()
+    model.to(device)
+    model._ktrs_device = device
+    return model
+
+
+# -- streaming load ------------------------------------------------------------------------
+_PER_EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_FUSED = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def _shards(path: str) -> List[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, x) for x in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="expert", disable=os.environ.get("KTRS_NO_PROGRESS") == "1")
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        return None
+
+
+def from_pretrained(
+    path: str,
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: torch.dtype = torch.bfloat16,
+    threads: Optional[int] = None,
+    isa: Optional[str] = None,
+    lora_rank: int = 0,
+    lora_alpha: Optional[float] = None,
+    use_rslora: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """Loads a DeepSeek-V2 checkpoint with the routed experts streamed into ktrs.
+
+    The model skeleton is built on the meta device; routed-expert weights go from the
+    safetensors shards (original per-expert keys or fused names) straight into Rust, one
+    expert at a time; everything else is loaded onto `device` in `dtype`. Host memory
+    stays near the packed expert bytes plus one expert in flight.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "model_type", None) != "deepseek_v2":
+        raise ValueError(f"{path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint; ktrs.from_pretrained supports deepseek_v2")
+    device = torch.device(device or _default_device())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    blocks = {}
+    for name, block in find_moe_blocks(model):
+        layer = int(re.search(r"layers\.(\d+)\.", name + ".").group(1))
+        e, h, i = _fused_expert_shapes(block.experts)
+        rust = MoeExperts.empty(e, h, i, lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
+        _install(block, rust)
+        blocks[layer] = (rust, i)
+    # HF keeps some weights in fp32 whatever the dtype (the router's, for DeepSeek-V2).
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    total = sum(r.num_experts for r, _ in blocks.values())
+    bar = _progress(total, "ktrs: loading experts")
+    pending: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
+    state: Dict[str, torch.Tensor] = {}
+    loaded = 0
+    from safetensors import safe_open
+
+    for shard in _shards(path):
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                m = _PER_EXPERT.match(key)
+                if m and int(m.group(1)) in blocks:
+                    layer, x, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+                    parts = pending.setdefault((layer, x), {})
+                    parts[proj] = f.get_tensor(key)
+                    if len(parts) == 3:
+                        blocks[layer][0].set_expert(x, parts["gate"], parts["up"], parts["down"])
+                        del pending[(layer, x)]
+                        loaded += 1
+                        if bar is not None:
+                            bar.update(1)
+                    continue
+                m = _FUSED.match(key)
+                if m and int(m.group(1)) in blocks:
+                    layer, which = int(m.group(1)), m.group(2)
+                    parts = pending.setdefault((layer, -1), {})
+                    parts[which] = f.get_slice(key)
+                    if len(parts) == 2:
+                        rust, i = blocks[layer]
+                        gu, dn = parts["gate_up_proj"], parts["down_proj"]
+                        for x in range(rust.num_experts):
+                            g = gu[x : x + 1, :i][0]
+                            u = gu[x : x + 1, i:][0]
+                            rust.set_expert(x, g, u, dn[x : x + 1][0])
+                            loaded += 1
+                            if bar is not None:
+                                bar.update(1)
+                        del pending[(layer, -1)]
+                    continue
+                t = f.get_tensor(key)
+                if t.is_floating_point():
+                    t = t.to(torch.float32 if any(key.endswith(k) for k in keep_fp32) else dtype)
+                state[key] = t.to(device)
+    if bar is not None:
+        bar.close()
+    if loaded != total or pending:
+        missing = sorted(pending)[:5]
+        raise ValueError(f"{path!r}: loaded {loaded} of {total} routed experts; incomplete: {missing}")
+    _load_rest(model, state, device)
+    model._ktrs_device = device
+    return model
+
+
+def _load_rest(model: nn.Module, state: Dict[str, torch.Tensor], device: torch.device) -> None:
+    """Loads the non-expert weights (assigning the tensors) and materialises what the
+    checkpoint does not hold (tied weights, non-persistent buffers such as rotary tables)."""
+    expected = {k for k in model.state_dict().keys()}
+    unexpected = sorted(set(state) - expected)
+    if unexpected:
+        raise ValueError(f"checkpoint has tensors the model does not expect, e.g. {unexpected[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False) or "lm_head.weight" not in state:
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"checkpoint lacks weights for {missing[:5]} ({len(missing)} in all)")
+    for name, mod in model.named_modules():
+        metas = [b for b, t in mod._buffers.items() if t is not None and t.is_meta]
+        if not metas:
+            continue
+        # Non-persistent buffers (rotary frequency tables) are rebuilt as __init__ builds them.
+        cfg = getattr(mod, "config", None) or model.config
+        try:
+            with torch.device("cpu"):
+                fresh = type(mod)(cfg)
+        except TypeError as exc:
+            raise ValueError(f"cannot materialise buffers {metas} of {name or type(mod).__name__}") from exc
+        for b in metas:
+            mod._buffers[b] = fresh._buffers[b].to(device)
+        for k, v in vars(fresh).items():
+            if k not in mod.__dict__ and not k.startswith("_"):
+                setattr(mod, k, v)
+    model.to(device)
+    model.eval()
