@@ -115,6 +115,7 @@ def patch_model(
         lora_rank, lora_alpha, use_rslora: expert LoRA owned by ktrs (0: none).
     """
     device = torch.device(device or _default_device())
+    opts = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
     blocks = find_moe_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no MoE block with fused experts; ktrs patches DeepSeek-V2-style models")
@@ -125,7 +126,7 @@ def patch_model(
         e, h, i = _fused_expert_shapes(old)
         if old.gate_up_proj.is_meta:
             raise ValueError(f"{name}.experts has no weights (meta tensors); use ktrs.from_pretrained(path) to stream them from disk")
-        rust = MoeExperts.empty(e, h, i, lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
+        rust = MoeExperts.empty(e, h, i, **opts)
         with torch.no_grad():
             gu, dn = old.gate_up_proj, old.down_proj
             for x in range(e):  # one expert at a time: no second full copy in torch
@@ -193,13 +194,14 @@ def from_pretrained(
     if getattr(config, "model_type", None) != "deepseek_v2":
         raise ValueError(f"{path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint; ktrs.from_pretrained supports deepseek_v2")
     device = torch.device(device or _default_device())
+    opts = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     blocks = {}
     for name, block in find_moe_blocks(model):
         layer = int(re.search(r"layers\.(\d+)\.", name + ".").group(1))
         e, h, i = _fused_expert_shapes(block.experts)
-        rust = MoeExperts.empty(e, h, i, lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
+        rust = MoeExperts.empty(e, h, i, **opts)
         _install(block, rust)
         blocks[layer] = (rust, i)
     # HF keeps some weights in fp32 whatever the dtype (the router's, for DeepSeek-V2).

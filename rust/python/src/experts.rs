@@ -137,11 +137,7 @@ impl Experts {
         up: &Bound<'_, PyAny>,
         down: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let c = self.layer.config;
-        let (h, i) = (Some(c.hidden), Some(c.intermediate));
-        let g = TensorArg::new("gate", gate, DType::BF16, &[i, h])?;
-        let u = TensorArg::new("up", up, DType::BF16, &[i, h])?;
-        let d = TensorArg::new("down", down, DType::BF16, &[h, i])?;
+        let [g, u, d] = self.expert_args(gate, up, down)?;
         let (gs, us, ds) = (g.u16s(), u.u16s(), d.u16s());
         let layer = &mut self.layer;
         py.detach(|| layer.set_expert(expert, gs, us, ds))
@@ -157,11 +153,7 @@ impl Experts {
         up: &Bound<'_, PyAny>,
         down: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let c = self.layer.config;
-        let (h, i) = (Some(c.hidden), Some(c.intermediate));
-        let g = TensorArg::new("gate", gate, DType::BF16, &[i, h])?;
-        let u = TensorArg::new("up", up, DType::BF16, &[i, h])?;
-        let d = TensorArg::new("down", down, DType::BF16, &[h, i])?;
+        let [g, u, d] = self.expert_args(gate, up, down)?;
         let (gv, uv, dv) = self.layer.get_expert(expert).py_err(py)?;
         g.slice_mut::<u16>().copy_from_slice(&gv);
         u.slice_mut::<u16>().copy_from_slice(&uv);
@@ -402,6 +394,22 @@ impl Experts {
 }
 
 impl Experts {
+    /// One expert's weights in HF layout: gate, up `[I, H]`, down `[H, I]`, bf16.
+    fn expert_args<'py>(
+        &self,
+        gate: &Bound<'py, PyAny>,
+        up: &Bound<'py, PyAny>,
+        down: &Bound<'py, PyAny>,
+    ) -> PyResult<[TensorArg<'py>; 3]> {
+        let c = self.layer.config;
+        let (h, i) = (Some(c.hidden), Some(c.intermediate));
+        Ok([
+            TensorArg::new("gate", gate, DType::BF16, &[i, h])?,
+            TensorArg::new("up", up, DType::BF16, &[i, h])?,
+            TensorArg::new("down", down, DType::BF16, &[h, i])?,
+        ])
+    }
+
     fn lora_matrix(
         &self,
         _py: Python<'_>,

@@ -5,8 +5,8 @@
 //! into its thread's scratch, so expert memory stays at one copy.
 
 use super::{
-    chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, GradTarget, MoeLayer, NB,
-    ROW_PAD,
+    chunk_range, expert_blocks, gemm_rows, row_chunks, sum_pairs_into, ForwardCache, GradTarget,
+    MoeLayer, NB, ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
@@ -394,20 +394,24 @@ impl MoeLayer {
             SendPtr(grad_weights.as_mut_ptr()),
         );
         self.run_phase("bwd combine", row_chunks(tokens), |task, _| {
-            let mut acc = vec![0f32; h];
-            for t in chunk_range(task, tokens) {
-                acc.fill(0.0);
-                for slot in 0..k {
-                    let p = rt.pos[t * k + slot] as usize;
-                    vec::axpy(isa, 1.0, &dx.as_slice()[p * h_pad..p * h_pad + h], &mut acc);
-                    let gw: f32 = gw_part.as_slice()[p * i_blocks..(p + 1) * i_blocks]
-                        .iter()
-                        .sum();
-                    // SAFETY: token t's rows are written by this task alone.
-                    unsafe { gwo.write(t * k + slot, gw) };
-                }
-                bf16::from_f32_slice(&acc, unsafe { ghp.slice_mut(t * h, h) });
-            }
+            let gw = |t: usize, slot: usize, p: usize| {
+                let part: f32 = gw_part.as_slice()[p * i_blocks..(p + 1) * i_blocks]
+                    .iter()
+                    .sum();
+                // SAFETY: token t's entries are written by this task alone.
+                unsafe { gwo.write(t * k + slot, part) };
+            };
+            sum_pairs_into(
+                isa,
+                rt,
+                chunk_range(task, tokens),
+                dx.as_slice(),
+                h_pad,
+                h,
+                |_| 1.0,
+                gw,
+                ghp,
+            );
         });
         Ok(())
     }

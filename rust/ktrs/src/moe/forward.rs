@@ -2,7 +2,8 @@
 
 use super::routing::Routing;
 use super::{
-    chunk_range, expert_blocks, gemm_rows, row_chunks, ForwardCache, MoeLayer, NB, ROW_PAD,
+    chunk_range, expert_blocks, gemm_rows, row_chunks, sum_pairs_into, ForwardCache, MoeLayer, NB,
+    ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
@@ -223,21 +224,18 @@ impl MoeLayer {
         // 5. Weighted sum over each token's k experts.
         let outp = SendPtr(out.as_mut_ptr());
         self.run_phase("fwd combine", row_chunks(tokens), |task, _| {
-            let mut acc = vec![0f32; h];
-            for t in chunk_range(task, tokens) {
-                acc.fill(0.0);
-                for slot in 0..k {
-                    let p = routing.pos[t * k + slot] as usize;
-                    vec::axpy(
-                        isa,
-                        routing.pair_weight[p],
-                        &y.as_slice()[p * h_pad..p * h_pad + h],
-                        &mut acc,
-                    );
-                }
-                // SAFETY: token row t is written by this task alone.
-                bf16::from_f32_slice(&acc, unsafe { outp.slice_mut(t * h, h) });
-            }
+            let w = |p: usize| routing.pair_weight[p];
+            sum_pairs_into(
+                isa,
+                &routing,
+                chunk_range(task, tokens),
+                y.as_slice(),
+                h_pad,
+                h,
+                w,
+                |_, _, _| {},
+                outp,
+            );
         });
 
         Ok(save.then(|| ForwardCache {

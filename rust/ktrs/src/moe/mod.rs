@@ -335,6 +335,34 @@ fn gemm_rows(
     }
 }
 
+/// `out[t] = bf16(Σ_slot w(p) · rows[p])` over token t's k pairs p, for the tokens of
+/// one task; `visit(t, slot, p)` runs for every pair on the way.
+#[allow(clippy::too_many_arguments)]
+fn sum_pairs_into(
+    isa: Isa,
+    routing: &routing::Routing,
+    tokens: std::ops::Range<usize>,
+    rows: &[f32],
+    ld: usize,
+    h: usize,
+    weight: impl Fn(usize) -> f32,
+    mut visit: impl FnMut(usize, usize, usize),
+    out: SendPtr<u16>,
+) {
+    let k = routing.k;
+    let mut acc = vec![0f32; h];
+    for t in tokens {
+        acc.fill(0.0);
+        for slot in 0..k {
+            let p = routing.pos[t * k + slot] as usize;
+            kernels::vec::axpy(isa, weight(p), &rows[p * ld..p * ld + h], &mut acc);
+            visit(t, slot, p);
+        }
+        // SAFETY: token row t is written by the task that owns t alone.
+        crate::bf16::from_f32_slice(&acc, unsafe { out.slice_mut(t * h, h) });
+    }
+}
+
 /// Pairs per task in the row-wise phases (gather, LoRA projections, reductions).
 const ROW_CHUNK: usize = 16;
 
