@@ -62,26 +62,37 @@ def test_checkpoint_uses_real_per_expert_keys(checkpoint):
     assert len(set(keys.values())) > 1  # really sharded
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the GPU machine)"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
 def inputs(n=2, t=9, vocab=160, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, t), generator=g)
 
 
-def test_patched_logits_match_unpatched_model(reference):
+def test_patched_logits_match_unpatched_model(reference, device):
     model = copy.deepcopy(reference)
-    ids = inputs()
+    ref = copy.deepcopy(reference).to(device)
+    ids = inputs().to(device)
     with torch.no_grad():
-        want = reference(ids).logits
-        ktrs.patch_model(model, device="cpu", threads=2)
+        want = ref(ids).logits
+        ktrs.patch_model(model, device=device, threads=2)
         got = model(ids).logits
+    assert got.device.type == device
     assert rel_l2(got, want) < 2e-2
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
 
 
-def test_moe_blocks_found_by_structure_and_placement(reference):
+def test_moe_blocks_found_by_structure_and_placement(reference, device):
     model = copy.deepcopy(reference)
     layer0_mlp = model.model.layers[0].mlp
-    ktrs.patch_model(model, device="cpu", threads=2)
+    ktrs.patch_model(model, device=device, threads=2)
+    assert all(p.device.type == device for p in layer0_mlp.parameters())
     blocks = [n for n, _ in ktrs.find_moe_blocks(model)]
     assert blocks == ["model.layers.1.mlp", "model.layers.2.mlp"]
     assert model.model.layers[0].mlp is layer0_mlp and not isinstance(getattr(layer0_mlp, "experts", None), KtrsExperts)
@@ -89,13 +100,14 @@ def test_moe_blocks_found_by_structure_and_placement(reference):
         block = model.get_submodule(name)
         assert isinstance(block.experts, KtrsExperts)
         # router, shared experts and everything else are ordinary parameters on `device`
-        assert block.gate.weight.device.type == "cpu" and not block.gate.weight.is_meta
-        assert all(p.device.type == "cpu" for p in block.shared_experts.parameters())
+        assert block.gate.weight.device.type == device and not block.gate.weight.is_meta
+        assert all(p.device.type == device for p in block.shared_experts.parameters())
+        assert all(p.device.type == "cpu" for p in block.experts.parameters())
         # HF-shaped zero-byte placeholders; nothing of the experts in the state dict
         assert block.experts.gate_up_proj.shape == (8, 96, 64) and block.experts.gate_up_proj.is_meta
         assert block.experts.down_proj.shape == (8, 64, 48)
     assert not any(".mlp.experts." in k for k in model.state_dict())
-    ktrs.patch_model(model, device="cpu")  # idempotent
+    ktrs.patch_model(model, device=device)  # idempotent
     assert [n for n, _ in ktrs.find_moe_blocks(model)] == blocks
 
 
@@ -123,22 +135,22 @@ def test_to_and_half_after_patching_leave_experts_alone(reference):
     assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32  # the rest did move
 
 
-def test_greedy_generation_matches_reference(reference):
+def test_greedy_generation_matches_reference(reference, device):
     model = copy.deepcopy(reference)
-    ktrs.patch_model(model, device="cpu", threads=2)
-    prompt = inputs(n=1, t=6, seed=3)
+    ktrs.patch_model(model, device=device, threads=2)
+    prompt = inputs(n=1, t=6, seed=3).to(device)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    want = reference.generate(prompt, **kw)
+    want = copy.deepcopy(reference).to(device).generate(prompt, **kw)
     got = model.generate(prompt, **kw)
     assert torch.equal(got, want)
     sampled = model.generate(prompt, max_new_tokens=5, do_sample=True, top_k=20, pad_token_id=0)
     assert sampled.shape == (1, 11)
 
 
-def test_from_pretrained_streams_experts_and_equals_patch_model(checkpoint, reference):
-    loaded = ktrs.from_pretrained(checkpoint, device="cpu", dtype=torch.float32, threads=2)
-    patched = ktrs.patch_model(copy.deepcopy(reference), device="cpu", threads=2)
-    ids = inputs(seed=5)
+def test_from_pretrained_streams_experts_and_equals_patch_model(checkpoint, reference, device):
+    loaded = ktrs.from_pretrained(checkpoint, device=device, dtype=torch.float32, threads=2)
+    patched = ktrs.patch_model(copy.deepcopy(reference), device=device, threads=2)
+    ids = inputs(seed=5).to(device)
     with torch.no_grad():
         a, b = loaded(ids).logits, patched(ids).logits
     assert torch.equal(a, b)
