@@ -51,6 +51,8 @@ struct DLManagedTensor {
 }
 
 const DL_CPU: i32 = 1;
+/// Pinned (page-locked) host memory: readable by the CPU like any host memory.
+const DL_CUDA_HOST: i32 = 3;
 const DLTENSOR: &CStr = c"dltensor";
 
 /// Element types the kernels accept.
@@ -126,7 +128,7 @@ impl<'py> TensorArg<'py> {
             )));
         }
         let (dev_type, dev_id): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
-        if dev_type != DL_CPU {
+        if dev_type != DL_CPU && dev_type != DL_CUDA_HOST {
             let dev = if dev_type == 2 {
                 format!("cuda:{dev_id}")
             } else {
