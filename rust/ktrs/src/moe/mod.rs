@@ -149,7 +149,7 @@ impl MoeLayer {
             gate_up,
             down,
             lora,
-            scratch: BufferPool::new(),
+            scratch: BufferPool::global(),
             id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
