@@ -148,6 +148,18 @@ _PER_EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\.(gat
 _FUSED = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
+def _detach(parts: Dict[str, torch.Tensor]) -> None:
+    """Copies an incomplete expert's tensors out of the reader's reusable buffers
+    (rare: only experts whose tensors straddle a shard boundary)."""
+    for proj, t in parts.items():
+        parts[proj] = t.clone()
+
+
+def _expert_order(key: str):
+    m = _PER_EXPERT.match(key)
+    return (0, int(m.group(1)), int(m.group(2)), m.group(3)) if m else (1, 0, 0, key)
+
+
 def _shards(path: str) -> List[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -158,6 +170,47 @@ def _shards(path: str) -> List[str]:
     if os.path.exists(single):
         return [single]
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+
+
+class _ShardReader:
+    """Reads tensors of one safetensors file with plain `readinto` into reusable buffers:
+    no mmap (whose touched pages count as resident) and no allocation per expert tensor
+    (which let the allocator's heap grow to several shards' worth)."""
+
+    _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+    def __init__(self, path: str) -> None:
+        self.file = open(path, "rb")
+        n = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(n))
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.buffers: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}
+
+    def keys(self) -> List[str]:
+        return list(self.header)
+
+    def read(self, key: str, slot: str) -> torch.Tensor:
+        """The tensor `key`, in the reusable buffer `slot` (valid until the next read into it)."""
+        meta = self.header[key]
+        dtype = self._DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise ValueError(f"{key}: unsupported dtype {meta['dtype']} for routed experts")
+        shape = tuple(meta["shape"])
+        buf = self.buffers.get((slot, shape))
+        if buf is None or buf.dtype != dtype:
+            buf = self.buffers[(slot, shape)] = torch.empty(shape, dtype=dtype)
+        start, end = meta["data_offsets"]
+        view = buf.view(-1).view(torch.uint8).numpy()
+        if end - start != view.nbytes:
+            raise ValueError(f"{key}: {end - start} bytes on disk for shape {list(shape)} {meta['dtype']}")
+        self.file.seek(self.base + start)
+        if self.file.readinto(view) != view.nbytes:
+            raise ValueError(f"{key}: file truncated")
+        return buf
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _progress(total: int, desc: str):
@@ -214,41 +267,55 @@ def from_pretrained(
     from safetensors import safe_open
 
     for shard in _shards(path):
-        with safe_open(shard, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                m = _PER_EXPERT.match(key)
-                if m and int(m.group(1)) in blocks:
-                    layer, x, proj = int(m.group(1)), int(m.group(2)), m.group(3)
-                    parts = pending.setdefault((layer, x), {})
-                    parts[proj] = f.get_tensor(key)
-                    if len(parts) == 3:
-                        blocks[layer][0].set_expert(x, parts["gate"], parts["up"], parts["down"])
-                        del pending[(layer, x)]
-                        loaded += 1
-                        if bar is not None:
-                            bar.update(1)
-                    continue
-                m = _FUSED.match(key)
-                if m and int(m.group(1)) in blocks:
-                    layer, which = int(m.group(1)), m.group(2)
-                    parts = pending.setdefault((layer, -1), {})
-                    parts[which] = f.get_slice(key)
-                    if len(parts) == 2:
-                        rust, i = blocks[layer]
-                        gu, dn = parts["gate_up_proj"], parts["down_proj"]
+        reader = _ShardReader(shard)
+        rest = []
+        # An expert's tensors come one after another, so three reusable buffers suffice;
+        # an expert left incomplete (its other tensors are in another shard) gets copies.
+        current = None
+        for key in sorted(reader.keys(), key=_expert_order):
+            m = _PER_EXPERT.match(key)
+            if m and int(m.group(1)) in blocks:
+                layer, x, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+                if current not in (None, (layer, x)) and current in pending:
+                    _detach(pending[current])
+                current = (layer, x)
+                parts = pending.setdefault((layer, x), {})
+                parts[proj] = reader.read(key, proj)
+                if len(parts) == 3:
+                    blocks[layer][0].set_expert(x, parts["gate"], parts["up"], parts["down"])
+                    del pending[(layer, x)]
+                    loaded += 1
+                    if bar is not None:
+                        bar.update(1)
+                continue
+            m = _FUSED.match(key)
+            if m and int(m.group(1)) in blocks:
+                layer, which = int(m.group(1)), m.group(2)
+                parts = pending.setdefault((layer, -1), {})
+                parts[which] = (shard, key)
+                if len(parts) == 2:
+                    rust, i = blocks[layer]
+                    (sg, kg), (sd, kd) = parts["gate_up_proj"], parts["down_proj"]
+                    with safe_open(sg, framework="pt") as fg, safe_open(sd, framework="pt") as fd:
+                        gu, dn = fg.get_slice(kg), fd.get_slice(kd)
                         for x in range(rust.num_experts):
-                            g = gu[x : x + 1, :i][0]
-                            u = gu[x : x + 1, i:][0]
-                            rust.set_expert(x, g, u, dn[x : x + 1][0])
+                            rust.set_expert(x, gu[x : x + 1, :i][0], gu[x : x + 1, i:][0], dn[x : x + 1][0])
                             loaded += 1
                             if bar is not None:
                                 bar.update(1)
-                        del pending[(layer, -1)]
-                    continue
-                t = f.get_tensor(key)
-                if t.is_floating_point():
-                    t = t.to(torch.float32 if any(key.endswith(k) for k in keep_fp32) else dtype)
-                state[key] = t.to(device)
+                    del pending[(layer, -1)]
+                continue
+            rest.append(key)
+        if current in pending:
+            _detach(pending[current])
+        reader.close()
+        if rest:
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                for key in rest:
+                    t = f.get_tensor(key)
+                    if t.is_floating_point():
+                        t = t.to(torch.float32 if any(key.endswith(k) for k in keep_fp32) else dtype)
+                    state[key] = t.to(device)
     if bar is not None:
         bar.close()
     if loaded != total or pending:
