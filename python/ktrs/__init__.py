@@ -10,6 +10,7 @@ from .experts import ForwardHandle, MoeExperts
 from .hf import find_moe_blocks, from_pretrained, patch_model
 from .info import info
 from .module import KtrsExperts, experts_function
+from .peft import expert_lora_parameters, get_peft_model
 
 __all__ = [
     "ForwardHandle",
@@ -19,6 +20,8 @@ __all__ = [
     "MoeExperts",
     "__version__",
     "experts_function",
+    "expert_lora_parameters",
+    "get_peft_model",
     "find_moe_blocks",
     "from_pretrained",
     "info",

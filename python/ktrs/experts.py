@@ -158,6 +158,13 @@ class MoeExperts:
     def lora_shape(self, name: str) -> List[int]:
         return list(self._native.lora_shape(name))
 
+    def set_lora(self, lora_rank: int, lora_alpha: Optional[float] = None, use_rslora: bool = False, seed: int = 0) -> None:
+        """Gives the experts fresh LoRA of this rank (PEFT init: A Kaiming-uniform, B zero),
+        or removes it with ``lora_rank=0``."""
+        self._native.set_lora(lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, seed=seed)
+        self._views.clear()
+        self._grad_views.clear()
+
     def zero_lora_grads(self) -> None:
         self._native.zero_lora_grads()
 

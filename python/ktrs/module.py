@@ -104,11 +104,26 @@ class KtrsExperts(nn.Module):
     def __init__(self, experts: MoeExperts) -> None:
         super().__init__()
         object.__setattr__(self, "experts", experts)  # not a submodule: no state to move
-        self.lora = nn.ParameterDict()
-        if experts.lora_rank > 0:
-            for name in LORA_NAMES:
-                self.lora[name] = nn.Parameter(experts.lora_weight(name), requires_grad=True)
+        # "lora_" in the name: PEFT keeps such parameters trainable when it freezes the rest.
+        self.lora_experts = nn.ParameterDict()
+        self._bind_lora()
         self._warned_rebind = False
+
+    @property
+    def lora(self) -> nn.ParameterDict:
+        """The six expert-LoRA parameters (``gate_A`` … ``down_B``), views of Rust memory."""
+        return self.lora_experts
+
+    def _bind_lora(self) -> None:
+        self.lora_experts = nn.ParameterDict()
+        if self.experts.lora_rank > 0:
+            for name in LORA_NAMES:
+                self.lora_experts[name] = nn.Parameter(self.experts.lora_weight(name), requires_grad=True)
+
+    def enable_lora(self, rank: int, alpha: Optional[float] = None, use_rslora: bool = False, seed: int = 0) -> None:
+        """Gives the experts fresh LoRA (PEFT init) owned by Rust, as new parameters."""
+        self.experts.set_lora(rank, lora_alpha=alpha, use_rslora=use_rslora, seed=seed)
+        self._bind_lora()
 
     @classmethod
     def from_weights(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, **kwargs) -> "KtrsExperts":
@@ -121,7 +136,7 @@ class KtrsExperts(nn.Module):
         return self
 
     def _ensure_views(self) -> None:
-        for name, param in self.lora.items():
+        for name, param in self.lora_experts.items():
             view = self.experts.lora_weight(name)
             if param.data_ptr() == view.data_ptr() and param.device.type == "cpu" and param.dtype == torch.float32:
                 continue
@@ -144,7 +159,7 @@ class KtrsExperts(nn.Module):
         x = hidden_states.to("cpu", torch.bfloat16).contiguous()
         ids = top_k_index.to("cpu", torch.int64).contiguous()
         w = top_k_weights.to("cpu", torch.float32).contiguous()
-        params = tuple(self.lora[n] for n in LORA_NAMES) if len(self.lora) else ()
+        params = tuple(self.lora_experts[n] for n in LORA_NAMES) if len(self.lora_experts) else ()
         out = experts_function(self.experts, x, ids, w, *params)
         return out.to(device=device, dtype=dtype)
 

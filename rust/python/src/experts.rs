@@ -297,6 +297,21 @@ impl Experts {
         l.set(m, v.f32s()).py_err(py)
     }
 
+    /// Replaces the layer's LoRA with a fresh one (PEFT init), or removes it (rank 0).
+    #[pyo3(signature = (lora_rank, lora_alpha=None, use_rslora=false, seed=0))]
+    fn set_lora(
+        &mut self,
+        py: Python<'_>,
+        lora_rank: usize,
+        lora_alpha: Option<f32>,
+        use_rslora: bool,
+        seed: u64,
+    ) -> PyResult<()> {
+        self.layer
+            .set_lora(lora_config(lora_rank, lora_alpha, use_rslora), seed)
+            .py_err(py)
+    }
+
     /// Zeroes the layer-owned LoRA gradients.
     fn zero_lora_grads(&self) {
         if let Some(l) = self.layer.lora() {

@@ -251,6 +251,16 @@ impl MoeLayer {
         self.lora.as_ref()
     }
 
+    /// Gives the layer fresh LoRA (PEFT init) or none; tensors viewing the old buffers
+    /// keep them alive but no longer reach the kernels.
+    pub fn set_lora(&mut self, lora: Option<LoraConfig>, seed: u64) -> Result<()> {
+        let c = self.config;
+        self.lora = lora
+            .map(|l| LoraWeights::new(l, c.experts, c.hidden, c.intermediate, seed))
+            .transpose()?;
+        Ok(())
+    }
+
     /// Bytes of packed expert weights held.
     pub fn weight_bytes(&self) -> usize {
         self.gate_up.bytes() + self.down.bytes()

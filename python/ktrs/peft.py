@@ -1,0 +1,85 @@
+"""PEFT on a ktrs-patched model: routed-expert LoRA in ktrs, everything else in PEFT."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Optional
+
+from torch import nn
+
+from .hf import find_moe_blocks
+from .module import KtrsExperts
+
+__all__ = ["get_peft_model", "expert_lora_parameters"]
+
+_EXPERT_PARAMS = {"gate_up_proj", "down_proj"}
+_EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj")
+
+
+@contextlib.contextmanager
+def _no_moe_target_rewrite() -> Iterator[None]:
+    """PEFT 0.21 rewrites gate_proj/up_proj/down_proj targets of transformers-5 MoE models
+    into routed-expert `target_parameters`, silently dropping LoRA from the shared experts
+    and dense MLPs (huggingface/peft#3711). ktrs owns the routed experts itself, so the
+    rewrite is switched off while PEFT injects its adapters."""
+    try:
+        import peft.utils.transformers_weight_conversion as conv
+    except ImportError:  # a PEFT without the rewrite
+        yield
+        return
+    original = conv.convert_peft_config_for_transformers
+    conv.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conv.convert_peft_config_for_transformers = original
+
+
+def _targets_expert_leaves(target_modules) -> bool:
+    if target_modules is None:
+        return False
+    if isinstance(target_modules, str):
+        return any(leaf in target_modules for leaf in _EXPERT_LEAVES)
+    return any(t == leaf or t.endswith("." + leaf) for t in target_modules for leaf in _EXPERT_LEAVES)
+
+
+def expert_lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The routed-expert LoRA parameters (views of Rust memory) of a patched model."""
+    for _, block in find_moe_blocks(model):
+        if isinstance(block.experts, KtrsExperts):
+            yield from block.experts.lora_experts.values()
+
+
+def get_peft_model(model: nn.Module, config, *, expert_lora: Optional[bool] = None, adapter_name: str = "default", **kwargs):
+    """`peft.get_peft_model` for a model patched by :func:`ktrs.patch_model`.
+
+    Routed experts get LoRA owned by ktrs (rank ``config.r``, ``config.lora_alpha``,
+    ``config.use_rslora``) when ``config`` targets them — ``target_parameters`` naming
+    ``gate_up_proj``/``down_proj``, or ``gate_proj``/``up_proj``/``down_proj`` in
+    ``target_modules`` (what PEFT would apply to the routed experts of a stock model) —
+    or when ``expert_lora=True``. PEFT wraps only the GPU modules those targets match:
+    attention, shared experts, dense MLPs; it never wraps ktrs' experts.
+    """
+    import peft
+
+    blocks = find_moe_blocks(model)
+    if not blocks or not all(isinstance(b.experts, KtrsExperts) for _, b in blocks):
+        raise ValueError("ktrs.get_peft_model needs a model patched by ktrs.patch_model (or loaded by ktrs.from_pretrained)")
+    if getattr(config, "lora_dropout", 0.0) and expert_lora is not False:
+        raise ValueError("expert LoRA in ktrs has no dropout; set lora_dropout=0.0 (or expert_lora=False)")
+    cfg = copy.deepcopy(config)
+    params = set(cfg.target_parameters or [])
+    wants = expert_lora if expert_lora is not None else bool(params & _EXPERT_PARAMS) or _targets_expert_leaves(cfg.target_modules)
+    cfg.target_parameters = sorted(params - _EXPERT_PARAMS) or None
+    if wants:
+        for _, block in blocks:
+            ex = block.experts
+            if ex.experts.lora_rank != cfg.r or ex.experts.lora_alpha != cfg.lora_alpha:
+                ex.enable_lora(cfg.r, alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+    with _no_moe_target_rewrite():
+        pm = peft.get_peft_model(model, cfg, adapter_name=adapter_name, **kwargs)
+    for p in expert_lora_parameters(pm):
+        p.requires_grad_(bool(wants))
+    pm._ktrs_expert_lora = bool(wants)
+    return pm
