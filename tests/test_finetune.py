@@ -166,3 +166,77 @@ def test_hf_trainer_trains_expert_and_peft_lora(base, tmp_path):
             changed = (now - before[key]).flatten(1).abs().amax(1) > 0
             for e in seen[layer]:
                 assert changed[e], (layer, n, e)
+
+
+def randomize_b(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or (".lora_experts." in n and n.endswith("_B")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def logits(model, seed=7):
+    with torch.no_grad():
+        return model(**batch(seed=seed)).logits
+
+
+EXPERT_CFG = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "o_proj"], target_parameters=["gate_up_proj", "down_proj"])
+
+
+def test_saved_adapter_loads_in_stock_peft_on_the_unpatched_model(base, tmp_path):
+    model = ktrs.patch_model(copy.deepcopy(base), device="cpu", threads=2)
+    pm = ktrs.get_peft_model(model, LoraConfig(**EXPERT_CFG))
+    randomize_b(pm, 11)
+    want = logits(pm)
+    pm.save_pretrained(str(tmp_path))  # what the Trainer calls; writes expert LoRA too
+    with open(tmp_path / "adapter_config.json") as f:
+        assert "gate_up_proj" in f.read()
+    stock = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    assert rel_l2(logits(stock), want) < 1e-2
+    # and back into a patched model, in memory
+    again = ktrs.load_adapter(ktrs.patch_model(copy.deepcopy(base), device="cpu", threads=2), str(tmp_path))
+    assert rel_l2(logits(again), want) < 1e-5
+    with torch.no_grad():  # the check is sensitive: the expert LoRA alone moves the logits
+        for p in ktrs.expert_lora_parameters(pm):
+            p.zero_()
+    assert rel_l2(logits(pm), want) > 3e-2
+
+
+def test_adapter_trained_by_stock_peft_loads_into_patched_model(base, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = peft.get_peft_model(copy.deepcopy(base), LoraConfig(**EXPERT_CFG))
+    randomize_b(stock, 12)  # PEFT's fused gate_up LoRA: gate and up share A
+    want = logits(stock)
+    stock.save_pretrained(str(tmp_path))
+    pm = ktrs.load_adapter(ktrs.patch_model(copy.deepcopy(base), device="cpu", threads=2), str(tmp_path))
+    assert rel_l2(logits(pm), want) < 2e-2
+
+
+def test_trainer_checkpoint_resume_reproduces_uninterrupted_run(base, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    data = [{k: v[0] for k, v in batch(seed=s, n=1, t=12).items()} for s in range(8)]
+
+    def run(out, max_steps, resume=None):
+        torch.manual_seed(0)  # PEFT's LoRA-A init draws from the global generator
+        pm = patched_peft(base, seed=5)
+        args = TrainingArguments(
+            output_dir=str(out), per_device_train_batch_size=4, max_steps=max_steps, learning_rate=3e-3,
+            logging_steps=1, save_steps=5, save_strategy="steps", report_to=[], use_cpu=True, seed=0,
+            lr_scheduler_type="constant", disable_tqdm=True, data_seed=0,
+        )
+        tr = Trainer(model=pm, args=args, train_dataset=data)
+        tr.train(resume_from_checkpoint=resume)
+        return [h["loss"] for h in tr.state.log_history if "loss" in h], pm
+
+    full, pm_full = run(tmp_path / "a", 10)
+    run(tmp_path / "b", 5)
+    resumed, pm_res = run(tmp_path / "c", 10, resume=str(tmp_path / "b" / "checkpoint-5"))
+    assert len(full) == 10 and len(resumed) == 10  # the resumed history includes steps 1-5
+    assert resumed[5:] == pytest.approx(full[5:], rel=1e-4)
+    a = dict(pm_full.named_parameters())
+    for n, p in pm_res.named_parameters():
+        if ".lora_experts." in n:
+            torch.testing.assert_close(p, a[n], rtol=1e-4, atol=1e-6)

@@ -6,6 +6,7 @@ backward) or :class:`KtrsExperts` (an ``nn.Module`` with autograd), and :func:`i
 """
 
 from ._native import IsaUnavailableError, KtrsError, __version__
+from .adapters import load_adapter, save_adapter
 from .experts import ForwardHandle, MoeExperts
 from .hf import find_moe_blocks, from_pretrained, patch_model
 from .info import info
@@ -25,5 +26,7 @@ __all__ = [
     "find_moe_blocks",
     "from_pretrained",
     "info",
+    "load_adapter",
     "patch_model",
+    "save_adapter",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Iterator, Optional
 
 from torch import nn
@@ -81,5 +82,30 @@ def get_peft_model(model: nn.Module, config, *, expert_lora: Optional[bool] = No
         pm = peft.get_peft_model(model, cfg, adapter_name=adapter_name, **kwargs)
     for p in expert_lora_parameters(pm):
         p.requires_grad_(bool(wants))
-    pm._ktrs_expert_lora = bool(wants)
+    _attach_save(pm)
     return pm
+
+
+def _attach_save(pm) -> None:
+    """Makes `pm.save_pretrained` and `pm.load_adapter` (what the HF Trainer calls to save
+    and resume checkpoints) carry the expert LoRA too."""
+    import types
+
+    from .adapters import restore_expert_lora, save_adapter
+
+    if getattr(pm, "_ktrs_peft_save_pretrained", None) is not None:
+        return
+    pm._ktrs_peft_save_pretrained = pm.save_pretrained
+    pm.save_pretrained = types.MethodType(lambda self, d, **kw: save_adapter(self, d, **kw), pm)
+    peft_load = pm.load_adapter
+
+    def load_adapter(self, model_id, adapter_name="default", *args, **kwargs):
+        with warnings.catch_warnings():
+            # The expert tensors are ktrs', not PEFT's: PEFT reports them as unexpected.
+            warnings.filterwarnings("ignore", message=".*unexpected.*")
+            with _no_moe_target_rewrite():
+                result = peft_load(model_id, adapter_name, *args, **kwargs)
+        restore_expert_lora(self, model_id)
+        return result
+
+    pm.load_adapter = types.MethodType(load_adapter, pm)
