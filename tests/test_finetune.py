@@ -240,3 +240,33 @@ def test_trainer_checkpoint_resume_reproduces_uninterrupted_run(base, tmp_path):
     for n, p in pm_res.named_parameters():
         if ".lora_experts." in n:
             torch.testing.assert_close(p, a[n], rtol=1e-4, atol=1e-6)
+
+
+def test_merge_and_export_give_a_checkpoint_stock_transformers_loads(base, tmp_path):
+    pm = patched_peft(base, seed=21)
+    want = logits(pm)
+    text = ktrs.describe(pm)
+    assert "routed experts in ktrs" in text and "shared experts" in text and "attention" in text
+    ktrs.export_merged(pm, str(tmp_path))
+    stock = DeepseekV2ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    assert rel_l2(logits(stock), want) < 2e-2
+    assert rel_l2(logits(base), want) > 5e-2  # the adapters mattered
+
+
+def test_inspect_reports_non_finite_tensors(base, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    pm = patched_peft(base, seed=22)
+    pm.save_pretrained(str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "ktrs", "inspect", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0 and "routed experts" in r.stdout and "OK: all finite" in r.stdout
+    f = tmp_path / "adapter_model.safetensors"
+    w = load_file(str(f))
+    key = next(k for k in w if "shared_experts.up_proj.lora_A" in k)
+    w[key][0, 0] = float("nan")
+    save_file(w, str(f))
+    r = subprocess.run([sys.executable, "-m", "ktrs", "inspect", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "shared experts: " in r.stdout and "1 NaN" in r.stdout and "non-finite" in r.stdout

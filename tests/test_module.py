@@ -165,3 +165,28 @@ def test_module_keeps_input_device_and_dtype_and_signature():
     out = m(p.hidden.to(torch.float16), p.ids.to(torch.int32), p.weights.to(torch.float64))
     assert out.dtype == torch.float16 and out.shape == (6, 32)
     assert rel_l2(out, reference(p)["out"]) < 1e-2
+
+
+def test_non_finite_guard_names_layer_and_experts():
+    p = make_problem(E=4, H=32, I=32, k=2, T=6, r=4, seed=31)
+    m = module_for(p)
+    m.where = "model.layers.3.mlp.experts"
+    with torch.no_grad():
+        m.lora["down_B"][2].fill_(float("inf"))  # expert 2 now produces Inf
+    uses_2 = (p.ids == 2).any(1)
+    assert uses_2.any()
+    x = p.hidden.float().requires_grad_(True)
+    with pytest.raises(FloatingPointError, match=r"model\.layers\.3\.mlp\.experts.*experts \[.*2"):
+        m(x, p.ids, p.weights)
+    m.check_finite = False  # off on request: the Inf shows in the output instead
+    out = m(x, p.ids, p.weights)
+    assert not torch.isfinite(out[uses_2]).all()
+    with torch.no_grad():
+        m.lora["down_B"][2].zero_()
+    m.check_finite = None
+    out = m(x, p.ids, p.weights)
+    with pytest.raises(FloatingPointError, match="grad_output at token 0"):  # caught at the boundary
+        out.backward(torch.full_like(out, float("nan")))
+    out = m(x, p.ids, p.weights)
+    with pytest.raises(FloatingPointError, match=r"non-finite (input gradient|gradient of expert LoRA) in model\.layers\.3"):
+        out.backward(torch.full_like(out, 3e38))  # finite, but overflows inside

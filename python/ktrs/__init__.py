@@ -12,8 +12,14 @@ from .hf import find_moe_blocks, from_pretrained, patch_model
 from .info import info
 from .module import KtrsExperts, experts_function
 from .peft import expert_lora_parameters, get_peft_model
+from .tools import describe, export_merged, inspect_adapter, merge_and_unload, merge_expert_lora
 
 __all__ = [
+    "describe",
+    "export_merged",
+    "inspect_adapter",
+    "merge_and_unload",
+    "merge_expert_lora",
     "ForwardHandle",
     "IsaUnavailableError",
     "KtrsError",

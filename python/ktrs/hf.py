@@ -81,8 +81,9 @@ def _moe_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return routed.view(*orig_shape) + shared
 
 
-def _install(block: nn.Module, experts: MoeExperts) -> None:
+def _install(block: nn.Module, experts: MoeExperts, name: str = "") -> None:
     block.experts = KtrsExperts(experts)
+    block.experts.where = f"{name}.experts" if name else "experts"
     block.forward = types.MethodType(_moe_forward, block)
 
 
@@ -132,7 +133,7 @@ def patch_model(
             for x in range(e):  # one expert at a time: no second full copy in torch
                 rust.set_expert(x, gu[x, :i], gu[x, i:], dn[x])
         del gu, dn
-        _install(block, rust)
+        _install(block, rust, name)
         # Free the originals now, not at the next GC: their storage may be tens of GB.
         for p in ("gate_up_proj", "down_proj"):
             old._parameters[p] = None
@@ -255,7 +256,7 @@ def from_pretrained(
         layer = int(re.search(r"layers\.(\d+)\.", name + ".").group(1))
         e, h, i = _fused_expert_shapes(block.experts)
         rust = MoeExperts.empty(e, h, i, **opts)
-        _install(block, rust)
+        _install(block, rust, name)
         blocks[layer] = (rust, i)
     # HF keeps some weights in fp32 whatever the dtype (the router's, for DeepSeek-V2).
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Optional
 
@@ -17,13 +18,13 @@ class _ExpertsFunction(torch.autograd.Function):
     is ever overwritten by a later backward)."""
 
     @staticmethod
-    def forward(ctx, experts: MoeExperts, hidden, topk_ids, topk_weights, *lora_params):
-        needs = any(ctx.needs_input_grad[1:])
+    def forward(ctx, experts: MoeExperts, where: Optional[str], hidden, topk_ids, topk_weights, *lora_params):
+        needs = any(ctx.needs_input_grad[2:])
         out, handle = experts.forward(hidden.detach(), topk_ids.detach(), topk_weights.detach(), save_for_backward=needs)
-        ctx.experts = experts
-        ctx.handle = handle
+        if where is not None:
+            _guard_rows(out, where, "expert output", topk_ids)
+        ctx.experts, ctx.handle, ctx.where, ctx.ids = experts, handle, where, topk_ids.detach()
         ctx.n_lora = len(lora_params)
-        ctx.mark_non_differentiable(topk_ids) if False else None
         return out
 
     @staticmethod
@@ -32,16 +33,32 @@ class _ExpertsFunction(torch.autograd.Function):
         if ctx.handle is None:
             raise RuntimeError("ktrs: backward without a saved forward")
         grad_out = grad_out.detach().to("cpu", torch.bfloat16).contiguous()
-        want_lora = ctx.n_lora > 0 and any(ctx.needs_input_grad[4:])
+        want_lora = ctx.n_lora > 0 and any(ctx.needs_input_grad[5:])
         lora_grads = [torch.empty(experts.lora_shape(n), dtype=torch.float32) for n in LORA_NAMES] if want_lora else None
         grad_hidden, grad_w = experts.backward(ctx.handle, grad_out, lora_grads=lora_grads, accumulate=False)
+        if ctx.where is not None:
+            _guard_rows(grad_hidden, ctx.where, "input gradient", ctx.ids)
+            for name, g in zip(LORA_NAMES, lora_grads or ()):
+                bad = (~torch.isfinite(g)).flatten(1).any(1).nonzero().flatten().tolist()
+                if bad:
+                    raise FloatingPointError(f"ktrs: non-finite gradient of expert LoRA {name} in {ctx.where}, experts {bad[:8]}")
         lora_out = tuple(lora_grads) if want_lora else (None,) * ctx.n_lora
-        return (None, grad_hidden, None, grad_w, *lora_out)
+        return (None, None, grad_hidden, None, grad_w, *lora_out)
 
 
-def experts_function(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *lora_params: torch.Tensor) -> torch.Tensor:
-    """Differentiable call of ``experts`` (CPU, bf16 hidden, int64 ids, f32 weights)."""
-    return _ExpertsFunction.apply(experts, hidden, topk_ids, topk_weights, *lora_params)
+def _guard_rows(t: torch.Tensor, where: str, what: str, ids: torch.Tensor) -> None:
+    """Raises, naming layer, tokens and their experts, if `t` holds NaN or Inf."""
+    bad = (~torch.isfinite(t)).any(1).nonzero().flatten()
+    if len(bad):
+        toks = bad[:4].tolist()
+        experts = sorted(set(ids[bad[:4]].flatten().tolist()))
+        raise FloatingPointError(f"ktrs: non-finite {what} in {where}: tokens {toks} (routed to experts {experts}); {len(bad)} rows affected")
+
+
+def experts_function(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *lora_params: torch.Tensor, guard: Optional[str] = None) -> torch.Tensor:
+    """Differentiable call of ``experts`` (CPU, bf16 hidden, int64 ids, f32 weights).
+    With ``guard`` (a name for messages), NaN/Inf in the output or any gradient raise."""
+    return _ExpertsFunction.apply(experts, guard, hidden, topk_ids, topk_weights, *lora_params)
 
 
 _EXECUTOR = None
@@ -108,6 +125,10 @@ class KtrsExperts(nn.Module):
         self.lora_experts = nn.ParameterDict()
         self._bind_lora()
         self._warned_rebind = False
+        #: Name used in error messages (patch_model sets the block's path).
+        self.where = "experts"
+        #: Non-finite guard: None = on while autograd records (training), or True/False.
+        self.check_finite: Optional[bool] = None if os.environ.get("KTRS_CHECK_FINITE", "1") != "0" else False
 
     @property
     def lora(self) -> nn.ParameterDict:
@@ -160,7 +181,8 @@ class KtrsExperts(nn.Module):
         ids = top_k_index.to("cpu", torch.int64).contiguous()
         w = top_k_weights.to("cpu", torch.float32).contiguous()
         params = tuple(self.lora_experts[n] for n in LORA_NAMES) if len(self.lora_experts) else ()
-        out = experts_function(self.experts, x, ids, w, *params)
+        check = torch.is_grad_enabled() if self.check_finite is None else self.check_finite
+        out = experts_function(self.experts, x, ids, w, *params, guard=self.where if check else None)
         return out.to(device=device, dtype=dtype)
 
     # -- what HF/PEFT code may inspect ---------------------------------------------------

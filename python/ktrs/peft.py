@@ -109,3 +109,7 @@ def _attach_save(pm) -> None:
         return result
 
     pm.load_adapter = types.MethodType(load_adapter, pm)
+    from .tools import merge_and_unload
+
+    pm._ktrs_peft_merge_and_unload = pm.merge_and_unload
+    pm.merge_and_unload = types.MethodType(lambda self, *a, **kw: merge_and_unload(self), pm)
