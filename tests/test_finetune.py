@@ -270,3 +270,20 @@ def test_inspect_reports_non_finite_tensors(base, tmp_path):
     save_file(w, str(f))
     r = subprocess.run([sys.executable, "-m", "ktrs", "inspect", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 1 and "shared experts: " in r.stdout and "1 NaN" in r.stdout and "non-finite" in r.stdout
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(base, reentrant):
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        pm = patched_peft(base, seed=31)
+        pm.train()
+        if ckpt:
+            pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            if reentrant:
+                pm.enable_input_require_grads()
+        pm(**batch(seed=9)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
+    for n, g in grads[0].items():
+        assert rel_l2(grads[1][n], g) < 1e-5, n
