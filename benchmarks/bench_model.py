@@ -115,6 +115,39 @@ def measure(model, device, prefill: List[int], decode: int, repeats: int) -> Dic
     return res
 
 
+def measure_sft(model, device: str, seq: int, steps: int, peft_get) -> Dict:
+    """LoRA SFT steps (forward, backward, AdamW) at batch 1 × `seq` tokens."""
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "kv_b_proj", "o_proj"],
+                     target_parameters=["gate_up_proj", "down_proj"])
+    pm = peft_get(model, cfg)
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=g).to(device)
+    ts = []
+    for i in range(steps + 1):
+        sync()
+        t0 = time.perf_counter()
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i:
+            ts.append(time.perf_counter() - t0)
+    ts.sort()
+    res = {"sft_tok_s": seq / ts[len(ts) // 2], "sft_step_s": ts[len(ts) // 2], "trainable": sum(p.numel() for p in params)}
+    if device.startswith("cuda"):
+        res["sft_gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    res["sft_host_rss_gb"] = rss_gb()
+    print(f"    SFT seq {seq}: {res['sft_tok_s']:.1f} tok/s ({res['sft_step_s']:.2f} s/step), trainable {res['trainable']:,}", flush=True)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=27)
@@ -124,6 +157,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=["ktrs", "gpu", "offload"])
     ap.add_argument("--offload-decode", type=int, default=4, help="decode tokens for the (slow) offload baseline")
+    ap.add_argument("--sft", type=int, default=0, metavar="SEQ", help="also time LoRA SFT steps at this sequence length")
+    ap.add_argument("--sft-steps", type=int, default=3)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_model.json"))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,6 +174,9 @@ def main() -> int:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         out["results"]["ktrs"] = measure(model, device, args.prefill, args.decode, args.repeats)
+        if args.sft:
+            torch.cuda.reset_peak_memory_stats() if device.startswith("cuda") else None
+            out["results"]["ktrs"].update(measure_sft(model, device, args.sft, args.sft_steps, ktrs.get_peft_model))
         del model
         gc.collect()
         torch.cuda.empty_cache() if device.startswith("cuda") else None
@@ -149,6 +187,11 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
             print("[hf, all on GPU]", flush=True)
             out["results"]["hf_gpu"] = measure(model, device, args.prefill, args.decode, args.repeats)
+            if args.sft and "offload" in args.skip:
+                import peft
+
+                torch.cuda.reset_peak_memory_stats()
+                out["results"]["hf_gpu"].update(measure_sft(model, device, args.sft, args.sft_steps, peft.get_peft_model))
         if "offload" not in args.skip:
             from accelerate import cpu_offload_with_hook  # noqa: F401  (accelerate present)
             from accelerate.hooks import AlignDevicesHook, add_hook_to_module
@@ -166,10 +209,12 @@ def main() -> int:
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
-    print(f"\n{'system':<12} " + " ".join(f"{k:>16}" for k in ["prefill512 tok/s", "prefill2048 tok/s", "decode tok/s", "GPU peak GB", "host RSS GB"]))
+    heads = ["prefill512 tok/s", "prefill2048 tok/s", "decode tok/s", "GPU peak GB", "host RSS GB", "SFT tok/s", "SFT GPU GB"]
+    print(f"\n{'system':<12} " + " ".join(f"{k:>17}" for k in heads))
     for name, r in out["results"].items():
-        cells = [r.get("prefill_512_tok_s"), r.get("prefill_2048_tok_s"), r.get("decode_tok_s"), r.get("gpu_peak_gb"), r.get("host_rss_gb")]
-        print(f"{name:<12} " + " ".join(f"{v:16.2f}" if v is not None else f"{'-':>16}" for v in cells))
+        cells = [r.get("prefill_512_tok_s"), r.get("prefill_2048_tok_s"), r.get("decode_tok_s"), r.get("gpu_peak_gb"), r.get("host_rss_gb"),
+                 r.get("sft_tok_s"), r.get("sft_gpu_peak_gb")]
+        print(f"{name:<12} " + " ".join(f"{v:17.2f}" if v is not None else f"{'-':>17}" for v in cells))
     print(f"JSON: {args.json}")
     return 0
 

@@ -19,9 +19,14 @@ from ktrs.experts import LORA_NAMES  # noqa: E402
 from ktrs.peft import _no_moe_target_rewrite  # noqa: E402
 
 from conftest import rel_l2  # noqa: E402
-from test_patch_model import bf16_exact, tiny_config  # noqa: E402
+from test_patch_model import DEVICES, bf16_exact, tiny_config  # noqa: E402
 
 TARGETS = ["q_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
 
 
 def lora_config(**kw):
@@ -34,8 +39,8 @@ def base():
     return bf16_exact(DeepseekV2ForCausalLM(tiny_config())).eval()
 
 
-def patched_peft(base, seed=0):
-    model = ktrs.patch_model(copy.deepcopy(base), device="cpu", threads=2)
+def patched_peft(base, seed=0, device="cpu"):
+    model = ktrs.patch_model(copy.deepcopy(base), device=device, threads=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = ktrs.get_peft_model(model, lora_config())
@@ -81,9 +86,9 @@ def _ref_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return out
 
 
-def reference_like(pm, base):
+def reference_like(pm, base, device="cpu"):
     """Unpatched model with PEFT on the same modules and torch expert LoRA, same values."""
-    ref = copy.deepcopy(base)
+    ref = copy.deepcopy(base).to(device)
     with warnings.catch_warnings(), _no_moe_target_rewrite():
         warnings.simplefilter("ignore")
         rm = peft.get_peft_model(ref, lora_config())
@@ -95,22 +100,22 @@ def reference_like(pm, base):
     for layer in (1, 2):
         ex = rm.base_model.model.model.layers[layer].mlp.experts
         kx = pm.base_model.model.model.layers[layer].mlp.experts
-        ex.ref_lora = torch.nn.ParameterDict({n: torch.nn.Parameter(kx.lora[n].detach().clone()) for n in LORA_NAMES})
+        ex.ref_lora = torch.nn.ParameterDict({n: torch.nn.Parameter(kx.lora[n].detach().clone().to(device)) for n in LORA_NAMES})
         ex.ref_scale = kx.experts.lora_scaling
         ex.forward = types.MethodType(_ref_experts_forward, ex)
     return rm
 
 
-def batch(seed=1, n=3, t=10):
+def batch(seed=1, n=3, t=10, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 160, (n, t), generator=g)
+    ids = torch.randint(0, 160, (n, t), generator=g).to(device)
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def test_loss_and_every_lora_gradient_match_unpatched_reference(base):
-    pm = patched_peft(base)
-    rm = reference_like(pm, base)
-    b = batch()
+def test_loss_and_every_lora_gradient_match_unpatched_reference(base, device):
+    pm = patched_peft(base, device=device)
+    rm = reference_like(pm, base, device)
+    b = batch(device=device)
     loss = pm(**b).loss
     loss.backward()
     ref_loss = rm(**b).loss
@@ -127,15 +132,15 @@ def test_loss_and_every_lora_gradient_match_unpatched_reference(base):
         else:
             want = ref_params[n].grad
         assert p.grad is not None, n
-        assert rel_l2(p.grad, want) < 3e-2, n
+        assert rel_l2(p.grad.cpu(), want.cpu()) < 3e-2, n
         checked += 1
     assert checked == len([1 for _, p in pm.named_parameters() if p.requires_grad])
 
 
-def test_hf_trainer_trains_expert_and_peft_lora(base, tmp_path):
+def test_hf_trainer_trains_expert_and_peft_lora(base, tmp_path, device):
     from transformers import Trainer, TrainingArguments
 
-    pm = patched_peft(base, seed=3)
+    pm = patched_peft(base, seed=3, device=device)
     data = [batch(seed=s, n=1, t=12) for s in range(8)]
     data = [{k: v[0] for k, v in d.items()} for d in data]
     seen = {1: set(), 2: set()}
@@ -149,7 +154,7 @@ def test_hf_trainer_trains_expert_and_peft_lora(base, tmp_path):
     before = {n: p.detach().clone() for n, p in pm.named_parameters() if ".lora_experts." in n}
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=30,
-        learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_grad_norm=1.0,
+        learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=device == "cpu", max_grad_norm=1.0,
         lr_scheduler_type="constant", seed=0, disable_tqdm=True,
     )
     trainer = Trainer(model=pm, args=args, train_dataset=data)
@@ -163,6 +168,7 @@ def test_hf_trainer_trains_expert_and_peft_lora(base, tmp_path):
         for n in ("gate_A", "down_B"):
             key = f"base_model.model.model.layers.{layer}.mlp.experts.lora_experts.{n}"
             now = dict(pm.named_parameters())[key].detach()
+            assert now.device.type == "cpu"
             changed = (now - before[key]).flatten(1).abs().amax(1) > 0
             for e in seen[layer]:
                 assert changed[e], (layer, n, e)
