@@ -293,3 +293,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(base, reentrant):
         grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
     for n, g in grads[0].items():
         assert rel_l2(grads[1][n], g) < 1e-5, n
+
+
+def test_hf_trainer_bf16_mixed_precision(base, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    pm = patched_peft(base, seed=4)
+    data = [{k: v[0] for k, v in batch(seed=s, n=1, t=12).items()} for s in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=3e-3, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, bf16=True, seed=0, disable_tqdm=True,
+    )
+    tr = Trainer(model=pm, args=args, train_dataset=data)
+    tr.train()
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    assert len(losses) == 6 and all(l == l and l < 100 for l in losses)  # finite
+    for p in ktrs.expert_lora_parameters(pm):
+        assert p.dtype == torch.float32 and torch.isfinite(p).all()
