@@ -1,5 +1,6 @@
-"""The built-in demo: one MoE layer at DeepSeek-V2-Lite shape, forward and backward with
-LoRA on every ISA this machine has, checked against a PyTorch reference and timed."""
+"""The demos: `run_demo` (the README's first command: build, chat, fine-tune, chat again) and
+`run` (`ktrs bench`: one MoE layer at DeepSeek-V2-Lite shape, forward and backward with
+LoRA on every ISA this machine has, checked against a PyTorch reference and timed)."""
 
 from __future__ import annotations
 
@@ -80,3 +81,51 @@ def run(tokens: int = 64, rank: int = 8, threads: Optional[int] = None, seed: in
     print("\nforward TFLOPS = 2*T*k*3*H*I / time (base GEMMs; LoRA adds ~1%)")
     print("errors: relative L2 of output, input/routing-weight gradients and all six LoRA gradients vs an fp32 torch reference")
     return 1 if failures else 0
+
+
+def run_demo(workdir: str = "demo-out", steps: int = 200, device: Optional[str] = None) -> int:
+    """The first thing a new user runs: build a small DeepSeek-V2 (tokenizer trained on a
+    bundled corpus, random weights, a real checkpoint), ask it questions, fine-tune it with
+    ktrs on bundled chat data, save and reload the adapter, ask again."""
+    import os
+
+    from .chat import load_chat_model, reply
+    from .chat_data import read_jsonl
+    from .tiny import DATA, build_checkpoint
+    from .train import TrainConfig, resolve_device, train
+
+    device = resolve_device(device)
+    d = info()
+    print(f"ktrs {d['version']} demo: ISA {d['selected_isa']}, {d['default_threads']} threads, rest of the model on {device}\n")
+    ckpt = os.path.join(workdir, "tiny-deepseek-v2")
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        build_checkpoint(ckpt)
+    print(f"model: a small DeepSeek-V2 (3 layers, 8 routed experts, top-2) at {ckpt}/")
+    data = os.path.join(DATA, "demo_chat.jsonl")
+    convs = read_jsonl(data)
+    probes = [convs[i] for i in (0, 3, 11)]
+
+    def ask(model, tok, label):
+        print(f"--- {label}")
+        right = 0
+        for c in probes:
+            text, _ = reply(model, tok, c[:1], max_new_tokens=24)
+            ok = text == c[1]["content"]
+            right += ok
+            print(f"  Q: {c[0]['content']}\n  A: {text}   {'(correct)' if ok else ''}")
+        return right
+
+    model, tok = load_chat_model(ckpt, device=device)
+    before = ask(model, tok, "before fine-tuning")
+    del model
+    adapter = os.path.join(workdir, "adapter")
+    print(f"\nfine-tuning with LoRA on {len(convs)} bundled conversations ({steps} steps) ...")
+    m = train(TrainConfig(model=ckpt, data=data, output=adapter, steps=steps, device=device))
+    print(f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}; adapter, loss_curve.png, metrics.json in {adapter}/")
+    model, tok = load_chat_model(ckpt, adapter=adapter, device=device)
+    after = ask(model, tok, "after fine-tuning (adapter reloaded from disk)")
+    other = m["train_seconds"] - m["cpu_expert_seconds"]
+    print(f"\ntraining time {m['train_seconds']:.1f} s: CPU experts (ktrs, {d['selected_isa']}) {m['cpu_expert_seconds']:.1f} s, everything else {other:.1f} s")
+    print(f"recalled facts: {before}/{len(probes)} before, {after}/{len(probes)} after")
+    print(f"next: ktrs chat --model {ckpt} --adapter {adapter}")
+    return 0 if after > before else 1

@@ -12,6 +12,34 @@ from torch import nn
 from .experts import LORA_NAMES, MoeExperts
 
 
+class Timer:
+    """Wall time spent in ktrs expert kernels (forward and backward), for reports."""
+
+    _GLOBAL: "Timer" = None  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @classmethod
+    def global_(cls) -> "Timer":
+        if cls._GLOBAL is None:
+            cls._GLOBAL = cls()
+        return cls._GLOBAL
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+
+def _timed(fn, *args, **kwargs):
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        Timer.global_().seconds += time.perf_counter() - t0
+
+
 class _ExpertsFunction(torch.autograd.Function):
     """``out = experts(hidden, ids, weights)``; LoRA parameters are inputs so autograd
     delivers their gradients (fresh tensors each backward: nothing the optimizer holds
@@ -20,7 +48,7 @@ class _ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, experts: MoeExperts, where: Optional[str], hidden, topk_ids, topk_weights, *lora_params):
         needs = any(ctx.needs_input_grad[2:])
-        out, handle = experts.forward(hidden.detach(), topk_ids.detach(), topk_weights.detach(), save_for_backward=needs)
+        out, handle = _timed(experts.forward, hidden.detach(), topk_ids.detach(), topk_weights.detach(), save_for_backward=needs)
         if where is not None:
             _guard_rows(out, where, "expert output", topk_ids)
         ctx.experts, ctx.handle, ctx.where, ctx.ids = experts, handle, where, topk_ids.detach()
@@ -35,7 +63,7 @@ class _ExpertsFunction(torch.autograd.Function):
         grad_out = grad_out.detach().to("cpu", torch.bfloat16).contiguous()
         want_lora = ctx.n_lora > 0 and any(ctx.needs_input_grad[5:])
         lora_grads = [torch.empty(experts.lora_shape(n), dtype=torch.float32) for n in LORA_NAMES] if want_lora else None
-        grad_hidden, grad_w = experts.backward(ctx.handle, grad_out, lora_grads=lora_grads, accumulate=False)
+        grad_hidden, grad_w = _timed(experts.backward, ctx.handle, grad_out, lora_grads=lora_grads, accumulate=False)
         if ctx.where is not None:
             _guard_rows(grad_hidden, ctx.where, "input gradient", ctx.ids)
             for name, g in zip(LORA_NAMES, lora_grads or ()):
@@ -96,7 +124,7 @@ class ExpertsFuture:
         def work():
             if event is not None:
                 event.synchronize()
-            experts.forward(x, i, w, out=out)
+            _timed(experts.forward, x, i, w, out=out)
             return out
 
         self._future = _executor().submit(work)
