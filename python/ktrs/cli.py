@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="build a small DeepSeek-V2, chat, fine-tune it with ktrs, chat again")
     s.add_argument("--workdir", default="demo-out", help="where the model, adapter and plots go (default: ./demo-out)")
-    s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--steps", type=int, default=100)
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
     s = sub.add_parser("train", help="LoRA SFT of a DeepSeek-V2 checkpoint on chat JSONL")

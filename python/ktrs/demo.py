@@ -83,7 +83,7 @@ def run(tokens: int = 64, rank: int = 8, threads: Optional[int] = None, seed: in
     return 1 if failures else 0
 
 
-def run_demo(workdir: str = "demo-out", steps: int = 200, device: Optional[str] = None) -> int:
+def run_demo(workdir: str = "demo-out", steps: int = 100, device: Optional[str] = None) -> int:
     """The first thing a new user runs: build a small DeepSeek-V2 (tokenizer trained on a
     bundled corpus, random weights, a real checkpoint), ask it questions, fine-tune it with
     ktrs on bundled chat data, save and reload the adapter, ask again."""
