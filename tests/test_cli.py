@@ -112,6 +112,12 @@ def test_errors_a_user_can_act_on(ckpt, tmp_path):
     assert r.returncode == 2 and "no data file" in r.stderr
     r = ktrs_cli("inspect", str(tmp_path))
     assert r.returncode == 2 and "adapter_model.safetensors" in r.stderr
+    if "amx" not in ktrs.info()["available_isas"]:
+        env_r = subprocess.run(
+            [sys.executable, "-m", "ktrs", "chat", "--model", ckpt, "--prompt", "hi", "--device", "cpu"],
+            capture_output=True, text=True, env={**os.environ, "KTRS_ISA": "amx"}, timeout=600,
+        )
+        assert env_r.returncode == 2 and "amx" in env_r.stderr and "hint: unset KTRS_ISA" in env_r.stderr
     if not torch.cuda.is_available():
         r = ktrs_cli("train", "--model", ckpt, "--data", CHAT_DATA, "--output", str(tmp_path / "o"), "--device", "cuda")
         assert r.returncode == 2 and "no CUDA GPU" in r.stderr

@@ -63,8 +63,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run(args)
     except KeyboardInterrupt:
         return 130
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"ktrs {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - shown to the user without a traceback
+        from . import KtrsError
+
+        if not isinstance(exc, (FileNotFoundError, ValueError, RuntimeError, KtrsError)):
+            raise
+        hint = ""
+        if type(exc).__name__ == "IsaUnavailableError":
+            hint = "\nhint: unset KTRS_ISA (or pick one `ktrs info` lists as available)"
+        print(f"ktrs {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from . import _native
 
@@ -14,7 +14,20 @@ def info() -> Dict[str, Any]:
     d["version"] = _native.__version__
     d["KTRS_ISA"] = os.environ.get("KTRS_ISA")
     d["KTRS_THREADS"] = os.environ.get("KTRS_THREADS")
+    d["memory_gb"] = _meminfo_gb("MemTotal")
+    d["memory_available_gb"] = _meminfo_gb("MemAvailable")
     return d
+
+
+def _meminfo_gb(field: str) -> Optional[float]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
 
 
 def format_info(d: Dict[str, Any]) -> str:
@@ -27,6 +40,7 @@ def format_info(d: Dict[str, Any]) -> str:
         ("default threads", d["default_threads"] if not d.get("KTRS_THREADS") else f"{d['default_threads']}  (KTRS_THREADS)"),
         ("AMX permission", d["amx_permission"]),
         ("AMX kernels in build", "yes" if d["amx_kernels_built"] else "no"),
+        ("memory", f"{d['memory_gb']} GB total, {d['memory_available_gb']} GB available" if d.get("memory_gb") else "unknown"),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

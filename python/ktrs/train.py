@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.update(1)
