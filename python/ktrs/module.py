@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -40,6 +41,15 @@ def _timed(fn, *args, **kwargs):
         Timer.global_().seconds += time.perf_counter() - t0
 
 
+#: Forward caches alive now (for tests and memory accounting).
+_LIVE_HANDLES: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def live_forward_caches() -> int:
+    """How many expert forward caches (Rust memory) are alive."""
+    return len(_LIVE_HANDLES)
+
+
 class _ExpertsFunction(torch.autograd.Function):
     """``out = experts(hidden, ids, weights)``; LoRA parameters are inputs so autograd
     delivers their gradients (fresh tensors each backward: nothing the optimizer holds
@@ -51,21 +61,31 @@ class _ExpertsFunction(torch.autograd.Function):
         out, handle = _timed(experts.forward, hidden.detach(), topk_ids.detach(), topk_weights.detach(), save_for_backward=needs)
         if where is not None:
             _guard_rows(out, where, "expert output", topk_ids)
-        ctx.experts, ctx.handle, ctx.where, ctx.ids = experts, handle, where, topk_ids.detach()
+        # The Rust forward cache rides on an empty saved tensor rather than on ctx, so
+        # activation checkpointing sees it: non-reentrant checkpointing drops it after the
+        # forward and the recomputed forward makes the one backward uses.
+        token = torch.empty(0)
+        token._ktrs_handle, token._ktrs_ids = handle, topk_ids.detach()
+        if handle is not None:
+            _LIVE_HANDLES.add(handle)
+        ctx.save_for_backward(token)
+        ctx.experts, ctx.where = experts, where
         ctx.n_lora = len(lora_params)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         experts: MoeExperts = ctx.experts
-        if ctx.handle is None:
+        (token,) = ctx.saved_tensors
+        handle, ids = getattr(token, "_ktrs_handle", None), getattr(token, "_ktrs_ids", None)
+        if handle is None:
             raise RuntimeError("ktrs: backward without a saved forward")
         grad_out = grad_out.detach().to("cpu", torch.bfloat16).contiguous()
         want_lora = ctx.n_lora > 0 and any(ctx.needs_input_grad[5:])
         lora_grads = [torch.empty(experts.lora_shape(n), dtype=torch.float32) for n in LORA_NAMES] if want_lora else None
-        grad_hidden, grad_w = _timed(experts.backward, ctx.handle, grad_out, lora_grads=lora_grads, accumulate=False)
+        grad_hidden, grad_w = _timed(experts.backward, handle, grad_out, lora_grads=lora_grads, accumulate=False)
         if ctx.where is not None:
-            _guard_rows(grad_hidden, ctx.where, "input gradient", ctx.ids)
+            _guard_rows(grad_hidden, ctx.where, "input gradient", ids)
             for name, g in zip(LORA_NAMES, lora_grads or ()):
                 bad = (~torch.isfinite(g)).flatten(1).any(1).nonzero().flatten().tolist()
                 if bad:

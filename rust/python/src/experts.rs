@@ -16,7 +16,7 @@ pub struct Experts {
 }
 
 /// What one forward saved for its backward. Dropping it frees the memory.
-#[pyclass(module = "ktrs._native", name = "ForwardHandle", frozen)]
+#[pyclass(module = "ktrs._native", name = "ForwardHandle", frozen, weakref)]
 pub struct ForwardHandle {
     cache: ForwardCache,
 }
