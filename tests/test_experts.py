@@ -164,3 +164,24 @@ def test_deepseek_v2_lite_shape_all_isas():
             assert rel_l2(gh, ref["grad_hidden"]) < 1e-2 and rel_l2(gw, ref["grad_weights"]) < 1e-2, isa
             for n, g in zip(LORA_NAMES, grads):
                 assert rel_l2(g, ref[f"grad_{n}"]) < 1e-2, (isa, n)
+
+
+def test_forked_child_computes_the_same():
+    # DataLoader workers fork: the child has no worker threads and must still compute.
+    import multiprocessing as mp
+
+    p = make_problem(E=8, H=64, I=48, k=2, T=9, r=4, seed=14)
+    ex = build(p, threads=2)
+    want = ex.forward(p.hidden, p.ids, p.weights)[0]
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def child():
+        q.put(ex.forward(p.hidden, p.ids, p.weights)[0].float().numpy())
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    got = torch.from_numpy(q.get(timeout=60))
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert torch.equal(got, want.float())
