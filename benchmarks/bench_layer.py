@@ -286,6 +286,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="threads for ktrs and torch (default: ktrs default)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, median reported")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    p.add_argument("--kt", choices=["auto", "on", "off"], default="auto", help="also run kt-kernel's AMXBF16_SFT MoE when importable")
+    p.add_argument("--kt-threads", type=int, default=None, help="kt-kernel worker threads (default: threads - 1, its best)")
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=1408)
@@ -359,6 +361,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f" fwd {tr['fwd_ms']:.2f} ms  bwd {tr['bwd_ms']:.2f} ms  (repeats {tr['repeats']})", flush=True)
         return torch_res[T]
 
+    kt_res: Dict[int, Dict] = {}
+    if args.kt != "off":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import peer_kt
+
+        if peer_kt.available():
+            kt_threads = args.kt_threads or max(1, threads - 1)
+            print(f"[kt-kernel] AMXBF16_SFT, {kt_threads} threads (update_lora_weights once per step, untimed)", flush=True)
+            kl = peer_kt.KtLayer(gate, up, down, lora, k, r, args.alpha, kt_threads, max(args.tokens))
+            for T in args.tokens:
+                kt_res[T] = kl.run(*inputs[T], args.repeats)
+                print(f"  kt     T={T} ... fwd {kt_res[T]['fwd_ms']:.2f} ms  bwd {kt_res[T]['bwd_ms']:.2f} ms", flush=True)
+            del kl
+        elif args.kt == "on":
+            raise SystemExit("--kt on: kt_kernel is not importable")
+
     records = []
     skipped = {}
     for isa in isas:
@@ -429,6 +447,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 elif worst > 5e-2:
                     print(f"!! note: ktrs[{isa}] T={T}: a gradient differs from torch by rel err {worst:.3e} "
                           f"(grad_weights {rec['rel_err_grad_weights']:.2e}, lora {max(lora_errs.values()):.2e})")
+            if T in kt_res:
+                kr_ = kt_res[T]
+                rec.update({
+                    "kt_fwd_ms": kr_["fwd_ms"], "kt_bwd_ms": kr_["bwd_ms"],
+                    "ratio_kt_fwd": kr_["fwd_ms"] / kr["fwd_ms"], "ratio_kt_bwd": kr_["bwd_ms"] / kr["bwd_ms"],
+                    "rel_err_vs_kt_out": rel_err(kr["res"]["out"], kr_["out"]),
+                    "rel_err_vs_kt_grad_hidden": rel_err(kr["res"]["grad_hidden"], kr_["grad_hidden"]),
+                })
             records.append(rec)
         del ex
         gc.collect()
@@ -441,7 +467,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             ("fwd TF", ">7", "fwd_tflops", ".3f"), ("f+b TF", ">7", "fwd_bwd_tflops", ".3f"),
             ("tch fwd", ">9", "torch_fwd_ms", ".2f"), ("tch f+b", ">9", "torch_fwd_bwd_ms", ".2f"),
             ("x fwd", ">6", "ratio_fwd", ".2f"), ("x f+b", ">6", "ratio_fwd_bwd", ".2f"),
-            ("err out", ">8", "rel_err_out", ".1e"), ("err dx", ">8", "rel_err_grad_hidden", ".1e")]
+            ("err out", ">8", "rel_err_out", ".1e"), ("err dx", ">8", "rel_err_grad_hidden", ".1e"),
+            ("kt fwd", ">8", "kt_fwd_ms", ".2f"), ("kt bwd", ">8", "kt_bwd_ms", ".2f"),
+            ("x kt f", ">7", "ratio_kt_fwd", ".2f"), ("x kt b", ">7", "ratio_kt_bwd", ".2f"),
+            ("vs kt", ">8", "rel_err_vs_kt_out", ".1e")]
     print()
     print(f"threads {threads}; E={E} H={H} I={I} k={k} r={r}; medians; TF = TFLOPS of base GEMMs "
           f"(fwd 2*T*k*3*H*I, f+b twice that); x = torch time / ktrs time (>1: ktrs faster); "

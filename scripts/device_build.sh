@@ -14,4 +14,14 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="ktrs": print(m["executable"])' | tail -1)
 cp "$bin" devbuild/ktrs-tests
 "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d devbuild/pywheels pytest pluggy iniconfig
+# Optional: the peer for side-by-side numbers. KT_WHEEL=path/to/kt_kernel-0.7.2-cp312-*.whl
+# keeps only its Python files, the AMX extension and its bundled libraries (~13 MB); it
+# is carried, never committed.
+if [ -n "${KT_WHEEL:-}" ]; then
+  tmp=$(mktemp -d)
+  unzip -q "$KT_WHEEL" 'kt_kernel/*' 'kt_kernel.libs/*' -d "$tmp"
+  find "$tmp/kt_kernel" -name '_kt_kernel_ext_*.so' ! -name '_kt_kernel_ext_amx*' -delete
+  mkdir -p devbuild/ktpeer && cp -r "$tmp/kt_kernel" "$tmp/kt_kernel.libs" devbuild/ktpeer/
+  rm -rf "$tmp"
+fi
 ls -la devbuild devbuild/pywheels

@@ -10,6 +10,7 @@ grep -m1 "model name" /proc/cpuinfo; grep -o -w 'amx_[a-z0-9]*' /proc/cpuinfo | 
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site devbuild/*.whl || exit 1
 python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site devbuild/pywheels/*.whl
 export PYTHONPATH=/tmp/site
+[ -d devbuild/ktpeer ] && export PYTHONPATH=/tmp/site:$PWD/devbuild/ktpeer
 python3 -m ktrs info
 status=0
 echo "== cargo tests (every ISA this CPU has)"; ./devbuild/ktrs-tests -q 2>&1 | tail -3 || status=1
