@@ -202,11 +202,32 @@ impl MoeLayer {
         check_len("up", up.len(), i * h)?;
         check_len("down", down.len(), h * i)?;
         let (gs, ds) = (self.gate_up.shape, self.down.shape);
-        let g = SendPtr(self.gate_up.expert_mut(e).as_mut_ptr());
-        let d = self.down.expert_mut(e);
-        // SAFETY: g points at expert e's region, which we hold mutably through &mut self.
-        let g = unsafe { g.slice_mut(0, gs.len()) };
-        pack_expert(gs, ds, h, i, gate, up, down, g, d);
+        let gp = SendPtr(self.gate_up.expert_mut(e).as_mut_ptr());
+        let dp = SendPtr(self.down.expert_mut(e).as_mut_ptr());
+        let (ngp, ndp) = (gs.panels(), ds.panels());
+        // One task per 16-row panel: panels are disjoint regions of the pack. (Loading a
+        // model calls this once per expert, so packing must not be single-threaded.)
+        self.pool.run(ngp + ndp, |t, _| {
+            let (shape, base, p) = if t < ngp { (gs, gp, t) } else { (ds, dp, t - ngp) };
+            // SAFETY: task t owns panel p of expert e's pack alone (&mut self holds it).
+            let panel = unsafe { base.slice_mut(p * shape.panel_len(), shape.panel_len()) };
+            panel.fill(0);
+            let one = PackShape { n: PANEL, n_pad: PANEL, ..shape };
+            for l in 0..PANEL {
+                let r = p * PANEL + l;
+                let row = if t < ngp {
+                    // Fused rows interleave 16 gate rows and 16 up rows (`fused_row`).
+                    let (q, rem) = (r / (2 * PANEL), r % (2 * PANEL));
+                    let src_row = q * PANEL + rem % PANEL;
+                    (src_row < i).then(|| if rem < PANEL { &gate[src_row * h..(src_row + 1) * h] } else { &up[src_row * h..(src_row + 1) * h] })
+                } else {
+                    (r < h).then(|| &down[r * i..(r + 1) * i])
+                };
+                if let Some(row) = row {
+                    pack::pack_row(row, one, l, panel);
+                }
+            }
+        });
         Ok(())
     }
 
