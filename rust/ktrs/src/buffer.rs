@@ -38,6 +38,12 @@ fn layout(bytes: usize) -> Layout {
 /// stream the weights.
 const MMAP_MIN: usize = 1 << 20;
 
+/// `KTRS_THP=0` turns the huge-page advice off.
+fn use_huge_pages() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("KTRS_THP").map(|v| v != "0").unwrap_or(true))
+}
+
 /// # Safety
 /// `bytes > 0`.
 unsafe fn alloc_zeroed(l: Layout) -> *mut u8 {
@@ -55,7 +61,9 @@ unsafe fn alloc_zeroed(l: Layout) -> *mut u8 {
             return std::ptr::null_mut();
         }
         // Advice only: failure (THP disabled) changes nothing else.
-        libc::madvise(p, l.size(), libc::MADV_HUGEPAGE);
+        if use_huge_pages() {
+            libc::madvise(p, l.size(), libc::MADV_HUGEPAGE);
+        }
         return p as *mut u8;
     }
     heap_alloc_zeroed(l)
