@@ -209,6 +209,7 @@ impl MoeLayer {
         //    matrix), each a register-blocked sum of outer products over the expert's pairs.
         let mut vg = vec![0f32; n * r];
         let mut vu = vec![0f32; n * r];
+        let mut lora_grad_task: Option<Box<dyn Fn(usize) + Sync + '_>> = None;
         if r > 0 {
             let l = lora.expect("rank > 0 implies LoRA");
             let ld = 2 * i_pad;
@@ -243,7 +244,11 @@ impl MoeLayer {
             if let Some((dst, accumulate)) = dst {
                 let (dy_s, dgu_s) = (dy.as_slice(), dgu.as_slice());
                 let pw = &rt.pair_weight[..];
-                self.run_phase("bwd lora grads", 6 * cfg.experts, |task, _| {
+                let (vg, vu, vd) = (&vg, &vu, &vd);
+                // Runs in the same parallel region as the dx GEMM below (they are
+                // independent): one barrier less, and the uneven gradient tasks
+                // fill the gaps between GEMM tasks.
+                lora_grad_task = Some(Box::new(move |task: usize| {
                     let (e, m) = (task / 6, M::ALL[task % 6]);
                     let [_, rr, cc] = l.shape(m);
                     // SAFETY: task (e, m) owns expert e's slice of gradient matrix m.
@@ -333,7 +338,7 @@ impl MoeLayer {
                             out,
                         ),
                     }
-                });
+                }));
             }
         }
 
@@ -343,50 +348,65 @@ impl MoeLayer {
         let dx = self.scratch.take::<f32>(n * h_pad);
         let dxp = SendPtr(dx.as_ptr());
         let tasks = expert_blocks(off, h_blocks);
-        self.run_phase("bwd gate/up gemm", tasks.len(), |task, _| {
-            let (e, blk) = tasks[task];
-            let np = NB.min(gu.shape.k_pad / PANEL - blk * NB);
-            let h0 = blk * NB * PANEL;
-            {
-                gemm_t_rows(
-                    isa,
-                    dgu.as_slice(),
-                    gs,
-                    off[e]..off[e + 1],
-                    gu,
-                    e,
-                    h0,
-                    np,
-                    |p, c| {
-                        let cols = (np * PANEL).min(h.saturating_sub(h0));
-                        if r > 0 && cols > 0 {
-                            vec::combine_rows(
-                                isa,
-                                s,
-                                &vg[p * r..(p + 1) * r],
-                                &self.lora_expert(M::GateA, e)[h0..],
-                                h,
-                                r,
-                                cols,
-                                c,
-                            );
-                            vec::combine_rows(
-                                isa,
-                                s,
-                                &vu[p * r..(p + 1) * r],
-                                &self.lora_expert(M::UpA, e)[h0..],
-                                h,
-                                r,
-                                cols,
-                                c,
-                            );
-                        }
-                        // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
-                        unsafe { dxp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
-                    },
-                );
-            }
-        });
+        let n_lora = if lora_grad_task.is_some() {
+            6 * cfg.experts
+        } else {
+            0
+        };
+        self.run_phase(
+            "bwd gate/up gemm + lora grads",
+            n_lora + tasks.len(),
+            |task, _| {
+                if task < n_lora {
+                    if let Some(f) = &lora_grad_task {
+                        f(task);
+                    }
+                    return;
+                }
+                let (e, blk) = tasks[task - n_lora];
+                let np = NB.min(gu.shape.k_pad / PANEL - blk * NB);
+                let h0 = blk * NB * PANEL;
+                {
+                    gemm_t_rows(
+                        isa,
+                        dgu.as_slice(),
+                        gs,
+                        off[e]..off[e + 1],
+                        gu,
+                        e,
+                        h0,
+                        np,
+                        |p, c| {
+                            let cols = (np * PANEL).min(h.saturating_sub(h0));
+                            if r > 0 && cols > 0 {
+                                vec::combine_rows(
+                                    isa,
+                                    s,
+                                    &vg[p * r..(p + 1) * r],
+                                    &self.lora_expert(M::GateA, e)[h0..],
+                                    h,
+                                    r,
+                                    cols,
+                                    c,
+                                );
+                                vec::combine_rows(
+                                    isa,
+                                    s,
+                                    &vu[p * r..(p + 1) * r],
+                                    &self.lora_expert(M::UpA, e)[h0..],
+                                    h,
+                                    r,
+                                    cols,
+                                    c,
+                                );
+                            }
+                            // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
+                            unsafe { dxp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
+                        },
+                    );
+                }
+            },
+        );
 
         // 5. Sum over each token's k pairs; routing-weight gradient from the partials.
         let (ghp, gwo) = (

@@ -208,18 +208,32 @@ impl MoeLayer {
         // One task per 16-row panel: panels are disjoint regions of the pack. (Loading a
         // model calls this once per expert, so packing must not be single-threaded.)
         self.pool.run(ngp + ndp, |t, _| {
-            let (shape, base, p) = if t < ngp { (gs, gp, t) } else { (ds, dp, t - ngp) };
+            let (shape, base, p) = if t < ngp {
+                (gs, gp, t)
+            } else {
+                (ds, dp, t - ngp)
+            };
             // SAFETY: task t owns panel p of expert e's pack alone (&mut self holds it).
             let panel = unsafe { base.slice_mut(p * shape.panel_len(), shape.panel_len()) };
             panel.fill(0);
-            let one = PackShape { n: PANEL, n_pad: PANEL, ..shape };
+            let one = PackShape {
+                n: PANEL,
+                n_pad: PANEL,
+                ..shape
+            };
             for l in 0..PANEL {
                 let r = p * PANEL + l;
                 let row = if t < ngp {
                     // Fused rows interleave 16 gate rows and 16 up rows (`fused_row`).
                     let (q, rem) = (r / (2 * PANEL), r % (2 * PANEL));
                     let src_row = q * PANEL + rem % PANEL;
-                    (src_row < i).then(|| if rem < PANEL { &gate[src_row * h..(src_row + 1) * h] } else { &up[src_row * h..(src_row + 1) * h] })
+                    (src_row < i).then(|| {
+                        if rem < PANEL {
+                            &gate[src_row * h..(src_row + 1) * h]
+                        } else {
+                            &up[src_row * h..(src_row + 1) * h]
+                        }
+                    })
                 } else {
                     (r < h).then(|| &down[r * i..(r + 1) * i])
                 };
