@@ -179,17 +179,12 @@ impl MoeLayer {
                     dn.slice_mut(x * d_shape.len(), d_shape.len()),
                 )
             };
-            pack_expert(
-                gu_shape,
-                d_shape,
-                h,
-                i,
-                &w.gate[x * i * h..(x + 1) * i * h],
-                &w.up[x * i * h..(x + 1) * i * h],
-                &w.down[x * h * i..(x + 1) * h * i],
-                g,
-                d,
-            );
+            let src = ExpertWeights {
+                gate: &w.gate[x * i * h..(x + 1) * i * h],
+                up: &w.up[x * i * h..(x + 1) * i * h],
+                down: &w.down[x * h * i..(x + 1) * h * i],
+            };
+            pack_expert(gu_shape, d_shape, h, i, &src, g, d);
         });
         Ok(layer)
     }
@@ -204,43 +199,23 @@ impl MoeLayer {
         let (gs, ds) = (self.gate_up.shape, self.down.shape);
         let gp = SendPtr(self.gate_up.expert_mut(e).as_mut_ptr());
         let dp = SendPtr(self.down.expert_mut(e).as_mut_ptr());
-        let (ngp, ndp) = (gs.panels(), ds.panels());
-        // One task per 16-row panel: panels are disjoint regions of the pack. (Loading a
-        // model calls this once per expert, so packing must not be single-threaded.)
-        self.pool.run(ngp + ndp, |t, _| {
-            let (shape, base, p) = if t < ngp {
-                (gs, gp, t)
+        let src = ExpertWeights { gate, up, down };
+        // One task per 16-row panel: loading a model calls this once per expert, so
+        // packing must not be single-threaded.
+        self.pool.run(gs.panels() + ds.panels(), |t, _| {
+            let (base, p) = if t < gs.panels() {
+                (gp, t)
             } else {
-                (ds, dp, t - ngp)
+                (dp, t - gs.panels())
             };
-            // SAFETY: task t owns panel p of expert e's pack alone (&mut self holds it).
-            let panel = unsafe { base.slice_mut(p * shape.panel_len(), shape.panel_len()) };
-            panel.fill(0);
-            let one = PackShape {
-                n: PANEL,
-                n_pad: PANEL,
-                ..shape
+            let len = if t < gs.panels() {
+                gs.panel_len()
+            } else {
+                ds.panel_len()
             };
-            for l in 0..PANEL {
-                let r = p * PANEL + l;
-                let row = if t < ngp {
-                    // Fused rows interleave 16 gate rows and 16 up rows (`fused_row`).
-                    let (q, rem) = (r / (2 * PANEL), r % (2 * PANEL));
-                    let src_row = q * PANEL + rem % PANEL;
-                    (src_row < i).then(|| {
-                        if rem < PANEL {
-                            &gate[src_row * h..(src_row + 1) * h]
-                        } else {
-                            &up[src_row * h..(src_row + 1) * h]
-                        }
-                    })
-                } else {
-                    (r < h).then(|| &down[r * i..(r + 1) * i])
-                };
-                if let Some(row) = row {
-                    pack::pack_row(row, one, l, panel);
-                }
-            }
+            // SAFETY: task t owns panel t of expert e's pack alone (&mut self holds it).
+            let panel = unsafe { base.slice_mut(p * len, len) };
+            pack_panel(gs, ds, h, i, &src, t, panel);
         });
         Ok(())
     }
@@ -306,24 +281,68 @@ impl MoeLayer {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Packs one expert into `g` (fused gate+up) and `d` (down), panel by panel.
 fn pack_expert(
     gs: PackShape,
     ds: PackShape,
     h: usize,
     i: usize,
-    gate: &[u16],
-    up: &[u16],
-    down: &[u16],
+    src: &ExpertWeights<'_>,
     g: &mut [u16],
     d: &mut [u16],
 ) {
-    g.fill(0);
-    for r in 0..i {
-        pack::pack_row(&gate[r * h..(r + 1) * h], gs, fused_row(r, false), g);
-        pack::pack_row(&up[r * h..(r + 1) * h], gs, fused_row(r, true), g);
+    for (t, panel) in g.chunks_mut(gs.panel_len()).enumerate() {
+        pack_panel(gs, ds, h, i, src, t, panel);
     }
-    pack::pack_into(down, ds, d);
+    for (t, panel) in d.chunks_mut(ds.panel_len()).enumerate() {
+        pack_panel(gs, ds, h, i, src, gs.panels() + t, panel);
+    }
+}
+
+/// Packs panel `t` of one expert (`t < gs.panels()`: a fused gate+up panel, else down
+/// panel `t - gs.panels()`) into `panel`, padding with zeros. Panels are disjoint, so
+/// they can be packed in parallel.
+fn pack_panel(
+    gs: PackShape,
+    ds: PackShape,
+    h: usize,
+    i: usize,
+    src: &ExpertWeights<'_>,
+    t: usize,
+    panel: &mut [u16],
+) {
+    let fused = t < gs.panels();
+    let (shape, p) = if fused {
+        (gs, t)
+    } else {
+        (ds, t - gs.panels())
+    };
+    panel.fill(0);
+    let one = PackShape {
+        n: PANEL,
+        n_pad: PANEL,
+        ..shape
+    };
+    for l in 0..PANEL {
+        let r = p * PANEL + l;
+        let row = if fused {
+            // Fused rows interleave 16 gate rows and 16 up rows (`fused_row`).
+            let (q, rem) = (r / (2 * PANEL), r % (2 * PANEL));
+            let x = q * PANEL + rem % PANEL;
+            (x < i).then(|| {
+                if rem < PANEL {
+                    &src.gate[x * h..(x + 1) * h]
+                } else {
+                    &src.up[x * h..(x + 1) * h]
+                }
+            })
+        } else {
+            (r < h).then(|| &src.down[r * i..(r + 1) * i])
+        };
+        if let Some(row) = row {
+            pack::pack_row(row, one, l, panel);
+        }
+    }
 }
 
 /// `(expert, block)` pairs for every expert with tokens, `blocks` blocks each.
