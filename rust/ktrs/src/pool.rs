@@ -16,14 +16,6 @@ use std::time::{Duration, Instant};
 
 type TaskFn<'a> = dyn Fn(usize, usize) + Sync + 'a;
 
-#[allow(dead_code)]
-struct Job {
-    // Lifetime erased: the job is only reachable while `open` is set, and `run` does not
-    // return before every worker that saw it open has left (see `active`).
-    f: *const TaskFn<'static>,
-    n_tasks: usize,
-}
-
 struct Shared {
     job: Mutex<Option<JobSlot>>,
     wake: Condvar,
@@ -38,9 +30,12 @@ struct Shared {
     panicked: AtomicBool,
 }
 
+/// The open job: task function and task count. The function's lifetime is erased: the
+/// job is only reachable while `open` is set, and `run` does not return before every
+/// worker that saw it open has left (see `active`).
 #[derive(Clone, Copy)]
 struct JobSlot(*const TaskFn<'static>, usize);
-// SAFETY: the pointee is `Sync`, and its lifetime is guarded as described on `Job`.
+// SAFETY: the pointee is `Sync`, and its lifetime is guarded as described above.
 unsafe impl Send for JobSlot {}
 
 pub struct ThreadPool {
@@ -131,7 +126,7 @@ impl ThreadPool {
         }
         let s = &*self.shared;
         let dyn_f: &TaskFn<'_> = &f;
-        // SAFETY: lifetime erasure; see `Job`. We wait for all workers below.
+        // SAFETY: lifetime erasure; see `JobSlot`. We wait for all workers below.
         let ptr: *const TaskFn<'static> =
             unsafe { std::mem::transmute(dyn_f as *const TaskFn<'_>) };
         {
@@ -164,7 +159,7 @@ fn drain(s: &Shared, f: *const TaskFn<'static>, n_tasks: usize, worker: usize) {
         if t >= n_tasks {
             break;
         }
-        // SAFETY: the job is open, so `f` is alive (see `Job`).
+        // SAFETY: the job is open, so `f` is alive (see `JobSlot`).
         unsafe { (*f)(t, worker) };
     }
 }
