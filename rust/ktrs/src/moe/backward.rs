@@ -257,87 +257,42 @@ impl MoeLayer {
                         out.fill(0.0);
                     }
                     let rows = off[e]..off[e + 1];
-                    use lora_grad::{accumulate as acc, Coef, Layout::*};
-                    match m {
-                        M::GateA => acc(
-                            isa,
-                            x,
-                            xs,
-                            Cols::Plain,
-                            rows,
-                            &vg,
-                            Coef::Const(s),
-                            r,
-                            h,
-                            RankMajor,
-                            out,
-                        ),
-                        M::UpA => acc(
-                            isa,
-                            x,
-                            xs,
-                            Cols::Plain,
-                            rows,
-                            &vu,
-                            Coef::Const(s),
-                            r,
-                            h,
-                            RankMajor,
-                            out,
-                        ),
-                        M::GateB => acc(
-                            isa,
+                    use lora_grad::{Coef, Layout::*};
+                    // (rows x, their stride, column map, per-pair vectors, factor, k, layout)
+                    let (x, ld, cols, v, coef, k, layout): (&[u16], _, _, &[f32], _, _, _) = match m
+                    {
+                        M::GateA => (x, xs, Cols::Plain, vg, Coef::Const(s), h, RankMajor),
+                        M::UpA => (x, xs, Cols::Plain, vu, Coef::Const(s), h, RankMajor),
+                        M::GateB => (
                             dgu_s,
                             gs,
                             Cols::Fused(false),
-                            rows,
                             &cache.zg,
                             Coef::Const(s),
-                            r,
                             i,
                             ColMajor,
-                            out,
                         ),
-                        M::UpB => acc(
-                            isa,
+                        M::UpB => (
                             dgu_s,
                             gs,
                             Cols::Fused(true),
-                            rows,
                             &cache.zu,
                             Coef::Const(s),
-                            r,
                             i,
                             ColMajor,
-                            out,
                         ),
-                        M::DownA => acc(
-                            isa,
-                            act,
-                            as_,
-                            Cols::Plain,
-                            rows,
-                            &vd,
-                            Coef::Scaled(s, pw),
-                            r,
-                            i,
-                            RankMajor,
-                            out,
-                        ),
-                        M::DownB => acc(
-                            isa,
+                        M::DownA => (act, as_, Cols::Plain, vd, Coef::Scaled(s, pw), i, RankMajor),
+                        M::DownB => (
                             dy_s,
                             ds,
                             Cols::Plain,
-                            rows,
                             &cache.zd,
                             Coef::Scaled(s, pw),
-                            r,
                             h,
                             ColMajor,
-                            out,
                         ),
-                    }
+                    };
+                    lora_grad::accumulate(isa, x, ld, cols, rows, v, coef, r, k, layout, out);
                 }));
             }
         }
