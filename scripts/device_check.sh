@@ -2,6 +2,9 @@
 # Runs on the AMX reference machine over the carried devbuild/ (see device_build.sh):
 # install the wheel, run the Rust tests, pytest under each ISA, the layer benchmark, and
 # print a table. Usage (device tool): bash scripts/device_check.sh [bench args...]
+# Environment: ISAS (pytest ISAs, default "amx avx512 scalar"; "" skips pytest),
+# PROBE=1 (single-thread GEMM probe), SWEEP_ARGS (run benchmarks/sweep_knobs.py with
+# these arguments), SKIP_BENCH=1 (no bench_layer.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ktrs-out}; mkdir -p "$OUT"
@@ -14,10 +17,18 @@ export PYTHONPATH=/tmp/site
 python3 -m ktrs info
 status=0
 echo "== cargo tests (every ISA this CPU has)"; ./devbuild/ktrs-tests -q 2>&1 | tail -3 || status=1
-for isa in ${ISAS:-amx avx512 scalar}; do
+for isa in ${ISAS-amx avx512 scalar}; do
   echo "== pytest KTRS_ISA=$isa"
   KTRS_ISA=$isa python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -3 || status=1
 done
+if [ "${PROBE:-0}" = 1 ]; then
+  echo "== single-thread GEMM probe"; ./devbuild/ktrs-tests --ignored --nocapture gemm_throughput 2>&1 | grep gemm
+fi
+if [ -n "${SWEEP_ARGS:-}" ]; then
+  echo "== knob sweep"
+  # shellcheck disable=SC2086
+  python3 benchmarks/sweep_knobs.py --json "$OUT/sweep.json" $SWEEP_ARGS || status=1
+fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== benchmark"
   python3 benchmarks/bench_layer.py --json "$OUT/bench_layer.json" "$@" || status=1

@@ -9,7 +9,7 @@ from ._native import IsaUnavailableError, KtrsError, __version__
 from .adapters import load_adapter, save_adapter
 from .experts import ForwardHandle, MoeExperts
 from .hf import find_moe_blocks, from_pretrained, patch_model
-from .info import info
+from .info import info, set_tuning, tuning
 from .module import KtrsExperts, experts_function
 from .peft import expert_lora_parameters, get_peft_model
 from .tools import describe, export_merged, inspect_adapter, merge_and_unload, merge_expert_lora
@@ -35,4 +35,6 @@ __all__ = [
     "load_adapter",
     "patch_model",
     "save_adapter",
+    "set_tuning",
+    "tuning",
 ]

@@ -44,3 +44,17 @@ def format_info(d: Dict[str, Any]) -> str:
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def tuning() -> Dict[str, int]:
+    """The kernels' speed knobs (named by their environment variables) and current values.
+
+    Knobs change speed, never results. ``KTRS_NB=0`` means "chosen per call".
+    """
+    return dict(_native.tuning())
+
+
+def set_tuning(name: str, value: Optional[int]) -> None:
+    """Overrides one speed knob for this process; ``None`` restores the environment's
+    value or the measured default. Used by the benchmarks to sweep settings."""
+    _native.set_tuning(name, value)

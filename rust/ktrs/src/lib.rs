@@ -12,6 +12,7 @@
 //! - [`kernels`]: GEMM micro-kernels per ISA behind one dispatch function.
 //! - [`lora`]: Rust-owned LoRA weights and gradients.
 //! - [`moe`]: routing, the forward and backward passes, and the forward cache.
+//! - [`tuning`]: the kernels' speed knobs and their measured defaults.
 
 pub mod bf16;
 pub mod buffer;
@@ -22,6 +23,7 @@ pub mod lora;
 pub mod moe;
 pub mod pack;
 pub mod pool;
+pub mod tuning;
 
 pub use cpu::{CpuFeatures, Isa};
 pub use error::{KtrsError, Result};

@@ -35,5 +35,31 @@ pub fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         },
     )?;
     d.set_item("amx_kernels_built", ktrs::kernels::amx_kernels_built())?;
+    d.set_item("tuning", tuning(py)?)?;
     Ok(d)
+}
+
+/// `tuning()`: every speed knob (by its environment variable) and its current value.
+#[pyfunction]
+pub fn tuning(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    for (name, v) in ktrs::tuning::all() {
+        d.set_item(name, v)?;
+    }
+    Ok(d)
+}
+
+/// `set_tuning(name, value)`: overrides a speed knob for this process (`None` restores
+/// the environment's value or the default). Knobs change speed, never results.
+#[pyfunction]
+#[pyo3(signature = (name, value))]
+pub fn set_tuning(name: &str, value: Option<usize>) -> PyResult<()> {
+    let knob = ktrs::tuning::Knob::from_name(name).ok_or_else(|| {
+        let known: Vec<_> = ktrs::tuning::all().into_iter().map(|(n, _)| n).collect();
+        pyo3::exceptions::PyValueError::new_err(format!(
+            "name: expected one of {known:?}, got {name:?}"
+        ))
+    })?;
+    ktrs::tuning::set(knob, value);
+    Ok(())
 }

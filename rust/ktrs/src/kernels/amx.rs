@@ -21,8 +21,9 @@ pub(crate) trait TileKernel {
     unsafe fn begin();
     /// # Safety
     /// `a` readable for 32 rows of stride `lda` u16 and `32·kblocks` columns; `b0`, `b1`
-    /// readable for `kblocks` B tiles; `c` writable for 32×32 f32 (row stride 32).
-    /// Like `run`, but when `load_c` adds to the 32×32 values already in `c`.
+    /// readable for `kblocks` B tiles; `c` writable for 32 rows of 32 f32, row stride
+    /// `ldc`. When `load_c`, adds to the values already in `c`.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn run_acc(
         a: *const u16,
         lda: usize,
@@ -30,6 +31,7 @@ pub(crate) trait TileKernel {
         b1: *const u16,
         kblocks: usize,
         c: *mut f32,
+        ldc: usize,
         load_c: bool,
     ) {
         Self::run_gen(
@@ -43,6 +45,7 @@ pub(crate) trait TileKernel {
             b1,
             kblocks,
             c,
+            ldc,
             load_c,
         )
     }
@@ -54,6 +57,7 @@ pub(crate) trait TileKernel {
         b1: *const u16,
         kblocks: usize,
         c: *mut f32,
+        ldc: usize,
         load_c: bool,
     );
     /// Releases the tile state (so an idle thread carries none).
@@ -89,45 +93,37 @@ static CONFIG: TileConfig = {
     TileConfig(c)
 };
 
-#[cfg(target_arch = "x86_64")]
-impl TileKernel for Hardware {
-    unsafe fn begin() {
-        // Reloaded for every GEMM call: torch/oneDNN may have reconfigured or released
-        // the tiles on this thread (the caller's thread runs torch code too).
-        std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
-    }
+/// Software prefetch of the B stream: `(bytes ahead, into L1)`; 0 bytes = none.
+fn b_prefetch() -> (usize, bool) {
+    use crate::tuning::{get, Knob};
+    (get(Knob::AmxPrefetchKib) * 1024, get(Knob::AmxPrefetchL2) == 0)
+}
 
-    unsafe fn run_gen(
-        a: ATile,
-        b0: *const u16,
-        b1: *const u16,
-        kblocks: usize,
-        c: *mut f32,
-        load_c: bool,
-    ) {
-        if load_c {
-            std::arch::asm!(
-                "tileloadd tmm0, [{c0} + {ldc}*1]",
-                "tileloadd tmm1, [{c1} + {ldc}*1]",
-                "tileloadd tmm2, [{c2} + {ldc}*1]",
-                "tileloadd tmm3, [{c3} + {ldc}*1]",
-                c0 = in(reg) c, c1 = in(reg) c.add(16), c2 = in(reg) c.add(16 * 32), c3 = in(reg) c.add(16 * 32 + 16),
-                ldc = in(reg) 128usize,
-                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-                options(nostack, readonly),
-            );
-        } else {
-            std::arch::asm!(
-                "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-                options(nostack, nomem),
-            );
-        }
-        // C stays in tmm0-3 between the blocks: nothing between them touches tiles.
+/// The 16 cache lines of the B tile `dist` bytes past `b`.
+macro_rules! pf_tile {
+    ($ins:literal, $b:literal) => {
+        concat!(
+            $ins, " [{", $b, "} + {pf} + 0]\n", $ins, " [{", $b, "} + {pf} + 64]\n",
+            $ins, " [{", $b, "} + {pf} + 128]\n", $ins, " [{", $b, "} + {pf} + 192]\n",
+            $ins, " [{", $b, "} + {pf} + 256]\n", $ins, " [{", $b, "} + {pf} + 320]\n",
+            $ins, " [{", $b, "} + {pf} + 384]\n", $ins, " [{", $b, "} + {pf} + 448]\n",
+            $ins, " [{", $b, "} + {pf} + 512]\n", $ins, " [{", $b, "} + {pf} + 576]\n",
+            $ins, " [{", $b, "} + {pf} + 640]\n", $ins, " [{", $b, "} + {pf} + 704]\n",
+            $ins, " [{", $b, "} + {pf} + 768]\n", $ins, " [{", $b, "} + {pf} + 832]\n",
+            $ins, " [{", $b, "} + {pf} + 896]\n", $ins, " [{", $b, "} + {pf} + 960]\n",
+        )
+    };
+}
+
+/// The K loop of the 2×2 block: C stays in tmm0–3 across the K blocks, then is stored.
+/// `$pf` are extra template lines at the top of every iteration, `$($op)*` their operands.
+macro_rules! k_loop {
+    ($a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr; $($pf:expr),*; $($op:tt)*) => {
         std::arch::asm!(
+            "2:",
+            $($pf,)*
             // All four loads first: measured faster than interleaving them with the
             // products on the reference machine (580 vs 340 GFLOPS on one thread).
-            "2:",
             "tileloadd tmm4, [{a0} + {lda}*1]",
             "tileloadd tmm5, [{a1} + {lda}*1]",
             "tileloadd tmm6, [{b0} + {ldb}*1]",
@@ -146,23 +142,70 @@ impl TileKernel for Hardware {
             "tilestored [{c1} + {ldc}*1], tmm1",
             "tilestored [{c2} + {ldc}*1], tmm2",
             "tilestored [{c3} + {ldc}*1], tmm3",
-            a0 = inout(reg) a.a => _,
-            a1 = inout(reg) a.a1 => _,
-            b0 = inout(reg) b0 => _,
-            b1 = inout(reg) b1 => _,
-            kb = inout(reg) kblocks => _,
-            lda = in(reg) a.lda * 2,
-            astep = in(reg) a.step * 2,
+            a0 = inout(reg) $a.a => _,
+            a1 = inout(reg) $a.a1 => _,
+            b0 = inout(reg) $b0 => _,
+            b1 = inout(reg) $b1 => _,
+            kb = inout(reg) $kb => _,
+            lda = in(reg) $a.lda * 2,
+            astep = in(reg) $a.step * 2,
             ldb = in(reg) 64usize,
-            ldc = in(reg) 128usize,
-            c0 = in(reg) c,
-            c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * 32),
-            c3 = in(reg) c.add(16 * 32 + 16),
+            ldc = in(reg) $ldc * 4,
+            c0 = in(reg) $c,
+            c1 = in(reg) $c.add(16),
+            c2 = in(reg) $c.add(16 * $ldc),
+            c3 = in(reg) $c.add(16 * $ldc + 16),
+            $($op)*
             out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
             out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
             options(nostack),
-        );
+        )
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TileKernel for Hardware {
+    unsafe fn begin() {
+        // Reloaded for every GEMM call: torch/oneDNN may have reconfigured or released
+        // the tiles on this thread (the caller's thread runs torch code too).
+        std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+    }
+
+    unsafe fn run_gen(
+        a: ATile,
+        b0: *const u16,
+        b1: *const u16,
+        kblocks: usize,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) {
+        if load_c {
+            std::arch::asm!(
+                "tileloadd tmm0, [{c0} + {ldc}*1]",
+                "tileloadd tmm1, [{c1} + {ldc}*1]",
+                "tileloadd tmm2, [{c2} + {ldc}*1]",
+                "tileloadd tmm3, [{c3} + {ldc}*1]",
+                c0 = in(reg) c, c1 = in(reg) c.add(16), c2 = in(reg) c.add(16 * ldc), c3 = in(reg) c.add(16 * ldc + 16),
+                ldc = in(reg) ldc * 4,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                options(nostack, readonly),
+            );
+        } else {
+            std::arch::asm!(
+                "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                options(nostack, nomem),
+            );
+        }
+        // C stays in tmm0-3 between the blocks: nothing between them touches tiles.
+        match b_prefetch() {
+            (0, _) => k_loop!(a, b0, b1, kblocks, c, ldc; ; ),
+            (pf, true) => k_loop!(a, b0, b1, kblocks, c, ldc;
+                pf_tile!("prefetcht0", "b0"), pf_tile!("prefetcht0", "b1"); pf = in(reg) pf,),
+            (pf, false) => k_loop!(a, b0, b1, kblocks, c, ldc;
+                pf_tile!("prefetcht1", "b0"), pf_tile!("prefetcht1", "b1"); pf = in(reg) pf,),
+        }
     }
 
     unsafe fn end() {
@@ -184,13 +227,14 @@ impl TileKernel for Emulated {
         b1: *const u16,
         kblocks: usize,
         c: *mut f32,
+        ldc: usize,
         load_c: bool,
     ) {
         use crate::bf16::to_f32;
         let mut acc = [[0f32; 32]; 32];
         if load_c {
             for (r, row) in acc.iter_mut().enumerate() {
-                std::ptr::copy_nonoverlapping(c.add(r * 32), row.as_mut_ptr(), 32);
+                std::ptr::copy_nonoverlapping(c.add(r * ldc), row.as_mut_ptr(), 32);
             }
         }
         for kb in 0..kblocks {
@@ -214,13 +258,15 @@ impl TileKernel for Emulated {
             }
         }
         for (r, row) in acc.iter().enumerate() {
-            std::ptr::copy_nonoverlapping(row.as_ptr(), c.add(r * 32), 32);
+            std::ptr::copy_nonoverlapping(row.as_ptr(), c.add(r * ldc), 32);
         }
     }
 }
 
 /// The rows `0 .. m32` (a multiple of 32) of `g` with tile kernel `K`. The caller makes
-/// sure A has 32-row blocks readable up to `m32` and `np` is even.
+/// sure A has 32-row blocks readable up to `m32` and `np` is even. When `g.c` has room
+/// for `m32` rows, the tiles are stored straight into it (rows past `m` included);
+/// otherwise through a block of its own.
 ///
 /// # Safety
 /// `K`'s hardware must be usable on this thread; bounds as stated.
@@ -233,45 +279,66 @@ pub(crate) unsafe fn gemm_tiles<K: TileKernel>(g: &mut Gemm<'_>, m32: usize) {
         s => s.min(kblocks),
     };
     let (chunks, pairs) = (m32 / MR, g.np / 2);
-    // One 32×32 f32 accumulator block per (row chunk, panel pair), alive across K blocks.
-    let mut tiles = vec![0f32; chunks * pairs * MR * 32];
+    let direct = g.c.len() >= m32 * g.ldc;
+    // Otherwise one 32×32 f32 accumulator block per (row chunk, panel pair).
+    let mut tiles = if direct {
+        Vec::new()
+    } else {
+        vec![0f32; chunks * pairs * MR * 32]
+    };
+    let (cbase, ldc) = if direct {
+        (g.c.as_mut_ptr(), g.ldc)
+    } else {
+        (tiles.as_mut_ptr(), pairs * 32)
+    };
+    let c_at = |ch: usize, pp: usize| cbase.add(ch * MR * ldc + pp * 32);
     K::begin();
     for kb0 in (0..kblocks).step_by(kstep) {
         let kn = kstep.min(kblocks - kb0);
-        // The B block of a panel pair (kn KiB per panel) stays in L1 while every row
-        // chunk streams past it.
-        for pp in 0..pairs {
+        let b_at = |pp: usize| {
             let b0 = g.b.as_ptr().add(2 * pp * panel_len + kb0 * B_TILE_U16);
-            let b1 = b0.add(panel_len);
+            (b0, b0.add(panel_len))
+        };
+        let a_at = |ch: usize| g.a.as_ptr().add(ch * MR * g.lda + kb0 * TILE_K);
+        if rows_outer() {
+            // A row chunk stays in L2 (L1 for short K) while every panel pair passes.
             for ch in 0..chunks {
-                let a = g.a.as_ptr().add(ch * MR * g.lda + kb0 * TILE_K);
-                let c = tiles.as_mut_ptr().add((ch * pairs + pp) * MR * 32);
-                K::run_acc(a, g.lda, b0, b1, kn, c, kb0 > 0);
+                for pp in 0..pairs {
+                    let (b0, b1) = b_at(pp);
+                    K::run_acc(a_at(ch), g.lda, b0, b1, kn, c_at(ch, pp), ldc, kb0 > 0);
+                }
+            }
+        } else {
+            // The B block of a panel pair stays in L2 while every row chunk passes.
+            for pp in 0..pairs {
+                let (b0, b1) = b_at(pp);
+                for ch in 0..chunks {
+                    K::run_acc(a_at(ch), g.lda, b0, b1, kn, c_at(ch, pp), ldc, kb0 > 0);
+                }
             }
         }
     }
     K::end();
-    for ch in 0..chunks {
-        for pp in 0..pairs {
-            let t = &tiles[(ch * pairs + pp) * MR * 32..];
-            for r in 0..MR.min(g.m - ch * MR) {
-                let row = ch * MR + r;
-                g.c[row * g.ldc + pp * 32..row * g.ldc + pp * 32 + 32]
-                    .copy_from_slice(&t[r * 32..r * 32 + 32]);
+    if !direct {
+        for ch in 0..chunks {
+            for pp in 0..pairs {
+                let t = &tiles[ch * MR * ldc + pp * 32..];
+                for r in 0..MR.min(g.m - ch * MR) {
+                    let row = ch * MR + r;
+                    g.c[row * g.ldc + pp * 32..row * g.ldc + pp * 32 + 32]
+                        .copy_from_slice(&t[r * ldc..r * ldc + 32]);
+                }
             }
         }
     }
 }
 
-/// K block (in units of 32) of the AMX loop; 0 = all of K in one pass. `KTRS_AMX_KBLOCK`
-/// overrides the measured default.
+/// K block (in units of 32) of the AMX loop; 0 = all of K in one pass.
 fn k_block() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("KTRS_AMX_KBLOCK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_K_BLOCK)
-    })
+    crate::tuning::get(crate::tuning::Knob::AmxKBlock)
 }
-const DEFAULT_K_BLOCK: usize = 0;
+
+/// Loop order of a GEMM call: row chunks outside, or panel pairs outside.
+fn rows_outer() -> bool {
+    crate::tuning::get(crate::tuning::Knob::AmxRowsOuter) == 1
+}

@@ -35,7 +35,9 @@ pub(crate) struct Gemm<'a> {
     pub b: &'a [u16],
     pub np: usize,
     pub k_pad: usize,
-    /// f32 output, `m` rows of stride `ldc`; columns `0 .. 16·np` are overwritten.
+    /// f32 output, `m` rows of stride `ldc`; columns `0 .. 16·np` are overwritten. Rows
+    /// past `m` that fit in the slice are scratch: AMX may write them (up to the next
+    /// multiple of 32) instead of going through a block of its own.
     pub c: &'a mut [f32],
     pub ldc: usize,
 }
@@ -247,7 +249,7 @@ mod tests {
                                     lda: 32,
                                     step: 512,
                                 };
-                                amx::Hardware::run_gen(a, b0, b1, kb_n, tile.as_mut_ptr(), false);
+                                amx::Hardware::run_gen(a, b0, b1, kb_n, tile.as_mut_ptr(), 32, false);
                             }
                         }
                     }
@@ -293,35 +295,39 @@ mod tests {
                     ldc,
                 },
             );
-            let mut got = vec![f32::NAN; m * ldc];
-            let g = Gemm {
-                m,
-                a: &a,
-                lda,
-                b: &pw,
-                np: sh.panels(),
-                k_pad: sh.k_pad,
-                c: &mut got,
-                ldc,
-            };
-            if Isa::Avx512.check_available().is_ok() {
-                unsafe { amx_split::<amx::Emulated>(g) };
-            } else {
-                let mut g = g;
-                let m32 = (m / amx::MR) * amx::MR;
-                unsafe { amx::gemm_tiles::<amx::Emulated>(&mut g, m32) };
-                for i in m32..m {
-                    let row = i * ldc;
-                    want[row..row + ldc].copy_from_slice(&vec![f32::NAN; ldc]);
+            // Without and with scratch rows past m in C (the direct-store path).
+            for c_rows in [m, m.next_multiple_of(amx::MR)] {
+                let mut got = vec![f32::NAN; c_rows * ldc];
+                let mut want = want.clone();
+                let g = Gemm {
+                    m,
+                    a: &a,
+                    lda,
+                    b: &pw,
+                    np: sh.panels(),
+                    k_pad: sh.k_pad,
+                    c: &mut got,
+                    ldc,
+                };
+                if Isa::Avx512.check_available().is_ok() {
+                    unsafe { amx_split::<amx::Emulated>(g) };
+                } else {
+                    let mut g = g;
+                    let m32 = (m / amx::MR) * amx::MR;
+                    unsafe { amx::gemm_tiles::<amx::Emulated>(&mut g, m32) };
+                    for i in m32..m {
+                        let row = i * ldc;
+                        want[row..row + ldc].copy_from_slice(&vec![f32::NAN; ldc]);
+                    }
                 }
-            }
-            for i in 0..m {
-                for o in 0..sh.n_pad {
-                    let (x, y) = (got[i * ldc + o], want[i * ldc + o]);
-                    assert!(
-                        x.is_nan() && y.is_nan() || (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                        "m{m} n{n} k{k} ({i},{o}) {x} vs {y}"
-                    );
+                for i in 0..m {
+                    for o in 0..sh.n_pad {
+                        let (x, y) = (got[i * ldc + o], want[i * ldc + o]);
+                        assert!(
+                            x.is_nan() && y.is_nan() || (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                            "m{m} n{n} k{k} c_rows {c_rows} ({i},{o}) {x} vs {y}"
+                        );
+                    }
                 }
             }
         }

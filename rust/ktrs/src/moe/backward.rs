@@ -5,8 +5,8 @@
 //! into its thread's scratch, so expert memory stays at one copy.
 
 use super::{
-    chunk_range, expert_blocks, gemm_rows, row_chunks, sum_pairs_into, ForwardCache, GradTarget,
-    MoeLayer, NB, ROW_PAD,
+    chunk_range, expert_blocks, expert_runs, gemm_rows, row_chunks, sum_pairs_into, ForwardCache, GradTarget,
+    MoeLayer, ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
@@ -107,50 +107,54 @@ impl MoeLayer {
             cache.act.as_slice(),
         );
 
-        // 1. Gather dy rows (unweighted); vd = dy·Bd.
+        // 0. The LoRA-B matrices, transposed for the projections below (one region).
         let active = rt.active_experts();
-        let bdt = if r > 0 {
-            self.lora_b_transposed(M::DownB, &active, h_pad, Cols::Plain)
-        } else {
-            self.scratch.take::<f32>(0)
-        };
+        let ld = 2 * i_pad;
+        let specs = [
+            (M::DownB, h_pad, Cols::Plain),
+            (M::GateB, ld, Cols::Fused(false)),
+            (M::UpB, ld, Cols::Fused(true)),
+        ];
+        let bt = self.lora_b_plan(if r > 0 { &specs } else { &[] }, &active);
+        self.run_phase("lora B transpose", bt.tasks(), |t, _| bt.fill(self, t));
+
+        // 1. Gather dy rows (unweighted); vd = dy·Bd.
         let dy = self.scratch.take::<u16>((n + ROW_PAD) * ds);
         let mut vd = vec![0f32; n * r];
         let (dyp, vdp) = (SendPtr(dy.as_ptr()), SendPtr(vd.as_mut_ptr()));
         self.run_phase("bwd gather+lora", row_chunks(n), |task, _| {
-            for p in chunk_range(task, n) {
+            let rows = chunk_range(task, n);
+            // SAFETY: the pair rows of this chunk are written by this task alone.
+            let mine = unsafe { dyp.slice_mut(rows.start * ds, rows.len() * ds) };
+            for (p, full) in rows.clone().zip(mine.chunks_mut(ds)) {
                 let t = rt.pair_token[p] as usize;
-                // SAFETY: pair row p is written by this task alone.
-                let full = unsafe { dyp.slice_mut(p * ds, h_pad) };
-                full[h..].fill(0);
+                full[h..h_pad].fill(0);
                 full[..h].copy_from_slice(&grad_out[t * h..(t + 1) * h]);
-                if r > 0 {
-                    let e = rt.expert_of(p);
-                    vec::project(
-                        isa,
-                        full,
-                        &bdt.as_slice()[e * r * h_pad..],
-                        r,
-                        h_pad,
-                        unsafe { vdp.slice_mut(p * r, r) },
-                    );
-                }
+            }
+            if r > 0 {
+                expert_runs(rt, rows.clone(), |e, run| {
+                    let d = &mine[(run.start - rows.start) * ds..];
+                    // SAFETY: rows `run` of vd belong to this task.
+                    let vdr = unsafe { vdp.slice_mut(run.start * r, run.len() * r) };
+                    let bd = &bt.get(0)[e * r * h_pad..];
+                    vec::project_rows(isa, d, ds, run.len(), bd, r, h_pad, vdr);
+                });
             }
         });
 
         // 2. da0 = dy·Wd (+ s·vd·Ad); routing-weight gradient partials; SiLU backward into
         //    dgu, laid out like the fused gate+up rows.
         let dn = &self.down;
-        let i_blocks = dn.shape.k_pad / PANEL;
-        let i_blocks = i_blocks.div_ceil(NB);
+        let nb = self.task_panels(n, active.len());
+        let i_blocks = (dn.shape.k_pad / PANEL).div_ceil(nb);
         let gw_part = self.scratch.take::<f32>(n * i_blocks);
         let dgu = self.scratch.take::<u16>((n + ROW_PAD) * gs);
         let (gwp, dgup) = (SendPtr(gw_part.as_ptr()), SendPtr(dgu.as_ptr()));
         let tasks = expert_blocks(off, i_blocks);
         self.run_phase("bwd down gemm+silu", tasks.len(), |task, _| {
             let (e, blk) = tasks[task];
-            let np = NB.min(dn.shape.k_pad / PANEL - blk * NB);
-            let i0 = blk * NB * PANEL;
+            let np = nb.min(dn.shape.k_pad / PANEL - blk * nb);
+            let i0 = blk * nb * PANEL;
             {
                 gemm_t_rows(
                     isa,
@@ -212,19 +216,18 @@ impl MoeLayer {
         let mut lora_grad_task: Option<Box<dyn Fn(usize) + Sync + '_>> = None;
         if r > 0 {
             let l = lora.expect("rank > 0 implies LoRA");
-            let ld = 2 * i_pad;
-            let bgt = self.lora_b_transposed(M::GateB, &active, ld, Cols::Fused(false));
-            let but = self.lora_b_transposed(M::UpB, &active, ld, Cols::Fused(true));
+            let (bgt, but) = (bt.get(1), bt.get(2));
             let (vgp, vup) = (SendPtr(vg.as_mut_ptr()), SendPtr(vu.as_mut_ptr()));
             self.run_phase("bwd lora v", row_chunks(n), |task, _| {
-                for p in chunk_range(task, n) {
-                    let e = rt.expert_of(p);
-                    let row = &dgu.as_slice()[p * gs..p * gs + ld];
-                    // SAFETY: row p of vg and vu is written by this task alone.
-                    let (vgr, vur) = unsafe { (vgp.slice_mut(p * r, r), vup.slice_mut(p * r, r)) };
-                    vec::project(isa, row, &bgt.as_slice()[e * r * ld..], r, ld, vgr);
-                    vec::project(isa, row, &but.as_slice()[e * r * ld..], r, ld, vur);
-                }
+                expert_runs(rt, chunk_range(task, n), |e, run| {
+                    let (len, rows) = (run.len(), &dgu.as_slice()[run.start * gs..]);
+                    // SAFETY: rows `run` of vg and vu belong to this task.
+                    let (vgr, vur) = unsafe {
+                        (vgp.slice_mut(run.start * r, len * r), vup.slice_mut(run.start * r, len * r))
+                    };
+                    vec::project_rows(isa, rows, gs, len, &bgt[e * r * ld..], r, ld, vgr);
+                    vec::project_rows(isa, rows, gs, len, &but[e * r * ld..], r, ld, vur);
+                });
             });
             // Destination base pointers, in LoraMatrix::ALL order, and whether to add.
             let dst: Option<([SendPtr<f32>; 6], bool)> = match grads {
@@ -299,7 +302,7 @@ impl MoeLayer {
 
         // 4. dx = dgu·W_gu (+ s·(vg·Ag + vu·Au)) per pair.
         let gu = &self.gate_up;
-        let h_blocks = (gu.shape.k_pad / PANEL).div_ceil(NB);
+        let h_blocks = (gu.shape.k_pad / PANEL).div_ceil(nb);
         let dx = self.scratch.take::<f32>(n * h_pad);
         let dxp = SendPtr(dx.as_ptr());
         let tasks = expert_blocks(off, h_blocks);
@@ -319,8 +322,8 @@ impl MoeLayer {
                     return;
                 }
                 let (e, blk) = tasks[task - n_lora];
-                let np = NB.min(gu.shape.k_pad / PANEL - blk * NB);
-                let h0 = blk * NB * PANEL;
+                let np = nb.min(gu.shape.k_pad / PANEL - blk * nb);
+                let h0 = blk * nb * PANEL;
                 {
                     gemm_t_rows(
                         isa,

@@ -2,7 +2,7 @@
 
 use super::routing::Routing;
 use super::{
-    chunk_range, expert_blocks, gemm_rows, row_chunks, sum_pairs_into, ForwardCache, MoeLayer, NB,
+    chunk_range, expert_blocks, expert_runs, gemm_rows, row_chunks, sum_pairs_into, ForwardCache, MoeLayer,
     ROW_PAD,
 };
 use crate::bf16;
@@ -72,41 +72,57 @@ impl MoeLayer {
             SendPtr(zd.as_mut_ptr()),
         );
 
-        // 1. Gather token rows into expert order; LoRA-A of gate and up.
-        self.run_phase("fwd gather+lora A", row_chunks(n), |task, _| {
-            for p in chunk_range(task, n) {
+        // 1. Gather token rows into expert order; LoRA-A of gate and up. The same region
+        //    transposes the LoRA-B matrices the epilogues read.
+        let active = routing.active_experts();
+        let specs = [
+            (M::GateB, i_pad, Cols::Plain),
+            (M::UpB, i_pad, Cols::Plain),
+            (M::DownB, h_pad, Cols::Plain),
+        ];
+        let bt = self.lora_b_plan(if r > 0 { &specs } else { &[] }, &active);
+        let chunks = row_chunks(n);
+        self.run_phase("fwd gather+lora A", chunks + bt.tasks(), |task, _| {
+            if task >= chunks {
+                return bt.fill(self, task - chunks);
+            }
+            let rows = chunk_range(task, n);
+            // SAFETY: the pair rows of this chunk are written by this task alone.
+            let mine = unsafe { xp.slice_mut(rows.start * xs, rows.len() * xs) };
+            for (p, row) in rows.clone().zip(mine.chunks_mut(xs)) {
                 let t = routing.pair_token[p] as usize;
-                // SAFETY: each pair row p is written by exactly one task.
-                let row = unsafe { xp.slice_mut(p * xs, h_pad) };
-                row[h..].fill(0);
-                let xr = &mut row[..h];
-                xr.copy_from_slice(&hidden[t * h..(t + 1) * h]);
-                if r > 0 {
-                    let e = routing.expert_of(p);
-                    let (zgr, zur) = unsafe { (zgp.slice_mut(p * r, r), zup.slice_mut(p * r, r)) };
-                    vec::project(isa, xr, self.lora_expert(M::GateA, e), r, h, zgr);
-                    vec::project(isa, xr, self.lora_expert(M::UpA, e), r, h, zur);
-                }
+                row[h..h_pad].fill(0);
+                row[..h].copy_from_slice(&hidden[t * h..(t + 1) * h]);
+            }
+            if r > 0 {
+                expert_runs(&routing, rows.clone(), |e, run| {
+                    let (xr, len) = (&mine[(run.start - rows.start) * xs..], run.len());
+                    // SAFETY: rows `run` of zg and zu belong to this task.
+                    let (zgr, zur) = unsafe {
+                        (zgp.slice_mut(run.start * r, len * r), zup.slice_mut(run.start * r, len * r))
+                    };
+                    vec::project_rows(isa, xr, xs, len, self.lora_expert(M::GateA, e), r, h, zgr);
+                    vec::project_rows(isa, xr, xs, len, self.lora_expert(M::UpA, e), r, h, zur);
+                });
             }
         });
 
         // 2. gate+up GEMM; epilogue adds LoRA-B and forms SiLU(gate)·up.
-        let active = routing.active_experts();
-        let (btg, btu) = if r > 0 {
-            (
-                self.lora_b_transposed(M::GateB, &active, i_pad, Cols::Plain),
-                self.lora_b_transposed(M::UpB, &active, i_pad, Cols::Plain),
-            )
+        let (btg, btu, btd) = if r > 0 {
+            (bt.get(0), bt.get(1), bt.get(2))
         } else {
-            (self.scratch.take::<f32>(0), self.scratch.take::<f32>(0))
+            (&[][..], &[][..], &[][..])
         };
         let gu = &self.gate_up;
-        let gu_blocks = gu.shape.panels() / NB;
+        let nb = self.task_panels(n, active.len());
+        let gu_blocks = gu.shape.panels().div_ceil(nb);
         let tasks = expert_blocks(off, gu_blocks);
         self.run_phase("fwd gate/up gemm", tasks.len(), |task, _| {
             let (e, blk) = tasks[task];
+            // Fused panels come in (gate, up) pairs and there is an even number of them.
+            let np = nb.min(gu.shape.panels() - blk * nb);
             let panel_len = gu.shape.panel_len();
-            let b = &gu.expert(e)[blk * NB * panel_len..];
+            let b = &gu.expert(e)[blk * nb * panel_len..];
             gemm_rows(
                 isa,
                 x.as_slice(),
@@ -114,10 +130,10 @@ impl MoeLayer {
                 h_pad,
                 off[e]..off[e + 1],
                 b,
-                NB,
+                np,
                 |p, c| {
-                    for half in 0..NB / 2 {
-                        let i0 = blk * NB / 2 * PANEL + half * PANEL;
+                    for half in 0..np / 2 {
+                        let i0 = blk * nb / 2 * PANEL + half * PANEL;
                         let (gate, rest) = c[half * 2 * PANEL..].split_at_mut(PANEL);
                         let upv = &mut rest[..PANEL];
                         if r > 0 {
@@ -127,7 +143,7 @@ impl MoeLayer {
                                 isa,
                                 s,
                                 zgr,
-                                &btg.as_slice()[at..],
+                                &btg[at..],
                                 i_pad,
                                 r,
                                 PANEL,
@@ -137,7 +153,7 @@ impl MoeLayer {
                                 isa,
                                 s,
                                 zur,
-                                &btu.as_slice()[at..],
+                                &btu[at..],
                                 i_pad,
                                 r,
                                 PANEL,
@@ -161,38 +177,26 @@ impl MoeLayer {
         // 3. LoRA-A of down.
         if r > 0 {
             self.run_phase("fwd down lora A", row_chunks(n), |task, _| {
-                for p in chunk_range(task, n) {
-                    let e = routing.expert_of(p);
-                    // SAFETY: row p of zd is written by this task alone.
-                    let zdr = unsafe { zdp.slice_mut(p * r, r) };
-                    vec::project(
-                        isa,
-                        &act.as_slice()[p * as_..],
-                        self.lora_expert(M::DownA, e),
-                        r,
-                        i,
-                        zdr,
-                    );
-                }
+                expert_runs(&routing, chunk_range(task, n), |e, run| {
+                    // SAFETY: rows `run` of zd belong to this task.
+                    let zdr = unsafe { zdp.slice_mut(run.start * r, run.len() * r) };
+                    let a = &act.as_slice()[run.start * as_..];
+                    vec::project_rows(isa, a, as_, run.len(), self.lora_expert(M::DownA, e), r, i, zdr);
+                });
             });
         }
 
         // 4. down GEMM per pair (+ LoRA-B) into y.
-        let btd = if r > 0 {
-            self.lora_b_transposed(M::DownB, &active, h_pad, Cols::Plain)
-        } else {
-            self.scratch.take::<f32>(0)
-        };
         let y = self.scratch.take::<f32>(n * h_pad);
         let yp = SendPtr(y.as_ptr());
         let dn = &self.down;
-        let d_blocks = dn.shape.panels().div_ceil(NB);
+        let d_blocks = dn.shape.panels().div_ceil(nb);
         let tasks = expert_blocks(off, d_blocks);
         self.run_phase("fwd down gemm", tasks.len(), |task, _| {
             let (e, blk) = tasks[task];
-            let np = NB.min(dn.shape.panels() - blk * NB);
-            let b = &dn.expert(e)[blk * NB * dn.shape.panel_len()..];
-            let h0 = blk * NB * PANEL;
+            let np = nb.min(dn.shape.panels() - blk * nb);
+            let b = &dn.expert(e)[blk * nb * dn.shape.panel_len()..];
+            let h0 = blk * nb * PANEL;
             gemm_rows(
                 isa,
                 act.as_slice(),
@@ -208,7 +212,7 @@ impl MoeLayer {
                             isa,
                             s,
                             &zd[p * r..(p + 1) * r],
-                            &btd.as_slice()[at..],
+                            &btd[at..],
                             h_pad,
                             r,
                             np * PANEL,

@@ -77,9 +77,8 @@ pub enum GradTarget<'a> {
     },
 }
 
-/// Panels per GEMM task: 4 × 16 = 64 output columns, so the gate+up task holds 32 gate
-/// and the 32 matching up columns, and the B block of a task stays in L2.
-const NB: usize = 4;
+/// Most panels per GEMM task (see [`MoeLayer::task_panels`]).
+const NB_MAX: usize = 16;
 /// Rows per GEMM call inside a task: a multiple of the AVX-512 block height (6) and of
 /// the AMX block height (32).
 const MC: usize = 96;
@@ -88,18 +87,12 @@ const MC: usize = 96;
 pub(crate) const ROW_PAD: usize = 32;
 
 /// Experts with fewer rows than this use AVX-512 even when AMX is selected: tile loads
-/// and stores cost more than they save on a handful of rows. `KTRS_AMX_MIN_ROWS`
-/// overrides it (for measuring the crossover).
+/// and stores cost more than they save on a handful of rows (measured default 8).
 fn amx_min_rows() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("KTRS_AMX_MIN_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_AMX_MIN_ROWS)
-    })
+    crate::tuning::get(crate::tuning::Knob::AmxMinRows)
 }
-const DEFAULT_AMX_MIN_ROWS: usize = 8;
+/// Rows per expert from which GEMM tasks get wider than 4 panels (see `task_panels`).
+const WIDE_TASK_ROWS: usize = 16;
 
 static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -356,8 +349,8 @@ fn expert_blocks(offsets: &[usize], blocks: usize) -> Vec<(usize, usize)> {
     v
 }
 
-/// `C = A·Bᵀ` over `np` panels for the pair rows in `rows`, in chunks of `MC` rows on the
-/// stack; `epi(pair, row)` receives each finished row of `16·np` f32 values.
+/// `C = A·Bᵀ` over `np` panels for the pair rows in `rows`, in chunks of `MC` rows;
+/// `epi(pair, row)` receives each finished row of `16·np` f32 values.
 #[allow(clippy::too_many_arguments)]
 fn gemm_rows(
     isa: Isa,
@@ -369,34 +362,45 @@ fn gemm_rows(
     np: usize,
     mut epi: impl FnMut(usize, &mut [f32]),
 ) {
+    thread_local! {
+        /// The C block of this thread's GEMM calls (only `gemm_rows` touches it).
+        static C: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    assert!(np <= NB_MAX, "at most NB_MAX panels per call");
     let isa = if isa == Isa::Amx && rows.len() < amx_min_rows() {
         Isa::Avx512
     } else {
         isa
     };
-    let mut c = [0f32; MC * NB * PANEL];
-    let ldc = NB * PANEL;
-    let mut p0 = rows.start;
-    while p0 < rows.end {
-        let m = (rows.end - p0).min(MC);
-        kernels::gemm(
-            isa,
-            Gemm {
-                m,
-                a: &a[p0 * lda..],
-                lda,
-                b,
-                np,
-                k_pad,
-                c: &mut c[..m * ldc],
-                ldc,
-            },
-        );
-        for r in 0..m {
-            epi(p0 + r, &mut c[r * ldc..r * ldc + np * PANEL]);
+    C.with(|cell| {
+        let mut c = cell.borrow_mut();
+        if c.is_empty() {
+            c.resize(MC * NB_MAX * PANEL, 0.0);
         }
-        p0 += m;
-    }
+        let ldc = np * PANEL;
+        let mut p0 = rows.start;
+        while p0 < rows.end {
+            let m = (rows.end - p0).min(MC);
+            kernels::gemm(
+                isa,
+                Gemm {
+                    m,
+                    a: &a[p0 * lda..],
+                    lda,
+                    b,
+                    np,
+                    k_pad,
+                    // All MC rows: the rows past m are scratch the kernel may write.
+                    c: &mut c[..MC * ldc],
+                    ldc,
+                },
+            );
+            for r in 0..m {
+                epi(p0 + r, &mut c[r * ldc..r * ldc + np * PANEL]);
+            }
+            p0 += m;
+        }
+    })
 }
 
 /// `out[t] = bf16(Σ_slot w(p) · rows[p])` over token t's k pairs p, for the tokens of
@@ -438,7 +442,40 @@ fn chunk_range(task: usize, n: usize) -> Range<usize> {
     task * ROW_CHUNK..((task + 1) * ROW_CHUNK).min(n)
 }
 
+/// Splits pair rows at expert boundaries: `f(expert, rows of that expert)`, in order.
+fn expert_runs(routing: &routing::Routing, rows: Range<usize>, mut f: impl FnMut(usize, Range<usize>)) {
+    let mut p = rows.start;
+    while p < rows.end {
+        let e = routing.expert_of(p);
+        let end = routing.offsets[e + 1].min(rows.end);
+        f(e, p..end);
+        p = end;
+    }
+}
+
 impl MoeLayer {
+    /// Panels per GEMM task (an even number, at most `NB_MAX`) for `pairs` rows spread
+    /// over `active` experts. Experts with many rows (AMX) get wide tasks: each task reads
+    /// its experts' rows once per task, so 16 panels read them a quarter as often as 4;
+    /// narrow tasks keep every thread busy when there are few rows and few experts.
+    /// `KTRS_NB` (tuning knob) overrides it.
+    fn task_panels(&self, pairs: usize, active: usize) -> usize {
+        match crate::tuning::get(crate::tuning::Knob::TaskPanels) {
+            0 => {}
+            v => return (v.max(2) & !1).min(NB_MAX),
+        }
+        let rows = pairs / active.max(1);
+        if self.isa != Isa::Amx || rows < WIDE_TASK_ROWS {
+            return 4;
+        }
+        let panels = self.gate_up.shape.panels().min(self.down.shape.panels());
+        let threads = self.pool.threads();
+        [16, 8]
+            .into_iter()
+            .find(|&nb| active * panels.div_ceil(nb) >= 8 * threads)
+            .unwrap_or(4)
+    }
+
     fn lora_expert(&self, m: LoraMatrix, e: usize) -> &[f32] {
         self.lora
             .as_ref()
@@ -446,38 +483,22 @@ impl MoeLayer {
             .expert_weight(m, e)
     }
 
-    /// `Bᵀ` of LoRA matrix `m` (`B [E, out, r]`) for `experts`, as `[E, r, ld]`, output o
-    /// at column `cols(o)` and zeros elsewhere, so `z·Bᵀ` and `dy·B` become contiguous
-    /// vector work.
-    fn lora_b_transposed(
-        &self,
-        m: LoraMatrix,
-        experts: &[usize],
-        ld: usize,
-        cols: Cols,
-    ) -> crate::buffer::Buffer<f32> {
-        let l = self.lora.as_ref().expect("lora present");
-        let [e_all, out, r] = l.shape(m);
-        let buf = self.scratch.take::<f32>(e_all * r * ld);
-        let bp = SendPtr(buf.as_ptr());
-        self.run_phase("lora B transpose", experts.len(), |t, _| {
-            let e = experts[t];
-            let src = l.expert_weight(m, e);
-            // SAFETY: task t writes expert e's block only; experts are distinct.
-            let dst = unsafe { bp.slice_mut(e * r * ld, r * ld) };
-            for j in 0..r {
-                let row = &mut dst[j * ld..(j + 1) * ld];
-                row.fill(0.0);
-                for o in 0..out {
-                    let at = match cols {
-                        Cols::Plain => o,
-                        Cols::Fused(up) => fused_row(o, up),
-                    };
-                    row[at] = src[o * r + j];
-                }
-            }
-        });
-        buf
+    /// Buffers for `Bᵀ` of the LoRA-B matrices in `specs` (matrix, row stride, column
+    /// map) for the active `experts`; they are filled by `fill` tasks, which callers run
+    /// in the parallel region of a phase that does not read them (one barrier less).
+    fn lora_b_plan<'a>(&self, specs: &[(LoraMatrix, usize, Cols)], experts: &'a [usize]) -> LoraBPlan<'a> {
+        let bufs = specs
+            .iter()
+            .map(|&(m, ld, _)| {
+                let [e_all, _, r] = self.lora.as_ref().expect("lora present").shape(m);
+                self.scratch.take::<f32>(e_all * r * ld)
+            })
+            .collect();
+        LoraBPlan {
+            specs: specs.to_vec(),
+            experts,
+            bufs,
+        }
     }
 
     /// `pool.run` that, with `KTRS_PROFILE=1`, prints how long the phase took (stderr).
@@ -486,8 +507,7 @@ impl MoeLayer {
     }
 
     fn phase<R>(&self, name: &str, f: impl FnOnce() -> R) -> R {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if !*ON.get_or_init(|| std::env::var("KTRS_PROFILE").is_ok_and(|v| v == "1")) {
+        if crate::tuning::get(crate::tuning::Knob::Profile) != 1 {
             return f();
         }
         let t = std::time::Instant::now();
@@ -497,6 +517,48 @@ impl MoeLayer {
             t.elapsed().as_secs_f64() * 1e3
         );
         r
+    }
+}
+
+/// `Bᵀ` of some LoRA-B matrices, as `[E, r, ld]` per matrix: output o of `B [E, out, r]`
+/// at column `cols(o)` and zeros elsewhere, so `z·Bᵀ` and `dy·B` become contiguous
+/// vector work. Only the active experts' blocks are written.
+struct LoraBPlan<'a> {
+    specs: Vec<(LoraMatrix, usize, Cols)>,
+    experts: &'a [usize],
+    bufs: Vec<crate::buffer::Buffer<f32>>,
+}
+
+impl LoraBPlan<'_> {
+    fn tasks(&self) -> usize {
+        self.specs.len() * self.experts.len()
+    }
+
+    /// Writes block `t` (`t < tasks()`): one matrix of one expert.
+    fn fill(&self, layer: &MoeLayer, t: usize) {
+        let (q, e) = (t / self.experts.len(), self.experts[t % self.experts.len()]);
+        let (m, ld, cols) = self.specs[q];
+        let l = layer.lora.as_ref().expect("lora present");
+        let [_, out, r] = l.shape(m);
+        let src = l.expert_weight(m, e);
+        // SAFETY: block (q, e) is written by task t alone; experts are distinct.
+        let dst = unsafe { SendPtr(self.bufs[q].as_ptr()).slice_mut(e * r * ld, r * ld) };
+        for j in 0..r {
+            let row = &mut dst[j * ld..(j + 1) * ld];
+            row.fill(0.0);
+            for o in 0..out {
+                let at = match cols {
+                    Cols::Plain => o,
+                    Cols::Fused(up) => fused_row(o, up),
+                };
+                row[at] = src[o * r + j];
+            }
+        }
+    }
+
+    /// Matrix `q`'s transposed blocks (after the phase that ran `fill`).
+    fn get(&self, q: usize) -> &[f32] {
+        self.bufs[q].as_slice()
     }
 }
 

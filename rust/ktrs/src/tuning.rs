@@ -1,0 +1,97 @@
+//! Tuning knobs of the kernels, each with a measured default, overridable by an
+//! environment variable (read once) or at run time through [`set`] — the benchmarks
+//! sweep them in one process instead of rebuilding a 1 GB layer per setting.
+//!
+//! Knobs only change speed (or, `KTRS_PROFILE`, print timings), never results: every
+//! setting is covered by the same tests.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The knobs, with their environment variable and default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Knob {
+    /// Panels per GEMM task; 0 = chosen per call from the routing (`MoeLayer::task_panels`).
+    TaskPanels,
+    /// Experts with fewer rows use AVX-512 under AMX.
+    AmxMinRows,
+    /// K block of the AMX loop in units of 32; 0 = all of K in one pass.
+    AmxKBlock,
+    /// AMX loop order: 1 = row chunks outside, 0 = panel pairs outside.
+    AmxRowsOuter,
+    /// Software prefetch of the B stream, KiB ahead; 0 = none.
+    AmxPrefetchKib,
+    /// 1 = that prefetch goes to L2 only (`prefetcht1`), 0 = to L1.
+    AmxPrefetchL2,
+    /// 1 = print every phase's wall time to stderr.
+    Profile,
+}
+
+const ALL: [(Knob, &str, usize); 7] = [
+    (Knob::TaskPanels, "KTRS_NB", 0),
+    (Knob::AmxMinRows, "KTRS_AMX_MIN_ROWS", 8),
+    (Knob::AmxKBlock, "KTRS_AMX_KBLOCK", 0),
+    (Knob::AmxRowsOuter, "KTRS_AMX_ROWS_OUTER", 0),
+    (Knob::AmxPrefetchKib, "KTRS_AMX_PF", 0),
+    (Knob::AmxPrefetchL2, "KTRS_AMX_PF_L2", 0),
+    (Knob::Profile, "KTRS_PROFILE", 0),
+];
+
+const UNSET: usize = usize::MAX;
+static VALUES: [AtomicUsize; ALL.len()] = [const { AtomicUsize::new(UNSET) }; ALL.len()];
+
+impl Knob {
+    /// The knob named by its environment variable (e.g. `"KTRS_NB"`).
+    pub fn from_name(name: &str) -> Option<Knob> {
+        ALL.iter().find(|(_, n, _)| *n == name).map(|(k, _, _)| *k)
+    }
+    fn index(self) -> usize {
+        ALL.iter().position(|(k, _, _)| *k == self).expect("listed")
+    }
+}
+
+/// The knob's value: set at run time, else from the environment, else the default.
+pub fn get(knob: Knob) -> usize {
+    let slot = &VALUES[knob.index()];
+    match slot.load(Ordering::Relaxed) {
+        UNSET => {
+            let (_, name, default) = ALL[knob.index()];
+            let v = std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default);
+            slot.store(v, Ordering::Relaxed);
+            v
+        }
+        v => v,
+    }
+}
+
+/// Overrides a knob for the rest of the process (benchmarks); `None` restores the
+/// environment's value or the default.
+pub fn set(knob: Knob, value: Option<usize>) {
+    VALUES[knob.index()].store(value.unwrap_or(UNSET), Ordering::Relaxed);
+}
+
+/// Every knob with its environment variable and current value.
+pub fn all() -> Vec<(&'static str, usize)> {
+    ALL.iter().map(|&(k, n, _)| (n, get(k))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_resolve_and_set_restores() {
+        for (k, n, _) in ALL {
+            assert_eq!(Knob::from_name(n), Some(k));
+        }
+        assert_eq!(Knob::from_name("KTRS_NOPE"), None);
+        // AmxKBlock is not read by other tests' assertions, so overriding it is safe here.
+        let before = get(Knob::AmxKBlock);
+        set(Knob::AmxKBlock, Some(7));
+        assert_eq!(get(Knob::AmxKBlock), 7);
+        set(Knob::AmxKBlock, None);
+        assert_eq!(get(Knob::AmxKBlock), before);
+    }
+}
