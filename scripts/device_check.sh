@@ -3,6 +3,7 @@
 # install the wheel, run the Rust tests, pytest under each ISA, the layer benchmark, and
 # print a table. Usage (device tool): bash scripts/device_check.sh [bench args...]
 # Environment: ISAS (pytest ISAs, default "amx avx512 scalar"; "" skips pytest),
+# PYTEST_ARGS (default "tests"),
 # PROBE=1 (single-thread GEMM probe), SWEEP_ARGS (run benchmarks/sweep_knobs.py with
 # these arguments), SKIP_BENCH=1 (no bench_layer.py).
 set -uo pipefail
@@ -19,10 +20,13 @@ status=0
 echo "== cargo tests (every ISA this CPU has)"; ./devbuild/ktrs-tests -q 2>&1 | tail -3 || status=1
 for isa in ${ISAS-amx avx512 scalar}; do
   echo "== pytest KTRS_ISA=$isa"
-  KTRS_ISA=$isa python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -3 || status=1
+  # shellcheck disable=SC2086
+  KTRS_ISA=$isa python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tail -3 || status=1
 done
 if [ "${PROBE:-0}" = 1 ]; then
-  echo "== single-thread GEMM probe"; ./devbuild/ktrs-tests --ignored --nocapture gemm_throughput 2>&1 | grep gemm
+  echo "== GEMM probes (single-thread kernel; tile-unit ceilings)"
+  ./devbuild/ktrs-tests --ignored --nocapture gemm_throughput 2>&1 | grep "^gemm"
+  ./devbuild/ktrs-tests --ignored --nocapture amx_ceilings 2>&1 | grep "ceiling"
 fi
 if [ -n "${SWEEP_ARGS:-}" ]; then
   echo "== knob sweep"

@@ -262,6 +262,66 @@ mod tests {
         }
     }
 
+    /// `cargo test -- --ignored --nocapture amx_ceilings`: what the tile unit gives on
+    /// this machine, 1 and N threads at once: products only (no memory), and the 2×2
+    /// micro-kernel on operands that stay in L1 (16 K blocks of one panel pair).
+    #[test]
+    #[ignore]
+    #[cfg(target_arch = "x86_64")]
+    fn amx_ceilings() {
+        use amx::TileKernel;
+        if Isa::Amx.check_available().is_err() {
+            println!("amx ceilings: no AMX here");
+            return;
+        }
+        let mut seed = 5u64;
+        let threads_list = [1usize, 2, 4, 8, 12, 16];
+        for (label, flops_per_iter) in [("products only", 4.0 * 16.0 * 16.0 * 32.0 * 2.0), ("2x2 kernel, L1 operands", 0.0)] {
+            for &th in &threads_list {
+                if th > crate::cpu::physical_cores().max(1) * 2 {
+                    continue;
+                }
+                let data: Vec<Vec<u16>> = (0..th).map(|_| rand_bf16(64 * 1024, &mut seed)).collect();
+                let start = std::sync::Barrier::new(th);
+                let t0 = std::sync::Mutex::new(None::<std::time::Instant>);
+                let flops: f64 = std::thread::scope(|sc| {
+                    let hs: Vec<_> = data
+                        .iter()
+                        .map(|d| {
+                            let (start, t0) = (&start, &t0);
+                            sc.spawn(move || unsafe {
+                                start.wait();
+                                t0.lock().unwrap().get_or_insert_with(std::time::Instant::now);
+                                if flops_per_iter > 0.0 {
+                                    let iters = 200_000;
+                                    amx::products_only(d.as_ptr(), iters);
+                                    flops_per_iter * iters as f64
+                                } else {
+                                    // A: 32 rows × 8 K blocks (stride 1 KiB); B: 2 panels × 8
+                                    // K blocks: 32 KiB in all, inside L1.
+                                    let (kb, reps) = (8usize, 40_000usize);
+                                    let mut c = vec![0f32; 32 * 32];
+                                    amx::Hardware::begin();
+                                    for _ in 0..reps {
+                                        amx::Hardware::run_acc(
+                                            d.as_ptr(), 512, d.as_ptr().add(16 * 1024),
+                                            d.as_ptr().add(32 * 1024), kb, c.as_mut_ptr(), 32, false,
+                                        );
+                                    }
+                                    amx::Hardware::end();
+                                    2.0 * (32 * 32 * 32 * kb * reps) as f64
+                                }
+                            })
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap()).sum()
+                });
+                let s = t0.lock().unwrap().unwrap().elapsed().as_secs_f64();
+                println!("amx ceiling {label}: {th:2} threads {:7.2} TFLOPS ({:.0} GFLOPS/thread)", flops / s / 1e12, flops / s / 1e9 / th as f64);
+            }
+        }
+    }
+
     /// The AMX blocking and packing logic with TDPBF16PS emulated in Rust, so it is
     /// exercised on machines without AMX (the real tiles run the same driver).
     #[test]
