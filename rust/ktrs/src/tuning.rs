@@ -24,16 +24,19 @@ pub enum Knob {
     AmxPrefetchL2,
     /// 1 = print every phase's wall time to stderr.
     Profile,
+    /// 1 = software-pipelined AMX K loop (loads overlap products), 0 = loads first.
+    AmxPipeline,
 }
 
-const ALL: [(Knob, &str, usize); 7] = [
+const ALL: [(Knob, &str, usize); 8] = [
     (Knob::TaskPanels, "KTRS_NB", 0),
     (Knob::AmxMinRows, "KTRS_AMX_MIN_ROWS", 8),
     (Knob::AmxKBlock, "KTRS_AMX_KBLOCK", 0),
     (Knob::AmxRowsOuter, "KTRS_AMX_ROWS_OUTER", 0),
-    (Knob::AmxPrefetchKib, "KTRS_AMX_PF", 0),
+    (Knob::AmxPrefetchKib, "KTRS_AMX_PF", 1),
     (Knob::AmxPrefetchL2, "KTRS_AMX_PF_L2", 0),
     (Knob::Profile, "KTRS_PROFILE", 0),
+    (Knob::AmxPipeline, "KTRS_AMX_PIPELINE", 0),
 ];
 
 const UNSET: usize = usize::MAX;

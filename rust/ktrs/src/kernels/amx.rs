@@ -163,6 +163,66 @@ macro_rules! k_loop {
     };
 }
 
+/// The same K loop, software-pipelined: each operand tile is reloaded for the next K
+/// block as soon as its last product of this block is issued, so loads overlap the
+/// remaining products (tile registers are not renamed: a load must wait for the
+/// products reading the register). The last block runs without loads (no read past
+/// the operands).
+macro_rules! k_loop_pipelined {
+    ($a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr; $($pf:expr),*; $($op:tt)*) => {
+        std::arch::asm!(
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "dec {kb}",
+            "jz 3f",
+            "2:",
+            $($pf,)*
+            "add {a0}, {astep}",
+            "add {a1}, {astep}",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "dec {kb}",
+            "jnz 2b",
+            "3:",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "tilestored [{c0} + {ldc}*1], tmm0",
+            "tilestored [{c1} + {ldc}*1], tmm1",
+            "tilestored [{c2} + {ldc}*1], tmm2",
+            "tilestored [{c3} + {ldc}*1], tmm3",
+            a0 = inout(reg) $a.a => _,
+            a1 = inout(reg) $a.a1 => _,
+            b0 = inout(reg) $b0 => _,
+            b1 = inout(reg) $b1 => _,
+            kb = inout(reg) $kb => _,
+            lda = in(reg) $a.lda * 2,
+            astep = in(reg) $a.step * 2,
+            ldb = in(reg) 64usize,
+            ldc = in(reg) $ldc * 4,
+            c0 = in(reg) $c,
+            c1 = in(reg) $c.add(16),
+            c2 = in(reg) $c.add(16 * $ldc),
+            c3 = in(reg) $c.add(16 * $ldc + 16),
+            $($op)*
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options(nostack),
+        )
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 impl TileKernel for Hardware {
     unsafe fn begin() {
@@ -199,12 +259,23 @@ impl TileKernel for Hardware {
             );
         }
         // C stays in tmm0-3 between the blocks: nothing between them touches tiles.
-        match b_prefetch() {
-            (0, _) => k_loop!(a, b0, b1, kblocks, c, ldc; ; ),
-            (pf, true) => k_loop!(a, b0, b1, kblocks, c, ldc;
-                pf_tile!("prefetcht0", "b0"), pf_tile!("prefetcht0", "b1"); pf = in(reg) pf,),
-            (pf, false) => k_loop!(a, b0, b1, kblocks, c, ldc;
-                pf_tile!("prefetcht1", "b0"), pf_tile!("prefetcht1", "b1"); pf = in(reg) pf,),
+        debug_assert!(kblocks > 0);
+        if pipelined() {
+            match b_prefetch() {
+                (0, _) => k_loop_pipelined!(a, b0, b1, kblocks, c, ldc; ; ),
+                (pf, true) => k_loop_pipelined!(a, b0, b1, kblocks, c, ldc;
+                    pf_tile!("prefetcht0", "b0"), pf_tile!("prefetcht0", "b1"); pf = in(reg) pf,),
+                (pf, false) => k_loop_pipelined!(a, b0, b1, kblocks, c, ldc;
+                    pf_tile!("prefetcht1", "b0"), pf_tile!("prefetcht1", "b1"); pf = in(reg) pf,),
+            }
+        } else {
+            match b_prefetch() {
+                (0, _) => k_loop!(a, b0, b1, kblocks, c, ldc; ; ),
+                (pf, true) => k_loop!(a, b0, b1, kblocks, c, ldc;
+                    pf_tile!("prefetcht0", "b0"), pf_tile!("prefetcht0", "b1"); pf = in(reg) pf,),
+                (pf, false) => k_loop!(a, b0, b1, kblocks, c, ldc;
+                    pf_tile!("prefetcht1", "b0"), pf_tile!("prefetcht1", "b1"); pf = in(reg) pf,),
+            }
         }
     }
 
@@ -336,6 +407,11 @@ pub(crate) unsafe fn gemm_tiles<K: TileKernel>(g: &mut Gemm<'_>, m32: usize) {
 /// K block (in units of 32) of the AMX loop; 0 = all of K in one pass.
 fn k_block() -> usize {
     crate::tuning::get(crate::tuning::Knob::AmxKBlock)
+}
+
+/// Whether the K loop is software-pipelined (`k_loop_pipelined!`).
+fn pipelined() -> bool {
+    crate::tuning::get(crate::tuning::Knob::AmxPipeline) == 1
 }
 
 /// Loop order of a GEMM call: row chunks outside, or panel pairs outside.

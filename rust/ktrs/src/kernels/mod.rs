@@ -276,7 +276,13 @@ mod tests {
         }
         let mut seed = 5u64;
         let threads_list = [1usize, 2, 4, 8, 12, 16];
-        for (label, flops_per_iter) in [("products only", 4.0 * 16.0 * 16.0 * 32.0 * 2.0), ("2x2 kernel, L1 operands", 0.0)] {
+        use crate::tuning::{set, Knob};
+        for (label, flops_per_iter, pipe) in [
+            ("products only", 4.0 * 16.0 * 16.0 * 32.0 * 2.0, 0),
+            ("2x2 kernel, L1 operands", 0.0, 0),
+            ("2x2 kernel pipelined, L1 operands", 0.0, 1),
+        ] {
+            set(Knob::AmxPipeline, Some(pipe));
             for &th in &threads_list {
                 if th > crate::cpu::physical_cores().max(1) * 2 {
                     continue;
@@ -319,6 +325,44 @@ mod tests {
                 let s = t0.lock().unwrap().unwrap().elapsed().as_secs_f64();
                 println!("amx ceiling {label}: {th:2} threads {:7.2} TFLOPS ({:.0} GFLOPS/thread)", flops / s / 1e12, flops / s / 1e9 / th as f64);
             }
+            set(Knob::AmxPipeline, None);
+        }
+    }
+
+    /// On an AMX machine: every AMX loop variant gives the same bits as the default one.
+    #[test]
+    fn amx_loop_variants_same_bits() {
+        use crate::tuning::{set, Knob};
+        if Isa::Amx.check_available().is_err() {
+            return;
+        }
+        let mut seed = 9u64;
+        let (m, n, k) = (70, 96, 2048);
+        let sh = PackShape::new(n, k);
+        let w = rand_bf16(n * k, &mut seed);
+        let mut pw = vec![0u16; sh.len()];
+        pack_into(&w, sh, &mut pw);
+        let lda = sh.k_pad + 32;
+        let a = rand_bf16((m + 32) * lda, &mut seed);
+        let run = || {
+            let mut c = vec![f32::NAN; 96 * sh.n_pad];
+            let g = Gemm { m, a: &a, lda, b: &pw, np: sh.panels(), k_pad: sh.k_pad, c: &mut c, ldc: sh.n_pad };
+            gemm(Isa::Amx, g);
+            c.truncate(m * sh.n_pad);
+            c
+        };
+        let base = run();
+        for (knob, v) in [
+            (Knob::AmxPipeline, 1),
+            (Knob::AmxPrefetchKib, 1),
+            (Knob::AmxPrefetchKib, 4),
+            (Knob::AmxKBlock, 8),
+            (Knob::AmxRowsOuter, 1),
+        ] {
+            set(knob, Some(v));
+            let got = run();
+            set(knob, None);
+            assert!(got.iter().zip(&base).all(|(x, y)| x.to_bits() == y.to_bits()), "{knob:?}={v}");
         }
     }
 

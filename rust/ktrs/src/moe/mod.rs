@@ -456,8 +456,9 @@ fn expert_runs(routing: &routing::Routing, rows: Range<usize>, mut f: impl FnMut
 impl MoeLayer {
     /// Panels per GEMM task (an even number, at most `NB_MAX`) for `pairs` rows spread
     /// over `active` experts. Experts with many rows (AMX) get wide tasks: each task reads
-    /// its experts' rows once per task, so 16 panels read them a quarter as often as 4;
-    /// narrow tasks keep every thread busy when there are few rows and few experts.
+    /// its experts' rows once per task, so 8 panels read them half as often as 4 (16 was
+    /// measured no faster: its transposed backward block, 1.4 MB, crowds L2); narrow tasks
+    /// keep every thread busy when there are few rows and few experts.
     /// `KTRS_NB` (tuning knob) overrides it.
     fn task_panels(&self, pairs: usize, active: usize) -> usize {
         match crate::tuning::get(crate::tuning::Knob::TaskPanels) {
@@ -470,10 +471,11 @@ impl MoeLayer {
         }
         let panels = self.gate_up.shape.panels().min(self.down.shape.panels());
         let threads = self.pool.threads();
-        [16, 8]
-            .into_iter()
-            .find(|&nb| active * panels.div_ceil(nb) >= 8 * threads)
-            .unwrap_or(4)
+        if active * panels.div_ceil(8) >= 8 * threads {
+            8
+        } else {
+            4
+        }
     }
 
     fn lora_expert(&self, m: LoraMatrix, e: usize) -> &[f32] {
