@@ -286,7 +286,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="threads for ktrs and torch (default: ktrs default)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, median reported")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
-    p.add_argument("--kt", choices=["auto", "on", "off"], default="auto", help="also run kt-kernel's AMXBF16_SFT MoE when importable")
+    p.add_argument("--kt", choices=["auto", "on", "off"], default="auto",
+                   help="also run kt-kernel's AMXBF16_SFT MoE and its BF16 inference MoE when importable")
     p.add_argument("--kt-threads", type=int, default=None, help="kt-kernel worker threads (default: threads - 1, its best)")
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--hidden", type=int, default=2048)
@@ -374,6 +375,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                 kt_res[T] = kl.run(*inputs[T], args.repeats)
                 print(f"  kt     T={T} ... fwd {kt_res[T]['fwd_ms']:.2f} ms  bwd {kt_res[T]['bwd_ms']:.2f} ms", flush=True)
             del kl
+            gc.collect()
+            print(f"[kt-kernel] BF16 inference MoE (AMXBF16_MOE, no LoRA), {kt_threads} threads", flush=True)
+            try:
+                ki = peer_kt.KtInferLayer(gate, up, down, k, kt_threads, max(args.tokens))
+                for T in args.tokens:
+                    hidden_, ids_, wts_, _ = inputs[T]
+                    kt_res[T]["inf"] = ki.run(hidden_, ids_, wts_, args.repeats)
+                    ir = kt_res[T]["inf"]
+                    cold = f"  cold {ir['cold_ms']:.2f} ms" if ir["cold_ms"] is not None else ""
+                    print(f"  kt inf T={T} ... fwd {ir['fwd_ms']:.2f} ms{cold}", flush=True)
+                del ki
+            except Exception as exc:  # noqa: BLE001 - the SFT comparison still stands
+                print(f"!! kt-kernel inference MoE not run: {type(exc).__name__}: {exc}")
         elif args.kt == "on":
             raise SystemExit("--kt on: kt_kernel is not importable")
 
@@ -455,6 +469,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "rel_err_vs_kt_out": rel_err(kr["res"]["out"], kr_["out"]),
                     "rel_err_vs_kt_grad_hidden": rel_err(kr["res"]["grad_hidden"], kr_["grad_hidden"]),
                 })
+                if "inf" in kr_:
+                    ki_ = kr_["inf"]
+                    rec.update({
+                        "kt_inf_fwd_ms": ki_["fwd_ms"], "kt_inf_cold_ms": ki_["cold_ms"],
+                        # the issue's target: ktrs' training forward vs kt's inference forward
+                        "ratio_kt_inf_fwd": ki_["fwd_ms"] / kr["fwd_ms"],
+                        "rel_err_vs_kt_inf_out": rel_err(kr["res"]["out"], ki_["out"]),
+                    })
             records.append(rec)
         del ex
         gc.collect()
@@ -470,11 +492,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             ("err out", ">8", "rel_err_out", ".1e"), ("err dx", ">8", "rel_err_grad_hidden", ".1e"),
             ("kt fwd", ">8", "kt_fwd_ms", ".2f"), ("kt bwd", ">8", "kt_bwd_ms", ".2f"),
             ("x kt f", ">7", "ratio_kt_fwd", ".2f"), ("x kt b", ">7", "ratio_kt_bwd", ".2f"),
-            ("vs kt", ">8", "rel_err_vs_kt_out", ".1e")]
+            ("vs kt", ">8", "rel_err_vs_kt_out", ".1e"),
+            ("kt inf", ">8", "kt_inf_fwd_ms", ".2f"), ("kt cold", ">8", "kt_inf_cold_ms", ".2f"),
+            ("x kt i", ">7", "ratio_kt_inf_fwd", ".2f")]
     print()
     print(f"threads {threads}; E={E} H={H} I={I} k={k} r={r}; medians; TF = TFLOPS of base GEMMs "
           f"(fwd 2*T*k*3*H*I, f+b twice that); x = torch time / ktrs time (>1: ktrs faster); "
-          f"err = rel L2 vs torch; cold = inference forward with fresh routing per call (T <= 64)")
+          f"err = rel L2 vs torch; cold = inference forward with fresh routing per call (T <= 64); "
+          f"x kt i = kt-kernel inference fwd / ktrs training fwd")
     header = " ".join(format(c[0], c[1]) for c in cols)
     print(header)
     print("-" * len(header))

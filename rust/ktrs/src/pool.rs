@@ -237,7 +237,7 @@ fn pin_targets() -> Vec<usize> {
     out
 }
 
-fn pin_current_thread(cpu: usize) {
+pub(crate) fn pin_current_thread(cpu: usize) {
     #[cfg(target_os = "linux")]
     // SAFETY: plain libc calls on a zeroed cpu_set_t; failure only means no pinning.
     unsafe {

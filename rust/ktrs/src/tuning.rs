@@ -36,7 +36,7 @@ const ALL: [(Knob, &str, usize); 8] = [
     (Knob::AmxPrefetchKib, "KTRS_AMX_PF", 1),
     (Knob::AmxPrefetchL2, "KTRS_AMX_PF_L2", 0),
     (Knob::Profile, "KTRS_PROFILE", 0),
-    (Knob::AmxPipeline, "KTRS_AMX_PIPELINE", 0),
+    (Knob::AmxPipeline, "KTRS_AMX_PIPELINE", 1),
 ];
 
 const UNSET: usize = usize::MAX;

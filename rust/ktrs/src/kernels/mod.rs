@@ -275,56 +275,68 @@ mod tests {
             return;
         }
         let mut seed = 5u64;
-        let threads_list = [1usize, 2, 4, 8, 12, 16];
         use crate::tuning::{set, Knob};
-        for (label, flops_per_iter, pipe) in [
-            ("products only", 4.0 * 16.0 * 16.0 * 32.0 * 2.0, 0),
-            ("2x2 kernel, L1 operands", 0.0, 0),
-            ("2x2 kernel pipelined, L1 operands", 0.0, 1),
-        ] {
-            set(Knob::AmxPipeline, Some(pipe));
-            for &th in &threads_list {
-                if th > crate::cpu::physical_cores().max(1) * 2 {
-                    continue;
-                }
-                let data: Vec<Vec<u16>> = (0..th).map(|_| rand_bf16(64 * 1024, &mut seed)).collect();
-                let start = std::sync::Barrier::new(th);
-                let t0 = std::sync::Mutex::new(None::<std::time::Instant>);
-                let flops: f64 = std::thread::scope(|sc| {
-                    let hs: Vec<_> = data
-                        .iter()
-                        .map(|d| {
-                            let (start, t0) = (&start, &t0);
-                            sc.spawn(move || unsafe {
-                                start.wait();
-                                t0.lock().unwrap().get_or_insert_with(std::time::Instant::now);
-                                if flops_per_iter > 0.0 {
-                                    let iters = 200_000;
-                                    amx::products_only(d.as_ptr(), iters);
-                                    flops_per_iter * iters as f64
-                                } else {
-                                    // A: 32 rows × 8 K blocks (stride 1 KiB); B: 2 panels × 8
-                                    // K blocks: 32 KiB in all, inside L1.
-                                    let (kb, reps) = (8usize, 40_000usize);
-                                    let mut c = vec![0f32; 32 * 32];
-                                    amx::Hardware::begin();
-                                    for _ in 0..reps {
-                                        amx::Hardware::run_acc(
-                                            d.as_ptr(), 512, d.as_ptr().add(16 * 1024),
-                                            d.as_ptr().add(32 * 1024), kb, c.as_mut_ptr(), 32, false,
-                                        );
-                                    }
-                                    amx::Hardware::end();
-                                    2.0 * (32 * 32 * 32 * kb * reps) as f64
-                                }
-                            })
-                        })
-                        .collect();
-                    hs.into_iter().map(|h| h.join().unwrap()).sum()
-                });
-                let s = t0.lock().unwrap().unwrap().elapsed().as_secs_f64();
-                println!("amx ceiling {label}: {th:2} threads {:7.2} TFLOPS ({:.0} GFLOPS/thread)", flops / s / 1e12, flops / s / 1e9 / th as f64);
+        // (label, FLOPs per products-only iteration or 0 for the kernel, pipelined, CPUs
+        // the threads are pinned to)
+        let ncpu = crate::cpu::physical_cores().max(1);
+        let mut runs: Vec<(&str, f64, usize, Vec<usize>)> = Vec::new();
+        for th in [1usize, 2, 4, 8, 12, 16].into_iter().filter(|&t| t <= ncpu) {
+            runs.push(("products only", 4.0 * 16.0 * 16.0 * 32.0 * 2.0, 0, (0..th).collect()));
+            runs.push(("2x2 kernel, L1 operands", 0.0, 0, (0..th).collect()));
+            runs.push(("2x2 kernel pipelined, L1 operands", 0.0, 1, (0..th).collect()));
+        }
+        // Which pairs of CPUs interfere (shared core or AMX unit?).
+        for pair in [[0usize, 1], [0, 2], [0, ncpu / 2], [0, ncpu - 1]] {
+            if pair[1] < ncpu && pair[1] != pair[0] {
+                runs.push(("2x2 kernel pipelined, L1, pinned pair", 0.0, 1, pair.to_vec()));
             }
+        }
+        for (label, flops_per_iter, pipe, cpus) in runs {
+            set(Knob::AmxPipeline, Some(pipe));
+            let th = cpus.len();
+            let data: Vec<Vec<u16>> = (0..th).map(|_| rand_bf16(64 * 1024, &mut seed)).collect();
+            let start = std::sync::Barrier::new(th);
+            let t0 = std::sync::Mutex::new(None::<std::time::Instant>);
+            let flops: f64 = std::thread::scope(|sc| {
+                let hs: Vec<_> = data
+                    .iter()
+                    .zip(&cpus)
+                    .map(|(d, &cpu)| {
+                        let (start, t0) = (&start, &t0);
+                        sc.spawn(move || unsafe {
+                            crate::pool::pin_current_thread(cpu);
+                            start.wait();
+                            t0.lock().unwrap().get_or_insert_with(std::time::Instant::now);
+                            if flops_per_iter > 0.0 {
+                                let iters = 200_000;
+                                amx::products_only(d.as_ptr(), iters);
+                                flops_per_iter * iters as f64
+                            } else {
+                                // A: 32 rows × 8 K blocks (stride 1 KiB); B: 2 panels × 8
+                                // K blocks: 32 KiB in all, inside L1.
+                                let (kb, reps) = (8usize, 40_000usize);
+                                let mut c = vec![0f32; 32 * 32];
+                                amx::Hardware::begin();
+                                for _ in 0..reps {
+                                    amx::Hardware::run_acc(
+                                        d.as_ptr(), 512, d.as_ptr().add(16 * 1024),
+                                        d.as_ptr().add(32 * 1024), kb, c.as_mut_ptr(), 32, false,
+                                    );
+                                }
+                                amx::Hardware::end();
+                                2.0 * (32 * 32 * 32 * kb * reps) as f64
+                            }
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            let s = t0.lock().unwrap().unwrap().elapsed().as_secs_f64();
+            println!(
+                "amx ceiling {label}: cpus {cpus:?} {:7.2} TFLOPS ({:.0} GFLOPS/thread)",
+                flops / s / 1e12,
+                flops / s / 1e9 / th as f64
+            );
             set(Knob::AmxPipeline, None);
         }
     }
