@@ -263,8 +263,8 @@ mod tests {
     }
 
     /// `cargo test -- --ignored --nocapture amx_ceilings`: what the tile unit gives on
-    /// this machine, 1 and N threads at once: products only (no memory), and the 2×2
-    /// micro-kernel on operands that stay in L1 (16 K blocks of one panel pair).
+    /// this machine, 1 and N pinned threads at once: products only (no memory), and the
+    /// 2×2 micro-kernel (both loop variants) on contiguous operands in L1 or in L2.
     #[test]
     #[ignore]
     #[cfg(target_arch = "x86_64")]
@@ -279,22 +279,22 @@ mod tests {
         // (label, FLOPs per products-only iteration or 0 for the kernel, pipelined, CPUs
         // the threads are pinned to)
         let ncpu = crate::cpu::physical_cores().max(1);
-        let mut runs: Vec<(&str, f64, usize, Vec<usize>)> = Vec::new();
-        for th in [1usize, 2, 4, 8, 12, 16].into_iter().filter(|&t| t <= ncpu) {
-            runs.push(("products only", 4.0 * 16.0 * 16.0 * 32.0 * 2.0, 0, (0..th).collect()));
-            runs.push(("2x2 kernel, L1 operands", 0.0, 0, (0..th).collect()));
-            runs.push(("2x2 kernel pipelined, L1 operands", 0.0, 1, (0..th).collect()));
+        // (label, K blocks per call (0 = products only), pipelined, pinned CPUs). Operands
+        // are contiguous tiles: 8 K blocks = 32 KiB (L1), 64 K blocks = 256 KiB (L2).
+        let mut runs: Vec<(&str, usize, usize, Vec<usize>)> = Vec::new();
+        for th in [1usize, 2, 8, 16].into_iter().filter(|&t| t <= ncpu) {
+            let cpus: Vec<usize> = (0..th).map(|i| (i + 1) % ncpu).collect();
+            runs.push(("products only", 0, 0, cpus.clone()));
+            runs.push(("2x2, L1 operands", 8, 0, cpus.clone()));
+            runs.push(("2x2 pipelined, L1 operands", 8, 1, cpus.clone()));
+            runs.push(("2x2, L2 operands", 64, 0, cpus.clone()));
+            runs.push(("2x2 pipelined, L2 operands", 64, 1, cpus));
         }
-        // Which pairs of CPUs interfere (shared core or AMX unit?).
-        for pair in [[0usize, 1], [0, 2], [0, ncpu / 2], [0, ncpu - 1]] {
-            if pair[1] < ncpu && pair[1] != pair[0] {
-                runs.push(("2x2 kernel pipelined, L1, pinned pair", 0.0, 1, pair.to_vec()));
-            }
-        }
-        for (label, flops_per_iter, pipe, cpus) in runs {
+        for (label, kb, pipe, cpus) in runs {
             set(Knob::AmxPipeline, Some(pipe));
             let th = cpus.len();
-            let data: Vec<Vec<u16>> = (0..th).map(|_| rand_bf16(64 * 1024, &mut seed)).collect();
+            // A tiles (2 × kb KiB) then the two B panels (kb KiB each), contiguous.
+            let data: Vec<Vec<u16>> = (0..th).map(|_| rand_bf16(4 * 64 * 512 + 64, &mut seed)).collect();
             let start = std::sync::Barrier::new(th);
             let t0 = std::sync::Mutex::new(None::<std::time::Instant>);
             let flops: f64 = std::thread::scope(|sc| {
@@ -307,25 +307,22 @@ mod tests {
                             crate::pool::pin_current_thread(cpu);
                             start.wait();
                             t0.lock().unwrap().get_or_insert_with(std::time::Instant::now);
-                            if flops_per_iter > 0.0 {
+                            if kb == 0 {
                                 let iters = 200_000;
                                 amx::products_only(d.as_ptr(), iters);
-                                flops_per_iter * iters as f64
-                            } else {
-                                // A: 32 rows × 8 K blocks (stride 1 KiB); B: 2 panels × 8
-                                // K blocks: 32 KiB in all, inside L1.
-                                let (kb, reps) = (8usize, 40_000usize);
-                                let mut c = vec![0f32; 32 * 32];
-                                amx::Hardware::begin();
-                                for _ in 0..reps {
-                                    amx::Hardware::run_acc(
-                                        d.as_ptr(), 512, d.as_ptr().add(16 * 1024),
-                                        d.as_ptr().add(32 * 1024), kb, c.as_mut_ptr(), 32, false,
-                                    );
-                                }
-                                amx::Hardware::end();
-                                2.0 * (32 * 32 * 32 * kb * reps) as f64
+                                return 4.0 * 16.0 * 16.0 * 32.0 * 2.0 * iters as f64;
                             }
+                            let reps = 320_000 / kb;
+                            let base = d.as_ptr().add(d.as_ptr().align_offset(64));
+                            let a = amx::ATile { a: base, a1: base.add(kb * 512), lda: 32, step: 512 };
+                            let (b0, b1) = (base.add(2 * kb * 512), base.add(3 * kb * 512));
+                            let mut c = vec![0f32; 32 * 32];
+                            amx::Hardware::begin();
+                            for _ in 0..reps {
+                                amx::Hardware::run_gen(a, b0, b1, kb, c.as_mut_ptr(), 32, false);
+                            }
+                            amx::Hardware::end();
+                            2.0 * (32 * 32 * 32 * kb * reps) as f64
                         })
                     })
                     .collect();
@@ -333,7 +330,7 @@ mod tests {
             });
             let s = t0.lock().unwrap().unwrap().elapsed().as_secs_f64();
             println!(
-                "amx ceiling {label}: cpus {cpus:?} {:7.2} TFLOPS ({:.0} GFLOPS/thread)",
+                "amx ceiling {label}: {th:2} threads {:7.2} TFLOPS ({:.0} GFLOPS/thread)",
                 flops / s / 1e12,
                 flops / s / 1e9 / th as f64
             );
