@@ -115,29 +115,12 @@ macro_rules! pf_tile {
     };
 }
 
-/// The K loop of the 2×2 block: C stays in tmm0–3 across the K blocks, then is stored.
-/// `$pf` are extra template lines at the top of every iteration, `$($op)*` their operands.
-macro_rules! k_loop {
-    ($a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr; $($pf:expr),*; $($op:tt)*) => {
+/// One `asm!` block of the 2×2 micro-kernel: the K-loop template lines `[...]`, then
+/// the stores of C and the operands every variant shares (`$($op)*`: extra ones).
+macro_rules! tile_asm {
+    ([$($t:expr),* $(,)?], $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr; $($op:tt)*) => {
         std::arch::asm!(
-            "2:",
-            $($pf,)*
-            // All four loads first: measured faster than interleaving them with the
-            // products on the reference machine (580 vs 340 GFLOPS on one thread).
-            "tileloadd tmm4, [{a0} + {lda}*1]",
-            "tileloadd tmm5, [{a1} + {lda}*1]",
-            "tileloadd tmm6, [{b0} + {ldb}*1]",
-            "tileloadd tmm7, [{b1} + {ldb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, {astep}",
-            "add {a1}, {astep}",
-            "add {b0}, 1024",
-            "add {b1}, 1024",
-            "dec {kb}",
-            "jnz 2b",
+            $($t,)*
             "tilestored [{c0} + {ldc}*1], tmm0",
             "tilestored [{c1} + {ldc}*1], tmm1",
             "tilestored [{c2} + {ldc}*1], tmm2",
@@ -163,14 +146,38 @@ macro_rules! k_loop {
     };
 }
 
-/// The same K loop, software-pipelined: each operand tile is reloaded for the next K
-/// block as soon as its last product of this block is issued, so loads overlap the
-/// remaining products (tile registers are not renamed: a load must wait for the
-/// products reading the register). The last block runs without loads (no read past
-/// the operands).
-macro_rules! k_loop_pipelined {
-    ($a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr; $($pf:expr),*; $($op:tt)*) => {
-        std::arch::asm!(
+/// The K loop of the 2×2 block (C stays in tmm0–3 across the K blocks), in two variants:
+/// - `first`: all four tile loads, then the four products;
+/// - `pipelined`: each operand tile is reloaded for the next K block as soon as its last
+///   product of this block is issued, so loads overlap the remaining products (tile
+///   registers are not renamed: a load waits for the products reading its register).
+///   The last block runs without loads (nothing is read past the operands).
+///
+/// `$pf` are extra template lines at the top of every iteration (prefetch), `$($op)*`
+/// their operands.
+macro_rules! k_loop {
+    (first, $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr; $($pf:expr),*; $($op:tt)*) => {
+        tile_asm!([
+            "2:",
+            $($pf,)*
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, {astep}",
+            "add {a1}, {astep}",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {kb}",
+            "jnz 2b",
+        ], $a, $b0, $b1, $kb, $c, $ldc; $($op)*)
+    };
+    (pipelined, $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr; $($pf:expr),*; $($op:tt)*) => {
+        tile_asm!([
             "tileloadd tmm4, [{a0} + {lda}*1]",
             "tileloadd tmm6, [{b0} + {ldb}*1]",
             "tileloadd tmm7, [{b1} + {ldb}*1]",
@@ -198,28 +205,20 @@ macro_rules! k_loop_pipelined {
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "tilestored [{c0} + {ldc}*1], tmm0",
-            "tilestored [{c1} + {ldc}*1], tmm1",
-            "tilestored [{c2} + {ldc}*1], tmm2",
-            "tilestored [{c3} + {ldc}*1], tmm3",
-            a0 = inout(reg) $a.a => _,
-            a1 = inout(reg) $a.a1 => _,
-            b0 = inout(reg) $b0 => _,
-            b1 = inout(reg) $b1 => _,
-            kb = inout(reg) $kb => _,
-            lda = in(reg) $a.lda * 2,
-            astep = in(reg) $a.step * 2,
-            ldb = in(reg) 64usize,
-            ldc = in(reg) $ldc * 4,
-            c0 = in(reg) $c,
-            c1 = in(reg) $c.add(16),
-            c2 = in(reg) $c.add(16 * $ldc),
-            c3 = in(reg) $c.add(16 * $ldc + 16),
-            $($op)*
-            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-            options(nostack),
-        )
+        ], $a, $b0, $b1, $kb, $c, $ldc; $($op)*)
+    };
+}
+
+/// `k_loop!` of variant `$v` with the B prefetch this process is tuned for.
+macro_rules! k_loop_prefetched {
+    ($v:ident, $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr) => {
+        match b_prefetch() {
+            (0, _) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc; ; ),
+            (pf, true) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc;
+                pf_tile!("prefetcht0", "b0"), pf_tile!("prefetcht0", "b1"); pf = in(reg) pf,),
+            (pf, false) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc;
+                pf_tile!("prefetcht1", "b0"), pf_tile!("prefetcht1", "b1"); pf = in(reg) pf,),
+        }
     };
 }
 
@@ -261,21 +260,9 @@ impl TileKernel for Hardware {
         // C stays in tmm0-3 between the blocks: nothing between them touches tiles.
         debug_assert!(kblocks > 0);
         if pipelined() {
-            match b_prefetch() {
-                (0, _) => k_loop_pipelined!(a, b0, b1, kblocks, c, ldc; ; ),
-                (pf, true) => k_loop_pipelined!(a, b0, b1, kblocks, c, ldc;
-                    pf_tile!("prefetcht0", "b0"), pf_tile!("prefetcht0", "b1"); pf = in(reg) pf,),
-                (pf, false) => k_loop_pipelined!(a, b0, b1, kblocks, c, ldc;
-                    pf_tile!("prefetcht1", "b0"), pf_tile!("prefetcht1", "b1"); pf = in(reg) pf,),
-            }
+            k_loop_prefetched!(pipelined, a, b0, b1, kblocks, c, ldc)
         } else {
-            match b_prefetch() {
-                (0, _) => k_loop!(a, b0, b1, kblocks, c, ldc; ; ),
-                (pf, true) => k_loop!(a, b0, b1, kblocks, c, ldc;
-                    pf_tile!("prefetcht0", "b0"), pf_tile!("prefetcht0", "b1"); pf = in(reg) pf,),
-                (pf, false) => k_loop!(a, b0, b1, kblocks, c, ldc;
-                    pf_tile!("prefetcht1", "b0"), pf_tile!("prefetcht1", "b1"); pf = in(reg) pf,),
-            }
+            k_loop_prefetched!(first, a, b0, b1, kblocks, c, ldc)
         }
     }
 
