@@ -77,9 +77,20 @@ pub(crate) fn gemm(isa: Isa, g: Gemm<'_>) {
         // SAFETY: see module doc: `isa` was checked available by the caller's layer.
         Isa::Avx512 => unsafe { avx512::gemm(g) },
         // SAFETY: as above; `amx_split` keeps tile reads inside A.
-        Isa::Amx => unsafe { amx_split::<amx::Hardware>(g) },
+        Isa::Amx => {
+            #[cfg(test)]
+            if EMULATE_AMX.load(std::sync::atomic::Ordering::Relaxed) {
+                return unsafe { amx_split::<amx::Emulated>(g) };
+            }
+            unsafe { amx_split::<amx::Hardware>(g) }
+        }
     }
 }
+
+/// Tests only: `Isa::Amx` GEMMs go through the tile emulation, so whole layers run the
+/// AMX code paths on machines without AMX (set only where AMX is unavailable).
+#[cfg(test)]
+pub(crate) static EMULATE_AMX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// AMX for as many whole 32-row blocks as A can supply (a partial last block is fine
 /// when A has readable rows past `m`: the extra results are dropped), AVX-512 for the rest.
