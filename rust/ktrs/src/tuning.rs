@@ -26,11 +26,9 @@ pub enum Knob {
     Profile,
     /// 1 = software-pipelined AMX K loop (loads overlap products), 0 = loads first.
     AmxPipeline,
-    /// 1 = AMX experts' GEMM inputs also written in tile layout (contiguous tile loads).
-    AmxTiledA,
 }
 
-const ALL: [(Knob, &str, usize); 9] = [
+const ALL: [(Knob, &str, usize); 8] = [
     (Knob::TaskPanels, "KTRS_NB", 0),
     (Knob::AmxMinRows, "KTRS_AMX_MIN_ROWS", 8),
     (Knob::AmxKBlock, "KTRS_AMX_KBLOCK", 0),
@@ -39,7 +37,6 @@ const ALL: [(Knob, &str, usize); 9] = [
     (Knob::AmxPrefetchL2, "KTRS_AMX_PF_L2", 0),
     (Knob::Profile, "KTRS_PROFILE", 0),
     (Knob::AmxPipeline, "KTRS_AMX_PIPELINE", 1),
-    (Knob::AmxTiledA, "KTRS_AMX_TILED_A", 1),
 ];
 
 const UNSET: usize = usize::MAX;

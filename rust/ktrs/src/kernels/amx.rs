@@ -14,19 +14,43 @@ use crate::pack::PANEL;
 pub(crate) const MR: usize = 32;
 const TILE_K: usize = 32; // bf16 per A-tile row
 const B_TILE_U16: usize = 16 * 2 * PANEL; // one B tile: 16 pair rows × 16 lanes × 2
-const A_TILE_U16: usize = 16 * TILE_K; // one A tile in tile layout: 16 rows × 32
 
 /// One 2×2 tile step: `c[32×32] = A[32 rows, 32·kblocks] · [panel b0 | panel b1]`.
 pub(crate) trait TileKernel {
     /// Prepares the tile unit for a run of micro-kernels on this thread.
     unsafe fn begin();
-    /// `c[32 rows × 32, row stride ldc] (+)= A · [panel b0 | panel b1]` over `kblocks`
-    /// K blocks: A tiles at `a.a` and `a.a1` (rows 0–15 and 16–31), row stride `a.lda`,
-    /// advancing `a.step` u16 per K block. When `load_c`, adds to the values in `c`.
-    ///
     /// # Safety
-    /// Both A tiles readable for `kblocks` steps; `b0`, `b1` readable for `kblocks` B
-    /// tiles; `c` writable for 32 rows of 32 f32 at stride `ldc`.
+    /// `a` readable for 32 rows of stride `lda` u16 and `32·kblocks` columns; `b0`, `b1`
+    /// readable for `kblocks` B tiles; `c` writable for 32 rows of 32 f32, row stride
+    /// `ldc`. When `load_c`, adds to the values already in `c`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_acc(
+        a: *const u16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        kblocks: usize,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) {
+        Self::run_gen(
+            ATile {
+                a,
+                lda,
+                a1: a.add(16 * lda),
+                step: TILE_K,
+            },
+            b0,
+            b1,
+            kblocks,
+            c,
+            ldc,
+            load_c,
+        )
+    }
+    /// The general form: A tiles at `a.a` and `a.a1` (rows 0–15 and 16–31), row stride
+    /// `a.lda`, advancing `a.step` u16 per K block.
     unsafe fn run_gen(
         a: ATile,
         b0: *const u16,
@@ -333,33 +357,13 @@ pub(crate) unsafe fn gemm_tiles<K: TileKernel>(g: &mut Gemm<'_>, m32: usize) {
             let b0 = g.b.as_ptr().add(2 * pp * panel_len + kb0 * B_TILE_U16);
             (b0, b0.add(panel_len))
         };
-        let a_at = |ch: usize| match g.a_tiles {
-            // Tile layout: each 16-row group is `kblocks` contiguous KiB tiles.
-            Some(t) => {
-                let a = t.as_ptr().add((2 * ch * kblocks + kb0) * A_TILE_U16);
-                ATile {
-                    a,
-                    a1: a.add(kblocks * A_TILE_U16),
-                    lda: TILE_K,
-                    step: A_TILE_U16,
-                }
-            }
-            None => {
-                let a = g.a.as_ptr().add(ch * MR * g.lda + kb0 * TILE_K);
-                ATile {
-                    a,
-                    a1: a.add(16 * g.lda),
-                    lda: g.lda,
-                    step: TILE_K,
-                }
-            }
-        };
+        let a_at = |ch: usize| g.a.as_ptr().add(ch * MR * g.lda + kb0 * TILE_K);
         if rows_outer() {
             // A row chunk stays in L2 (L1 for short K) while every panel pair passes.
             for ch in 0..chunks {
                 for pp in 0..pairs {
                     let (b0, b1) = b_at(pp);
-                    K::run_gen(a_at(ch), b0, b1, kn, c_at(ch, pp), ldc, kb0 > 0);
+                    K::run_acc(a_at(ch), g.lda, b0, b1, kn, c_at(ch, pp), ldc, kb0 > 0);
                 }
             }
         } else {
@@ -367,7 +371,7 @@ pub(crate) unsafe fn gemm_tiles<K: TileKernel>(g: &mut Gemm<'_>, m32: usize) {
             for pp in 0..pairs {
                 let (b0, b1) = b_at(pp);
                 for ch in 0..chunks {
-                    K::run_gen(a_at(ch), b0, b1, kn, c_at(ch, pp), ldc, kb0 > 0);
+                    K::run_acc(a_at(ch), g.lda, b0, b1, kn, c_at(ch, pp), ldc, kb0 > 0);
                 }
             }
         }

@@ -31,9 +31,6 @@ pub(crate) struct Gemm<'a> {
     /// bf16 activations, `m` rows of stride `lda`, `k_pad` valid (zero-padded) columns.
     pub a: &'a [u16],
     pub lda: usize,
-    /// Optionally the same rows in AMX tile layout (see [`tile_offset`]), at least
-    /// `m` rounded up to 32 rows: AMX then loads each A tile as one contiguous KiB.
-    pub a_tiles: Option<&'a [u16]>,
     /// `np` consecutive packed panels, each `k_pad * 16` u16.
     pub b: &'a [u16],
     pub np: usize,
@@ -60,25 +57,12 @@ impl Gemm<'_> {
                 self.lda >= self.k_pad && self.a.len() >= (self.m - 1) * self.lda + self.k_pad,
                 "A too short"
             );
-            if let Some(t) = self.a_tiles {
-                assert!(
-                    t.len() >= tile_offset(self.m.next_multiple_of(32), 0, self.k_pad),
-                    "A tiles too short"
-                );
-            }
             assert!(
                 self.ldc >= self.np * 16 && self.c.len() >= (self.m - 1) * self.ldc + self.np * 16,
                 "C too short"
             );
         }
     }
-}
-
-/// Where element (`row`, `col`) of a bf16 matrix with `k_pad` columns lives in AMX tile
-/// layout: 16-row groups one after another, each `k_pad/32` tiles of 16 rows × 32 columns
-/// (1 KiB), so a tile load reads one contiguous KiB.
-pub(crate) fn tile_offset(row: usize, col: usize, k_pad: usize) -> usize {
-    ((row / 16) * (k_pad / 32) + col / 32) * 512 + (row % 16) * 32 + col % 32
 }
 
 /// Runs one GEMM block on `isa`. Bounds are checked here, once, so the kernels can use
@@ -114,10 +98,6 @@ pub(crate) static EMULATE_AMX: std::sync::atomic::AtomicBool = std::sync::atomic
 /// # Safety
 /// `K` must be usable on this CPU (and AVX-512 BF16 for the remainder).
 unsafe fn amx_split<K: amx::TileKernel>(mut g: Gemm<'_>) {
-    if g.a_tiles.is_some() && g.np % 2 == 0 {
-        let m32 = g.m.next_multiple_of(amx::MR);
-        return amx::gemm_tiles::<K>(&mut g, m32);
-    }
     let rows_readable = if g.a.len() >= g.k_pad {
         (g.a.len() - g.k_pad) / g.lda + 1
     } else {
@@ -133,7 +113,6 @@ unsafe fn amx_split<K: amx::TileKernel>(mut g: Gemm<'_>) {
             m: g.m - m32,
             a: &g.a[m32 * g.lda..],
             lda: g.lda,
-            a_tiles: None,
             b: g.b,
             np: g.np,
             k_pad: g.k_pad,
@@ -238,7 +217,6 @@ mod tests {
                         m,
                         a: &a,
                         lda,
-                        a_tiles: None,
                         b: &pw[blk * np * sh.panel_len()..],
                         np,
                         k_pad: sh.k_pad,
@@ -388,7 +366,7 @@ mod tests {
         let a = rand_bf16((m + 32) * lda, &mut seed);
         let run = || {
             let mut c = vec![f32::NAN; 96 * sh.n_pad];
-            let g = Gemm { m, a: &a, lda, a_tiles: None, b: &pw, np: sh.panels(), k_pad: sh.k_pad, c: &mut c, ldc: sh.n_pad };
+            let g = Gemm { m, a: &a, lda, b: &pw, np: sh.panels(), k_pad: sh.k_pad, c: &mut c, ldc: sh.n_pad };
             gemm(Isa::Amx, g);
             c.truncate(m * sh.n_pad);
             c
@@ -434,7 +412,6 @@ mod tests {
                     m,
                     a: &a,
                     lda,
-                    a_tiles: None,
                     b: &pw,
                     np: sh.panels(),
                     k_pad: sh.k_pad,
@@ -442,24 +419,14 @@ mod tests {
                     ldc,
                 },
             );
-            // A in tile layout, rows past m stale (their results are dropped).
-            let m32 = m.next_multiple_of(amx::MR);
-            let mut tiled = vec![0x7FC0u16; tile_offset(m32, 0, sh.k_pad)];
-            for i in 0..m {
-                for x in 0..sh.k_pad {
-                    tiled[tile_offset(i, x, sh.k_pad)] = a[i * lda + x];
-                }
-            }
-            // Without and with scratch rows past m in C (the direct-store path), and
-            // with A in tile layout.
-            for (c_rows, tiles) in [(m, None), (m32, None), (m32, Some(&tiled[..]))] {
+            // Without and with scratch rows past m in C (the direct-store path).
+            for c_rows in [m, m.next_multiple_of(amx::MR)] {
                 let mut got = vec![f32::NAN; c_rows * ldc];
                 let mut want = want.clone();
                 let g = Gemm {
                     m,
                     a: &a,
                     lda,
-                    a_tiles: tiles,
                     b: &pw,
                     np: sh.panels(),
                     k_pad: sh.k_pad,
@@ -521,7 +488,6 @@ mod tests {
                         m,
                         a: &a,
                         lda,
-                        a_tiles: None,
                         b: &pw,
                         np: sh.panels(),
                         k_pad: sh.k_pad,

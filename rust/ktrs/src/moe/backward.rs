@@ -5,8 +5,8 @@
 //! into its thread's scratch, so expert memory stays at one copy.
 
 use super::{
-    chunk_range, expert_blocks, expert_runs, gemm_rows, put_tiled, row_chunks, sum_pairs_into,
-    ForwardCache, GradTarget, MoeLayer, TiledRows, ROW_PAD,
+    chunk_range, expert_blocks, expert_runs, gemm_rows, row_chunks, sum_pairs_into, ForwardCache, GradTarget,
+    MoeLayer, ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
@@ -53,7 +53,6 @@ fn gemm_t_rows(
     isa: Isa,
     a: &[u16],
     lda: usize,
-    a_tiles: Option<&[u16]>,
     rows: std::ops::Range<usize>,
     pack: &ExpertPack,
     e: usize,
@@ -62,7 +61,7 @@ fn gemm_t_rows(
     epi: impl FnMut(usize, &mut [f32]),
 ) {
     with_transposed_block(isa, pack, e, c0, np, |b| {
-        gemm_rows(isa, a, lda, a_tiles, pack.shape.n_pad, rows, b, np, epi)
+        gemm_rows(isa, a, lda, pack.shape.n_pad, rows, b, np, epi)
     })
 }
 
@@ -121,11 +120,6 @@ impl MoeLayer {
 
         // 1. Gather dy rows (unweighted); vd = dy·Bd.
         let dy = self.scratch.take::<u16>((n + ROW_PAD) * ds);
-        // AMX experts' dy and dgu rows again, in tile layout (scratch for the two GEMMs).
-        let tiled = TiledRows::new(self, rt);
-        let tlen = |k_pad| tiled.as_ref().map_or(0, |t| t.len(k_pad));
-        let (dy_t, dgu_t) = (self.scratch.take::<u16>(tlen(h_pad)), self.scratch.take::<u16>(tlen(2 * i_pad)));
-        let (dytp, dgtp) = (SendPtr(dy_t.as_ptr()), SendPtr(dgu_t.as_ptr()));
         let mut vd = vec![0f32; n * r];
         let (dyp, vdp) = (SendPtr(dy.as_ptr()), SendPtr(vd.as_mut_ptr()));
         self.run_phase("bwd gather+lora", row_chunks(n), |task, _| {
@@ -137,24 +131,15 @@ impl MoeLayer {
                 full[h..h_pad].fill(0);
                 full[..h].copy_from_slice(&grad_out[t * h..(t + 1) * h]);
             }
-            expert_runs(rt, rows.clone(), |e, run| {
-                if let Some(t) = &tiled {
-                    for p in run.clone() {
-                        if let Some(tr) = t.row(e, off[e], p) {
-                            let row = &mine[(p - rows.start) * ds..][..h_pad];
-                            // SAFETY: tile row tr belongs to pair p, written by this task.
-                            unsafe { put_tiled(dytp, tr, 0, row, h_pad) };
-                        }
-                    }
-                }
-                if r > 0 {
+            if r > 0 {
+                expert_runs(rt, rows.clone(), |e, run| {
                     let d = &mine[(run.start - rows.start) * ds..];
                     // SAFETY: rows `run` of vd belong to this task.
                     let vdr = unsafe { vdp.slice_mut(run.start * r, run.len() * r) };
                     let bd = &bt.get(0)[e * r * h_pad..];
                     vec::project_rows(isa, d, ds, run.len(), bd, r, h_pad, vdr);
-                }
-            });
+                });
+            }
         });
 
         // 2. da0 = dy·Wd (+ s·vd·Ad); routing-weight gradient partials; SiLU backward into
@@ -171,12 +156,10 @@ impl MoeLayer {
             let np = nb.min(dn.shape.k_pad / PANEL - blk * nb);
             let i0 = blk * nb * PANEL;
             {
-                let tile_row = |p: usize| tiled.as_ref().and_then(|t| t.row(e, off[e], p));
                 gemm_t_rows(
                     isa,
                     dy.as_slice(),
                     ds,
-                    tiled.as_ref().and_then(|t| t.expert(dy_t.as_slice(), e, h_pad)),
                     off[e]..off[e + 1],
                     dn,
                     e,
@@ -207,8 +190,9 @@ impl MoeLayer {
                         // they come out as the zeros the next GEMM must read there.
                         for q in 0..np {
                             let c = i0 + q * PANEL;
-                            let fc = fused_row(c, false);
-                            let (dg, du) = drow[fc..fc + 2 * PANEL].split_at_mut(PANEL);
+                            let (dg, du) = drow
+                                [fused_row(c, false)..fused_row(c, false) + 2 * PANEL]
+                                .split_at_mut(PANEL);
                             let at = p * i_pad + c;
                             epilogue::swiglu_bwd(
                                 isa,
@@ -219,10 +203,6 @@ impl MoeLayer {
                                 dg,
                                 du,
                             );
-                            if let Some(tr) = tile_row(p) {
-                                // SAFETY: (tile row of p, fused columns fc..fc+32) are this task's.
-                                unsafe { put_tiled(dgtp, tr, fc, &drow[fc..fc + 2 * PANEL], 2 * i_pad) };
-                            }
                         }
                     },
                 );
@@ -349,7 +329,6 @@ impl MoeLayer {
                         isa,
                         dgu.as_slice(),
                         gs,
-                        tiled.as_ref().and_then(|t| t.expert(dgu_t.as_slice(), e, 2 * i_pad)),
                         off[e]..off[e + 1],
                         gu,
                         e,

@@ -2,8 +2,8 @@
 
 use super::routing::Routing;
 use super::{
-    chunk_range, expert_blocks, expert_runs, gemm_rows, put_tiled, row_chunks, sum_pairs_into,
-    ForwardCache, MoeLayer, TiledRows, ROW_PAD,
+    chunk_range, expert_blocks, expert_runs, gemm_rows, row_chunks, sum_pairs_into, ForwardCache, MoeLayer,
+    ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
@@ -57,11 +57,6 @@ impl MoeLayer {
         let g = self.scratch.take::<u16>(n * i_pad);
         let u = self.scratch.take::<u16>(n * i_pad);
         let act = self.scratch.take::<u16>((n + ROW_PAD) * as_);
-        // AMX experts' x and act rows again, in tile layout (scratch for the two GEMMs).
-        let tiled = TiledRows::new(self, &routing);
-        let tlen = |k_pad| tiled.as_ref().map_or(0, |t| t.len(k_pad));
-        let (x_t, act_t) = (self.scratch.take::<u16>(tlen(h_pad)), self.scratch.take::<u16>(tlen(i_pad)));
-        let (xtp, atp) = (SendPtr(x_t.as_ptr()), SendPtr(act_t.as_ptr()));
         let mut zg = vec![0f32; n * r];
         let mut zu = vec![0f32; n * r];
         let mut zd = vec![0f32; n * r];
@@ -99,17 +94,8 @@ impl MoeLayer {
                 row[h..h_pad].fill(0);
                 row[..h].copy_from_slice(&hidden[t * h..(t + 1) * h]);
             }
-            expert_runs(&routing, rows.clone(), |e, run| {
-                if let Some(t) = &tiled {
-                    for p in run.clone() {
-                        if let Some(tr) = t.row(e, off[e], p) {
-                            let row = &mine[(p - rows.start) * xs..][..h_pad];
-                            // SAFETY: tile row tr belongs to pair p, written by this task.
-                            unsafe { put_tiled(xtp, tr, 0, row, h_pad) };
-                        }
-                    }
-                }
-                if r > 0 {
+            if r > 0 {
+                expert_runs(&routing, rows.clone(), |e, run| {
                     let (xr, len) = (&mine[(run.start - rows.start) * xs..], run.len());
                     // SAFETY: rows `run` of zg and zu belong to this task.
                     let (zgr, zur) = unsafe {
@@ -117,8 +103,8 @@ impl MoeLayer {
                     };
                     vec::project_rows(isa, xr, xs, len, self.lora_expert(M::GateA, e), r, h, zgr);
                     vec::project_rows(isa, xr, xs, len, self.lora_expert(M::UpA, e), r, h, zur);
-                }
-            });
+                });
+            }
         });
 
         // 2. gate+up GEMM; epilogue adds LoRA-B and forms SiLU(gate)·up.
@@ -137,13 +123,10 @@ impl MoeLayer {
             let np = nb.min(gu.shape.panels() - blk * nb);
             let panel_len = gu.shape.panel_len();
             let b = &gu.expert(e)[blk * nb * panel_len..];
-            let x_tiles = tiled.as_ref().and_then(|t| t.expert(x_t.as_slice(), e, h_pad));
-            let act_row = |p: usize| tiled.as_ref().and_then(|t| t.row(e, off[e], p));
             gemm_rows(
                 isa,
                 x.as_slice(),
                 xs,
-                x_tiles,
                 h_pad,
                 off[e]..off[e + 1],
                 b,
@@ -186,10 +169,6 @@ impl MoeLayer {
                             )
                         };
                         epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
-                        if let Some(tr) = act_row(p) {
-                            // SAFETY: (tile row of p, columns i0..i0+16) are this task's.
-                            unsafe { put_tiled(atp, tr, i0, ar, i_pad) };
-                        }
                     }
                 },
             );
@@ -222,7 +201,6 @@ impl MoeLayer {
                 isa,
                 act.as_slice(),
                 as_,
-                tiled.as_ref().and_then(|t| t.expert(act_t.as_slice(), e, i_pad)),
                 i_pad,
                 off[e]..off[e + 1],
                 b,

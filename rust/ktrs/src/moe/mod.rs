@@ -18,7 +18,7 @@ use crate::buffer::{BufferPool, SendPtr};
 use crate::cpu::Isa;
 use crate::error::{check_len, KtrsError, Result};
 use crate::kernels::lora_grad::Cols;
-use crate::kernels::{self, tile_offset, Gemm};
+use crate::kernels::{self, Gemm};
 use crate::lora::{LoraConfig, LoraMatrix, LoraWeights};
 use crate::pack::{self, fused_row, round_up, ExpertPack, PackShape, PAD, PANEL};
 use crate::pool::ThreadPool;
@@ -338,61 +338,6 @@ fn pack_panel(
     }
 }
 
-/// Where the AMX experts' pair rows live in a tile-layout copy of a GEMM input (see
-/// `kernels::tile_offset`), so every A tile load reads one contiguous KiB instead of 16
-/// rows a row stride apart. Expert e's rows start at tile row `start[e]` (a multiple of
-/// 32); experts below the AMX row threshold have none. Tile rows past an expert's count
-/// hold stale values: their results are dropped.
-struct TiledRows {
-    start: Vec<usize>,
-}
-
-impl TiledRows {
-    /// `None` unless the layer runs AMX with `KTRS_AMX_TILED_A` on and some expert uses it.
-    fn new(layer: &MoeLayer, routing: &routing::Routing) -> Option<TiledRows> {
-        if layer.isa != Isa::Amx || crate::tuning::get(crate::tuning::Knob::AmxTiledA) == 0 {
-            return None;
-        }
-        let min = amx_min_rows();
-        let mut start = vec![0usize; routing.experts + 1];
-        for e in 0..routing.experts {
-            let c = routing.count(e);
-            start[e + 1] = start[e] + if c >= min { c.next_multiple_of(32) } else { 0 };
-        }
-        (start[routing.experts] > 0).then_some(TiledRows { start })
-    }
-
-    /// Length of a buffer with `k_pad` columns.
-    fn len(&self, k_pad: usize) -> usize {
-        tile_offset(*self.start.last().expect("E + 1 entries"), 0, k_pad)
-    }
-
-    /// Tile row of pair row `p` of expert `e` (`first` = the expert's first pair row).
-    fn row(&self, e: usize, first: usize, p: usize) -> Option<usize> {
-        (self.start[e + 1] > self.start[e]).then(|| self.start[e] + p - first)
-    }
-
-    /// Expert e's part of a tiled buffer with `k_pad` columns, if it has one.
-    fn expert<'b>(&self, buf: &'b [u16], e: usize, k_pad: usize) -> Option<&'b [u16]> {
-        (self.start[e + 1] > self.start[e]).then(|| &buf[tile_offset(self.start[e], 0, k_pad)..])
-    }
-}
-
-/// Copies `vals` (columns `col0 ..`, not crossing a 32-column block boundary unless
-/// 32-aligned) of tile row `row` into the tiled buffer at `dst`.
-///
-/// # Safety
-/// The caller owns those elements of `dst` (no other task writes them).
-unsafe fn put_tiled(dst: SendPtr<u16>, row: usize, col0: usize, vals: &[u16], k_pad: usize) {
-    let mut c = 0;
-    while c < vals.len() {
-        let n = (32 - (col0 + c) % 32).min(vals.len() - c);
-        dst.slice_mut(tile_offset(row, col0 + c, k_pad), n)
-            .copy_from_slice(&vals[c..c + n]);
-        c += n;
-    }
-}
-
 /// `(expert, block)` pairs for every expert with tokens, `blocks` blocks each.
 fn expert_blocks(offsets: &[usize], blocks: usize) -> Vec<(usize, usize)> {
     let mut v = Vec::new();
@@ -405,14 +350,12 @@ fn expert_blocks(offsets: &[usize], blocks: usize) -> Vec<(usize, usize)> {
 }
 
 /// `C = A·Bᵀ` over `np` panels for the pair rows in `rows`, in chunks of `MC` rows;
-/// `epi(pair, row)` receives each finished row of `16·np` f32 values. `a_tiles`, if
-/// given, holds the same rows in tile layout from `rows.start` on (used by AMX only).
+/// `epi(pair, row)` receives each finished row of `16·np` f32 values.
 #[allow(clippy::too_many_arguments)]
 fn gemm_rows(
     isa: Isa,
     a: &[u16],
     lda: usize,
-    a_tiles: Option<&[u16]>,
     k_pad: usize,
     rows: Range<usize>,
     b: &[u16],
@@ -429,7 +372,6 @@ fn gemm_rows(
     } else {
         isa
     };
-    let a_tiles = a_tiles.filter(|_| isa == Isa::Amx);
     C.with(|cell| {
         let mut c = cell.borrow_mut();
         if c.is_empty() {
@@ -445,8 +387,6 @@ fn gemm_rows(
                     m,
                     a: &a[p0 * lda..],
                     lda,
-                    // MC is a multiple of 32, so every chunk starts a 16-row group.
-                    a_tiles: a_tiles.map(|t| &t[tile_offset(p0 - rows.start, 0, k_pad)..]),
                     b,
                     np,
                     k_pad,
