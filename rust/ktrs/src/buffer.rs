@@ -166,6 +166,8 @@ impl<T: Copy> Drop for Buffer<T> {
 /// write every element they later read, padding included.
 pub struct BufferPool {
     free: Mutex<Vec<RawBlock>>,
+    /// Blocks allocated fresh (not recycled), for tests of the steady state.
+    fresh: std::sync::atomic::AtomicUsize,
 }
 
 struct RawBlock(*mut u8, usize);
@@ -179,6 +181,7 @@ impl BufferPool {
     pub fn new() -> Arc<BufferPool> {
         Arc::new(BufferPool {
             free: Mutex::new(Vec::new()),
+            fresh: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -209,6 +212,7 @@ impl BufferPool {
         let (raw, cap) = match block {
             Some(RawBlock(p, c)) => (p, c),
             None => {
+                self.fresh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Zeroed once, so contents are always initialised plain data.
                 // SAFETY: non-zero size.
                 let p = unsafe { alloc_zeroed(layout(need)) };
@@ -248,6 +252,11 @@ impl BufferPool {
             // SAFETY: allocated with `layout(c)`.
             unsafe { dealloc(p, layout(c)) };
         }
+    }
+
+    /// How many blocks this pool has allocated fresh so far.
+    pub fn fresh_allocations(&self) -> usize {
+        self.fresh.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Bytes held in free blocks.

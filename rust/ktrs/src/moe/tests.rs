@@ -594,3 +594,57 @@ fn set_and_get_expert_round_trip() {
     assert_eq!(o1, o2);
     assert!(empty.set_expert(3, &[], &[], &[]).is_err());
 }
+
+/// After one round of training forward, backward and inference forward, the next rounds
+/// take every scratch block from the pool: fresh blocks are page faults (and unmaps,
+/// with TLB shootdowns) in every call otherwise.
+#[test]
+fn steady_state_allocates_nothing() {
+    let c = Case {
+        e: 8,
+        h: 64,
+        i: 48,
+        k: 2,
+        t: 40,
+        r: 4,
+    };
+    let d = make(&c, 9);
+    let cfg = MoeConfig {
+        experts: c.e,
+        hidden: c.h,
+        intermediate: c.i,
+    };
+    let lcfg = Some(LoraConfig {
+        rank: c.r,
+        alpha: 8.0,
+        use_rslora: false,
+    });
+    let w = ExpertWeights {
+        gate: &d.gate,
+        up: &d.up,
+        down: &d.down,
+    };
+    let mut layer = MoeLayer::new(cfg, w, lcfg, Isa::best(), 2, 0).unwrap();
+    layer.scratch = BufferPool::new(); // a pool of its own, so other tests do not count
+    let mut out = vec![0u16; c.t * c.h];
+    let (mut gh, mut gw) = (vec![0u16; c.t * c.h], vec![0f32; c.t * c.k]);
+    let mut round = |layer: &MoeLayer| {
+        let cache = layer
+            .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
+            .unwrap()
+            .unwrap();
+        layer
+            .backward(&cache, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
+            .unwrap();
+        drop(cache);
+        layer
+            .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, false)
+            .unwrap();
+    };
+    round(&layer);
+    let after_first = layer.scratch.fresh_allocations();
+    for _ in 0..3 {
+        round(&layer);
+    }
+    assert_eq!(layer.scratch.fresh_allocations(), after_first);
+}
