@@ -26,9 +26,12 @@ pub enum Knob {
     Profile,
     /// 1 = software-pipelined AMX K loop (loads overlap products), 0 = loads first.
     AmxPipeline,
+    /// Experts with at most this many rows (≤ 8) multiply by the transposed weights
+    /// straight from the forward panels in backward; more rows repack a block first.
+    BwdDirectRows,
 }
 
-const ALL: [(Knob, &str, usize); 8] = [
+const ALL: [(Knob, &str, usize); 9] = [
     (Knob::TaskPanels, "KTRS_NB", 0),
     (Knob::AmxMinRows, "KTRS_AMX_MIN_ROWS", 8),
     (Knob::AmxKBlock, "KTRS_AMX_KBLOCK", 0),
@@ -37,6 +40,7 @@ const ALL: [(Knob, &str, usize); 8] = [
     (Knob::AmxPrefetchL2, "KTRS_AMX_PF_L2", 0),
     (Knob::Profile, "KTRS_PROFILE", 0),
     (Knob::AmxPipeline, "KTRS_AMX_PIPELINE", 1),
+    (Knob::BwdDirectRows, "KTRS_BWD_DIRECT_ROWS", 4),
 ];
 
 const UNSET: usize = usize::MAX;

@@ -149,3 +149,62 @@ pub(crate) unsafe fn pack_transposed_block(
         }
     }
 }
+
+/// `c[i, q] = Σ_n a[i, n] · W[n, c0 + q]` for `m` rows and `q < 16·np`: the product with
+/// the transposed weights, read straight from the forward panels (no repack). For rows
+/// that are few, repacking cost more than the product: here each 64-byte line of a
+/// panel (16 outputs n × one input pair) is split into two f32 vectors and multiplied by
+/// the row's 16 values of `a`, so a row and a group of 8 input pairs keep 16
+/// accumulators over the n lanes, summed horizontally once at the end.
+///
+/// # Safety
+/// AVX-512 F/BW; bounds checked by `kernels::gemm_transposed`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_transposed(
+    a: &[u16],
+    lda: usize,
+    m: usize,
+    w: &[u16],
+    shape: crate::pack::PackShape,
+    c0: usize,
+    np: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    // Panels ahead that the first row's pass prefetches (each 16 outputs × all inputs).
+    const AHEAD: usize = 4;
+    let (panels, panel_len) = (shape.panels(), shape.panel_len());
+    let (ap, wp, cp) = (a.as_ptr(), w.as_ptr(), c.as_mut_ptr());
+    let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    for i in 0..m {
+        let arow = ap.add(i * lda);
+        for g in 0..np {
+            let kp0 = (c0 + g * PANEL) / 2;
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for p in 0..panels {
+                let av = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256(arow.add(p * PANEL) as *const _),
+                )));
+                let base = wp.add(p * panel_len + kp0 * 2 * PANEL);
+                if i == 0 {
+                    let ahead = base.wrapping_add(AHEAD * panel_len) as *const i8;
+                    for q in 0..8 {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(q * 64));
+                    }
+                }
+                for q in 0..8 {
+                    let line = _mm512_loadu_si512(base.add(q * 2 * PANEL) as *const _);
+                    let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(line));
+                    let odd = _mm512_castsi512_ps(_mm512_and_si512(line, hi));
+                    acc[2 * q] = _mm512_fmadd_ps(av, even, acc[2 * q]);
+                    acc[2 * q + 1] = _mm512_fmadd_ps(av, odd, acc[2 * q + 1]);
+                }
+            }
+            let out = cp.add(i * ldc + g * PANEL);
+            for (x, v) in acc.iter().enumerate() {
+                *out.add(x) = _mm512_reduce_add_ps(*v);
+            }
+        }
+    }
+}

@@ -123,6 +123,49 @@ unsafe fn amx_split<K: amx::TileKernel>(mut g: Gemm<'_>) {
     }
 }
 
+/// `c[i, q] = Σ_n a[i, n] · W[n, c0 + q]` for `m` rows of `a` (stride `lda`, `n_pad` valid
+/// columns) and `q < 16·np`, with `W` one expert's weights in their forward packing: the
+/// backward's product by the transposed weights without repacking them (for few rows).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_transposed(
+    isa: Isa,
+    a: &[u16],
+    lda: usize,
+    m: usize,
+    w: &[u16],
+    shape: crate::pack::PackShape,
+    c0: usize,
+    np: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 {
+        return;
+    }
+    assert!(w.len() >= shape.len(), "weights too short");
+    assert!(
+        c0 % PANEL_U == 0 && c0 + np * PANEL_U <= shape.k_pad,
+        "column block out of range"
+    );
+    assert!(
+        lda >= shape.n_pad && a.len() >= (m - 1) * lda + shape.n_pad,
+        "A too short"
+    );
+    assert!(
+        ldc >= np * PANEL_U && c.len() >= (m - 1) * ldc + np * PANEL_U,
+        "C too short"
+    );
+    match isa {
+        Isa::Scalar => scalar::gemm_transposed(a, lda, m, w, shape, c0, np, c, ldc),
+        // SAFETY: bounds asserted above; `isa` checked available by the caller's layer.
+        Isa::Avx512 | Isa::Amx => unsafe {
+            avx512::gemm_transposed(a, lda, m, w, shape, c0, np, c, ldc)
+        },
+    }
+}
+
+const PANEL_U: usize = crate::pack::PANEL;
+
 /// Packs the transposed block of one expert's weights (see
 /// [`crate::pack::pack_transposed_block`]) with the fastest code `isa` allows.
 pub(crate) fn transpose_block(
@@ -187,6 +230,46 @@ mod tests {
                     transpose_block(isa, &pw, sh, c0, cnt, &mut got);
                     let off = c0 / 16 * 16 * sh.n_pad;
                     assert_eq!(got, want[off..off + got.len()], "{isa} n{n} k{k} c0 {c0}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_transposed_matches_f64_reference() {
+        let mut seed = 12u64;
+        for (n, k, m) in [(32, 32, 1), (64, 96, 3), (100, 70, 4), (2816 / 8, 256, 2)] {
+            let sh = PackShape::new(n, k);
+            let w = rand_bf16(n * k, &mut seed);
+            let mut pw = vec![0u16; sh.len()];
+            pack_into(&w, sh, &mut pw);
+            let lda = sh.n_pad + 8;
+            let mut a = rand_bf16(m * lda, &mut seed);
+            for i in 0..m {
+                a[i * lda + n..i * lda + sh.n_pad].fill(0); // padding columns are zeros
+            }
+            for (c0, np) in [(0, sh.k_pad / 16), (16, 1), (sh.k_pad - 16, 1)] {
+                for isa in Isa::available() {
+                    let ldc = np * 16 + 3;
+                    let mut c = vec![f32::NAN; m * ldc];
+                    gemm_transposed(isa, &a, lda, m, &pw, sh, c0, np, &mut c, ldc);
+                    for i in 0..m {
+                        for q in 0..np * 16 {
+                            let kk = c0 + q;
+                            let want: f64 = if kk < k {
+                                (0..n)
+                                    .map(|o| bf16::to_f32(a[i * lda + o]) as f64 * bf16::to_f32(w[o * k + kk]) as f64)
+                                    .sum()
+                            } else {
+                                0.0
+                            };
+                            let got = c[i * ldc + q] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()) * (n as f64).sqrt(),
+                                "{isa} n{n} k{k} m{m} c0 {c0} ({i},{q}): {got} vs {want}"
+                            );
+                        }
+                    }
                 }
             }
         }

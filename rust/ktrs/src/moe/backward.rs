@@ -1,19 +1,20 @@
 //! The backward pass: input gradient, routing-weight gradient and LoRA gradients.
 //!
-//! The transposed weights the input gradient needs are not stored: each task repacks the
-//! block it multiplies by from the forward layout (see `pack::pack_transposed_block`)
-//! into its thread's scratch, so expert memory stays at one copy.
+//! The transposed weights the input gradient needs are not stored, so expert memory
+//! stays at one copy: experts with few rows read the forward panels directly
+//! (`kernels::gemm_transposed`); the others repack each block they multiply by (see
+//! `pack::pack_transposed_block`) into their thread's scratch.
 
 use super::{
     chunk_range, expert_blocks, expert_runs, gemm_rows, row_chunks, sum_pairs_into, ForwardCache, GradTarget,
-    MoeLayer, ROW_PAD,
+    MoeLayer, NB_MAX, ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
 use crate::cpu::Isa;
 use crate::error::{check_len, KtrsError, Result};
 use crate::kernels::lora_grad::{self, Cols};
-use crate::kernels::transpose_block;
+use crate::kernels::{self, transpose_block};
 use crate::kernels::{epilogue, vec};
 use crate::lora::LoraMatrix as M;
 use crate::pack::{fused_row, ExpertPack, PANEL};
@@ -45,9 +46,11 @@ fn with_transposed_block<R>(
 }
 
 /// `A[rows] · W` for the 16·np columns from `c0` of expert e's weights (given by their
-/// forward packing); `epi(pair, row)` gets each finished row. The block is repacked into
-/// the transposed layout first; reading the forward layout directly for experts with few
-/// rows was measured slower on the reference machine (T=32 backward 38 ms vs 25 ms).
+/// forward packing); `epi(pair, row)` gets each finished row. Experts with few rows
+/// (`KTRS_BWD_DIRECT_ROWS`) read the forward panels directly (`gemm_transposed`): their
+/// product is a weight stream, and repacking a block costs more than using it a few
+/// times. Others repack the block into the transposed layout once and run the GEMM
+/// kernels on it.
 #[allow(clippy::too_many_arguments)]
 fn gemm_t_rows(
     isa: Isa,
@@ -58,11 +61,29 @@ fn gemm_t_rows(
     e: usize,
     c0: usize,
     np: usize,
-    epi: impl FnMut(usize, &mut [f32]),
+    mut epi: impl FnMut(usize, &mut [f32]),
 ) {
+    let m = rows.len();
+    if m <= direct_rows() {
+        let ldc = np * PANEL;
+        let mut c = [0f32; DIRECT_ROWS_MAX * NB_MAX * PANEL];
+        let a = &a[rows.start * lda..];
+        kernels::gemm_transposed(isa, a, lda, m, pack.expert(e), pack.shape, c0, np, &mut c, ldc);
+        for (r, p) in rows.enumerate() {
+            epi(p, &mut c[r * ldc..(r + 1) * ldc]);
+        }
+        return;
+    }
     with_transposed_block(isa, pack, e, c0, np, |b| {
         gemm_rows(isa, a, lda, pack.shape.n_pad, rows, b, np, epi)
     })
+}
+
+/// Most rows for which `gemm_t_rows` reads the forward panels directly.
+const DIRECT_ROWS_MAX: usize = 8;
+
+fn direct_rows() -> usize {
+    crate::tuning::get(crate::tuning::Knob::BwdDirectRows).min(DIRECT_ROWS_MAX)
 }
 
 impl MoeLayer {
