@@ -54,8 +54,10 @@ impl MoeLayer {
 
         // Recycled blocks: every element read later is written below (padding included).
         let x = self.scratch.take::<u16>((n + ROW_PAD) * xs);
-        let g = self.scratch.take::<u16>(n * i_pad);
-        let u = self.scratch.take::<u16>(n * i_pad);
+        // Gate and up pre-activations are kept for backward only.
+        let kept = if save { n * i_pad } else { 0 };
+        let g = self.scratch.take::<u16>(kept);
+        let u = self.scratch.take::<u16>(kept);
         let act = self.scratch.take::<u16>((n + ROW_PAD) * as_);
         let mut zg = vec![0f32; n * r];
         let mut zu = vec![0f32; n * r];
@@ -161,14 +163,17 @@ impl MoeLayer {
                             );
                         }
                         // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
-                        let (gr, ur, ar) = unsafe {
-                            (
-                                gp.slice_mut(p * i_pad + i0, PANEL),
-                                up.slice_mut(p * i_pad + i0, PANEL),
-                                ap.slice_mut(p * as_ + i0, PANEL),
-                            )
-                        };
-                        epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
+                        let ar = unsafe { ap.slice_mut(p * as_ + i0, PANEL) };
+                        if save {
+                            // SAFETY: as above.
+                            let (gr, ur) = unsafe {
+                                (gp.slice_mut(p * i_pad + i0, PANEL), up.slice_mut(p * i_pad + i0, PANEL))
+                            };
+                            epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
+                        } else {
+                            let (mut gr, mut ur) = ([0u16; PANEL], [0u16; PANEL]);
+                            epilogue::swiglu_fwd(isa, gate, upv, &mut gr, &mut ur, ar);
+                        }
                     }
                 },
             );

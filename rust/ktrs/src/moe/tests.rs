@@ -253,6 +253,12 @@ fn check_case(c: &Case, seed: u64) {
         );
         let err = rel_l2(out.iter().map(|&v| bf16::to_f32(v) as f64), &want.out);
         assert!(err < 1e-2, "{tag}: forward rel L2 {err}");
+        // The inference forward (nothing kept) computes the same bits.
+        let mut out_inf = vec![0u16; c.t * c.h];
+        let none = layer
+            .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out_inf, false)
+            .unwrap();
+        assert!(none.is_none() && out_inf == out, "{tag}: inference forward differs");
         let mut gh = vec![0u16; c.t * c.h];
         let mut gw = vec![0f32; c.t * c.k];
         let mut lg: Vec<Vec<f32>> = d.lora.iter().map(|m| vec![f32::NAN; m.len()]).collect();
