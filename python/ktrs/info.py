@@ -49,7 +49,9 @@ def format_info(d: Dict[str, Any]) -> str:
 def tuning() -> Dict[str, int]:
     """The kernels' speed knobs (named by their environment variables) and current values.
 
-    Knobs change speed, never results. ``KTRS_NB=0`` means "chosen per call".
+    Knobs change speed; the two that pick another kernel for some experts
+    (``KTRS_AMX_MIN_ROWS``, ``KTRS_BWD_DIRECT_ROWS``) also change rounding.
+    ``KTRS_NB=0`` means "chosen per call".
     """
     return dict(_native.tuning())
 

@@ -2,8 +2,9 @@
 //! environment variable (read once) or at run time through [`set`] — the benchmarks
 //! sweep them in one process instead of rebuilding a 1 GB layer per setting.
 //!
-//! Knobs only change speed (or, `KTRS_PROFILE`, print timings), never results: every
-//! setting is covered by the same tests.
+//! Knobs change speed (or, `KTRS_PROFILE`, print timings). Those that pick another
+//! kernel for some experts (`KTRS_AMX_MIN_ROWS`, `KTRS_BWD_DIRECT_ROWS`) change rounding;
+//! the others give the same bits (tests/test_experts.py checks each).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

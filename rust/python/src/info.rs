@@ -50,7 +50,7 @@ pub fn tuning(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 }
 
 /// `set_tuning(name, value)`: overrides a speed knob for this process (`None` restores
-/// the environment's value or the default). Knobs change speed, never results.
+/// the environment's value or the default). Knobs change speed (at most rounding).
 #[pyfunction]
 #[pyo3(signature = (name, value))]
 pub fn set_tuning(name: &str, value: Option<usize>) -> PyResult<()> {
