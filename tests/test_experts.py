@@ -168,7 +168,8 @@ def test_deepseek_v2_lite_shape_all_isas():
 
 
 def test_forked_child_computes_the_same():
-    # DataLoader workers fork: the child has no worker threads and must still compute.
+    # DataLoader workers fork: the child has no worker threads and must still compute,
+    # also when the parent had initialised CUDA.
     import multiprocessing as mp
 
     p = make_problem(E=8, H=64, I=48, k=2, T=9, r=4, seed=14)
@@ -178,6 +179,13 @@ def test_forked_child_computes_the_same():
     q = ctx.Queue()
 
     def child():
+        # After fork, a parent that had initialised CUDA leaves a child where any CUDA
+        # query fails (torch's `__dlpack_device__` asks whether a CPU tensor is pinned):
+        # simulate that everywhere; ktrs must not need CUDA for CPU tensors.
+        def no_cuda(*_a, **_k):
+            raise RuntimeError("CUDA error: initialization error (simulated fork after CUDA init)")
+
+        torch.Tensor.is_pinned = no_cuda
         try:
             q.put(ex.forward(p.hidden, p.ids, p.weights)[0].float().numpy())
         except BaseException as e:  # report instead of dying silently

@@ -127,7 +127,19 @@ impl<'py> TensorArg<'py> {
                 obj.get_type().name()?
             )));
         }
-        let (dev_type, dev_id): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
+        // torch's `__dlpack_device__` asks CUDA whether a CPU tensor is pinned, which
+        // fails in a process forked after CUDA was initialised (a DataLoader worker):
+        // a tensor that says it is on the CPU is taken at its word.
+        let on_cpu = obj
+            .getattr("device")
+            .and_then(|d| d.getattr("type"))
+            .and_then(|t| t.extract::<String>())
+            .is_ok_and(|t| t == "cpu");
+        let (dev_type, dev_id): (i32, i32) = if on_cpu {
+            (DL_CPU, 0)
+        } else {
+            obj.call_method0("__dlpack_device__")?.extract()?
+        };
         if dev_type != DL_CPU && dev_type != DL_CUDA_HOST {
             let dev = if dev_type == 2 {
                 format!("cuda:{dev_id}")
