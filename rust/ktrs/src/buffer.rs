@@ -212,7 +212,8 @@ impl BufferPool {
         let (raw, cap) = match block {
             Some(RawBlock(p, c)) => (p, c),
             None => {
-                self.fresh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.fresh
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Zeroed once, so contents are always initialised plain data.
                 // SAFETY: non-zero size.
                 let p = unsafe { alloc_zeroed(layout(need)) };

@@ -118,7 +118,7 @@ pub fn fused_row(i: usize, up: bool) -> usize {
 pub fn pack_transposed_block(src: &[u16], shape: PackShape, c0: usize, np: usize, dst: &mut [u16]) {
     let t_k = shape.n_pad; // new contraction length (multiple of 32)
     debug_assert_eq!(dst.len(), np * PANEL * t_k);
-    debug_assert!(c0 % PANEL == 0 && c0 + np * PANEL <= shape.k_pad);
+    debug_assert!(c0.is_multiple_of(PANEL) && c0 + np * PANEL <= shape.k_pad);
     let kp2 = shape.k_pad / 2;
     for q in 0..np {
         let dpanel = &mut dst[q * PANEL * t_k..(q + 1) * PANEL * t_k];

@@ -219,7 +219,7 @@ impl<'py> TensorArg<'py> {
             DType::F32 => 4,
             DType::I64 => 8,
         };
-        if numel > 0 && (data as usize) % align != 0 {
+        if numel > 0 && !(data as usize).is_multiple_of(align) {
             return Err(PyValueError::new_err(format!(
                 "`{name}` data is not aligned to its element size"
             )));

@@ -96,21 +96,80 @@ static CONFIG: TileConfig = {
 /// Software prefetch of the B stream: `(bytes ahead, into L1)`; 0 bytes = none.
 fn b_prefetch() -> (usize, bool) {
     use crate::tuning::{get, Knob};
-    (get(Knob::AmxPrefetchKib) * 1024, get(Knob::AmxPrefetchL2) == 0)
+    (
+        get(Knob::AmxPrefetchKib) * 1024,
+        get(Knob::AmxPrefetchL2) == 0,
+    )
 }
 
 /// The 16 cache lines of the B tile `dist` bytes past `b`.
 macro_rules! pf_tile {
     ($ins:literal, $b:literal) => {
         concat!(
-            $ins, " [{", $b, "} + {pf} + 0]\n", $ins, " [{", $b, "} + {pf} + 64]\n",
-            $ins, " [{", $b, "} + {pf} + 128]\n", $ins, " [{", $b, "} + {pf} + 192]\n",
-            $ins, " [{", $b, "} + {pf} + 256]\n", $ins, " [{", $b, "} + {pf} + 320]\n",
-            $ins, " [{", $b, "} + {pf} + 384]\n", $ins, " [{", $b, "} + {pf} + 448]\n",
-            $ins, " [{", $b, "} + {pf} + 512]\n", $ins, " [{", $b, "} + {pf} + 576]\n",
-            $ins, " [{", $b, "} + {pf} + 640]\n", $ins, " [{", $b, "} + {pf} + 704]\n",
-            $ins, " [{", $b, "} + {pf} + 768]\n", $ins, " [{", $b, "} + {pf} + 832]\n",
-            $ins, " [{", $b, "} + {pf} + 896]\n", $ins, " [{", $b, "} + {pf} + 960]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 0]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 64]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 128]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 192]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 256]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 320]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 384]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 448]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 512]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 576]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 640]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 704]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 768]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 832]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 896]\n",
+            $ins,
+            " [{",
+            $b,
+            "} + {pf} + 960]\n",
         )
     };
 }
@@ -329,7 +388,9 @@ impl TileKernel for Emulated {
 /// # Safety
 /// `K`'s hardware must be usable on this thread; bounds as stated.
 pub(crate) unsafe fn gemm_tiles<K: TileKernel>(g: &mut Gemm<'_>, m32: usize) {
-    debug_assert!(m32 % MR == 0 && g.np % 2 == 0 && m32 <= g.m.next_multiple_of(MR));
+    debug_assert!(
+        m32.is_multiple_of(MR) && g.np.is_multiple_of(2) && m32 <= g.m.next_multiple_of(MR)
+    );
     let panel_len = g.k_pad * PANEL;
     let kblocks = g.k_pad / TILE_K;
     let kstep = match k_block() {

@@ -169,12 +169,12 @@ fn body(
                     }
                 }
             }
-            for jj in 0..jn {
+            for (jj, accj) in acc.iter().enumerate().take(jn) {
                 let j = j0 + jj;
                 for l in 0..width {
                     match layout {
-                        Layout::RankMajor => out[j * k + c0 + l] += acc[jj][l],
-                        Layout::ColMajor => out[(c0 + l) * r + j] += acc[jj][l],
+                        Layout::RankMajor => out[j * k + c0 + l] += accj[l],
+                        Layout::ColMajor => out[(c0 + l) * r + j] += accj[l],
                     }
                 }
             }

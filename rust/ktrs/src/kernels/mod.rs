@@ -45,7 +45,7 @@ pub(crate) struct Gemm<'a> {
 impl Gemm<'_> {
     fn check(&self) {
         assert!(
-            self.k_pad % crate::pack::PAD == 0,
+            self.k_pad.is_multiple_of(crate::pack::PAD),
             "k_pad must be a multiple of 32"
         );
         assert!(
@@ -90,7 +90,8 @@ pub(crate) fn gemm(isa: Isa, g: Gemm<'_>) {
 /// Tests only: `Isa::Amx` GEMMs go through the tile emulation, so whole layers run the
 /// AMX code paths on machines without AMX (set only where AMX is unavailable).
 #[cfg(test)]
-pub(crate) static EMULATE_AMX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub(crate) static EMULATE_AMX: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// AMX for as many whole 32-row blocks as A can supply (a partial last block is fine
 /// when A has readable rows past `m`: the extra results are dropped), AVX-512 for the rest.
@@ -104,7 +105,7 @@ unsafe fn amx_split<K: amx::TileKernel>(mut g: Gemm<'_>) {
         0
     };
     let m32 = (g.m.next_multiple_of(amx::MR).min(rows_readable) / amx::MR) * amx::MR;
-    let m32 = if g.np % 2 == 0 { m32 } else { 0 };
+    let m32 = if g.np.is_multiple_of(2) { m32 } else { 0 };
     if m32 > 0 {
         amx::gemm_tiles::<K>(&mut g, m32);
     }
@@ -144,7 +145,7 @@ pub(crate) fn gemm_transposed(
     }
     assert!(w.len() >= shape.len(), "weights too short");
     assert!(
-        c0 % PANEL_U == 0 && c0 + np * PANEL_U <= shape.k_pad,
+        c0.is_multiple_of(PANEL_U) && c0 + np * PANEL_U <= shape.k_pad,
         "column block out of range"
     );
     assert!(
@@ -178,7 +179,7 @@ pub(crate) fn transpose_block(
 ) {
     assert!(src.len() >= shape.len(), "source pack too short");
     assert!(
-        c0 % 16 == 0 && c0 + np * 16 <= shape.k_pad,
+        c0.is_multiple_of(16) && c0 + np * 16 <= shape.k_pad,
         "column block out of range"
     );
     assert!(dst.len() >= np * 16 * shape.n_pad, "destination too short");
@@ -258,7 +259,10 @@ mod tests {
                             let kk = c0 + q;
                             let want: f64 = if kk < k {
                                 (0..n)
-                                    .map(|o| bf16::to_f32(a[i * lda + o]) as f64 * bf16::to_f32(w[o * k + kk]) as f64)
+                                    .map(|o| {
+                                        bf16::to_f32(a[i * lda + o]) as f64
+                                            * bf16::to_f32(w[o * k + kk]) as f64
+                                    })
                                     .sum()
                             } else {
                                 0.0
@@ -343,7 +347,15 @@ mod tests {
                                     lda: 32,
                                     step: 512,
                                 };
-                                amx::Hardware::run_gen(a, b0, b1, kb_n, tile.as_mut_ptr(), 32, false);
+                                amx::Hardware::run_gen(
+                                    a,
+                                    b0,
+                                    b1,
+                                    kb_n,
+                                    tile.as_mut_ptr(),
+                                    32,
+                                    false,
+                                );
                             }
                         }
                     }
@@ -388,7 +400,9 @@ mod tests {
             set(Knob::AmxPipeline, Some(pipe));
             let th = cpus.len();
             // A tiles (2 × kb KiB) then the two B panels (kb KiB each), contiguous.
-            let data: Vec<Vec<u16>> = (0..th).map(|_| rand_bf16(4 * 64 * 512 + 64, &mut seed)).collect();
+            let data: Vec<Vec<u16>> = (0..th)
+                .map(|_| rand_bf16(4 * 64 * 512 + 64, &mut seed))
+                .collect();
             let start = std::sync::Barrier::new(th);
             let t0 = std::sync::Mutex::new(None::<std::time::Instant>);
             let flops: f64 = std::thread::scope(|sc| {
@@ -400,7 +414,9 @@ mod tests {
                         sc.spawn(move || unsafe {
                             crate::pool::pin_current_thread(cpu);
                             start.wait();
-                            t0.lock().unwrap().get_or_insert_with(std::time::Instant::now);
+                            t0.lock()
+                                .unwrap()
+                                .get_or_insert_with(std::time::Instant::now);
                             if kb == 0 {
                                 let iters = 200_000;
                                 amx::products_only(d.as_ptr(), iters);
@@ -408,7 +424,12 @@ mod tests {
                             }
                             let reps = 320_000 / kb;
                             let base = d.as_ptr().add(d.as_ptr().align_offset(64));
-                            let a = amx::ATile { a: base, a1: base.add(kb * 512), lda: 32, step: 512 };
+                            let a = amx::ATile {
+                                a: base,
+                                a1: base.add(kb * 512),
+                                lda: 32,
+                                step: 512,
+                            };
                             let (b0, b1) = (base.add(2 * kb * 512), base.add(3 * kb * 512));
                             let mut c = vec![0f32; 32 * 32];
                             amx::Hardware::begin();
@@ -449,7 +470,16 @@ mod tests {
         let a = rand_bf16((m + 32) * lda, &mut seed);
         let run = || {
             let mut c = vec![f32::NAN; 96 * sh.n_pad];
-            let g = Gemm { m, a: &a, lda, b: &pw, np: sh.panels(), k_pad: sh.k_pad, c: &mut c, ldc: sh.n_pad };
+            let g = Gemm {
+                m,
+                a: &a,
+                lda,
+                b: &pw,
+                np: sh.panels(),
+                k_pad: sh.k_pad,
+                c: &mut c,
+                ldc: sh.n_pad,
+            };
             gemm(Isa::Amx, g);
             c.truncate(m * sh.n_pad);
             c
@@ -465,7 +495,12 @@ mod tests {
             set(knob, Some(v));
             let got = run();
             set(knob, None);
-            assert!(got.iter().zip(&base).all(|(x, y)| x.to_bits() == y.to_bits()), "{knob:?}={v}");
+            assert!(
+                got.iter()
+                    .zip(&base)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{knob:?}={v}"
+            );
         }
     }
 

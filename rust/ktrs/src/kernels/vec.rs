@@ -144,15 +144,22 @@ unsafe fn project_block<const R: usize, const J: usize>(
     let mut c = 0;
     while c < k {
         let left = k - c;
-        let mask: u16 = if left >= 16 { 0xFFFF } else { (1u16 << left) - 1 };
+        let mask: u16 = if left >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << left) - 1
+        };
         let mut xv = [_mm512_setzero_ps(); R];
         for (a, v) in xv.iter_mut().enumerate() {
-            *v = widen(_mm256_maskz_loadu_epi16(mask, x.add(a * ldx + c) as *const i16));
+            *v = widen(_mm256_maskz_loadu_epi16(
+                mask,
+                x.add(a * ldx + c) as *const i16,
+            ));
         }
         for b in 0..J {
             let mv = _mm512_maskz_loadu_ps(mask, m.add(b * k + c));
-            for a in 0..R {
-                acc[a][b] = _mm512_fmadd_ps(xv[a], mv, acc[a][b]);
+            for (row, x) in acc.iter_mut().zip(&xv) {
+                row[b] = _mm512_fmadd_ps(*x, mv, row[b]);
             }
         }
         c += 16;
@@ -244,7 +251,9 @@ mod tests {
         // Row counts and ranks around the 4×4 block, k around the 16-lane vector.
         for (n, r, k) in [(1, 1, 5), (3, 8, 37), (4, 4, 16), (9, 6, 2048), (6, 13, 33)] {
             let ldx = k + 7;
-            let x: Vec<u16> = (0..n * ldx).map(|i| from_f32((i as f32 * 0.37).sin())).collect();
+            let x: Vec<u16> = (0..n * ldx)
+                .map(|i| from_f32((i as f32 * 0.37).sin()))
+                .collect();
             let m: Vec<f32> = (0..r * k).map(|i| (i as f32 * 0.11).cos()).collect();
             for isa in Isa::available() {
                 let mut out = vec![f32::NAN; n * r];
@@ -255,7 +264,10 @@ mod tests {
                             .map(|c| to_f32(x[i * ldx + c]) as f64 * m[j * k + c] as f64)
                             .sum();
                         let got = out[i * r + j] as f64;
-                        assert!((got - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt(), "{isa} n{n} r{r} k{k}: {got} vs {e}");
+                        assert!(
+                            (got - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt(),
+                            "{isa} n{n} r{r} k{k}: {got} vs {e}"
+                        );
                     }
                 }
                 // Grouping rows differently gives the same bits.

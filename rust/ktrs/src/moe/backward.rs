@@ -6,8 +6,8 @@
 //! `pack::pack_transposed_block`) into their thread's scratch.
 
 use super::{
-    chunk_range, expert_blocks, expert_runs, gemm_rows, row_chunks, sum_pairs_into, ForwardCache, GradTarget,
-    MoeLayer, NB_MAX, ROW_PAD,
+    chunk_range, expert_blocks, expert_runs, gemm_rows, row_chunks, sum_pairs_into, ForwardCache,
+    GradTarget, MoeLayer, NB_MAX, ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
@@ -68,7 +68,18 @@ fn gemm_t_rows(
         let ldc = np * PANEL;
         let mut c = [0f32; DIRECT_ROWS_MAX * NB_MAX * PANEL];
         let a = &a[rows.start * lda..];
-        kernels::gemm_transposed(isa, a, lda, m, pack.expert(e), pack.shape, c0, np, &mut c, ldc);
+        kernels::gemm_transposed(
+            isa,
+            a,
+            lda,
+            m,
+            pack.expert(e),
+            pack.shape,
+            c0,
+            np,
+            &mut c,
+            ldc,
+        );
         for (r, p) in rows.enumerate() {
             epi(p, &mut c[r * ldc..(r + 1) * ldc]);
         }
@@ -244,7 +255,10 @@ impl MoeLayer {
                     let (len, rows) = (run.len(), &dgu.as_slice()[run.start * gs..]);
                     // SAFETY: rows `run` of vg and vu belong to this task.
                     let (vgr, vur) = unsafe {
-                        (vgp.slice_mut(run.start * r, len * r), vup.slice_mut(run.start * r, len * r))
+                        (
+                            vgp.slice_mut(run.start * r, len * r),
+                            vup.slice_mut(run.start * r, len * r),
+                        )
                     };
                     vec::project_rows(isa, rows, gs, len, &bgt[e * r * ld..], r, ld, vgr);
                     vec::project_rows(isa, rows, gs, len, &but[e * r * ld..], r, ld, vur);

@@ -2,8 +2,8 @@
 
 use super::routing::Routing;
 use super::{
-    chunk_range, expert_blocks, expert_runs, gemm_rows, row_chunks, sum_pairs_into, ForwardCache, MoeLayer,
-    ROW_PAD,
+    chunk_range, expert_blocks, expert_runs, gemm_rows, row_chunks, sum_pairs_into, ForwardCache,
+    MoeLayer, ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
@@ -101,7 +101,10 @@ impl MoeLayer {
                     let (xr, len) = (&mine[(run.start - rows.start) * xs..], run.len());
                     // SAFETY: rows `run` of zg and zu belong to this task.
                     let (zgr, zur) = unsafe {
-                        (zgp.slice_mut(run.start * r, len * r), zup.slice_mut(run.start * r, len * r))
+                        (
+                            zgp.slice_mut(run.start * r, len * r),
+                            zup.slice_mut(run.start * r, len * r),
+                        )
                     };
                     vec::project_rows(isa, xr, xs, len, self.lora_expert(M::GateA, e), r, h, zgr);
                     vec::project_rows(isa, xr, xs, len, self.lora_expert(M::UpA, e), r, h, zur);
@@ -141,33 +144,18 @@ impl MoeLayer {
                         if r > 0 {
                             let (zgr, zur) = (&zg[p * r..(p + 1) * r], &zu[p * r..(p + 1) * r]);
                             let at = e * r * i_pad + i0;
-                            vec::combine_rows(
-                                isa,
-                                s,
-                                zgr,
-                                &btg[at..],
-                                i_pad,
-                                r,
-                                PANEL,
-                                gate,
-                            );
-                            vec::combine_rows(
-                                isa,
-                                s,
-                                zur,
-                                &btu[at..],
-                                i_pad,
-                                r,
-                                PANEL,
-                                upv,
-                            );
+                            vec::combine_rows(isa, s, zgr, &btg[at..], i_pad, r, PANEL, gate);
+                            vec::combine_rows(isa, s, zur, &btu[at..], i_pad, r, PANEL, upv);
                         }
                         // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
                         let ar = unsafe { ap.slice_mut(p * as_ + i0, PANEL) };
                         if save {
                             // SAFETY: as above.
                             let (gr, ur) = unsafe {
-                                (gp.slice_mut(p * i_pad + i0, PANEL), up.slice_mut(p * i_pad + i0, PANEL))
+                                (
+                                    gp.slice_mut(p * i_pad + i0, PANEL),
+                                    up.slice_mut(p * i_pad + i0, PANEL),
+                                )
                             };
                             epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
                         } else {
@@ -186,7 +174,16 @@ impl MoeLayer {
                     // SAFETY: rows `run` of zd belong to this task.
                     let zdr = unsafe { zdp.slice_mut(run.start * r, run.len() * r) };
                     let a = &act.as_slice()[run.start * as_..];
-                    vec::project_rows(isa, a, as_, run.len(), self.lora_expert(M::DownA, e), r, i, zdr);
+                    vec::project_rows(
+                        isa,
+                        a,
+                        as_,
+                        run.len(),
+                        self.lora_expert(M::DownA, e),
+                        r,
+                        i,
+                        zdr,
+                    );
                 });
             });
         }

@@ -443,7 +443,11 @@ fn chunk_range(task: usize, n: usize) -> Range<usize> {
 }
 
 /// Splits pair rows at expert boundaries: `f(expert, rows of that expert)`, in order.
-fn expert_runs(routing: &routing::Routing, rows: Range<usize>, mut f: impl FnMut(usize, Range<usize>)) {
+fn expert_runs(
+    routing: &routing::Routing,
+    rows: Range<usize>,
+    mut f: impl FnMut(usize, Range<usize>),
+) {
     let mut p = rows.start;
     while p < rows.end {
         let e = routing.expert_of(p);
@@ -491,7 +495,11 @@ impl MoeLayer {
     /// Buffers for `Bᵀ` of the LoRA-B matrices in `specs` (matrix, row stride, column
     /// map) for the active `experts`; they are filled by `fill` tasks, which callers run
     /// in the parallel region of a phase that does not read them (one barrier less).
-    fn lora_b_plan<'a>(&self, specs: &[(LoraMatrix, usize, Cols)], experts: &'a [usize]) -> LoraBPlan<'a> {
+    fn lora_b_plan<'a>(
+        &self,
+        specs: &[(LoraMatrix, usize, Cols)],
+        experts: &'a [usize],
+    ) -> LoraBPlan<'a> {
         let bufs = specs
             .iter()
             .map(|&(m, ld, _)| {

@@ -258,7 +258,10 @@ fn check_case(c: &Case, seed: u64) {
         let none = layer
             .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out_inf, false)
             .unwrap();
-        assert!(none.is_none() && out_inf == out, "{tag}: inference forward differs");
+        assert!(
+            none.is_none() && out_inf == out,
+            "{tag}: inference forward differs"
+        );
         let mut gh = vec![0u16; c.t * c.h];
         let mut gw = vec![0f32; c.t * c.k];
         let mut lg: Vec<Vec<f32>> = d.lora.iter().map(|m| vec![f32::NAN; m.len()]).collect();
