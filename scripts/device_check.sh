@@ -23,8 +23,9 @@ run_pytest() {  # isa -> log in $OUT; exit status of pytest
   # shellcheck disable=SC2086
   KTRS_ISA=$1 python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} > "$OUT/pytest-$1.log" 2>&1
 }
-# One ISA at a time: three suites at once oversubscribe the cores (16-thread pools and
-# torch's spinning OpenMP threads in each) and ran past 10 minutes.
+# One ISA at a time: three suites at once ran past 10 minutes, all three stuck in the
+# demo test (likely oversubscription: 16-thread pools and torch's spinning OpenMP
+# threads in each process; not investigated further).
 for isa in ${ISAS-amx avx512 scalar}; do
   echo "== pytest KTRS_ISA=$isa"
   run_pytest "$isa" || status=1
