@@ -47,3 +47,15 @@ def test_env_threads_default(monkeypatch):
         env={**__import__("os").environ, "KTRS_THREADS": "3"},
     )
     assert r.stdout.strip() == "3"
+
+
+def test_info_lists_speed_knobs_and_environment_overrides():
+    import os
+
+    env = dict(os.environ, KTRS_NB="16")
+    r = subprocess.run([sys.executable, "-m", "ktrs", "info", "--json"], capture_output=True, text=True, check=True, env=env)
+    knobs = json.loads(r.stdout)["tuning"]
+    assert knobs["KTRS_NB"] == 16
+    assert set(knobs) == set(ktrs.tuning())
+    r = subprocess.run([sys.executable, "-m", "ktrs", "info"], capture_output=True, text=True, check=True, env=env)
+    assert "KTRS_NB=16" in r.stdout

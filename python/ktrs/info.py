@@ -41,6 +41,7 @@ def format_info(d: Dict[str, Any]) -> str:
         ("AMX permission", d["amx_permission"]),
         ("AMX kernels in build", "yes" if d["amx_kernels_built"] else "no"),
         ("memory", f"{d['memory_gb']} GB total, {d['memory_available_gb']} GB available" if d.get("memory_gb") else "unknown"),
+        ("speed knobs", " ".join(f"{k}={v}" for k, v in d.get("tuning", {}).items())),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
