@@ -160,27 +160,17 @@ pub(crate) unsafe fn pack_transposed_block(
 /// # Safety
 /// AVX-512 F/BW; bounds checked by `kernels::gemm_transposed`.
 #[target_feature(enable = "avx512f,avx512bw")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_transposed(
-    a: &[u16],
-    lda: usize,
-    m: usize,
-    w: &[u16],
-    shape: crate::pack::PackShape,
-    c0: usize,
-    np: usize,
-    c: &mut [f32],
-    ldc: usize,
-) {
+pub(crate) unsafe fn gemm_transposed(g: super::TransposedGemm<'_>) {
+    let (m, lda, c0, np, ldc) = (g.m, g.lda, g.c0, g.np, g.ldc);
     // Panels ahead that the first row's pass prefetches (each 16 outputs × all inputs).
     const AHEAD: usize = 4;
-    let (panels, panel_len) = (shape.panels(), shape.panel_len());
-    let (ap, wp, cp) = (a.as_ptr(), w.as_ptr(), c.as_mut_ptr());
+    let (panels, panel_len) = (g.shape.panels(), g.shape.panel_len());
+    let (ap, wp, cp) = (g.a.as_ptr(), g.w.as_ptr(), g.c.as_mut_ptr());
     let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     for i in 0..m {
         let arow = ap.add(i * lda);
-        for g in 0..np {
-            let kp0 = (c0 + g * PANEL) / 2;
+        for q16 in 0..np {
+            let kp0 = (c0 + q16 * PANEL) / 2;
             let mut acc = [_mm512_setzero_ps(); 16];
             for p in 0..panels {
                 let av = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
@@ -201,7 +191,7 @@ pub(crate) unsafe fn gemm_transposed(
                     acc[2 * q + 1] = _mm512_fmadd_ps(av, odd, acc[2 * q + 1]);
                 }
             }
-            let out = cp.add(i * ldc + g * PANEL);
+            let out = cp.add(i * ldc + q16 * PANEL);
             for (x, v) in acc.iter().enumerate() {
                 *out.add(x) = _mm512_reduce_add_ps(*v);
             }

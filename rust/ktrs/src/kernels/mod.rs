@@ -124,44 +124,46 @@ unsafe fn amx_split<K: amx::TileKernel>(mut g: Gemm<'_>) {
     }
 }
 
-/// `c[i, q] = Σ_n a[i, n] · W[n, c0 + q]` for `m` rows of `a` (stride `lda`, `n_pad` valid
-/// columns) and `q < 16·np`, with `W` one expert's weights in their forward packing: the
-/// backward's product by the transposed weights without repacking them (for few rows).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_transposed(
-    isa: Isa,
-    a: &[u16],
-    lda: usize,
-    m: usize,
-    w: &[u16],
-    shape: crate::pack::PackShape,
-    c0: usize,
-    np: usize,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    if m == 0 {
+/// Operands of the backward's product by transposed weights, read from their forward
+/// packing (no repack): `c[i, q] = Σ_n a[i, n] · W[n, c0 + q]` for `m` rows of `a`
+/// (stride `lda`, `shape.n_pad` valid columns) and `q < 16·np`.
+pub(crate) struct TransposedGemm<'a> {
+    pub m: usize,
+    pub a: &'a [u16],
+    pub lda: usize,
+    /// One expert's weights in their forward packing.
+    pub w: &'a [u16],
+    pub shape: crate::pack::PackShape,
+    /// First output column (a multiple of 16) and panels of 16 columns.
+    pub c0: usize,
+    pub np: usize,
+    pub c: &'a mut [f32],
+    pub ldc: usize,
+}
+
+/// Runs a [`TransposedGemm`] on `isa` (meant for few rows); bounds are checked here.
+pub(crate) fn gemm_transposed(isa: Isa, g: TransposedGemm<'_>) {
+    if g.m == 0 {
         return;
     }
-    assert!(w.len() >= shape.len(), "weights too short");
+    let (n_pad, cols) = (g.shape.n_pad, g.np * PANEL_U);
+    assert!(g.w.len() >= g.shape.len(), "weights too short");
     assert!(
-        c0.is_multiple_of(PANEL_U) && c0 + np * PANEL_U <= shape.k_pad,
+        g.c0.is_multiple_of(PANEL_U) && g.c0 + cols <= g.shape.k_pad,
         "column block out of range"
     );
     assert!(
-        lda >= shape.n_pad && a.len() >= (m - 1) * lda + shape.n_pad,
+        g.lda >= n_pad && g.a.len() >= (g.m - 1) * g.lda + n_pad,
         "A too short"
     );
     assert!(
-        ldc >= np * PANEL_U && c.len() >= (m - 1) * ldc + np * PANEL_U,
+        g.ldc >= cols && g.c.len() >= (g.m - 1) * g.ldc + cols,
         "C too short"
     );
     match isa {
-        Isa::Scalar => scalar::gemm_transposed(a, lda, m, w, shape, c0, np, c, ldc),
+        Isa::Scalar => scalar::gemm_transposed(g),
         // SAFETY: bounds asserted above; `isa` checked available by the caller's layer.
-        Isa::Avx512 | Isa::Amx => unsafe {
-            avx512::gemm_transposed(a, lda, m, w, shape, c0, np, c, ldc)
-        },
+        Isa::Avx512 | Isa::Amx => unsafe { avx512::gemm_transposed(g) },
     }
 }
 
@@ -253,7 +255,18 @@ mod tests {
                 for isa in Isa::available() {
                     let ldc = np * 16 + 3;
                     let mut c = vec![f32::NAN; m * ldc];
-                    gemm_transposed(isa, &a, lda, m, &pw, sh, c0, np, &mut c, ldc);
+                    let g = TransposedGemm {
+                        m,
+                        a: &a,
+                        lda,
+                        w: &pw,
+                        shape: sh,
+                        c0,
+                        np,
+                        c: &mut c,
+                        ldc,
+                    };
+                    gemm_transposed(isa, g);
                     for i in 0..m {
                         for q in 0..np * 16 {
                             let kk = c0 + q;

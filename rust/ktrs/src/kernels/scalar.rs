@@ -25,29 +25,18 @@ pub(crate) fn gemm(g: Gemm<'_>) {
 }
 
 /// Reference of `kernels::gemm_transposed`: `c[i, q] = Σ_n a[i, n] · W[n, c0 + q]`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_transposed(
-    a: &[u16],
-    lda: usize,
-    m: usize,
-    w: &[u16],
-    shape: crate::pack::PackShape,
-    c0: usize,
-    np: usize,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    let panel_len = shape.panel_len();
-    for i in 0..m {
-        for q in 0..np * PANEL {
-            let k = c0 + q;
+pub(crate) fn gemm_transposed(g: super::TransposedGemm<'_>) {
+    let panel_len = g.shape.panel_len();
+    for i in 0..g.m {
+        for q in 0..g.np * PANEL {
+            let k = g.c0 + q;
             let mut acc = 0f32;
-            for n in 0..shape.n_pad {
+            for n in 0..g.shape.n_pad {
                 let (p, l) = (n / PANEL, n % PANEL);
-                let wv = w[p * panel_len + (k / 2) * 2 * PANEL + 2 * l + k % 2];
-                acc += to_f32(a[i * lda + n]) * to_f32(wv);
+                let wv = g.w[p * panel_len + (k / 2) * 2 * PANEL + 2 * l + k % 2];
+                acc += to_f32(g.a[i * g.lda + n]) * to_f32(wv);
             }
-            c[i * ldc + q] = acc;
+            g.c[i * g.ldc + q] = acc;
         }
     }
 }

@@ -67,19 +67,18 @@ fn gemm_t_rows(
     if m <= direct_rows() {
         let ldc = np * PANEL;
         let mut c = [0f32; DIRECT_ROWS_MAX * NB_MAX * PANEL];
-        let a = &a[rows.start * lda..];
-        kernels::gemm_transposed(
-            isa,
-            a,
-            lda,
+        let g = kernels::TransposedGemm {
             m,
-            pack.expert(e),
-            pack.shape,
+            a: &a[rows.start * lda..],
+            lda,
+            w: pack.expert(e),
+            shape: pack.shape,
             c0,
             np,
-            &mut c,
+            c: &mut c,
             ldc,
-        );
+        };
+        kernels::gemm_transposed(isa, g);
         for (r, p) in rows.enumerate() {
             epi(p, &mut c[r * ldc..(r + 1) * ldc]);
         }

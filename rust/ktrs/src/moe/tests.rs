@@ -84,6 +84,40 @@ struct RefOut {
 }
 
 /// Straightforward f64 math, token by token: the independent reference.
+impl Case {
+    fn config(&self) -> MoeConfig {
+        MoeConfig {
+            experts: self.e,
+            hidden: self.h,
+            intermediate: self.i,
+        }
+    }
+    /// LoRA of rank r with alpha 2r (scaling 2), or none for r = 0.
+    fn lora_config(&self) -> Option<LoraConfig> {
+        (self.r > 0).then_some(LoraConfig {
+            rank: self.r,
+            alpha: 2.0 * self.r as f32,
+            use_rslora: false,
+        })
+    }
+}
+
+/// A layer of case `c` packed from `d`, with `d`'s LoRA weights.
+fn layer_for(c: &Case, d: &Data, isa: Isa, threads: usize) -> MoeLayer {
+    let w = ExpertWeights {
+        gate: &d.gate,
+        up: &d.up,
+        down: &d.down,
+    };
+    let layer = MoeLayer::new(c.config(), w, c.lora_config(), isa, threads, 0).unwrap();
+    if let Some(l) = layer.lora() {
+        for (m, v) in crate::lora::LoraMatrix::ALL.iter().zip(&d.lora) {
+            l.set(*m, v).unwrap();
+        }
+    }
+    layer
+}
+
 fn reference(c: &Case, d: &Data, s: f64) -> RefOut {
     let f = |v: u16| bf16::to_f32(v) as f64;
     let (h, i, r) = (c.h, c.i, c.r);
@@ -213,28 +247,8 @@ fn isas_with_emulated_amx() -> Vec<Isa> {
 
 fn check_case(c: &Case, seed: u64) {
     let d = make(c, seed);
-    let cfg = MoeConfig {
-        experts: c.e,
-        hidden: c.h,
-        intermediate: c.i,
-    };
-    let lcfg = (c.r > 0).then_some(LoraConfig {
-        rank: c.r,
-        alpha: 2.0 * c.r as f32,
-        use_rslora: false,
-    });
-    let w = ExpertWeights {
-        gate: &d.gate,
-        up: &d.up,
-        down: &d.down,
-    };
-    let mut layer = MoeLayer::new(cfg, w, lcfg, Isa::Scalar, 2, 0).unwrap();
-    if let Some(l) = layer.lora() {
-        for (m, v) in crate::lora::LoraMatrix::ALL.iter().zip(&d.lora) {
-            l.set(*m, v).unwrap();
-        }
-    }
-    let s = lcfg.map_or(0.0, |l| l.scaling()) as f64;
+    let mut layer = layer_for(c, &d, Isa::Scalar, 2);
+    let s = c.lora_config().map_or(0.0, |l| l.scaling()) as f64;
     let want = reference(c, &d, s);
     for isa in isas_with_emulated_amx() {
         if isa == Isa::Amx && Isa::Amx.check_available().is_err() {
@@ -406,32 +420,7 @@ fn owned_grads_accumulate_and_caches_are_independent() {
         r: 4,
     };
     let d = make(&c, 9);
-    let cfg = MoeConfig {
-        experts: c.e,
-        hidden: c.h,
-        intermediate: c.i,
-    };
-    let lcfg = Some(LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        use_rslora: false,
-    });
-    let layer = MoeLayer::new(
-        cfg,
-        ExpertWeights {
-            gate: &d.gate,
-            up: &d.up,
-            down: &d.down,
-        },
-        lcfg,
-        Isa::best(),
-        2,
-        0,
-    )
-    .unwrap();
-    for (m, v) in crate::lora::LoraMatrix::ALL.iter().zip(&d.lora) {
-        layer.lora().unwrap().set(*m, v).unwrap();
-    }
+    let layer = layer_for(&c, &d, Isa::best(), 2);
     let mut out = vec![0u16; c.t * c.h];
     let c1 = layer
         .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
@@ -480,19 +469,7 @@ fn owned_grads_accumulate_and_caches_are_independent() {
         .iter()
         .all(|&v| v == 0.0));
     // A cache from another layer is refused.
-    let layer2 = MoeLayer::new(
-        cfg,
-        ExpertWeights {
-            gate: &d.gate,
-            up: &d.up,
-            down: &d.down,
-        },
-        lcfg,
-        Isa::Scalar,
-        1,
-        0,
-    )
-    .unwrap();
+    let layer2 = layer_for(&c, &d, Isa::Scalar, 1);
     assert!(layer2
         .backward(&c1, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
         .is_err());
@@ -509,24 +486,8 @@ fn bad_inputs_are_errors() {
         r: 0,
     };
     let d = make(&c, 11);
-    let cfg = MoeConfig {
-        experts: 4,
-        hidden: 32,
-        intermediate: 32,
-    };
-    let layer = MoeLayer::new(
-        cfg,
-        ExpertWeights {
-            gate: &d.gate,
-            up: &d.up,
-            down: &d.down,
-        },
-        None,
-        Isa::Scalar,
-        1,
-        0,
-    )
-    .unwrap();
+    let cfg = c.config();
+    let layer = layer_for(&c, &d, Isa::Scalar, 1);
     let mut out = vec![0u16; 64];
     assert!(layer
         .forward(&d.hidden, 2, &[0, 4, 1, 2], &d.w, 2, &mut out, false)
@@ -569,24 +530,8 @@ fn set_and_get_expert_round_trip() {
         r: 0,
     };
     let d = make(&c, 12);
-    let cfg = MoeConfig {
-        experts: 3,
-        hidden: 40,
-        intermediate: 24,
-    };
-    let full = MoeLayer::new(
-        cfg,
-        ExpertWeights {
-            gate: &d.gate,
-            up: &d.up,
-            down: &d.down,
-        },
-        None,
-        Isa::Scalar,
-        1,
-        0,
-    )
-    .unwrap();
+    let cfg = c.config();
+    let full = layer_for(&c, &d, Isa::Scalar, 1);
     let mut empty = MoeLayer::new_empty(cfg, None, Isa::Scalar, 1, 0).unwrap();
     for e in 0..3 {
         let (g, u, dn) = full.get_expert(e).unwrap();
@@ -618,22 +563,7 @@ fn steady_state_allocates_nothing() {
         r: 4,
     };
     let d = make(&c, 9);
-    let cfg = MoeConfig {
-        experts: c.e,
-        hidden: c.h,
-        intermediate: c.i,
-    };
-    let lcfg = Some(LoraConfig {
-        rank: c.r,
-        alpha: 8.0,
-        use_rslora: false,
-    });
-    let w = ExpertWeights {
-        gate: &d.gate,
-        up: &d.up,
-        down: &d.down,
-    };
-    let mut layer = MoeLayer::new(cfg, w, lcfg, Isa::best(), 2, 0).unwrap();
+    let mut layer = layer_for(&c, &d, Isa::best(), 2);
     layer.scratch = BufferPool::new(); // a pool of its own, so other tests do not count
     let mut out = vec![0u16; c.t * c.h];
     let (mut gh, mut gw) = (vec![0u16; c.t * c.h], vec![0f32; c.t * c.k]);
