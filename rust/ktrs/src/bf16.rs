@@ -66,4 +66,5 @@ mod tests {
             v[at] = from_f32(f32::NAN);
             assert!(any_non_finite(&v), "NaN at {at}");
         }
+    }
 }
