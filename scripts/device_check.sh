@@ -21,7 +21,7 @@ status=0
 echo "== cargo tests (every ISA this CPU has)"; ./devbuild/ktrs-tests -q 2>&1 | tail -3 || status=1
 run_pytest() {  # isa -> log in $OUT; exit status of pytest
   # shellcheck disable=SC2086
-  KTRS_ISA=$1 python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} > "$OUT/pytest-$1.log" 2>&1
+  KTRS_ISA=$1 python3 -m pytest -q -p no:cacheprovider --durations=8 ${PYTEST_ARGS:-tests} > "$OUT/pytest-$1.log" 2>&1
 }
 # One ISA at a time: three suites at once ran past 10 minutes, all three stuck in the
 # demo test (likely oversubscription: 16-thread pools and torch's spinning OpenMP
@@ -29,7 +29,7 @@ run_pytest() {  # isa -> log in $OUT; exit status of pytest
 for isa in ${ISAS-amx avx512 scalar}; do
   echo "== pytest KTRS_ISA=$isa"
   run_pytest "$isa" || status=1
-  tail -3 "$OUT/pytest-$isa.log"
+  grep -E "^[0-9.]+s (call|setup)" "$OUT/pytest-$isa.log" | head -4; tail -2 "$OUT/pytest-$isa.log"
 done
 if [ "${PROBE:-0}" = 1 ]; then
   echo "== GEMM probes (single-thread kernel; tile-unit ceilings)"
