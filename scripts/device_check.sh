@@ -35,6 +35,7 @@ if [ "${PROBE:-0}" = 1 ]; then
   echo "== GEMM probes (single-thread kernel; tile-unit ceilings)"
   ./devbuild/ktrs-tests --ignored --nocapture gemm_throughput 2>&1 | grep "^gemm"
   ./devbuild/ktrs-tests --ignored --nocapture amx_ceilings 2>&1 | grep "ceiling"
+  ./devbuild/ktrs-tests --ignored --nocapture weight_stream 2>&1 | grep "weight stream"
 fi
 if [ -n "${SWEEP_ARGS:-}" ]; then
   echo "== knob sweep"
