@@ -521,9 +521,8 @@ mod tests {
     /// 64 experts' gate+up weights (738 MB, DeepSeek-V2-Lite shape) with 3 rows, three
     /// ways: the forward GEMM, the direct transposed product, repack + GEMM. GB/s of
     /// weights read, for few-row backward tuning. `WS_EXPERTS=1` reuses one expert
-    /// (cache-resident: the kernels' compute rate). Zen 4, 2026-11-27: forward 34.8 GB/s
-    /// from DRAM (98 cached), direct 10.9 (30), repack + GEMM 15.7 (30): the direct
-    /// product's 512-byte reads at a panel stride cost it DRAM bandwidth.
+    /// (cache-resident: the kernels' compute rate). Zen 4, 2026-11-27: forward 34.5 GB/s
+    /// from DRAM (104 cached), direct 16.4 (39), repack + GEMM 15.7 (30).
     #[test]
     #[ignore]
     fn weight_stream() {
