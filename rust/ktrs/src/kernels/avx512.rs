@@ -157,68 +157,105 @@ pub(crate) unsafe fn pack_transposed_block(
 /// the row's 16 values of `a`; per 16 output columns, 16 register accumulators collect
 /// the n lanes and are summed horizontally at the end.
 ///
-/// Panels are visited `CHUNK` at a time, each 16-column group sweeping the chunk before
-/// the next (lines for two groups ahead prefetched), partial sums moved to an L1 block
-/// after each chunk, the rows sharing the chunk's lines in L1. One Zen 4 thread streaming
-/// 738 MB with 3 rows (`weight_stream` probe): 16.4 GB/s from DRAM, 39 cached; sweeping
-/// all panels per group (512 bytes at a 64 KiB stride) gave 10.9 and 30; chunks of
-/// 2/4/8/32 panels 7.9/10.3/13.2/14.6.
+/// Panels are visited `T_CHUNK` at a time, each group of 8 columns sweeping the chunk
+/// before the next, with the rows in blocks of up to 3 that share each loaded line;
+/// partial sums move to an L1 block after each chunk. One Zen 4 thread streaming 738 MB
+/// with 3 rows (`weight_stream` probe): 22 GB/s from DRAM, 47 cached (forward GEMM: 34.5
+/// and 104); sweeping all panels per column group, one row at a time: 10.9 and 30.
 ///
 /// # Safety
 /// AVX-512 F/BW; bounds checked by `kernels::gemm_transposed`; `np <= 16`, `m <= 8`.
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) unsafe fn gemm_transposed(g: super::TransposedGemm<'_>) {
-    const CHUNK: usize = 16;
-    const PF_GROUPS: usize = 2;
-    let (m, lda, c0, np, ldc) = (g.m, g.lda, g.c0, g.np, g.ldc);
+    let (m, np) = (g.m, g.np);
     debug_assert!(np <= 16 && m <= 8);
-    let (panels, panel_len) = (g.shape.panels(), g.shape.panel_len());
-    let (ap, wp, cp) = (g.a.as_ptr(), g.w.as_ptr(), g.c.as_mut_ptr());
-    let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let panels = g.shape.panels();
     // Partial sums per (row, column): 16 lanes each, at most 8 rows × 256 columns.
     let mut part = vec![_mm512_setzero_ps(); m * np * PANEL];
-    let widen = |p: *const u16| {
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(p as *const _),
-        )))
-    };
-    for p0 in (0..panels).step_by(CHUNK) {
-        let p1 = (p0 + CHUNK).min(panels);
+    for p0 in (0..panels).step_by(T_CHUNK) {
+        let chunk = p0..(p0 + T_CHUNK).min(panels);
         for q16 in 0..np {
-            let kp0 = (c0 + q16 * PANEL) / 2;
-            for i in 0..m {
-                let arow = ap.add(i * lda);
-                let mut acc = [_mm512_setzero_ps(); 16];
-                for p in p0..p1 {
-                    let av = widen(arow.add(p * PANEL));
-                    let base = wp.add(p * panel_len + kp0 * 2 * PANEL);
-                    if i == 0 {
-                        let ahead = base.wrapping_add(PF_GROUPS * 16 * PANEL) as *const i8;
-                        for q in 0..8 {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(q * 64));
-                        }
+            for half in 0..2 {
+                // Rows in blocks of up to 3 that share each loaded line.
+                let mut i0 = 0;
+                while i0 < m {
+                    let rows = if m - i0 == 4 { 2 } else { (m - i0).min(3) };
+                    let args = (&g, &mut part[..], chunk.clone(), q16, half, i0);
+                    match rows {
+                        1 => transposed_block::<1>(args),
+                        2 => transposed_block::<2>(args),
+                        _ => transposed_block::<3>(args),
                     }
-                    for q in 0..8 {
-                        let line = _mm512_loadu_si512(base.add(q * 2 * PANEL) as *const _);
-                        let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(line));
-                        let odd = _mm512_castsi512_ps(_mm512_and_si512(line, hi));
-                        acc[2 * q] = _mm512_fmadd_ps(av, even, acc[2 * q]);
-                        acc[2 * q + 1] = _mm512_fmadd_ps(av, odd, acc[2 * q + 1]);
-                    }
-                }
-                let dst = &mut part[(i * np + q16) * PANEL..(i * np + q16 + 1) * PANEL];
-                for (d, v) in dst.iter_mut().zip(acc) {
-                    *d = _mm512_add_ps(*d, v);
+                    i0 += rows;
                 }
             }
         }
     }
+    let cp = g.c.as_mut_ptr();
     for i in 0..m {
         for (x, v) in part[i * np * PANEL..(i + 1) * np * PANEL]
             .iter()
             .enumerate()
         {
-            *cp.add(i * ldc + x) = _mm512_reduce_add_ps(*v);
+            *cp.add(i * g.ldc + x) = _mm512_reduce_add_ps(*v);
+        }
+    }
+}
+
+/// Source panels per chunk of `gemm_transposed`.
+const T_CHUNK: usize = 16;
+
+/// Rows `i0 .. i0 + R` × columns `16·q16 + 8·half ..+ 8` of `gemm_transposed` over the
+/// panels in `chunk`, added into `part`: each of the 4 lines per panel is loaded and
+/// unpacked once for the R rows (8 accumulators per row).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn transposed_block<const R: usize>(
+    (g, part, chunk, q16, half, i0): (
+        &super::TransposedGemm<'_>,
+        &mut [__m512],
+        std::ops::Range<usize>,
+        usize,
+        usize,
+        usize,
+    ),
+) {
+    // K-pair groups ahead that the first rows prefetch (lines of later columns).
+    const PF_GROUPS: usize = 2;
+    let panel_len = g.shape.panel_len();
+    let (ap, wp) = (g.a.as_ptr(), g.w.as_ptr());
+    let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let kp0 = (g.c0 + q16 * PANEL) / 2 + half * 4;
+    let mut acc = [[_mm512_setzero_ps(); 8]; R];
+    for p in chunk {
+        let mut av = [_mm512_setzero_ps(); R];
+        for (r, v) in av.iter_mut().enumerate() {
+            *v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(ap.add((i0 + r) * g.lda + p * PANEL) as *const _),
+            )));
+        }
+        let base = wp.add(p * panel_len + kp0 * 2 * PANEL);
+        if i0 == 0 {
+            let ahead = base.wrapping_add(PF_GROUPS * 16 * PANEL) as *const i8;
+            for q in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(q * 64));
+            }
+        }
+        for q in 0..4 {
+            let line = _mm512_loadu_si512(base.add(q * 2 * PANEL) as *const _);
+            let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(line));
+            let odd = _mm512_castsi512_ps(_mm512_and_si512(line, hi));
+            for (row, x) in acc.iter_mut().zip(&av) {
+                row[2 * q] = _mm512_fmadd_ps(*x, even, row[2 * q]);
+                row[2 * q + 1] = _mm512_fmadd_ps(*x, odd, row[2 * q + 1]);
+            }
+        }
+    }
+    let np = g.np;
+    for (r, row) in acc.iter().enumerate() {
+        let at = ((i0 + r) * np + q16) * PANEL + half * 8;
+        for (d, v) in part[at..at + 8].iter_mut().zip(row) {
+            *d = _mm512_add_ps(*d, *v);
         }
     }
 }

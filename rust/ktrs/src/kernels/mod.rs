@@ -522,7 +522,7 @@ mod tests {
     /// ways: the forward GEMM, the direct transposed product, repack + GEMM. GB/s of
     /// weights read, for few-row backward tuning. `WS_EXPERTS=1` reuses one expert
     /// (cache-resident: the kernels' compute rate). Zen 4, 2026-11-27: forward 34.5 GB/s
-    /// from DRAM (104 cached), direct 16.4 (39), repack + GEMM 15.7 (30).
+    /// from DRAM (104 cached), direct 22 (47), repack + GEMM 15.7 (30).
     #[test]
     #[ignore]
     fn weight_stream() {
