@@ -241,7 +241,14 @@ mod tests {
     #[test]
     fn gemm_transposed_matches_f64_reference() {
         let mut seed = 12u64;
-        for (n, k, m) in [(32, 32, 1), (64, 96, 3), (100, 70, 4), (2816 / 8, 256, 2)] {
+        for (n, k, m) in [
+            (32, 32, 1),
+            (64, 96, 3),
+            (100, 70, 4),
+            (2816 / 8, 256, 2),
+            (48, 64, 5),
+            (40, 32, 8),
+        ] {
             let sh = PackShape::new(n, k);
             let w = rand_bf16(n * k, &mut seed);
             let mut pw = vec![0u16; sh.len()];
