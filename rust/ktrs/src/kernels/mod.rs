@@ -204,6 +204,15 @@ mod tests {
     use crate::bf16;
     use crate::pack::{pack_into, PackShape};
 
+    /// Random `[n, k]` bf16 weights and their packing.
+    fn rand_packed(n: usize, k: usize, seed: &mut u64) -> (PackShape, Vec<u16>, Vec<u16>) {
+        let sh = PackShape::new(n, k);
+        let w = rand_bf16(n * k, seed);
+        let mut pw = vec![0u16; sh.len()];
+        pack_into(&w, sh, &mut pw);
+        (sh, w, pw)
+    }
+
     fn rand_bf16(n: usize, seed: &mut u64) -> Vec<u16> {
         (0..n)
             .map(|_| {
@@ -220,10 +229,7 @@ mod tests {
     fn transpose_block_same_on_every_isa() {
         let mut seed = 3u64;
         for (n, k) in [(32, 32), (64, 96), (100, 70)] {
-            let sh = PackShape::new(n, k);
-            let w = rand_bf16(n * k, &mut seed);
-            let mut pw = vec![0u16; sh.len()];
-            pack_into(&w, sh, &mut pw);
+            let (sh, _, pw) = rand_packed(n, k, &mut seed);
             let np = sh.k_pad / 16;
             let mut want = vec![0u16; np * 16 * sh.n_pad];
             crate::pack::pack_transposed_block(&pw, sh, 0, np, &mut want);
@@ -249,10 +255,7 @@ mod tests {
             (48, 64, 5),
             (40, 32, 8),
         ] {
-            let sh = PackShape::new(n, k);
-            let w = rand_bf16(n * k, &mut seed);
-            let mut pw = vec![0u16; sh.len()];
-            pack_into(&w, sh, &mut pw);
+            let (sh, w, pw) = rand_packed(n, k, &mut seed);
             let lda = sh.n_pad + 8;
             let mut a = rand_bf16(m * lda, &mut seed);
             for i in 0..m {
@@ -306,10 +309,7 @@ mod tests {
     fn gemm_throughput() {
         let mut seed = 1u64;
         let (m, k, np) = (96usize, 2048usize, 4usize);
-        let sh = PackShape::new(np * 16 * 11, k);
-        let w = rand_bf16(sh.n * k, &mut seed);
-        let mut pw = vec![0u16; sh.len()];
-        pack_into(&w, sh, &mut pw);
+        let (sh, _, pw) = rand_packed(np * 16 * 11, k, &mut seed);
         let lda = sh.k_pad + 32;
         let a = rand_bf16((m + 32) * lda, &mut seed);
         let mut c = vec![0f32; m * 64];
@@ -482,10 +482,7 @@ mod tests {
         }
         let mut seed = 9u64;
         let (m, n, k) = (70, 96, 2048);
-        let sh = PackShape::new(n, k);
-        let w = rand_bf16(n * k, &mut seed);
-        let mut pw = vec![0u16; sh.len()];
-        pack_into(&w, sh, &mut pw);
+        let (sh, _, pw) = rand_packed(n, k, &mut seed);
         let lda = sh.k_pad + 32;
         let a = rand_bf16((m + 32) * lda, &mut seed);
         let run = || {
@@ -628,10 +625,7 @@ mod tests {
             (7, 32, 2050, 32),
             (70, 96, 64, 0),
         ] {
-            let sh = PackShape::new(n, k);
-            let w = rand_bf16(n * k, &mut seed);
-            let mut pw = vec![0u16; sh.len()];
-            pack_into(&w, sh, &mut pw);
+            let (sh, _, pw) = rand_packed(n, k, &mut seed);
             let lda = sh.k_pad;
             let a = rand_bf16((m + extra_rows) * lda, &mut seed);
             let ldc = sh.n_pad + 16;
@@ -699,10 +693,7 @@ mod tests {
             (6, 40, 64),
             (31, 2050 / 10, 96),
         ] {
-            let sh = PackShape::new(n, k);
-            let w = rand_bf16(n * k, &mut seed);
-            let mut pw = vec![0u16; sh.len()];
-            pack_into(&w, sh, &mut pw);
+            let (sh, w, pw) = rand_packed(n, k, &mut seed);
             let lda = sh.k_pad + 8; // a stride wider than k_pad must work too
             let mut a = vec![0u16; m * lda];
             for i in 0..m {
