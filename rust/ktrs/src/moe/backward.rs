@@ -6,8 +6,8 @@
 //! `pack::pack_transposed_block`) into their thread's scratch.
 
 use super::{
-    chunk_range, expert_blocks, expert_runs, gemm_rows, row_chunks, sum_pairs_into, ForwardCache,
-    GradTarget, MoeLayer, NB_MAX, ROW_PAD,
+    chunk_range, expert_blocks, expert_runs, gather_pairs, gemm_rows, row_chunks, sum_pairs_into,
+    ForwardCache, GradTarget, MoeLayer, NB_MAX, ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
@@ -155,13 +155,8 @@ impl MoeLayer {
         let (dyp, vdp) = (SendPtr(dy.as_ptr()), SendPtr(vd.as_mut_ptr()));
         self.run_phase("bwd gather+lora", row_chunks(n), |task, _| {
             let rows = chunk_range(task, n);
-            // SAFETY: the pair rows of this chunk are written by this task alone.
-            let mine = unsafe { dyp.slice_mut(rows.start * ds, rows.len() * ds) };
-            for (p, full) in rows.clone().zip(mine.chunks_mut(ds)) {
-                let t = rt.pair_token[p] as usize;
-                full[h..h_pad].fill(0);
-                full[..h].copy_from_slice(&grad_out[t * h..(t + 1) * h]);
-            }
+            // SAFETY: dy has n + ROW_PAD rows; this chunk's rows are this task's alone.
+            let mine = unsafe { gather_pairs(rt, rows.clone(), grad_out, (h, h_pad, ds), dyp) };
             if r > 0 {
                 expert_runs(rt, rows.clone(), |e, run| {
                     let d = &mine[(run.start - rows.start) * ds..];
@@ -186,58 +181,55 @@ impl MoeLayer {
             let (e, blk) = tasks[task];
             let np = nb.min(dn.shape.k_pad / PANEL - blk * nb);
             let i0 = blk * nb * PANEL;
-            {
-                gemm_t_rows(
-                    isa,
-                    dy.as_slice(),
-                    ds,
-                    off[e]..off[e + 1],
-                    dn,
-                    e,
-                    i0,
-                    np,
-                    |p, da| {
-                        let cols = (np * PANEL).min(i.saturating_sub(i0));
-                        if r > 0 && cols > 0 {
-                            vec::combine_rows(
-                                isa,
-                                s,
-                                &vd[p * r..(p + 1) * r],
-                                &self.lora_expert(M::DownA, e)[i0..],
-                                i,
-                                r,
-                                cols,
-                                da,
-                            );
-                        }
-                        let arow = &act[p * as_ + i0..];
-                        // SAFETY: (pair p, block blk) and (pair p, columns i0..i0+16·np) are this task's.
-                        unsafe {
-                            gwp.write(p * i_blocks + blk, vec::dot_f32_bf16(isa, da, arow, cols))
-                        };
-                        let w = rt.pair_weight[p];
-                        let drow = unsafe { dgup.slice_mut(p * gs, 2 * i_pad) };
-                        // Whole panels: padding columns (c >= I) have da = g = u = 0, so
-                        // they come out as the zeros the next GEMM must read there.
-                        for q in 0..np {
-                            let c = i0 + q * PANEL;
-                            let (dg, du) = drow
-                                [fused_row(c, false)..fused_row(c, false) + 2 * PANEL]
-                                .split_at_mut(PANEL);
-                            let at = p * i_pad + c;
-                            epilogue::swiglu_bwd(
-                                isa,
-                                w,
-                                &da[q * PANEL..],
-                                &g[at..at + PANEL],
-                                &u[at..at + PANEL],
-                                dg,
-                                du,
-                            );
-                        }
-                    },
-                );
-            }
+            gemm_t_rows(
+                isa,
+                dy.as_slice(),
+                ds,
+                off[e]..off[e + 1],
+                dn,
+                e,
+                i0,
+                np,
+                |p, da| {
+                    let cols = (np * PANEL).min(i.saturating_sub(i0));
+                    if r > 0 && cols > 0 {
+                        vec::combine_rows(
+                            isa,
+                            s,
+                            &vd[p * r..(p + 1) * r],
+                            &self.lora_expert(M::DownA, e)[i0..],
+                            i,
+                            r,
+                            cols,
+                            da,
+                        );
+                    }
+                    let arow = &act[p * as_ + i0..];
+                    // SAFETY: (pair p, block blk) and (pair p, columns i0..i0+16·np) are this task's.
+                    unsafe {
+                        gwp.write(p * i_blocks + blk, vec::dot_f32_bf16(isa, da, arow, cols))
+                    };
+                    let w = rt.pair_weight[p];
+                    let drow = unsafe { dgup.slice_mut(p * gs, 2 * i_pad) };
+                    // Whole panels: padding columns (c >= I) have da = g = u = 0, so
+                    // they come out as the zeros the next GEMM must read there.
+                    for q in 0..np {
+                        let c = i0 + q * PANEL;
+                        let (dg, du) = drow[fused_row(c, false)..fused_row(c, false) + 2 * PANEL]
+                            .split_at_mut(PANEL);
+                        let at = p * i_pad + c;
+                        epilogue::swiglu_bwd(
+                            isa,
+                            w,
+                            &da[q * PANEL..],
+                            &g[at..at + PANEL],
+                            &u[at..at + PANEL],
+                            dg,
+                            du,
+                        );
+                    }
+                },
+            );
         });
 
         // 3. vg/vu = dg·Bg, du·Bu per pair; then LoRA gradients, one task per (expert,
@@ -358,45 +350,43 @@ impl MoeLayer {
                 let (e, blk) = tasks[task - n_lora];
                 let np = nb.min(gu.shape.k_pad / PANEL - blk * nb);
                 let h0 = blk * nb * PANEL;
-                {
-                    gemm_t_rows(
-                        isa,
-                        dgu.as_slice(),
-                        gs,
-                        off[e]..off[e + 1],
-                        gu,
-                        e,
-                        h0,
-                        np,
-                        |p, c| {
-                            let cols = (np * PANEL).min(h.saturating_sub(h0));
-                            if r > 0 && cols > 0 {
-                                vec::combine_rows(
-                                    isa,
-                                    s,
-                                    &vg[p * r..(p + 1) * r],
-                                    &self.lora_expert(M::GateA, e)[h0..],
-                                    h,
-                                    r,
-                                    cols,
-                                    c,
-                                );
-                                vec::combine_rows(
-                                    isa,
-                                    s,
-                                    &vu[p * r..(p + 1) * r],
-                                    &self.lora_expert(M::UpA, e)[h0..],
-                                    h,
-                                    r,
-                                    cols,
-                                    c,
-                                );
-                            }
-                            // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
-                            unsafe { dxp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
-                        },
-                    );
-                }
+                gemm_t_rows(
+                    isa,
+                    dgu.as_slice(),
+                    gs,
+                    off[e]..off[e + 1],
+                    gu,
+                    e,
+                    h0,
+                    np,
+                    |p, c| {
+                        let cols = (np * PANEL).min(h.saturating_sub(h0));
+                        if r > 0 && cols > 0 {
+                            vec::combine_rows(
+                                isa,
+                                s,
+                                &vg[p * r..(p + 1) * r],
+                                &self.lora_expert(M::GateA, e)[h0..],
+                                h,
+                                r,
+                                cols,
+                                c,
+                            );
+                            vec::combine_rows(
+                                isa,
+                                s,
+                                &vu[p * r..(p + 1) * r],
+                                &self.lora_expert(M::UpA, e)[h0..],
+                                h,
+                                r,
+                                cols,
+                                c,
+                            );
+                        }
+                        // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
+                        unsafe { dxp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
+                    },
+                );
             },
         );
 

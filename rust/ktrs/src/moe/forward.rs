@@ -2,8 +2,8 @@
 
 use super::routing::Routing;
 use super::{
-    chunk_range, expert_blocks, expert_runs, gemm_rows, row_chunks, sum_pairs_into, ForwardCache,
-    MoeLayer, ROW_PAD,
+    chunk_range, expert_blocks, expert_runs, gather_pairs, gemm_rows, row_chunks, sum_pairs_into,
+    ForwardCache, MoeLayer, ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
@@ -89,13 +89,8 @@ impl MoeLayer {
                 return bt.fill(self, task - chunks);
             }
             let rows = chunk_range(task, n);
-            // SAFETY: the pair rows of this chunk are written by this task alone.
-            let mine = unsafe { xp.slice_mut(rows.start * xs, rows.len() * xs) };
-            for (p, row) in rows.clone().zip(mine.chunks_mut(xs)) {
-                let t = routing.pair_token[p] as usize;
-                row[h..h_pad].fill(0);
-                row[..h].copy_from_slice(&hidden[t * h..(t + 1) * h]);
-            }
+            // SAFETY: x has n + ROW_PAD rows; this chunk's rows are this task's alone.
+            let mine = unsafe { gather_pairs(&routing, rows.clone(), hidden, (h, h_pad, xs), xp) };
             if r > 0 {
                 expert_runs(&routing, rows.clone(), |e, run| {
                     let (xr, len) = (&mine[(run.start - rows.start) * xs..], run.len());

@@ -442,6 +442,28 @@ fn chunk_range(task: usize, n: usize) -> Range<usize> {
     task * ROW_CHUNK..((task + 1) * ROW_CHUNK).min(n)
 }
 
+/// Copies the token rows (from `src [T, h]`) of the pairs in `rows` into their rows of a
+/// pair-ordered buffer with row stride `ld`, zeroing columns `h .. h_pad`; returns those
+/// rows of the buffer.
+///
+/// # Safety
+/// `dst` is valid for `rows.end` rows of `ld` elements and no other task touches `rows`.
+unsafe fn gather_pairs<'a>(
+    routing: &routing::Routing,
+    rows: Range<usize>,
+    src: &[u16],
+    (h, h_pad, ld): (usize, usize, usize),
+    dst: SendPtr<u16>,
+) -> &'a mut [u16] {
+    let mine = dst.slice_mut(rows.start * ld, rows.len() * ld);
+    for (p, row) in rows.zip(mine.chunks_mut(ld)) {
+        let t = routing.pair_token[p] as usize;
+        row[h..h_pad].fill(0);
+        row[..h].copy_from_slice(&src[t * h..(t + 1) * h]);
+    }
+    mine
+}
+
 /// Splits pair rows at expert boundaries: `f(expert, rows of that expert)`, in order.
 fn expert_runs(
     routing: &routing::Routing,
