@@ -52,8 +52,10 @@ impl Knob {
     pub fn from_name(name: &str) -> Option<Knob> {
         ALL.iter().find(|(_, n, _)| *n == name).map(|(k, _, _)| *k)
     }
+    /// Position in `ALL` (listed in declaration order; a test checks it): `get` runs
+    /// in every micro-kernel call, so no search.
     fn index(self) -> usize {
-        ALL.iter().position(|(k, _, _)| *k == self).expect("listed")
+        self as usize
     }
 }
 
@@ -91,7 +93,8 @@ mod tests {
 
     #[test]
     fn names_resolve_and_set_restores() {
-        for (k, n, _) in ALL {
+        for (i, (k, n, _)) in ALL.into_iter().enumerate() {
+            assert_eq!(k.index(), i, "ALL is in declaration order");
             assert_eq!(Knob::from_name(n), Some(k));
         }
         assert_eq!(Knob::from_name("KTRS_NOPE"), None);
