@@ -27,7 +27,7 @@ pub enum Knob {
     Profile,
     /// 1 = software-pipelined AMX K loop (loads overlap products), 0 = loads first.
     AmxPipeline,
-    /// Experts with at most this many rows (≤ 8) multiply by the transposed weights
+    /// Experts with at most this many rows (≤ 16) multiply by the transposed weights
     /// straight from the forward panels in backward; more rows repack a block first.
     BwdDirectRows,
 }
@@ -41,7 +41,7 @@ const ALL: [(Knob, &str, usize); 9] = [
     (Knob::AmxPrefetchL2, "KTRS_AMX_PF_L2", 0),
     (Knob::Profile, "KTRS_PROFILE", 0),
     (Knob::AmxPipeline, "KTRS_AMX_PIPELINE", 1),
-    (Knob::BwdDirectRows, "KTRS_BWD_DIRECT_ROWS", 4),
+    (Knob::BwdDirectRows, "KTRS_BWD_DIRECT_ROWS", 8),
 ];
 
 const UNSET: usize = usize::MAX;

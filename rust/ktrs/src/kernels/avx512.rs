@@ -168,9 +168,9 @@ pub(crate) unsafe fn pack_transposed_block(
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) unsafe fn gemm_transposed(g: super::TransposedGemm<'_>) {
     let (m, np) = (g.m, g.np);
-    debug_assert!(np <= 16 && m <= 8);
+    debug_assert!(np <= 16 && m <= 16);
     let panels = g.shape.panels();
-    // Partial sums per (row, column): 16 lanes each, at most 8 rows × 256 columns.
+    // Partial sums per (row, column): 16 lanes each, at most 16 rows × 256 columns.
     let mut part = vec![_mm512_setzero_ps(); m * np * PANEL];
     for p0 in (0..panels).step_by(T_CHUNK) {
         let chunk = p0..(p0 + T_CHUNK).min(panels);

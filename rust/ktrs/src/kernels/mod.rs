@@ -254,6 +254,7 @@ mod tests {
             (2816 / 8, 256, 2),
             (48, 64, 5),
             (40, 32, 8),
+            (72, 48, 16),
         ] {
             let (sh, w, pw) = rand_packed(n, k, &mut seed);
             let lda = sh.n_pad + 8;

@@ -90,7 +90,7 @@ fn gemm_t_rows(
 }
 
 /// Most rows for which `gemm_t_rows` reads the forward panels directly.
-const DIRECT_ROWS_MAX: usize = 8;
+const DIRECT_ROWS_MAX: usize = 16;
 
 fn direct_rows() -> usize {
     crate::tuning::get(crate::tuning::Knob::BwdDirectRows).min(DIRECT_ROWS_MAX)
