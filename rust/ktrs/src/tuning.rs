@@ -87,6 +87,14 @@ pub fn all() -> Vec<(&'static str, usize)> {
     ALL.iter().map(|&(k, n, _)| (n, get(k))).collect()
 }
 
+/// Held by tests that override knobs: the values are process-wide and tests run in
+/// parallel, so one test's override must not land inside another's read-back.
+#[cfg(test)]
+pub(crate) fn test_override_guard() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,7 +106,7 @@ mod tests {
             assert_eq!(Knob::from_name(n), Some(k));
         }
         assert_eq!(Knob::from_name("KTRS_NOPE"), None);
-        // AmxKBlock is not read by other tests' assertions, so overriding it is safe here.
+        let _guard = test_override_guard();
         let before = get(Knob::AmxKBlock);
         set(Knob::AmxKBlock, Some(7));
         assert_eq!(get(Knob::AmxKBlock), 7);

@@ -417,6 +417,7 @@ mod tests {
             runs.push(("2x2, L2 operands", 64, 0, cpus.clone()));
             runs.push(("2x2 pipelined, L2 operands", 64, 1, cpus));
         }
+        let _guard = crate::tuning::test_override_guard();
         for (label, kb, pipe, cpus) in runs {
             set(Knob::AmxPipeline, Some(pipe));
             let th = cpus.len();
@@ -502,6 +503,7 @@ mod tests {
             c.truncate(m * sh.n_pad);
             c
         };
+        let _guard = crate::tuning::test_override_guard();
         let base = run();
         for (knob, v) in [
             (Knob::AmxPipeline, 1),
