@@ -159,19 +159,42 @@ pub(crate) unsafe fn pack_transposed_block(
 ///
 /// Panels are visited `T_CHUNK` at a time, each group of 8 columns sweeping the chunk
 /// before the next, with the rows in blocks of up to 3 that share each loaded line;
-/// partial sums move to an L1 block after each chunk. One Zen 4 thread streaming 738 MB
-/// with 3 rows (`weight_stream` probe): 22 GB/s from DRAM, 47 cached (forward GEMM: 34.5
-/// and 104); sweeping all panels per column group, one row at a time: 10.9 and 30.
+/// partial sums move to the thread's `PARTIALS` block after each chunk. One Zen 4 thread
+/// streaming 738 MB with 3 rows (`weight_stream` probe): 22 GB/s from DRAM, 47 cached
+/// (forward GEMM: 34.5 and 104); sweeping all panels per column group, one row at a
+/// time: 10.9 and 30.
 ///
 /// # Safety
-/// AVX-512 F/BW; bounds checked by `kernels::gemm_transposed`; `np <= 16`, `m <= 8`.
+/// AVX-512 F/BW; bounds checked by `kernels::gemm_transposed`.
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) unsafe fn gemm_transposed(g: super::TransposedGemm<'_>) {
+    PARTIALS.with(|cell| {
+        let mut part = cell.borrow_mut();
+        part.clear();
+        part.resize(g.m * g.np * PANEL, _mm512_setzero_ps());
+        transposed_partials(&g, &mut part);
+        let cp = g.c.as_mut_ptr();
+        for i in 0..g.m {
+            let row = &part[i * g.np * PANEL..(i + 1) * g.np * PANEL];
+            for (x, v) in row.iter().enumerate() {
+                *cp.add(i * g.ldc + x) = _mm512_reduce_add_ps(*v);
+            }
+        }
+    })
+}
+
+thread_local! {
+    /// Partial sums of `gemm_transposed` per (row, column), 16 lanes each: reused, as
+    /// the kernel runs once per backward task (up to 256 KiB; a fresh allocation of that
+    /// size goes to the OS and back each time).
+    static PARTIALS: std::cell::RefCell<Vec<__m512>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The chunked sweep of `gemm_transposed`, adding into `part` (zeroed by the caller).
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn transposed_partials(g: &super::TransposedGemm<'_>, part: &mut [__m512]) {
     let (m, np) = (g.m, g.np);
-    debug_assert!(np <= 16 && m <= 16);
     let panels = g.shape.panels();
-    // Partial sums per (row, column): 16 lanes each, at most 16 rows × 256 columns.
-    let mut part = vec![_mm512_setzero_ps(); m * np * PANEL];
     for p0 in (0..panels).step_by(T_CHUNK) {
         let chunk = p0..(p0 + T_CHUNK).min(panels);
         for q16 in 0..np {
@@ -180,7 +203,7 @@ pub(crate) unsafe fn gemm_transposed(g: super::TransposedGemm<'_>) {
                 let mut i0 = 0;
                 while i0 < m {
                     let rows = if m - i0 == 4 { 2 } else { (m - i0).min(3) };
-                    let args = (&g, &mut part[..], chunk.clone(), q16, half, i0);
+                    let args = (g, &mut *part, chunk.clone(), q16, half, i0);
                     match rows {
                         1 => transposed_block::<1>(args),
                         2 => transposed_block::<2>(args),
@@ -189,15 +212,6 @@ pub(crate) unsafe fn gemm_transposed(g: super::TransposedGemm<'_>) {
                     i0 += rows;
                 }
             }
-        }
-    }
-    let cp = g.c.as_mut_ptr();
-    for i in 0..m {
-        for (x, v) in part[i * np * PANEL..(i + 1) * np * PANEL]
-            .iter()
-            .enumerate()
-        {
-            *cp.add(i * g.ldc + x) = _mm512_reduce_add_ps(*v);
         }
     }
 }
