@@ -6,6 +6,7 @@ backward) or :class:`KtrsExperts` (an ``nn.Module`` with autograd), and :func:`i
 """
 
 from ._native import IsaUnavailableError, KtrsError, __version__
+from . import decode
 from .adapters import load_adapter, save_adapter
 from .experts import ForwardHandle, MoeExperts
 from .hf import find_moe_blocks, from_pretrained, patch_model
@@ -15,6 +16,7 @@ from .peft import expert_lora_parameters, get_peft_model
 from .tools import describe, export_merged, inspect_adapter, merge_and_unload, merge_expert_lora
 
 __all__ = [
+    "decode",
     "describe",
     "export_merged",
     "inspect_adapter",

@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from . import decode
 from .experts import MoeExperts
 from .module import KtrsExperts
 
@@ -71,7 +72,11 @@ def _moe_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     flat = hidden_states.view(-1, hidden_states.shape[-1])
     experts: KtrsExperts = self.experts
     needs_grad = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in experts.parameters()))
-    if flat.is_cuda and not needs_grad:
+    if flat.is_cuda and not needs_grad and decode.host_node_mode():
+        # Decode graphs: the experts become stream work (a host node), no Python per step.
+        routed = decode.experts_on_stream(experts, flat, topk_indices, topk_weights)
+        shared = self.shared_experts(residuals)
+    elif flat.is_cuda and not needs_grad:
         pending = experts.submit(flat, topk_indices, topk_weights)
         shared = self.shared_experts(residuals)
         routed = pending.result()
@@ -141,6 +146,7 @@ def patch_model(
     gc.collect()
     model.to(device)
     model._ktrs_device = device
+    decode.enable(model)
     return model
 
 
@@ -324,6 +330,7 @@ def from_pretrained(
         raise ValueError(f"{path!r}: loaded {loaded} of {total} routed experts; incomplete: {missing}")
     _load_rest(model, state, device)
     model._ktrs_device = device
+    decode.enable(model)
     return model
 
 

@@ -13,10 +13,13 @@
 //! - [`lora`]: Rust-owned LoRA weights and gradients.
 //! - [`moe`]: routing, the forward and backward passes, and the forward cache.
 //! - [`tuning`]: the kernels' speed knobs and their measured defaults.
+//! - [`cuda`]: host functions on CUDA streams and pinned memory, with the driver opened at
+//!   run time (the decode fast path; nothing else needs CUDA).
 
 pub mod bf16;
 pub mod buffer;
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod kernels;
 pub mod lora;

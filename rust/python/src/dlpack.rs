@@ -270,12 +270,12 @@ impl<'py> TensorArg<'py> {
 struct Export {
     managed: DLManagedTensor,
     shape: Vec<i64>,
-    _owner: Arc<Buffer<f32>>,
+    _owner: Arc<dyn Send + Sync>,
 }
 
 unsafe extern "C" fn delete_export(m: *mut DLManagedTensor) {
     if !m.is_null() {
-        // SAFETY: manager_ctx is the Box<Export> leaked in `export_f32`.
+        // SAFETY: manager_ctx is the Box<Export> leaked in `export_raw`.
         drop(Box::from_raw((*m).manager_ctx as *mut Export));
     }
 }
@@ -299,16 +299,31 @@ pub fn export_f32<'py>(
     shape: &[usize],
 ) -> PyResult<Bound<'py, PyAny>> {
     assert_eq!(shape.iter().product::<usize>(), buf.len());
+    // SAFETY: the buffer holds exactly `shape` f32 values and `owner` keeps it alive.
+    unsafe { export_raw(py, buf.clone(), buf.as_ptr() as *mut u8, DType::F32, shape) }
+}
+
+/// A `dltensor` capsule viewing `shape` elements of `dtype` at `data` (contiguous, CPU).
+///
+/// # Safety
+/// `data` must hold that many elements, suitably aligned, for as long as `owner` lives.
+pub unsafe fn export_raw<'py>(
+    py: Python<'py>,
+    owner: Arc<dyn Send + Sync>,
+    data: *mut u8,
+    dtype: DType,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyAny>> {
     let mut ex = Box::new(Export {
         managed: DLManagedTensor {
             dl_tensor: DLTensor {
-                data: buf.as_ptr() as *mut c_void,
+                data: data as *mut c_void,
                 device: DLDevice {
                     device_type: DL_CPU,
                     device_id: 0,
                 },
                 ndim: shape.len() as i32,
-                dtype: DType::F32.dl(),
+                dtype: dtype.dl(),
                 shape: std::ptr::null_mut(),
                 strides: std::ptr::null_mut(),
                 byte_offset: 0,
@@ -317,12 +332,12 @@ pub fn export_f32<'py>(
             deleter: Some(delete_export),
         },
         shape: shape.iter().map(|&d| d as i64).collect(),
-        _owner: buf.clone(),
+        _owner: owner,
     });
     ex.managed.dl_tensor.shape = ex.shape.as_mut_ptr();
     let raw = Box::into_raw(ex);
     // SAFETY: raw is a valid Box<Export>; the managed tensor is its first field.
-    unsafe {
+    {
         (*raw).managed.manager_ctx = raw as *mut c_void;
         let m = &mut (*raw).managed as *mut DLManagedTensor;
         let cap = pyo3::ffi::PyCapsule_New(

@@ -9,10 +9,14 @@ use ktrs::{
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 #[pyclass(module = "ktrs._native", name = "Experts")]
 pub struct Experts {
-    layer: MoeLayer,
+    /// Shared with the host functions of decode graphs (`HostStage`), which run the
+    /// forward on a CUDA driver thread without the GIL; the lock keeps them and the
+    /// mutating methods apart.
+    layer: Arc<RwLock<MoeLayer>>,
 }
 
 /// What one forward saved for its backward. Dropping it frees the memory.
@@ -90,7 +94,7 @@ impl Experts {
         let layer = py
             .detach(|| MoeLayer::new(cfg, w, lora, isa, threads, seed))
             .py_err(py)?;
-        Ok(Experts { layer })
+        Ok(Experts::wrap(layer))
     }
 
     /// A layer with zero weights, to be filled expert by expert with `set_expert`
@@ -125,7 +129,7 @@ impl Experts {
             seed,
         )
         .py_err(py)?;
-        Ok(Experts { layer })
+        Ok(Experts::wrap(layer))
     }
 
     /// Packs expert `expert`'s bf16 weights (gate, up `[I, H]`, down `[H, I]`).
@@ -139,7 +143,8 @@ impl Experts {
     ) -> PyResult<()> {
         let [g, u, d] = self.expert_args(gate, up, down)?;
         let (gs, us, ds) = (g.u16s(), u.u16s(), d.u16s());
-        let layer = &mut self.layer;
+        let mut guard = self.layer_mut(py)?;
+        let layer: &mut MoeLayer = &mut guard;
         py.detach(|| layer.set_expert(expert, gs, us, ds))
             .py_err(py)
     }
@@ -154,7 +159,7 @@ impl Experts {
         down: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let [g, u, d] = self.expert_args(gate, up, down)?;
-        let (gv, uv, dv) = self.layer.get_expert(expert).py_err(py)?;
+        let (gv, uv, dv) = self.layer().get_expert(expert).py_err(py)?;
         g.slice_mut::<u16>().copy_from_slice(&gv);
         u.slice_mut::<u16>().copy_from_slice(&uv);
         d.slice_mut::<u16>().copy_from_slice(&dv);
@@ -173,7 +178,7 @@ impl Experts {
         out: &Bound<'_, PyAny>,
         save_for_backward: bool,
     ) -> PyResult<Option<ForwardHandle>> {
-        let h = self.layer.config.hidden;
+        let h = self.layer().config.hidden;
         let x = TensorArg::new("hidden_states", hidden, DType::BF16, &[None, Some(h)])?;
         let t = x.shape[0];
         let ids = TensorArg::new("topk_ids", topk_ids, DType::I64, &[Some(t), None])?;
@@ -187,7 +192,8 @@ impl Experts {
         let o = TensorArg::new("out", out, DType::BF16, &[Some(t), Some(h)])?;
         no_overlap(("out", &o, 2), ("hidden_states", &x, 2))?;
         let (xs, is, ws, os) = (x.u16s(), ids.i64s(), w.f32s(), o.slice_mut::<u16>());
-        let layer = &self.layer;
+        let guard = self.layer();
+        let layer: &MoeLayer = &guard;
         let cache = py
             .detach(|| layer.forward(xs, t, is, ws, k, os, save_for_backward))
             .py_err(py)?;
@@ -213,8 +219,9 @@ impl Experts {
         let (t, k, h) = (
             handle.cache.tokens(),
             handle.cache.top_k(),
-            self.layer.config.hidden,
+            self.layer().config.hidden,
         );
+        let guard = self.layer();
         let go = TensorArg::new("grad_output", grad_output, DType::BF16, &[Some(t), Some(h)])?;
         let gh = TensorArg::new("grad_hidden", grad_hidden, DType::BF16, &[Some(t), Some(h)])?;
         let gw = TensorArg::new(
@@ -226,7 +233,7 @@ impl Experts {
         no_overlap(("grad_hidden", &gh, 2), ("grad_output", &go, 2))?;
         let mut ext = Vec::new();
         if let Some(list) = lora_grads {
-            let lora = self.layer.lora().ok_or_else(|| {
+            let lora = guard.lora().ok_or_else(|| {
                 PyValueError::new_err("`lora_grads` given, but this layer has no LoRA")
             })?;
             if list.len() != 6 {
@@ -247,7 +254,7 @@ impl Experts {
             }
         }
         let (gos, ghs, gws) = (go.u16s(), gh.slice_mut::<u16>(), gw.slice_mut::<f32>());
-        let layer = &self.layer;
+        let layer: &MoeLayer = &guard;
         let cache = &handle.cache;
         if ext.is_empty() {
             let target = if layer.lora().is_some() {
@@ -275,13 +282,15 @@ impl Experts {
 
     /// A DLPack capsule viewing LoRA matrix `name` (f32 `[E, rows, cols]`, Rust-owned).
     fn lora_weight<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
-        let (l, m) = self.lora_matrix(py, name)?;
+        let guard = self.layer();
+        let (l, m) = lora_matrix(&guard, name)?;
         export_f32(py, l.weight(m), &l.shape(m))
     }
 
     /// A DLPack capsule viewing the layer-owned gradient of LoRA matrix `name`.
     fn lora_grad<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
-        let (l, m) = self.lora_matrix(py, name)?;
+        let guard = self.layer();
+        let (l, m) = lora_matrix(&guard, name)?;
         export_f32(py, l.grad(m), &l.shape(m))
     }
 
@@ -292,7 +301,8 @@ impl Experts {
         name: &str,
         value: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let (l, m) = self.lora_matrix(py, name)?;
+        let guard = self.layer();
+        let (l, m) = lora_matrix(&guard, name)?;
         let v = TensorArg::new(name, value, DType::F32, &l.shape(m).map(Some))?;
         l.set(m, v.f32s()).py_err(py)
     }
@@ -307,21 +317,22 @@ impl Experts {
         use_rslora: bool,
         seed: u64,
     ) -> PyResult<()> {
-        self.layer
+        self.layer_mut(py)?
             .set_lora(lora_config(lora_rank, lora_alpha, use_rslora), seed)
             .py_err(py)
     }
 
     /// Zeroes the layer-owned LoRA gradients.
     fn zero_lora_grads(&self) {
-        if let Some(l) = self.layer.lora() {
+        if let Some(l) = self.layer().lora() {
             l.zero_grads();
         }
     }
 
     /// Shape `[E, rows, cols]` of LoRA matrix `name`.
-    fn lora_shape(&self, py: Python<'_>, name: &str) -> PyResult<Vec<usize>> {
-        let (l, m) = self.lora_matrix(py, name)?;
+    fn lora_shape(&self, name: &str) -> PyResult<Vec<usize>> {
+        let guard = self.layer();
+        let (l, m) = lora_matrix(&guard, name)?;
         Ok(l.shape(m).to_vec())
     }
 
@@ -332,70 +343,70 @@ impl Experts {
 
     #[getter]
     fn isa(&self) -> &'static str {
-        self.layer.isa().name()
+        self.layer().isa().name()
     }
 
     #[setter(isa)]
     fn set_isa(&mut self, py: Python<'_>, isa: &str) -> PyResult<()> {
         let isa = parse_isa(py, Some(isa))?;
-        self.layer.set_isa(isa).py_err(py)
+        self.layer_mut(py)?.set_isa(isa).py_err(py)
     }
 
     #[getter]
     fn threads(&self) -> usize {
-        self.layer.threads()
+        self.layer().threads()
     }
 
     #[setter(threads)]
-    fn set_threads(&mut self, threads: usize) -> PyResult<()> {
+    fn set_threads(&mut self, py: Python<'_>, threads: usize) -> PyResult<()> {
         if threads == 0 {
             return Err(PyValueError::new_err("`threads` must be at least 1"));
         }
-        self.layer.set_threads(threads);
+        self.layer_mut(py)?.set_threads(threads);
         Ok(())
     }
 
     #[getter]
     fn num_experts(&self) -> usize {
-        self.layer.config.experts
+        self.layer().config.experts
     }
     #[getter]
     fn hidden_size(&self) -> usize {
-        self.layer.config.hidden
+        self.layer().config.hidden
     }
     #[getter]
     fn intermediate_size(&self) -> usize {
-        self.layer.config.intermediate
+        self.layer().config.intermediate
     }
     #[getter]
     fn lora_rank(&self) -> usize {
-        self.layer.lora().map_or(0, |l| l.config.rank)
+        self.layer().lora().map_or(0, |l| l.config.rank)
     }
     #[getter]
     fn lora_alpha(&self) -> Option<f32> {
-        self.layer.lora().map(|l| l.config.alpha)
+        self.layer().lora().map(|l| l.config.alpha)
     }
     #[getter]
     fn lora_scaling(&self) -> f32 {
-        self.layer.lora().map_or(0.0, |l| l.config.scaling())
+        self.layer().lora().map_or(0.0, |l| l.config.scaling())
     }
     #[getter]
     fn use_rslora(&self) -> bool {
-        self.layer.lora().is_some_and(|l| l.config.use_rslora)
+        self.layer().lora().is_some_and(|l| l.config.use_rslora)
     }
     /// Bytes of packed expert weights in Rust memory.
     #[getter]
     fn weight_bytes(&self) -> usize {
-        self.layer.weight_bytes()
+        self.layer().weight_bytes()
     }
     /// Bytes of LoRA weights plus gradients in Rust memory.
     #[getter]
     fn lora_bytes(&self) -> usize {
-        self.layer.lora().map_or(0, |l| l.bytes())
+        self.layer().lora().map_or(0, |l| l.bytes())
     }
 
     fn __repr__(&self) -> String {
-        let c = self.layer.config;
+        let c = self.layer().config;
         format!(
             "Experts(num_experts={}, hidden_size={}, intermediate_size={}, lora_rank={}, isa='{}', threads={})",
             c.experts,
@@ -409,6 +420,42 @@ impl Experts {
 }
 
 impl Experts {
+    fn wrap(layer: MoeLayer) -> Experts {
+        Experts {
+            layer: Arc::new(RwLock::new(layer)),
+        }
+    }
+
+    /// The layer, for reading (a poisoned lock is harmless here: the layer has no
+    /// invariant a panicking reader could break).
+    pub(crate) fn layer(&self) -> RwLockReadGuard<'_, MoeLayer> {
+        self.layer.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The layer for the decode host functions.
+    pub(crate) fn shared_layer(&self) -> Arc<RwLock<MoeLayer>> {
+        self.layer.clone()
+    }
+
+    /// The layer, for changing it. A decode graph's host function may be running the
+    /// forward on a driver thread: wait for it with the GIL released, for up to a minute.
+    fn layer_mut(&self, py: Python<'_>) -> PyResult<RwLockWriteGuard<'_, MoeLayer>> {
+        let t0 = std::time::Instant::now();
+        loop {
+            match self.layer.try_write() {
+                Ok(g) => return Ok(g),
+                Err(std::sync::TryLockError::Poisoned(e)) => return Ok(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(60) {
+                return Err(crate::error::KtrsError::new_err(
+                    "the experts are busy in a running forward (a CUDA graph's host node?) for over a minute",
+                ));
+            }
+            py.detach(|| std::thread::sleep(std::time::Duration::from_micros(50)));
+        }
+    }
+
     /// One expert's weights in HF layout: gate, up `[I, H]`, down `[H, I]`, bf16.
     fn expert_args<'py>(
         &self,
@@ -416,7 +463,7 @@ impl Experts {
         up: &Bound<'py, PyAny>,
         down: &Bound<'py, PyAny>,
     ) -> PyResult<[TensorArg<'py>; 3]> {
-        let c = self.layer.config;
+        let c = self.layer().config;
         let (h, i) = (Some(c.hidden), Some(c.intermediate));
         Ok([
             TensorArg::new("gate", gate, DType::BF16, &[i, h])?,
@@ -424,19 +471,18 @@ impl Experts {
             TensorArg::new("down", down, DType::BF16, &[h, i])?,
         ])
     }
+}
 
-    fn lora_matrix(
-        &self,
-        _py: Python<'_>,
-        name: &str,
-    ) -> PyResult<(&ktrs::LoraWeights, LoraMatrix)> {
-        let l = self
-            .layer
-            .lora()
-            .ok_or_else(|| PyValueError::new_err("this layer has no LoRA (lora_rank=0)"))?;
-        let m = LoraMatrix::from_name(name).map_err(|e| PyTypeError::new_err(e.to_string()))?;
-        Ok((l, m))
-    }
+/// LoRA matrix `name` of `layer` (an error if the layer has no LoRA or no such matrix).
+fn lora_matrix<'a>(
+    layer: &'a MoeLayer,
+    name: &str,
+) -> PyResult<(&'a ktrs::LoraWeights, LoraMatrix)> {
+    let l = layer
+        .lora()
+        .ok_or_else(|| PyValueError::new_err("this layer has no LoRA (lora_rank=0)"))?;
+    let m = LoraMatrix::from_name(name).map_err(|e| PyTypeError::new_err(e.to_string()))?;
+    Ok((l, m))
 }
 
 fn names() -> Vec<&'static str> {

@@ -1,0 +1,196 @@
+//! `HostStage`: one MoE layer's routed experts as a host node of a CUDA stream or graph.
+//!
+//! It owns pinned staging memory for one batch size (hidden `[B, H]` bf16, ids `[B, k]`
+//! int64, weights `[B, k]` f32, out `[B, H]` bf16), shown to Python as zero-copy tensors.
+//! The decode path copies a layer's inputs into it on the stream, calls `launch`, and
+//! copies `out` back; captured in a CUDA graph, each replay runs the experts in stream
+//! order with no Python involved. The host function reads the layer's current weights
+//! and LoRA at each run, so nothing it uses can be a stale copy.
+
+use crate::dlpack::{export_raw, DType};
+use crate::error::IntoPy;
+use crate::experts::Experts;
+use ktrs::cuda::{HostFn, PinnedBlock};
+use pyo3::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Byte offsets of the four staging tensors inside the pinned block.
+#[derive(Clone, Copy)]
+struct Layout {
+    tokens: usize,
+    top_k: usize,
+    hidden: usize,
+    x: usize,
+    ids: usize,
+    w: usize,
+    out: usize,
+    bytes: usize,
+}
+
+impl Layout {
+    fn new(tokens: usize, top_k: usize, hidden: usize) -> Option<Layout> {
+        let align = |v: usize| v.checked_add(63).map(|v| v & !63);
+        let x = 0;
+        let ids = align(tokens.checked_mul(hidden)?.checked_mul(2)?)?;
+        let w = align(ids.checked_add(tokens.checked_mul(top_k)?.checked_mul(8)?)?)?;
+        let out = align(w.checked_add(tokens.checked_mul(top_k)?.checked_mul(4)?)?)?;
+        let bytes = out.checked_add(tokens.checked_mul(hidden)?.checked_mul(2)?)?;
+        Some(Layout {
+            tokens,
+            top_k,
+            hidden,
+            x,
+            ids,
+            w,
+            out,
+            bytes,
+        })
+    }
+}
+
+/// What the host function reports back: the first error, and how long it ran.
+#[derive(Default)]
+struct Report {
+    error: Mutex<Option<String>>,
+    runs: AtomicU64,
+    busy_ns: AtomicU64,
+}
+
+#[pyclass(module = "ktrs._native", name = "HostStage")]
+pub struct HostStage {
+    host: HostFn,
+    block: Arc<PinnedBlock>,
+    layout: Layout,
+    report: Arc<Report>,
+}
+
+#[pymethods]
+impl HostStage {
+    /// Staging for `tokens` rows routed to `top_k` experts each, for `experts`' layer.
+    #[new]
+    fn new(py: Python<'_>, experts: &Experts, tokens: usize, top_k: usize) -> PyResult<Self> {
+        let hidden = experts.layer().config.hidden;
+        if tokens == 0 || top_k == 0 {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "`tokens` and `top_k` must be positive, got {tokens} and {top_k}"
+            )));
+        }
+        let layout = Layout::new(tokens, top_k, hidden)
+            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("staging size overflows"))?;
+        let block = Arc::new(PinnedBlock::new(layout.bytes).py_err(py)?);
+        let report = Arc::new(Report::default());
+        let layer = experts.shared_layer();
+        let (mem, rep) = (SendPtr(block.as_ptr()), report.clone());
+        let l = layout;
+        let host = HostFn::new(move || {
+            let t0 = std::time::Instant::now();
+            let guard = layer.read().unwrap_or_else(|e| e.into_inner());
+            let base = mem.get();
+            // SAFETY: the four regions lie inside the pinned block (Layout), which lives
+            // as long as this closure (`block` below is only dropped after `host`), and
+            // the stream orders the copies that fill them before this run.
+            let (x, ids, w, out) = unsafe {
+                (
+                    std::slice::from_raw_parts(base.add(l.x) as *const u16, l.tokens * l.hidden),
+                    std::slice::from_raw_parts(base.add(l.ids) as *const i64, l.tokens * l.top_k),
+                    std::slice::from_raw_parts(base.add(l.w) as *const f32, l.tokens * l.top_k),
+                    std::slice::from_raw_parts_mut(
+                        base.add(l.out) as *mut u16,
+                        l.tokens * l.hidden,
+                    ),
+                )
+            };
+            if let Err(e) = guard.forward(x, l.tokens, ids, w, l.top_k, out, false) {
+                // Zeros rather than stale values; Python raises the error after the step.
+                out.fill(0);
+                let mut slot = rep.error.lock().unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert_with(|| e.to_string());
+            }
+            rep.runs.fetch_add(1, Ordering::Relaxed);
+            rep.busy_ns
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        });
+        Ok(HostStage {
+            host,
+            block,
+            layout,
+            report,
+        })
+    }
+
+    /// Zero-copy views of the staging memory: `(hidden, topk_ids, topk_weights, out)`.
+    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let l = self.layout;
+        let base = self.block.as_ptr();
+        let owner: Arc<dyn Send + Sync> = self.block.clone();
+        let parts = [
+            (l.x, DType::BF16, [l.tokens, l.hidden]),
+            (l.ids, DType::I64, [l.tokens, l.top_k]),
+            (l.w, DType::F32, [l.tokens, l.top_k]),
+            (l.out, DType::BF16, [l.tokens, l.hidden]),
+        ];
+        parts
+            .iter()
+            // SAFETY: each region lies inside the block (Layout) and `owner` keeps it alive.
+            .map(|&(off, dt, shape)| unsafe {
+                export_raw(py, owner.clone(), base.add(off), dt, &shape)
+            })
+            .collect()
+    }
+
+    /// Puts one run of the experts on the CUDA stream `stream` (a `cudaStream_t` as an
+    /// integer: `torch.cuda.current_stream().cuda_stream`); under graph capture, records it.
+    fn launch(&self, py: Python<'_>, stream: usize) -> PyResult<()> {
+        // SAFETY: the caller passes torch's handle of a live stream (module-private API).
+        unsafe { self.host.launch(stream as *mut std::ffi::c_void) }.py_err(py)
+    }
+
+    /// The first error a run hit since the last call (then cleared), or None.
+    fn take_error(&self) -> Option<String> {
+        self.report
+            .error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Runs so far.
+    #[getter]
+    fn runs(&self) -> u64 {
+        self.report.runs.load(Ordering::Relaxed)
+    }
+
+    /// Seconds spent in runs so far (the CPU experts, lock wait included).
+    #[getter]
+    fn busy_seconds(&self) -> f64 {
+        self.report.busy_ns.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    #[getter]
+    fn tokens(&self) -> usize {
+        self.layout.tokens
+    }
+
+    #[getter]
+    fn top_k(&self) -> usize {
+        self.layout.top_k
+    }
+
+    /// True where the CUDA driver library can be opened.
+    #[staticmethod]
+    fn driver_available() -> bool {
+        ktrs::cuda::driver_available()
+    }
+}
+
+struct SendPtr(*mut u8);
+// SAFETY: points into the pinned block, which the closure's owner keeps alive.
+unsafe impl Send for SendPtr {}
+
+impl SendPtr {
+    /// A method, so closures capture the whole `SendPtr` (not its raw field).
+    fn get(&self) -> *mut u8 {
+        self.0
+    }
+}

@@ -1,0 +1,164 @@
+"""Decode graphs (`ktrs.decode`): every decode step of `generate` one CUDA graph replay,
+routed experts as host nodes. Each CUDA test compares graph decode with eager decode of
+the same patched model (same static cache, graphs switched off) and checks that graphs
+really ran; the CPU tests check what a machine without CUDA does."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DeepseekV2ForCausalLM  # noqa: E402
+
+import ktrs  # noqa: E402
+from ktrs import decode  # noqa: E402
+
+from test_patch_model import bf16_exact, tiny_config  # noqa: E402
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the GPU machine)")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(0)
+    return bf16_exact(DeepseekV2ForCausalLM(tiny_config(vocab_size=256, max_position_embeddings=256))).eval()
+
+
+def prompt(n=1, t=7, seed=3, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, t), generator=g).to(device)
+
+
+def patched(reference, dtype=torch.bfloat16, **kw):
+    model = ktrs.patch_model(copy.deepcopy(reference).to(dtype), device="cuda", threads=2, **kw)
+    return model.eval()
+
+
+def both(model, ids, **kw):
+    """(graph result, eager result, graph stats) of the same generate call."""
+    kw = {"pad_token_id": 0, "max_new_tokens": 10, "do_sample": False, "output_scores": True, "return_dict_in_generate": True, **kw}
+    decode.reset_stats(model)
+    seed = kw.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(seed)
+    got = model.generate(ids, **kw)
+    st = decode.stats(model)
+    decode.disable(model)
+    try:
+        if seed is not None:
+            torch.manual_seed(seed)
+        want = model.generate(ids, **kw)
+    finally:
+        decode.enable(model)
+    return got, want, st
+
+
+def assert_same(got, want, st, steps):
+    assert st["replays"] + st["captures"] >= steps - 1, st  # graphs really ran (first step captures)
+    assert st["failed"] is None
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_without_cuda_ktrs_imports_and_generates_on_the_cpu(reference):
+    model = ktrs.patch_model(copy.deepcopy(reference), device="cpu", threads=2)
+    assert getattr(model, "_ktrs_decode", None) is None  # nothing to speed up without CUDA
+    out = model.generate(prompt(device="cpu"), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 11)
+
+
+@pytest.mark.skipif(ktrs._native.HostStage.driver_available(), reason="this machine has a CUDA driver")
+def test_host_stage_without_a_driver_is_an_error_not_a_crash():
+    ex = ktrs.MoeExperts.empty(2, 32, 16, threads=1)
+    with pytest.raises(ktrs.KtrsError, match="libcuda"):
+        ktrs._native.HostStage(ex._native, 1, 2)
+
+
+@cuda
+def test_graph_decode_gives_the_eager_tokens_and_logits(reference):
+    model = patched(reference)
+    got, want, st = both(model, prompt(), max_new_tokens=12)
+    assert_same(got, want, st, 12)
+    assert st["host_node_runs"] > 0
+    # A second call reuses the captured graph.
+    got2, _, st2 = both(model, prompt(seed=4), max_new_tokens=12)
+    assert st2["captures"] == 0 and st2["replays"] >= 11
+
+
+@cuda
+def test_graph_decode_matches_the_stock_model(reference):
+    model = patched(reference, dtype=torch.float32)
+    ids = prompt(t=6)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = copy.deepcopy(reference).cuda().generate(ids, **kw)
+    assert torch.equal(model.generate(ids, **kw), want)
+    assert decode.stats(model)["replays"] > 0
+
+
+@cuda
+@pytest.mark.parametrize("batch", [4])
+def test_batched_graph_decode(reference, batch):
+    model = patched(reference)
+    got, want, st = both(model, prompt(n=batch), max_new_tokens=8)
+    assert_same(got, want, st, 8)
+
+
+def adapter_model(reference):
+    from peft import LoraConfig
+
+    model = patched(reference)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "kv_b_proj", "o_proj"], target_parameters=["gate_up_proj", "down_proj"])
+    pm = ktrs.get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.2).to(p.dtype))
+    return pm.eval()
+
+
+@cuda
+def test_graph_decode_with_an_unmerged_adapter_and_sampling(reference):
+    pm = adapter_model(reference)
+    got, want, st = both(pm, prompt(), max_new_tokens=10)
+    assert_same(got, want, st, 10)
+    got, want, st = both(pm, prompt(), max_new_tokens=10, do_sample=True, top_k=20, temperature=0.8, seed=11)
+    assert_same(got, want, st, 10)
+    again, _, _ = both(pm, prompt(), max_new_tokens=10, do_sample=True, top_k=20, temperature=0.8, seed=11)
+    assert torch.equal(again.sequences, got.sequences)  # a fixed seed reproduces
+
+
+@cuda
+def test_lora_changed_between_generate_calls_is_used(reference):
+    """failure-modes.md row 1: no stale copy of any LoRA weight anywhere."""
+    pm = adapter_model(reference)
+    ids = prompt()
+    first, _, _ = both(pm, ids, max_new_tokens=8)
+    with torch.no_grad():  # in place, as an optimizer step does
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.mul_(-1.5)
+    got, want, st = both(pm, ids, max_new_tokens=8)
+    assert_same(got, want, st, 8)
+    assert not torch.allclose(got.scores[0], first.scores[0])
+    # Expert LoRA alone changed (ktrs memory, read by the host nodes at each run).
+    experts = [m for m in pm.modules() if isinstance(m, ktrs.KtrsExperts)]
+    with torch.no_grad():
+        for m in experts:
+            m.lora["down_B"].add_(0.5)
+    got2, want2, st2 = both(pm, ids, max_new_tokens=8)
+    assert_same(got2, want2, st2, 8)
+    assert not torch.allclose(got2.scores[0], got.scores[0])
+
+
+@cuda
+def test_disable_adapter_inside_generate_matches_eager(reference):
+    pm = adapter_model(reference)
+    ids = prompt()
+    with pm.disable_adapter():
+        got, want, st = both(pm, ids, max_new_tokens=8)
+    assert_same(got, want, st, 8)
+    on, _, _ = both(pm, ids, max_new_tokens=8)
+    assert not torch.allclose(on.scores[0], got.scores[0])  # the graphs of "off" were not reused
