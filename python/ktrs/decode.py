@@ -54,24 +54,38 @@ def host_node_mode() -> bool:
 
 
 @contextlib.contextmanager
-def _host_nodes() -> Iterator[None]:
-    prev = host_node_mode()
-    _MODE.on = True
+def _host_nodes(channel: Optional[Any] = None) -> Iterator[None]:
+    """Routes MoE blocks through :func:`experts_on_stream`, handing off through `channel`
+    (a ``_native.StreamChannel``) or, without one, through host nodes."""
+    prev = host_node_mode(), getattr(_MODE, "channel", None)
+    _MODE.on, _MODE.channel = True, channel
     try:
         yield
     finally:
-        _MODE.on = prev
+        _MODE.on, _MODE.channel = prev
+
+
+def new_channel() -> Optional[Any]:
+    """A stream channel (the fast hand-off), or None where the driver lacks stream memory
+    operations or ``KTRS_DECODE_CHANNEL=0``: then host nodes are used."""
+    if os.environ.get("KTRS_DECODE_CHANNEL", "1") == "0" or not _native.StreamChannel.available():
+        return None
+    try:
+        return _native.StreamChannel()
+    except _native.KtrsError as exc:
+        warnings.warn(f"ktrs: no stream channel ({exc}); decode hands off through host nodes", RuntimeWarning, stacklevel=2)
+        return None
 
 
 class _Stage:
     """Pinned staging for one layer and one (tokens, top_k), owned by Rust."""
 
-    def __init__(self, experts_native: Any, tokens: int, top_k: int) -> None:
-        self.native = _native.HostStage(experts_native, tokens, top_k)
+    def __init__(self, experts_native: Any, tokens: int, top_k: int, channel: Optional[Any]) -> None:
+        self.native = _native.HostStage(experts_native, tokens, top_k, channel)
         self.x, self.ids, self.w, self.out = (torch.from_dlpack(c) for c in self.native.tensors())
 
 
-def _stages(module: nn.Module) -> Dict[Tuple[int, int], _Stage]:
+def _stages(module: nn.Module) -> Dict[Tuple[int, int, int], _Stage]:
     return module.__dict__.setdefault("_ktrs_stages", {})
 
 
@@ -80,11 +94,13 @@ def experts_on_stream(module: nn.Module, hidden: torch.Tensor, topk_ids: torch.T
     stream (recorded as graph nodes under capture): copies in, host node, copy out.
     ``hidden [T, H]`` on a CUDA device; returns ``[T, H]`` there, in ``hidden``'s dtype."""
     tokens, top_k = topk_ids.shape
-    stage = _stages(module).get((tokens, top_k))
+    channel = getattr(_MODE, "channel", None)
+    key = (tokens, top_k, id(channel))
+    stage = _stages(module).get(key)
     if stage is None:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("ktrs: expert staging must be made before graph capture (warm-up run missing)")
-        stage = _stages(module)[(tokens, top_k)] = _Stage(module.experts._native, tokens, top_k)
+        stage = _stages(module)[key] = _Stage(module.experts._native, tokens, top_k, channel)
     stage.x.copy_(hidden.to(torch.bfloat16), non_blocking=True)
     stage.ids.copy_(topk_ids.to(torch.int64), non_blocking=True)
     stage.w.copy_(topk_weights.to(torch.float32), non_blocking=True)
@@ -132,6 +148,14 @@ class DecodeGraphs:
         self.failed: Optional[str] = None
         self.model = model
         self.counts = {"captures": 0, "replays": 0, "eager_steps": 0}
+        self.wait_blocking = os.environ.get("KTRS_DECODE_BLOCKING_WAIT", "1") != "0"
+        #: The hand-off thread (a `_native.StreamChannel`); None until the first capture,
+        #: False where unavailable (host nodes are used then).
+        self.channel: Any = None
+        #: Worker-pool spin (µs) while a decode runs: its layers come a few hundred µs
+        #: apart, and a sleeping pool costs a wake-up per layer.
+        self.spin_us = int(os.environ.get("KTRS_DECODE_SPIN_US", "5000"))
+        self.done = torch.cuda.Event(blocking=True)
         #: With `profile`, each replay is timed on the GPU (events; read by `stats`).
         self.profile = False
         self.events: List[Tuple[Any, Any]] = []
@@ -200,6 +224,11 @@ class DecodeGraphs:
             self.events.append((start, end))
         else:
             entry.graph.replay()
+        if self.wait_blocking:
+            # Sleep until the step is done instead of letting CUDA's default sync spin:
+            # a spinning Python thread takes a core from the experts' worker pool.
+            self.done.record()
+            self.done.synchronize()
         self.counts["replays"] += 1
         return _detached_output(entry.output)
 
@@ -209,7 +238,12 @@ class DecodeGraphs:
         # staging memory, which cannot be pinned during capture); capture only records.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), _host_nodes():
+        if self.channel is None:
+            self.channel = new_channel() or False
+            if self.channel:
+                self.channel.set_active(True)
+        channel = self.channel or None
+        with torch.cuda.stream(side), _host_nodes(channel):
             out = self.forward(**static)
         torch.cuda.current_stream().wait_stream(side)
         _raise_stage_errors(self.model, synchronize=True)
@@ -217,7 +251,7 @@ class DecodeGraphs:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with _host_nodes(), torch.cuda.graph(graph, pool=self.pool):
+            with _host_nodes(channel), torch.cuda.graph(graph, pool=self.pool):
                 static_out = self.forward(**static)
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
             self.failed = f"{type(exc).__name__}: {exc}"
@@ -239,12 +273,23 @@ class DecodeGraphs:
         for m in _ktrs_experts(self.model):
             m._ensure_views()
         _raise_stage_errors(self.model, synchronize=False)
+        from .info import set_tuning, tuning
+
+        spin = tuning().get("KTRS_SPIN_US")
+        set_tuning("KTRS_SPIN_US", max(self.spin_us, spin or 0))
+        if self.channel:
+            self.channel.set_active(True)
         self.active += 1
         try:
             result = self.generate(*args, **kwargs)
         finally:
             self.active -= 1
-        _raise_stage_errors(self.model, synchronize=True)
+            try:
+                _raise_stage_errors(self.model, synchronize=True)
+            finally:
+                if self.channel:  # only once the stream is idle: nothing waits on it now
+                    self.channel.set_active(False)
+                set_tuning("KTRS_SPIN_US", spin)
         return result
 
     def drop(self) -> None:
@@ -252,6 +297,8 @@ class DecodeGraphs:
         if self.graphs and torch.cuda.is_available():
             torch.cuda.synchronize()
         self.graphs.clear()
+        # A pool whose graphs are all gone cannot take a new capture (torch asserts).
+        self.pool = None
         self.failed = None
 
 

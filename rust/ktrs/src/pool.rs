@@ -46,8 +46,6 @@ pub struct ThreadPool {
     run_lock: Mutex<()>,
 }
 
-const SPIN: Duration = Duration::from_micros(200);
-
 impl ThreadPool {
     /// A pool of `threads` busy threads in all: the caller plus `threads - 1` workers.
     /// With `pin`, worker i is bound to the (i+1)-th allowed physical core, leaving the
@@ -172,8 +170,9 @@ fn worker_loop(s: Arc<Shared>, worker: usize, cpu: Option<usize>) {
     loop {
         // Spin a little, then sleep until a new generation or shutdown.
         let start = Instant::now();
+        let spin = Duration::from_micros(crate::tuning::get(crate::tuning::Knob::SpinUs) as u64);
         while s.generation.load(Acquire) == seen && !s.shutdown.load(Relaxed) {
-            if start.elapsed() > SPIN {
+            if start.elapsed() > spin {
                 let guard = s.job.lock().unwrap_or_else(|e| e.into_inner());
                 let _g = s
                     .wake

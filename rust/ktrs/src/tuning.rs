@@ -30,9 +30,12 @@ pub enum Knob {
     /// Experts with at most this many rows (≤ 16) multiply by the transposed weights
     /// straight from the forward panels in backward; more rows repack a block first.
     BwdDirectRows,
+    /// Microseconds an idle worker spins before it sleeps: a wake-up from sleep costs
+    /// more than a short spin, and decode leaves gaps of a few hundred µs between layers.
+    SpinUs,
 }
 
-const ALL: [(Knob, &str, usize); 9] = [
+const ALL: [(Knob, &str, usize); 10] = [
     (Knob::TaskPanels, "KTRS_NB", 0),
     (Knob::AmxMinRows, "KTRS_AMX_MIN_ROWS", 8),
     (Knob::AmxKBlock, "KTRS_AMX_KBLOCK", 0),
@@ -42,6 +45,7 @@ const ALL: [(Knob, &str, usize); 9] = [
     (Knob::Profile, "KTRS_PROFILE", 0),
     (Knob::AmxPipeline, "KTRS_AMX_PIPELINE", 1),
     (Knob::BwdDirectRows, "KTRS_BWD_DIRECT_ROWS", 8),
+    (Knob::SpinUs, "KTRS_SPIN_US", 200),
 ];
 
 const UNSET: usize = usize::MAX;

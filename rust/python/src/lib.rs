@@ -20,6 +20,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<experts::Experts>()?;
     m.add_class::<experts::ForwardHandle>()?;
     m.add_class::<stage::HostStage>()?;
+    m.add_class::<stage::PyStreamChannel>()?;
     m.add_function(wrap_pyfunction!(info::cpu_info, m)?)?;
     m.add_function(wrap_pyfunction!(info::tuning, m)?)?;
     m.add_function(wrap_pyfunction!(info::set_tuning, m)?)?;

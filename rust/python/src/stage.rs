@@ -10,7 +10,7 @@
 use crate::dlpack::{export_raw, DType};
 use crate::error::IntoPy;
 use crate::experts::Experts;
-use ktrs::cuda::{HostFn, PinnedBlock};
+use ktrs::cuda::{ChannelJob, HostFn, PinnedBlock, StreamChannel};
 use pyo3::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,9 +57,45 @@ struct Report {
     busy_ns: AtomicU64,
 }
 
+/// How a stage's run gets onto a stream.
+enum Launcher {
+    /// A host node (`cuLaunchHostFunc`), run by the driver's callback thread.
+    HostFn(HostFn),
+    /// A flag write and wait answered by a channel's spinning thread (faster).
+    Channel(ChannelJob),
+}
+
+/// A thread that answers stream flag writes with runs of registered stages (see
+/// `ktrs::cuda::StreamChannel`). One per model; `active` while a decode is running.
+#[pyclass(module = "ktrs._native", name = "StreamChannel", frozen)]
+pub struct PyStreamChannel {
+    channel: StreamChannel,
+}
+
+#[pymethods]
+impl PyStreamChannel {
+    #[new]
+    fn new(py: Python<'_>) -> PyResult<Self> {
+        Ok(PyStreamChannel {
+            channel: StreamChannel::new().py_err(py)?,
+        })
+    }
+
+    /// True where the CUDA driver offers stream memory operations.
+    #[staticmethod]
+    fn available() -> bool {
+        StreamChannel::available()
+    }
+
+    /// Spin while a decode runs (true), poll every millisecond otherwise.
+    fn set_active(&self, on: bool) {
+        self.channel.set_active(on);
+    }
+}
+
 #[pyclass(module = "ktrs._native", name = "HostStage")]
 pub struct HostStage {
-    host: HostFn,
+    launcher: Launcher,
     block: Arc<PinnedBlock>,
     layout: Layout,
     report: Arc<Report>,
@@ -67,9 +103,17 @@ pub struct HostStage {
 
 #[pymethods]
 impl HostStage {
-    /// Staging for `tokens` rows routed to `top_k` experts each, for `experts`' layer.
+    /// Staging for `tokens` rows routed to `top_k` experts each, for `experts`' layer,
+    /// launched through `channel` when given, else as a host node.
     #[new]
-    fn new(py: Python<'_>, experts: &Experts, tokens: usize, top_k: usize) -> PyResult<Self> {
+    #[pyo3(signature = (experts, tokens, top_k, channel=None))]
+    fn new(
+        py: Python<'_>,
+        experts: &Experts,
+        tokens: usize,
+        top_k: usize,
+        channel: Option<&PyStreamChannel>,
+    ) -> PyResult<Self> {
         let hidden = experts.layer().config.hidden;
         if tokens == 0 || top_k == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
@@ -83,12 +127,13 @@ impl HostStage {
         let layer = experts.shared_layer();
         let (mem, rep) = (SendPtr(block.as_ptr()), report.clone());
         let l = layout;
-        let host = HostFn::new(move || {
+        let job = move || {
             let t0 = std::time::Instant::now();
             let guard = layer.read().unwrap_or_else(|e| e.into_inner());
             let base = mem.get();
             // SAFETY: the four regions lie inside the pinned block (Layout), which lives
-            // as long as this closure (`block` below is only dropped after `host`), and
+            // as long as this closure (`block` is dropped after `launcher`, which waits
+            // for a run in progress and keeps later runs from starting), and
             // the stream orders the copies that fill them before this run.
             let (x, ids, w, out) = unsafe {
                 (
@@ -110,9 +155,13 @@ impl HostStage {
             rep.runs.fetch_add(1, Ordering::Relaxed);
             rep.busy_ns
                 .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        });
+        };
+        let launcher = match channel {
+            Some(c) => Launcher::Channel(c.channel.add(job)),
+            None => Launcher::HostFn(HostFn::new(job)),
+        };
         Ok(HostStage {
-            host,
+            launcher,
             block,
             layout,
             report,
@@ -142,8 +191,13 @@ impl HostStage {
     /// Puts one run of the experts on the CUDA stream `stream` (a `cudaStream_t` as an
     /// integer: `torch.cuda.current_stream().cuda_stream`); under graph capture, records it.
     fn launch(&self, py: Python<'_>, stream: usize) -> PyResult<()> {
+        let stream = stream as *mut std::ffi::c_void;
         // SAFETY: the caller passes torch's handle of a live stream (module-private API).
-        unsafe { self.host.launch(stream as *mut std::ffi::c_void) }.py_err(py)
+        match &self.launcher {
+            Launcher::HostFn(h) => unsafe { h.launch(stream) },
+            Launcher::Channel(j) => unsafe { j.launch(stream) },
+        }
+        .py_err(py)
     }
 
     /// The first error a run hit since the last call (then cleared), or None.
