@@ -22,10 +22,9 @@ import ktrs  # noqa: E402
 VARIANTS = {
     "default": {},
     "host nodes": {"channel": False},
-    "host nodes, spin 200us": {"channel": False, "spin": 200},
     "spin 200us": {"spin": 200},
+    "spin 5000us": {"spin": 5000},
     "15 threads": {"threads": 15},
-    "spinning wait": {"blocking": False},
     "no graphs": {"graphs": False},
 }
 
@@ -35,7 +34,7 @@ def apply(model, threads_default: int, v: dict) -> None:
         if isinstance(m, ktrs.KtrsExperts):
             m.experts.threads = v.get("threads", threads_default)
     g = model._ktrs_decode
-    g.spin_us = v.get("spin", 5000)
+    g.spin_us = v.get("spin", 1000)
     g.wait_blocking = v.get("blocking", True)
     g.enabled = v.get("graphs", True)
     want_channel = v.get("channel", True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import threading
 import warnings
@@ -70,6 +71,7 @@ def new_channel() -> Optional[Any]:
     operations or ``KTRS_DECODE_CHANNEL=0``: then host nodes are used."""
     if os.environ.get("KTRS_DECODE_CHANNEL", "1") == "0" or not _native.StreamChannel.available():
         return None
+    torch.cuda.synchronize()  # the driver calls below need this thread's CUDA context
     try:
         return _native.StreamChannel()
     except _native.KtrsError as exc:
@@ -100,6 +102,7 @@ def experts_on_stream(module: nn.Module, hidden: torch.Tensor, topk_ids: torch.T
     if stage is None:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("ktrs: expert staging must be made before graph capture (warm-up run missing)")
+        torch.cuda.synchronize()  # pinning needs this thread's CUDA context current
         stage = _stages(module)[key] = _Stage(module.experts._native, tokens, top_k, channel)
     stage.x.copy_(hidden.to(torch.bfloat16), non_blocking=True)
     stage.ids.copy_(topk_ids.to(torch.int64), non_blocking=True)
@@ -154,7 +157,10 @@ class DecodeGraphs:
         self.channel: Any = None
         #: Worker-pool spin (µs) while a decode runs: its layers come a few hundred µs
         #: apart, and a sleeping pool costs a wake-up per layer.
-        self.spin_us = int(os.environ.get("KTRS_DECODE_SPIN_US", "5000"))
+        self.spin_us = int(os.environ.get("KTRS_DECODE_SPIN_US", "1000"))
+        #: Static KV caches owned here, one per batch size, reused (reset) across calls:
+        #: HF would make a new one per call, and every new cache means new graphs.
+        self.caches: Dict[int, Tuple[int, Any]] = {}
         self.done = torch.cuda.Event(blocking=True)
         #: With `profile`, each replay is timed on the GPU (events; read by `stats`).
         self.profile = False
@@ -273,6 +279,7 @@ class DecodeGraphs:
         for m in _ktrs_experts(self.model):
             m._ensure_views()
         _raise_stage_errors(self.model, synchronize=False)
+        self._provide_cache(args, kwargs)
         from .info import set_tuning, tuning
 
         spin = tuning().get("KTRS_SPIN_US")
@@ -291,6 +298,39 @@ class DecodeGraphs:
                     self.channel.set_active(False)
                 set_tuning("KTRS_SPIN_US", spin)
         return result
+
+    def _provide_cache(self, args: tuple, kwargs: Dict[str, Any]) -> None:
+        """Passes a persistent static cache to `generate` where HF would make its own
+        (a plain call with a static cache configured, greedy or sampling, one sequence
+        per prompt); capacity is rounded up to 256 positions and only ever grows."""
+        from transformers import StaticCache
+
+        name = "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
+        if kwargs.get(name) is not None or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+            return
+        gc = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        impl = kwargs.get("cache_implementation", getattr(gc, "cache_implementation", None))
+        if gc is None or impl != "static" or kwargs.get("use_cache", gc.use_cache) is False:
+            return
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not ids.is_cuda:
+            return
+        if (kwargs.get("num_beams", gc.num_beams) or 1) > 1 or (kwargs.get("num_return_sequences", gc.num_return_sequences) or 1) > 1:
+            return
+        new = kwargs.get("max_new_tokens", gc.max_new_tokens)
+        need = ids.shape[1] + new if new is not None else kwargs.get("max_length", gc.max_length)
+        if not need:
+            return
+        batch = ids.shape[0]
+        size, cache = self.caches.get(batch, (0, None))
+        if cache is None or size < need:
+            size = max(-(-need // 256) * 256, size)
+            cache = StaticCache(config=self.model.config, max_cache_len=size)
+            self.caches[batch] = (size, cache)
+        else:
+            cache.reset()
+        kwargs[name] = cache
+        kwargs["cache_implementation"] = None  # HF refuses a cache object together with one
 
     def drop(self) -> None:
         """Forgets every captured graph (after the GPU has finished with them)."""

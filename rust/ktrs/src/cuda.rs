@@ -409,6 +409,10 @@ impl Drop for StreamChannel {
 
 impl ChannelInner {
     fn serve(&self) {
+        // The caller's core: the experts' workers have the others.
+        if let Some(core) = crate::pool::caller_core() {
+            crate::pool::pin_current_thread(core);
+        }
         let (go, done) = (self.flags.word(GO), self.flags.word(DONE));
         let mut idle_since = std::time::Instant::now();
         loop {
@@ -442,8 +446,12 @@ impl ChannelInner {
             {
                 return;
             }
-            if self.active.load(Ordering::Relaxed) || idle_since.elapsed().as_micros() < 200 {
+            // Within a decode step the next layer comes a few hundred µs later: spin. Between
+            // steps Python runs, maybe on this core: spin politely (yield). Idle: sleep.
+            if idle_since.elapsed().as_micros() < 1000 {
                 std::hint::spin_loop();
+            } else if self.active.load(Ordering::Relaxed) {
+                std::thread::yield_now();
             } else {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }

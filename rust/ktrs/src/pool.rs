@@ -219,6 +219,16 @@ impl Drop for ThreadPool {
     }
 }
 
+/// The core the pools leave to the thread that calls them (the first allowed physical
+/// core), unless `KTRS_PIN=0`: a thread that calls pools all the time (the decode
+/// channel) pins itself there.
+pub fn caller_core() -> Option<usize> {
+    if std::env::var("KTRS_PIN").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    pin_targets().first().copied()
+}
+
 /// One logical CPU per physical core, in order, from the allowed set.
 fn pin_targets() -> Vec<usize> {
     let mut seen = std::collections::BTreeSet::new();
