@@ -23,7 +23,7 @@ VARIANTS = {
     "default": {},
     "host nodes": {"channel": False},
     "spin 200us": {"spin": 200},
-    "spin 5000us": {"spin": 5000},
+    "spin 1000us": {"spin": 1000},
     "15 threads": {"threads": 15},
     "no graphs": {"graphs": False},
 }
@@ -34,7 +34,7 @@ def apply(model, threads_default: int, v: dict) -> None:
         if isinstance(m, ktrs.KtrsExperts):
             m.experts.threads = v.get("threads", threads_default)
     g = model._ktrs_decode
-    g.spin_us = v.get("spin", 1000)
+    g.spin_us = v.get("spin", 5000)
     g.wait_blocking = v.get("blocking", True)
     g.enabled = v.get("graphs", True)
     want_channel = v.get("channel", True)

@@ -33,14 +33,14 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import _native
 
-__all__ = ["enable", "disable", "stats", "reset_stats", "experts_on_stream", "host_node_mode"]
+__all__ = ["enable", "disable", "stats", "reset_stats", "experts_on_stream", "submit_on_stream", "host_node_mode"]
 
 #: Graphs kept per model (each holds its static inputs and a share of one memory pool).
 MAX_GRAPHS = 8
@@ -93,8 +93,16 @@ def _stages(module: nn.Module) -> Dict[Tuple[int, int, int], _Stage]:
 
 def experts_on_stream(module: nn.Module, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """The routed experts of a :class:`ktrs.KtrsExperts` as stream work on the current CUDA
-    stream (recorded as graph nodes under capture): copies in, host node, copy out.
+    stream (recorded as graph nodes under capture): copies in, hand-off, copy out.
     ``hidden [T, H]`` on a CUDA device; returns ``[T, H]`` there, in ``hidden``'s dtype."""
+    return submit_on_stream(module, hidden, topk_ids, topk_weights)()
+
+
+def submit_on_stream(module: nn.Module, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """:func:`experts_on_stream` in two halves: this enqueues the copies and starts the
+    experts; calling the returned function enqueues the wait and the copy back, and
+    returns the output. GPU work enqueued in between (the shared experts) overlaps the
+    CPU experts."""
     tokens, top_k = topk_ids.shape
     channel = getattr(_MODE, "channel", None)
     key = (tokens, top_k, id(channel))
@@ -107,8 +115,14 @@ def experts_on_stream(module: nn.Module, hidden: torch.Tensor, topk_ids: torch.T
     stage.x.copy_(hidden.to(torch.bfloat16), non_blocking=True)
     stage.ids.copy_(topk_ids.to(torch.int64), non_blocking=True)
     stage.w.copy_(topk_weights.to(torch.float32), non_blocking=True)
-    stage.native.launch(torch.cuda.current_stream().cuda_stream)
-    return stage.out.to(hidden.device, non_blocking=True).to(hidden.dtype)
+    stream = torch.cuda.current_stream().cuda_stream
+    stage.native.submit(stream)
+
+    def finish() -> torch.Tensor:
+        stage.native.finish(stream)
+        return stage.out.to(hidden.device, non_blocking=True).to(hidden.dtype)
+
+    return finish
 
 
 def _ktrs_experts(model: nn.Module) -> List[nn.Module]:
@@ -157,7 +171,7 @@ class DecodeGraphs:
         self.channel: Any = None
         #: Worker-pool spin (µs) while a decode runs: its layers come a few hundred µs
         #: apart, and a sleeping pool costs a wake-up per layer.
-        self.spin_us = int(os.environ.get("KTRS_DECODE_SPIN_US", "1000"))
+        self.spin_us = int(os.environ.get("KTRS_DECODE_SPIN_US", "5000"))
         #: Static KV caches owned here, one per batch size, reused (reset) across calls:
         #: HF would make a new one per call, and every new cache means new graphs.
         self.caches: Dict[int, Tuple[int, Any]] = {}

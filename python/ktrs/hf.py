@@ -73,9 +73,11 @@ def _moe_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     experts: KtrsExperts = self.experts
     needs_grad = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in experts.parameters()))
     if flat.is_cuda and not needs_grad and decode.host_node_mode():
-        # Decode graphs: the experts become stream work (a host node), no Python per step.
-        routed = decode.experts_on_stream(experts, flat, topk_indices, topk_weights)
+        # Decode graphs: the experts become stream work, no Python per step; the GPU runs
+        # the shared experts while the CPU runs the routed ones.
+        finish = decode.submit_on_stream(experts, flat, topk_indices, topk_weights)
         shared = self.shared_experts(residuals)
+        routed = finish()
     elif flat.is_cuda and not needs_grad:
         pending = experts.submit(flat, topk_indices, topk_weights)
         shared = self.shared_experts(residuals)

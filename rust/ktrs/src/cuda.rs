@@ -39,7 +39,7 @@ struct Driver {
     get_error_string: GetErrorString,
     /// Stream memory operations (`cuStreamWriteValue32_v2`, `cuStreamWaitValue32_v2`) and
     /// mapped host pointers: what [`StreamChannel`] needs; absent on old drivers.
-    memops: Option<(StreamValue32, StreamValue32, MemHostGetDevicePointer)>,
+    memops: Option<Memops>,
 }
 
 /// `CU_MEMHOSTREGISTER_PORTABLE`: pinned for every context, not only the current one.
@@ -459,6 +459,16 @@ impl ChannelInner {
     }
 }
 
+type Memops = (StreamValue32, StreamValue32, MemHostGetDevicePointer);
+
+fn memops() -> Result<(&'static Driver, Memops)> {
+    let d = driver()?;
+    let m = d
+        .memops
+        .ok_or_else(|| KtrsError::System("no stream memory operations".into()))?;
+    Ok((d, m))
+}
+
 /// One job of a [`StreamChannel`].
 pub struct ChannelJob {
     inner: Arc<ChannelInner>,
@@ -472,16 +482,31 @@ impl ChannelJob {
     /// # Safety
     /// `stream` must be a live `CUstream` of this process (see [`HostFn::launch`]).
     pub unsafe fn launch(&self, stream: *mut c_void) -> Result<()> {
-        let d = driver()?;
-        let (write, wait, _) = d
-            .memops
-            .ok_or_else(|| KtrsError::System("no stream memory operations".into()))?;
-        let c = &self.inner;
+        self.submit(stream)?;
+        self.finish(stream)
+    }
+
+    /// The first half of [`launch`](Self::launch): `go = id`. Stream work enqueued
+    /// between `submit` and `finish` (the shared experts) overlaps the job.
+    ///
+    /// # Safety
+    /// As for `launch`; every `submit` must be followed by a `finish` on the same stream.
+    pub unsafe fn submit(&self, stream: *mut c_void) -> Result<()> {
+        let (d, (write, _, _)) = memops()?;
         check(
             d,
-            write(stream, c.go_dev, self.id, 0),
+            write(stream, self.inner.go_dev, self.id, 0),
             "cuStreamWriteValue32",
-        )?;
+        )
+    }
+
+    /// The second half: wait until `done == id`, then clear `done`.
+    ///
+    /// # Safety
+    /// As for `launch`.
+    pub unsafe fn finish(&self, stream: *mut c_void) -> Result<()> {
+        let (d, (write, wait, _)) = memops()?;
+        let c = &self.inner;
         check(
             d,
             wait(stream, c.done_dev, self.id, WAIT_EQ),

@@ -190,14 +190,31 @@ impl HostStage {
 
     /// Puts one run of the experts on the CUDA stream `stream` (a `cudaStream_t` as an
     /// integer: `torch.cuda.current_stream().cuda_stream`); under graph capture, records it.
+    /// Same as `submit` then `finish`.
     fn launch(&self, py: Python<'_>, stream: usize) -> PyResult<()> {
+        self.submit(py, stream)?;
+        self.finish(py, stream)
+    }
+
+    /// Starts the run (stream order); GPU work enqueued before `finish` overlaps it.
+    fn submit(&self, py: Python<'_>, stream: usize) -> PyResult<()> {
         let stream = stream as *mut std::ffi::c_void;
         // SAFETY: the caller passes torch's handle of a live stream (module-private API).
         match &self.launcher {
             Launcher::HostFn(h) => unsafe { h.launch(stream) },
-            Launcher::Channel(j) => unsafe { j.launch(stream) },
+            Launcher::Channel(j) => unsafe { j.submit(stream) },
         }
         .py_err(py)
+    }
+
+    /// Makes the stream wait for the run `submit` started (a host node needs no wait:
+    /// it blocks the stream itself, so GPU work after it does not overlap).
+    fn finish(&self, py: Python<'_>, stream: usize) -> PyResult<()> {
+        match &self.launcher {
+            Launcher::HostFn(_) => Ok(()),
+            // SAFETY: as in `submit`.
+            Launcher::Channel(j) => unsafe { j.finish(stream as *mut std::ffi::c_void) }.py_err(py),
+        }
     }
 
     /// The first error a run hit since the last call (then cleared), or None.
