@@ -175,6 +175,8 @@ class DecodeGraphs:
         #: Static KV caches owned here, one per batch size, reused (reset) across calls:
         #: HF would make a new one per call, and every new cache means new graphs.
         self.caches: Dict[int, Tuple[int, Any]] = {}
+        #: Simple calls (greedy or sampling) run their whole decode loop in the graph.
+        self.in_graph_loop = os.environ.get("KTRS_DECODE_LOOP", "1") != "0"
         self.done = torch.cuda.Event(blocking=True)
         #: With `profile`, each replay is timed on the GPU (events; read by `stats`).
         self.profile = False
@@ -236,52 +238,70 @@ class DecodeGraphs:
         for k, t in entry.inputs.items():
             if isinstance(t, torch.Tensor):
                 t.copy_(kwargs[k])
-        if self.profile:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            entry.graph.replay()
-            end.record()
-            self.events.append((start, end))
-        else:
-            entry.graph.replay()
+        self.replay(entry.graph)
         if self.wait_blocking:
             # Sleep until the step is done instead of letting CUDA's default sync spin:
             # a spinning Python thread takes a core from the experts' worker pool.
             self.done.record()
             self.done.synchronize()
-        self.counts["replays"] += 1
         return _detached_output(entry.output)
 
-    def _capture(self, key: Tuple, kwargs: Dict[str, Any]):
-        static = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        # The warm-up is this step, run for real on a side stream (it also makes the
-        # staging memory, which cannot be pinned during capture); capture only records.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+    def replay(self, graph: "torch.cuda.CUDAGraph") -> None:
+        if self.profile:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            self.events.append((start, end))
+        else:
+            graph.replay()
+        self.counts["replays"] += 1
+
+    def channel_or_none(self) -> Optional[Any]:
+        """The model's stream channel, made on first use; None where host nodes are used."""
         if self.channel is None:
             self.channel = new_channel() or False
             if self.channel:
                 self.channel.set_active(True)
-        channel = self.channel or None
-        with torch.cuda.stream(side), _host_nodes(channel):
-            out = self.forward(**static)
+        return self.channel or None
+
+    def capture_step(self, step: Callable[[], None]) -> Optional["torch.cuda.CUDAGraph"]:
+        """Runs `step` once for real on a side stream (its warm-up, which also makes the
+        staging memory), then captures it; None (and eager from then on) if capture fails."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
         torch.cuda.current_stream().wait_stream(side)
         _raise_stage_errors(self.model, synchronize=True)
         try:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with _host_nodes(channel), torch.cuda.graph(graph, pool=self.pool):
-                static_out = self.forward(**static)
+            with torch.cuda.graph(graph, pool=self.pool):
+                step()
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
             self.failed = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"ktrs: decode graph capture failed, decoding eagerly from now on ({self.failed})", RuntimeWarning, stacklevel=3)
-            return out
-        self.graphs[key] = _Captured(graph, static, static_out)
+            return None
         self.counts["captures"] += 1
-        while len(self.graphs) > MAX_GRAPHS:
-            self.graphs.popitem(last=False)
-        return out
+        return graph
+
+    def _capture(self, key: Tuple, kwargs: Dict[str, Any]):
+        static = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        channel = self.channel_or_none()
+        result: List[Any] = []
+
+        def step() -> None:
+            with _host_nodes(channel):
+                result.append(self.forward(**static))
+
+        graph = self.capture_step(step)
+        if graph is not None:
+            self.graphs[key] = _Captured(graph, static, result[1])
+            while len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        return result[0]  # the warm-up ran this step for real
 
     def run_generate(self, *args, **kwargs):
         if not self.enabled or self.active:
@@ -293,7 +313,11 @@ class DecodeGraphs:
         for m in _ktrs_experts(self.model):
             m._ensure_views()
         _raise_stage_errors(self.model, synchronize=False)
-        self._provide_cache(args, kwargs)
+        plan = _loop_plan(self.model, args, kwargs) if self.in_graph_loop else None
+        if plan is not None and not plan.ids.is_cuda:
+            plan = None
+        if plan is None:
+            self._provide_cache(args, kwargs)
         from .info import set_tuning, tuning
 
         spin = tuning().get("KTRS_SPIN_US")
@@ -302,7 +326,7 @@ class DecodeGraphs:
             self.channel.set_active(True)
         self.active += 1
         try:
-            result = self.generate(*args, **kwargs)
+            result = generate_in_graph(self, plan) if plan is not None else self.generate(*args, **kwargs)
         finally:
             self.active -= 1
             try:
@@ -317,8 +341,6 @@ class DecodeGraphs:
         """Passes a persistent static cache to `generate` where HF would make its own
         (a plain call with a static cache configured, greedy or sampling, one sequence
         per prompt); capacity is rounded up to 256 positions and only ever grows."""
-        from transformers import StaticCache
-
         name = "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
         if kwargs.get(name) is not None or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
             return
@@ -335,7 +357,14 @@ class DecodeGraphs:
         need = ids.shape[1] + new if new is not None else kwargs.get("max_length", gc.max_length)
         if not need:
             return
-        batch = ids.shape[0]
+        kwargs[name] = self.cache_for(ids.shape[0], need)
+        kwargs["cache_implementation"] = None  # HF refuses a cache object together with one
+
+    def cache_for(self, batch: int, need: int) -> Any:
+        """The persistent static cache for `batch` sequences, reset, with room for `need`
+        positions (capacity rounded up to 256 and only ever grown)."""
+        from transformers import StaticCache
+
         size, cache = self.caches.get(batch, (0, None))
         if cache is None or size < need:
             size = max(-(-need // 256) * 256, size)
@@ -343,8 +372,7 @@ class DecodeGraphs:
             self.caches[batch] = (size, cache)
         else:
             cache.reset()
-        kwargs[name] = cache
-        kwargs["cache_implementation"] = None  # HF refuses a cache object together with one
+        return cache
 
     def drop(self) -> None:
         """Forgets every captured graph (after the GPU has finished with them)."""
@@ -441,3 +469,206 @@ def reset_stats(model: nn.Module) -> None:
     if graphs is not None:
         graphs.counts = dict.fromkeys(graphs.counts, 0)
         graphs.events.clear()
+
+
+# -- the decode loop itself in the graph ---------------------------------------------------
+#
+# HF's `generate` spends a few ms of Python per token between two graph replays (input
+# preparation, a 4-D mask, logits processors, stopping criteria): 10-15% of a step at batch
+# 1. For the common calls (greedy or sampling with temperature / top-k / top-p, EOS, min
+# lengths, a streamer) the whole step — forward, token choice, stopping state, the next
+# step's inputs — is one graph, and Python only replays it and reads a pinned flag. Every
+# other call goes through HF's loop (with per-step graphs as above).
+
+#: generation-config fields the in-graph loop implements; others must be at HF's defaults.
+_UNSUPPORTED_DEFAULTS = {
+    "num_beams": (1,), "num_return_sequences": (1,), "repetition_penalty": (1.0,), "encoder_repetition_penalty": (1.0,),
+    "no_repeat_ngram_size": (0,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "min_p": (),
+    "top_h": (), "bad_words_ids": (), "force_words_ids": (), "sequence_bias": (), "suppress_tokens": (),
+    "begin_suppress_tokens": (), "forced_bos_token_id": (), "forced_eos_token_id": (), "guidance_scale": (1.0,),
+    "output_scores": (False,), "output_logits": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
+    "return_dict_in_generate": (False,), "renormalize_logits": (False,), "max_time": (), "stop_strings": (),
+    "exponential_decay_length_penalty": (), "watermarking_config": (), "prompt_lookup_num_tokens": (),
+    "assistant_early_exit": (), "num_assistant_tokens": None, "diversity_penalty": (0.0,), "num_beam_groups": (1,),
+    "low_memory": (False,), "use_cache": (True,), "prefill_chunk_size": (),
+}
+
+
+class _LoopPlan:
+    """What one simple `generate` call asks for, resolved the way HF resolves it."""
+
+    def __init__(self, ids: torch.Tensor, gc: Any, streamer: Any) -> None:
+        self.ids, self.streamer = ids, streamer
+        prompt = ids.shape[1]
+        self.max_new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - prompt
+        eos = gc.eos_token_id
+        self.eos: Tuple[int, ...] = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        self.pad = gc.pad_token_id if gc.pad_token_id is not None else (self.eos[0] if self.eos else None)
+        # EOS is blocked while fewer than min_new_tokens are new or min_length is not reached.
+        self.eos_block = max(gc.min_new_tokens or 0, (gc.min_length or 0) - prompt, 0)
+        self.do_sample = bool(gc.do_sample)
+        self.temperature = float(gc.temperature) if self.do_sample and gc.temperature not in (None, 1.0) else None
+        self.top_k = int(gc.top_k) if self.do_sample and gc.top_k not in (None, 0) else None
+        self.top_p = float(gc.top_p) if self.do_sample and gc.top_p is not None and gc.top_p < 1.0 else None
+
+    def key(self) -> Tuple:
+        return ("loop", self.ids.shape[0], self.eos, self.pad, self.do_sample, self.temperature, self.top_k, self.top_p)
+
+
+def _loop_plan(model: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optional[_LoopPlan]:
+    """A plan when `generate(*args, **kwargs)` is a call the in-graph loop does exactly as
+    HF's loop would, else None."""
+    kw = dict(kwargs)
+    ids = kw.pop("input_ids", None)
+    if ids is None:
+        ids = kw.pop("inputs", args[0] if args else None)
+    elif args:
+        return None
+    if len(args) > 1 or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long or ids.shape[1] == 0:
+        return None
+    streamer = kw.pop("streamer", None)
+    mask = kw.pop("attention_mask", None)
+    for name in ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids"):
+        if kw.pop(name, None) is not None:
+            return None
+    try:
+        gc, rest = model._prepare_generation_config(kw.pop("generation_config", None), **kw)
+    except Exception:  # noqa: BLE001 - whatever HF makes of it, its own generate says so
+        return None
+    if set(rest) - {"use_cache"}:
+        return None
+    for field, allowed in _UNSUPPORTED_DEFAULTS.items():
+        value = getattr(gc, field, None)
+        if value is not None and allowed is not None and value not in allowed:
+            return None
+    if mask is not None and (mask.shape != ids.shape or not bool(mask.all())):
+        return None  # padding: HF's loop
+    if mask is None and gc.pad_token_id is not None:
+        # HF infers a mask from pad tokens in the prompt (unless pad is also EOS).
+        eos = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
+        if gc.pad_token_id not in eos and bool((ids == gc.pad_token_id).any()):
+            return None
+    plan = _LoopPlan(ids, gc, streamer)
+    if plan.max_new is None or plan.max_new < 1 or (plan.top_k is not None and plan.top_k < 0):
+        return None
+    return plan
+
+
+class _Loop:
+    """Static state of the in-graph loop for one batch size and sampling setup."""
+
+    def __init__(self, plan: _LoopPlan, capacity: int, vocab: int, device: torch.device) -> None:
+        b = plan.ids.shape[0]
+        self.plan = plan
+        long = dict(dtype=torch.long, device=device)
+        self.tok = torch.zeros(b, 1, **long)
+        self.pos = torch.zeros(b, 1, **long)
+        self.count = torch.zeros(1, **long)  # tokens generated so far
+        self.eos_block = torch.zeros(1, **long)
+        self.unfinished = torch.ones(b, dtype=torch.bool, device=device)
+        self.gen = torch.zeros(b, capacity, **long)
+        self.eos = torch.tensor(plan.eos, **long) if plan.eos else None
+        self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+        if plan.eos:
+            self.eos_mask[list(plan.eos)] = True
+        pin = device.type == "cuda"
+        self.host_tok = torch.zeros(b, dtype=torch.long, pin_memory=pin)
+        self.host_done = torch.zeros(1, dtype=torch.bool, pin_memory=pin)
+        self.graph: Optional["torch.cuda.CUDAGraph"] = None
+
+    def start(self, plan: _LoopPlan) -> None:
+        prompt = plan.ids.shape[1]
+        self.pos.fill_(prompt)
+        self.count.zero_()
+        self.eos_block.fill_(plan.eos_block)
+        self.unfinished.fill_(True)
+        self.plan = plan
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """Chooses each sequence's next token from the last position's logits as HF's
+        processors and samplers would, records it and prepares the next step's inputs."""
+        p = self.plan
+        scores = logits[:, -1, :].float()
+        if p.eos:
+            scores = torch.where(self.eos_mask & (self.count < self.eos_block), float("-inf"), scores)
+        if p.do_sample:
+            if p.temperature is not None:
+                scores = scores / p.temperature
+            if p.top_k is not None:
+                kth = torch.topk(scores, min(p.top_k, scores.shape[-1]))[0][..., -1, None]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            if p.top_p is not None:
+                sorted_scores, order = torch.sort(scores, descending=False)
+                remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - p.top_p)
+                remove[..., -1:] = False
+                scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            nxt = torch.argmax(scores, dim=-1)
+        if p.pad is not None and p.eos:
+            nxt = torch.where(self.unfinished, nxt, torch.full_like(nxt, p.pad))
+        self.gen.index_copy_(1, self.count, nxt[:, None])
+        if self.eos is not None:
+            self.unfinished &= ~torch.isin(nxt, self.eos)
+        self.tok.copy_(nxt[:, None])
+        self.count.add_(1)
+        self.host_tok.copy_(nxt, non_blocking=True)
+        self.host_done.copy_(~self.unfinished.any().reshape(1), non_blocking=True)
+
+
+def _forward_kwargs(model: nn.Module, cache: Any) -> Dict[str, Any]:
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True, "logits_to_keep": 1}
+
+
+def generate_in_graph(graphs: "DecodeGraphs", plan: _LoopPlan) -> torch.Tensor:
+    """`generate` for a simple call (see `_loop_plan`): prefill eagerly, then every decode
+    step one replay of a graph holding forward, token choice and bookkeeping. Also runs
+    without CUDA (same code, no graph), which is how the CPU tests check it."""
+    model, ids = graphs.model, plan.ids
+    batch, prompt = ids.shape
+    device = ids.device
+    cache = graphs.cache_for(batch, prompt + plan.max_new)
+    fw = _forward_kwargs(model, cache)
+    size = graphs.caches[batch][0]
+    key = plan.key() + (id(cache), size)
+    loop = graphs.graphs.get(key)
+    if loop is None:
+        loop = _Loop(plan, size, model.config.vocab_size, device)
+    loop.start(plan)
+    if plan.streamer is not None:
+        plan.streamer.put(ids.cpu())
+    positions = torch.arange(prompt, device=device).expand(batch, prompt)
+    loop.advance(graphs.forward(input_ids=ids, position_ids=positions, **fw).logits)  # prefill
+    use_graph = device.type == "cuda" and graphs.enabled and not graphs.failed
+    channel = graphs.channel_or_none() if use_graph else None
+
+    def step() -> None:
+        with _host_nodes(channel) if channel is not None or use_graph else contextlib.nullcontext():
+            loop.advance(graphs.forward(input_ids=loop.tok, position_ids=loop.pos, **fw).logits)
+            loop.pos.add_(1)
+
+    n = 1
+    while True:
+        if device.type == "cuda":
+            graphs.done.record()
+            graphs.done.synchronize()
+        if plan.streamer is not None:
+            plan.streamer.put(loop.host_tok.clone() if device.type == "cuda" else loop.tok[:, 0].cpu())
+        done = bool(loop.host_done[0]) if device.type == "cuda" else not bool(loop.unfinished.any())
+        if done or n >= plan.max_new:
+            break
+        if not use_graph:
+            step()
+        elif loop.graph is not None:
+            graphs.replay(loop.graph)
+        else:
+            loop.graph = graphs.capture_step(step)
+            if loop.graph is not None:
+                graphs.graphs[key] = loop
+            else:
+                use_graph = False
+        n += 1
+    if plan.streamer is not None:
+        plan.streamer.end()
+    return torch.cat([ids, loop.gen[:, :n]], dim=1)
