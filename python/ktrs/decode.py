@@ -609,7 +609,8 @@ class _Loop:
             nxt = torch.where(self.unfinished, nxt, torch.full_like(nxt, p.pad))
         self.gen.index_copy_(1, self.count, nxt[:, None])
         if self.eos is not None:
-            self.unfinished &= ~torch.isin(nxt, self.eos)
+            # Not torch.isin: for many EOS ids it sorts through a sync, which capture forbids.
+            self.unfinished &= ~(nxt[:, None] == self.eos[None, :]).any(dim=1)
         self.tok.copy_(nxt[:, None])
         self.count.add_(1)
         self.host_tok.copy_(nxt, non_blocking=True)
