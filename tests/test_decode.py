@@ -84,11 +84,14 @@ LOOP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("batch,kw", LOOP_CASES)
-def test_in_graph_loop_gives_hf_generate_tokens(reference, batch, kw):
+def test_in_graph_loop_gives_hf_generate_tokens(reference, batch, kw, attn):
     """The loop that runs inside the decode graph on CUDA, run eagerly on the CPU, against
-    HF's own generate (same processors, stopping and padding; the same sampling draws)."""
+    HF's own generate (same processors, stopping and padding; the same sampling draws),
+    for both attention implementations it makes masks for."""
     model = ktrs.patch_model(copy.deepcopy(reference), device="cpu", threads=2)
+    model.set_attn_implementation(attn)
     graphs = decode.DecodeGraphs(model)
     ids = prompt(n=batch, device="cpu", seed=batch)
     plan = decode._loop_plan(model, (ids,), kw)

@@ -31,6 +31,7 @@ import functools
 import inspect
 import os
 import threading
+import traceback
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -281,7 +282,8 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 step()
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
-            self.failed = f"{type(exc).__name__}: {exc}"
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            self.failed = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
             warnings.warn(f"ktrs: decode graph capture failed, decoding eagerly from now on ({self.failed})", RuntimeWarning, stacklevel=3)
             return None
         self.counts["captures"] += 1
@@ -551,13 +553,15 @@ def _loop_plan(model: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optiona
     plan = _LoopPlan(ids, gc, streamer)
     if plan.max_new is None or plan.max_new < 1 or (plan.top_k is not None and plan.top_k < 0):
         return None
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return None  # the loop builds 4-D masks, which these two take
     return plan
 
 
 class _Loop:
     """Static state of the in-graph loop for one batch size and sampling setup."""
 
-    def __init__(self, plan: _LoopPlan, capacity: int, vocab: int, device: torch.device) -> None:
+    def __init__(self, plan: _LoopPlan, capacity: int, vocab: int, device: torch.device, mask_dtype: torch.dtype) -> None:
         b = plan.ids.shape[0]
         self.plan = plan
         long = dict(dtype=torch.long, device=device)
@@ -571,6 +575,14 @@ class _Loop:
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
         if plan.eos:
             self.eos_mask[list(plan.eos)] = True
+        # A 4-D mask made here rather than by HF inside the forward: HF's eager-attention
+        # mask makes a tensor from a Python number, a host-to-device copy, which graph
+        # capture forbids. Bool for SDPA (True = attend), additive for eager.
+        self.kv_pos = torch.arange(capacity, **long)
+        self.mask_bool = mask_dtype == torch.bool
+        self.mask = torch.zeros(b, 1, 1, capacity, dtype=mask_dtype, device=device)
+        self.mask_min = torch.full((), torch.finfo(mask_dtype).min if not self.mask_bool else 0, dtype=mask_dtype, device=device)
+        self.mask_zero = torch.zeros((), dtype=mask_dtype, device=device)
         pin = device.type == "cuda"
         self.host_tok = torch.zeros(b, dtype=torch.long, pin_memory=pin)
         self.host_done = torch.zeros(1, dtype=torch.bool, pin_memory=pin)
@@ -583,6 +595,15 @@ class _Loop:
         self.eos_block.fill_(plan.eos_block)
         self.unfinished.fill_(True)
         self.plan = plan
+
+    def masks(self, positions: torch.Tensor) -> torch.Tensor:
+        """The causal mask of queries at `positions` [B, q] against the whole cache."""
+        allowed = self.kv_pos[None, None, None, :] <= positions[:, None, :, None]
+        return allowed if self.mask_bool else torch.where(allowed, self.mask_zero, self.mask_min)
+
+    def update_mask(self) -> None:
+        """The next step's mask, in place (a static input of the graph)."""
+        self.mask.copy_(self.masks(self.pos))
 
     def advance(self, logits: torch.Tensor) -> None:
         """Chooses each sequence's next token from the last position's logits as HF's
@@ -635,19 +656,25 @@ def generate_in_graph(graphs: "DecodeGraphs", plan: _LoopPlan) -> torch.Tensor:
     key = plan.key() + (id(cache), size)
     loop = graphs.graphs.get(key)
     if loop is None:
-        loop = _Loop(plan, size, model.config.vocab_size, device)
+        mask_dtype = torch.bool if model.config._attn_implementation == "sdpa" else model.dtype
+        loop = _Loop(plan, size, model.config.vocab_size, device, mask_dtype)
     loop.start(plan)
     if plan.streamer is not None:
         plan.streamer.put(ids.cpu())
     positions = torch.arange(prompt, device=device).expand(batch, prompt)
-    loop.advance(graphs.forward(input_ids=ids, position_ids=positions, **fw).logits)  # prefill
+    prefill = graphs.forward(input_ids=ids, position_ids=positions, attention_mask=loop.masks(positions), **fw)
+    loop.advance(prefill.logits)
+    del prefill
+    loop.update_mask()
     use_graph = device.type == "cuda" and graphs.enabled and not graphs.failed
     channel = graphs.channel_or_none() if use_graph else None
 
     def step() -> None:
-        with _host_nodes(channel) if channel is not None or use_graph else contextlib.nullcontext():
-            loop.advance(graphs.forward(input_ids=loop.tok, position_ids=loop.pos, **fw).logits)
+        with _host_nodes(channel) if use_graph else contextlib.nullcontext():
+            out = graphs.forward(input_ids=loop.tok, position_ids=loop.pos, attention_mask=loop.mask, **fw)
+            loop.advance(out.logits)
             loop.pos.add_(1)
+            loop.update_mask()
 
     n = 1
     while True:
