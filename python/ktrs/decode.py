@@ -643,6 +643,7 @@ def _forward_kwargs(model: nn.Module, cache: Any) -> Dict[str, Any]:
     return {name: cache, "use_cache": True, "logits_to_keep": 1}
 
 
+@torch.no_grad()  # as HF's generate: no autograd (and the MoE blocks take the stream path)
 def generate_in_graph(graphs: "DecodeGraphs", plan: _LoopPlan) -> torch.Tensor:
     """`generate` for a simple call (see `_loop_plan`): prefill eagerly, then every decode
     step one replay of a graph holding forward, token choice and bookkeeping. Also runs
