@@ -6,18 +6,55 @@
 //! accumulation; `scalar` is the reference the others are tested against (see the tests
 //! at the bottom, shared by every ISA).
 //!
-//! ISA safety: the `avx512` functions are `unsafe` and only reached through [`gemm`] and
-//! the `multiversion!` helpers, whose `Isa` argument comes from a layer that checked
-//! [`Isa::check_available`]. These functions are crate-private for that reason.
+//! ISA safety: the `avx2` and `avx512` functions are `unsafe` and only reached through the
+//! dispatch functions here and the `multiversion!` helpers, whose `Isa` argument comes
+//! from a layer that checked [`Isa::check_available`]. These functions are crate-private
+//! for that reason.
+//!
+//! Adding a tier: a row in `cpu.rs`'s tier table, an arm in [`multiversion!`] (every
+//! portable helper then compiles for it), and arms for the hand-written kernels in the
+//! dispatch functions below; the compiler lists every `match isa` that lacks it.
 
 pub(crate) mod amx;
+pub(crate) mod avx2;
 pub(crate) mod avx512;
 pub(crate) mod epilogue;
 pub(crate) mod lora_grad;
+#[cfg(test)]
+mod probes;
 pub(crate) mod scalar;
 pub(crate) mod vec;
 
 use crate::cpu::Isa;
+
+/// Defines `fn $name(isa: Isa, args..)` from a portable body compiled once per tier: as
+/// is for `Scalar`, and with each vector tier's target features enabled, where LLVM
+/// vectorises the inner loops for that register width. The only place that maps tiers
+/// to target features for portable code.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name(isa: $crate::cpu::Isa, $($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[target_feature(enable = "avx2,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+            match isa {
+                $crate::cpu::Isa::Scalar => body($($arg),*),
+                // SAFETY: a non-scalar Isa reaches kernels only after check_available().
+                $crate::cpu::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                $crate::cpu::Isa::Avx512 | $crate::cpu::Isa::Amx => unsafe { avx512($($arg),*) },
+            }
+        }
+    };
+}
+pub(crate) use multiversion;
 
 /// Whether this build contains AMX kernels.
 pub fn amx_kernels_built() -> bool {
@@ -75,6 +112,8 @@ pub(crate) fn gemm(isa: Isa, g: Gemm<'_>) {
     match isa {
         Isa::Scalar => scalar::gemm(g),
         // SAFETY: see module doc: `isa` was checked available by the caller's layer.
+        Isa::Avx2 => unsafe { avx2::gemm(g) },
+        // SAFETY: as above.
         Isa::Avx512 => unsafe { avx512::gemm(g) },
         // SAFETY: as above; `amx_split` keeps tile reads inside A.
         Isa::Amx => {
@@ -161,9 +200,9 @@ pub(crate) fn gemm_transposed(isa: Isa, g: TransposedGemm<'_>) {
         "C too short"
     );
     match isa {
-        Isa::Scalar => scalar::gemm_transposed(g),
         // SAFETY: bounds asserted above; `isa` checked available by the caller's layer.
         Isa::Avx512 | Isa::Amx => unsafe { avx512::gemm_transposed(g) },
+        _ => scalar::gemm_transposed(isa, g),
     }
 }
 
@@ -186,15 +225,9 @@ pub(crate) fn transpose_block(
     );
     assert!(dst.len() >= np * 16 * shape.n_pad, "destination too short");
     match isa {
-        Isa::Scalar => crate::pack::pack_transposed_block(
-            src,
-            shape,
-            c0,
-            np,
-            &mut dst[..np * 16 * shape.n_pad],
-        ),
         // SAFETY: bounds asserted above; `isa` checked available by the caller's layer.
         Isa::Avx512 | Isa::Amx => unsafe { avx512::pack_transposed_block(src, shape, c0, np, dst) },
+        _ => scalar::pack_transposed_block(isa, src, shape, c0, np, dst),
     }
 }
 
