@@ -202,7 +202,9 @@ pub(crate) fn gemm_transposed(isa: Isa, g: TransposedGemm<'_>) {
     match isa {
         // SAFETY: bounds asserted above; `isa` checked available by the caller's layer.
         Isa::Avx512 | Isa::Amx => unsafe { avx512::gemm_transposed(g) },
-        _ => scalar::gemm_transposed(isa, g),
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { avx2::gemm_transposed(g) },
+        Isa::Scalar => scalar::gemm_transposed(g),
     }
 }
 
@@ -578,7 +580,12 @@ mod tests {
         for e in 0..experts {
             all[e * sh.len()..(e + 1) * sh.len()].copy_from_slice(&one);
         }
-        let isa = Isa::best();
+        // `WS_ISA=avx2` probes another tier.
+        let isa = std::env::var("WS_ISA")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(Isa::best);
+        isa.check_available().unwrap();
         let np = 16;
         let lda_f = sh.k_pad + 32;
         let a_f = rand_bf16(8 * lda_f, &mut seed);
@@ -728,6 +735,10 @@ mod tests {
             (13, 96, 1407),
             (6, 40, 64),
             (31, 2050 / 10, 96),
+            // Row counts that pick each AVX2 register block (1-4 rows, 5 + 4).
+            (2, 48, 64),
+            (4, 64, 96),
+            (9, 32, 64),
         ] {
             let (sh, w, pw) = rand_packed(n, k, &mut seed);
             let lda = sh.k_pad + 8; // a stride wider than k_pad must work too
@@ -737,7 +748,11 @@ mod tests {
                 a[i * lda..i * lda + k].copy_from_slice(&row);
             }
             let ldc = sh.n_pad;
-            for isa in Isa::available() {
+            // All panels, and an odd number of them (kernels step over panels in pairs).
+            for (isa, np) in Isa::available()
+                .into_iter()
+                .flat_map(|isa| [(isa, sh.panels()), (isa, sh.panels() - 1)])
+            {
                 let mut c = vec![f32::NAN; m * ldc];
                 gemm(
                     isa,
@@ -746,14 +761,14 @@ mod tests {
                         a: &a,
                         lda,
                         b: &pw,
-                        np: sh.panels(),
+                        np,
                         k_pad: sh.k_pad,
                         c: &mut c,
                         ldc,
                     },
                 );
                 for i in 0..m {
-                    for o in 0..n {
+                    for o in 0..n.min(np * 16) {
                         let r: f64 = (0..k)
                             .map(|x| {
                                 bf16::to_f32(a[i * lda + x]) as f64
@@ -766,7 +781,7 @@ mod tests {
                             "{isa} m{m} n{n} k{k} ({i},{o}): {got} vs {r}"
                         );
                     }
-                    for o in n..sh.n_pad {
+                    for o in n..np * 16 {
                         assert_eq!(c[i * ldc + o], 0.0, "padding column must be 0");
                     }
                 }

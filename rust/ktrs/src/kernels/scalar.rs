@@ -24,53 +24,69 @@ pub(crate) fn gemm(g: Gemm<'_>) {
     }
 }
 
-super::multiversion! {
-    /// `kernels::gemm_transposed` in portable code (the scalar reference, and compiled
-    /// for AVX2): `c[i, q] = Σ_n a[i, n] · W[n, c0 + q]`, reading each 64-byte panel
-    /// line once per block of rows, in address order. (Walking W column by column, one
-    /// 2-byte element per 64-byte line, made the scalar backward 30-50× its forward.)
-    ///
-    /// Each column gets 8 lanes of partial sums: a line's 16 lanes (outputs n) fold
-    /// into 8 with two multiply-adds, so the accumulators fit 8-lane registers; the
-    /// lanes are summed at the end. Panels go `T_CHUNK` at a time so only that many
-    /// streams are open while each group of columns sweeps them.
-    pub(crate) fn gemm_transposed(g: TransposedGemm<'_>) {
-        thread_local! {
-            /// Per (row, column) partial sums: reused, up to 128 KiB per call.
-            static PART: std::cell::RefCell<Vec<[f32; 8]>> =
-                const { std::cell::RefCell::new(Vec::new()) };
+/// Reference of `kernels::gemm_transposed`: `c[i, q] = Σ_n a[i, n] · W[n, c0 + q]`, on
+/// the sweep every non-AVX-512 tier shares ([`transposed_sweep`]).
+pub(crate) fn gemm_transposed(g: TransposedGemm<'_>) {
+    transposed_sweep(g, |g, part, chunk, i0, rows, line0| {
+        if rows == 2 {
+            transposed_block::<2, 2>(g, part, (chunk.clone(), i0, line0));
+            transposed_block::<2, 2>(g, part, (chunk, i0, line0 + 2));
+        } else {
+            transposed_block::<1, 4>(g, part, (chunk, i0, line0));
         }
-        PART.with(|cell| {
-            let mut part = cell.borrow_mut();
-            let cols = g.np * PANEL;
-            part.clear();
-            part.resize(g.m * cols, [0f32; 8]);
-            let panels = g.shape.panels();
-            for p0 in (0..panels).step_by(T_CHUNK) {
-                let chunk = p0..(p0 + T_CHUNK).min(panels);
-                let mut i0 = 0;
-                while i0 < g.m {
-                    let rows = (g.m - i0).min(2);
-                    for line0 in (0..cols / 2).step_by(4) {
-                        let at = (chunk.clone(), i0, line0);
-                        if rows == 2 {
-                            for half in 0..2 {
-                                transposed_block::<2, 2>(&g, &mut part, (at.0.clone(), i0, line0 + 2 * half));
-                            }
-                        } else {
-                            transposed_block::<1, 4>(&g, &mut part, at);
-                        }
-                    }
-                    i0 += rows;
-                }
-            }
-            for i in 0..g.m {
-                for q in 0..cols {
-                    g.c[i * g.ldc + q] = part[i * cols + q].iter().sum();
-                }
-            }
-        })
+    })
+}
+
+/// The loop structure of `gemm_transposed`; `block(g, part, panels, i0, rows, line0)`
+/// adds rows `i0 .. i0 + rows` (1 or 2) × lines `line0 .. line0 + 4` (8 columns of the
+/// block) over those panels into the partial sums. Reads each 64-byte panel line once per
+/// block of rows, in address order. (Walking W column by column, one 2-byte element per
+/// 64-byte line, made the scalar backward 30-50× its forward.)
+///
+/// Each column gets 8 lanes of partial sums: a line's 16 lanes (outputs n) fold into 8
+/// with two multiply-adds, so the accumulators fit 8-lane registers; the lanes are
+/// summed at the end. Panels go `T_CHUNK` at a time so only that many streams are open
+/// while each group of columns sweeps them.
+#[inline(always)]
+pub(crate) fn transposed_sweep(
+    g: TransposedGemm<'_>,
+    mut block: impl FnMut(
+        &TransposedGemm<'_>,
+        &mut [[f32; 8]],
+        std::ops::Range<usize>,
+        usize,
+        usize,
+        usize,
+    ),
+) {
+    thread_local! {
+        /// Per (row, column) partial sums: reused, up to 128 KiB per call.
+        static PART: std::cell::RefCell<Vec<[f32; 8]>> =
+            const { std::cell::RefCell::new(Vec::new()) };
     }
+    PART.with(|cell| {
+        let mut part = cell.borrow_mut();
+        let cols = g.np * PANEL;
+        part.clear();
+        part.resize(g.m * cols, [0f32; 8]);
+        let panels = g.shape.panels();
+        for p0 in (0..panels).step_by(T_CHUNK) {
+            let chunk = p0..(p0 + T_CHUNK).min(panels);
+            let mut i0 = 0;
+            while i0 < g.m {
+                let rows = (g.m - i0).min(2);
+                for line0 in (0..cols / 2).step_by(4) {
+                    block(&g, &mut part, chunk.clone(), i0, rows, line0);
+                }
+                i0 += rows;
+            }
+        }
+        for i in 0..g.m {
+            for q in 0..cols {
+                g.c[i * g.ldc + q] = part[i * cols + q].iter().sum();
+            }
+        }
+    })
 }
 
 /// Source panels per chunk of `gemm_transposed`.
