@@ -31,7 +31,7 @@ def test_info_agrees_with_proc_cpuinfo():
             assert "avx512" in d["available_isas"]
         assert ({"avx2", "fma", "f16c"} <= flags) == ("avx2" in d["available_isas"])
     # Every tier is listed, fastest first, with what it means for speed.
-    assert list(d["isa_tiers"]) == ["amx", "avx512", "avx2", "scalar"]
+    assert list(d["isa_tiers"]) == ["amx", "avx512", "avx512f", "avx2", "scalar"]
     for name, t in d["isa_tiers"].items():
         assert (t["status"] == "available") == (name in d["available_isas"]) and t["speed"]
 

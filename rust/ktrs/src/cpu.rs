@@ -45,6 +45,12 @@ impl CpuFeatures {
         self.avx2 && self.fma && self.f16c && self.os_avx
     }
 
+    /// AVX-512 F/BW/VL without BF16 (Skylake-SP to Ice Lake Xeons): the `avx512f` tier
+    /// widens bf16 like `avx2` and uses the AVX2 helpers too.
+    pub fn has_avx512f_kernels(&self) -> bool {
+        self.avx512f && self.avx512bw && self.avx512vl && self.os_avx512 && self.has_avx2_kernels()
+    }
+
     pub fn has_avx512_kernels(&self) -> bool {
         self.avx512f && self.avx512bw && self.avx512vl && self.avx512bf16 && self.os_avx512
     }
@@ -163,6 +169,8 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA (+ F16C): bf16 widened to f32 in ymm registers, FMA into f32.
     Avx2,
+    /// AVX-512 F/BW without BF16: as `Avx2` with 16-lane zmm registers.
+    Avx512f,
     /// AVX-512 BF16 (`vdpbf16ps`).
     Avx512,
     /// AMX-BF16 tiles (with AVX-512 for the small parts).
@@ -170,7 +178,7 @@ pub enum Isa {
 }
 
 /// Per tier: name, accepted spellings, and what it means for speed (`ktrs info`).
-const TIERS: [(Isa, &str, &[&str], &str); 4] = [
+const TIERS: [(Isa, &str, &[&str], &str); 5] = [
     (
         Isa::Scalar,
         "scalar",
@@ -182,6 +190,12 @@ const TIERS: [(Isa, &str, &[&str], &str); 4] = [
         "avx2",
         &["avx2+fma", "avx2fma"],
         "8-lane f32 FMA on bf16 widened in registers (AMD Zen 2/3, Intel client cores, Xeons before Cooper Lake)",
+    ),
+    (
+        Isa::Avx512f,
+        "avx512f",
+        &["avx512-f", "avx512fbw"],
+        "16-lane f32 FMA on bf16 widened in registers (Xeons Skylake-SP to Ice Lake: AVX-512 without BF16)",
     ),
     (
         Isa::Avx512,
@@ -198,7 +212,7 @@ const TIERS: [(Isa, &str, &[&str], &str); 4] = [
 ];
 
 impl Isa {
-    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx];
+    pub const ALL: [Isa; 5] = [Isa::Scalar, Isa::Avx2, Isa::Avx512f, Isa::Avx512, Isa::Amx];
 
     fn tier(self) -> &'static (Isa, &'static str, &'static [&'static str], &'static str) {
         TIERS
@@ -229,6 +243,8 @@ impl Isa {
             Isa::Scalar => Ok(()),
             Isa::Avx2 if f.has_avx2_kernels() => Ok(()),
             Isa::Avx2 => unavailable("the CPU or OS lacks AVX2/FMA/F16C"),
+            Isa::Avx512f if f.has_avx512f_kernels() => Ok(()),
+            Isa::Avx512f => unavailable("the CPU or OS lacks AVX-512 F/BW/VL (or AVX2/FMA/F16C)"),
             Isa::Avx512 if f.has_avx512_kernels() => Ok(()),
             Isa::Avx512 => unavailable("the CPU or OS lacks AVX-512 F/BW/VL/BF16"),
             Isa::Amx => {
@@ -350,6 +366,7 @@ mod tests {
     fn parse_and_availability() {
         assert_eq!("AVX512".parse::<Isa>().unwrap(), Isa::Avx512);
         assert_eq!("avx2".parse::<Isa>().unwrap(), Isa::Avx2);
+        assert_eq!("AVX512F".parse::<Isa>().unwrap(), Isa::Avx512f);
         assert!("sse".parse::<Isa>().is_err());
         for isa in Isa::ALL {
             assert_eq!(isa.name().parse::<Isa>().unwrap(), isa);

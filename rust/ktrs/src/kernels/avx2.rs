@@ -1,39 +1,140 @@
-//! AVX2 + FMA GEMM on the VNNI panels: no bf16 dot product here, so each 64-byte pair
-//! line (16 outputs × an input pair) is widened in registers into two f32 vectors per
-//! 8 outputs, the even input by a 16-bit shift and the odd one by masking the low half,
-//! and multiplied by the broadcast f32 activations. A is widened to f32 once per call
-//! (a block of rows at a time) so each broadcast is a plain load, not load + shift.
+//! GEMM on the VNNI panels for CPUs without a bf16 dot product (the `avx2` and `avx512f`
+//! tiers, one generic kernel): each 64-byte pair line (16 outputs × an input pair) is
+//! widened in registers into f32 vectors, the even input by a 16-bit shift and the odd
+//! one by masking the low half, and multiplied by the broadcast f32 activations. A is
+//! widened to f32 once per call (a block of rows at a time) so each broadcast is a
+//! plain load, not load + shift.
 //!
-//! Register block: `MR` rows × 1 panel (16 outputs = 2 ymm per row), i.e. 10 f32
+//! AVX2 register block: 5 rows × 1 panel (16 outputs = 2 ymm per row), i.e. 10 f32
 //! accumulators + 4 widened weight vectors + 2 broadcasts = 16 ymm. Each accumulator
 //! takes two dependent FMAs per input pair, so fewer than 4 rows would wait on FMA
 //! latency: 1-4 rows (a weight stream) take 2 or 4 panels at once. Measured on one
 //! Xeon (Emerald Rapids) core, `probe_fma_peak_and_gemm` / `weight_stream`: 5×1 reaches
 //! 61-66% of the ymm FMA peak (4×1: 56-61%, 3×2: 47-50%); with 3 rows, 3×2 streams
-//! 7.6 GB/s against 6.0 for 5×1.
+//! 7.6 GB/s against 6.0 for 5×1. AVX-512F (32 zmm, one zmm per panel line): 6 rows ×
+//! 2 panels, 12 accumulators.
 
 use super::Gemm;
 use crate::pack::PANEL;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-/// Rows of the register block.
-const MR: usize = 5;
 /// Rows widened to f32 at a time: their f32 copy (up to 240 KiB at k = 2048) stays in
 /// L2 while every panel of the call passes over it.
-const MB: usize = 6 * MR;
+const MB: usize = 30;
 
 thread_local! {
     /// The f32 copy of the current row block of A.
     static AF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// An f32 vector register and what the kernel does with it. Methods are
+/// `#[inline(always)]` without target features: they are only called from the
+/// `#[target_feature]` entry points below, into which they inline.
+trait Lanes: Copy {
+    /// Vectors per 16-output panel line (2 ymm, 1 zmm).
+    const PER_LINE: usize;
+    /// (rows, panels) of the register block for a block of `rows` rows.
+    fn block(rows: usize) -> (usize, usize);
+    unsafe fn zero() -> Self;
+    /// Even and odd inputs of part `h` of the line at `p`, as f32.
+    unsafe fn widen_line(p: *const u16, h: usize) -> (Self, Self);
+    unsafe fn bcast(x: *const f32) -> Self;
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn store(p: *mut f32, v: Self);
+}
+
+impl Lanes for __m256 {
+    const PER_LINE: usize = 2;
+    fn block(rows: usize) -> (usize, usize) {
+        match rows {
+            1 => (1, 4),
+            2 | 4 => (2, 2),
+            3 => (3, 2),
+            _ => (5, 1),
+        }
+    }
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn widen_line(p: *const u16, h: usize) -> (Self, Self) {
+        let v = _mm256_loadu_si256(p.add(h * 16) as *const __m256i);
+        let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        (
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+            _mm256_castsi256_ps(_mm256_and_si256(v, hi)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn bcast(x: *const f32) -> Self {
+        _mm256_broadcast_ss(&*x)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self) {
+        _mm256_storeu_ps(p, v)
+    }
+}
+
+impl Lanes for __m512 {
+    const PER_LINE: usize = 1;
+    fn block(rows: usize) -> (usize, usize) {
+        match rows {
+            1..=4 => (rows, 4),
+            _ => (6, 2),
+        }
+    }
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn widen_line(p: *const u16, _h: usize) -> (Self, Self) {
+        let v = _mm512_loadu_si512(p as *const _);
+        let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        (
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+            _mm512_castsi512_ps(_mm512_and_si512(v, hi)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn bcast(x: *const f32) -> Self {
+        _mm512_set1_ps(*x)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self) {
+        _mm512_storeu_ps(p, v)
+    }
+}
+
 /// # Safety
-/// The CPU must support AVX2 and FMA; bounds were checked by `Gemm::check`.
+/// The CPU must support AVX2, FMA and F16C; bounds were checked by `Gemm::check`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn gemm(g: Gemm<'_>) {
-    AF.with(|cell| {
-        let mut af = cell.borrow_mut();
+    // The closure inherits this function's target features (one defined in the generic
+    // `gemm_on` would not, and the intrinsics would become calls: 1 GFLOPS).
+    AF.with(|cell| gemm_on::<__m256>(g, &mut cell.borrow_mut()))
+}
+
+/// # Safety
+/// As [`gemm`], plus AVX-512 F/BW/VL.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn gemm_avx512f(g: Gemm<'_>) {
+    AF.with(|cell| gemm_on::<__m512>(g, &mut cell.borrow_mut()))
+}
+
+#[inline(always)]
+unsafe fn gemm_on<V: Lanes>(g: Gemm<'_>, af: &mut Vec<f32>) {
+    {
         let k = g.k_pad;
         if af.len() < MB.min(g.m) * k {
             af.resize(MB.min(g.m) * k, 0.0);
@@ -43,17 +144,11 @@ pub(crate) unsafe fn gemm(g: Gemm<'_>) {
         let mut i0 = 0;
         while i0 < g.m {
             let mb = (g.m - i0).min(MB);
-            widen_rows(&g.a[i0 * g.lda..], g.lda, mb, k, &mut af);
+            widen_rows(&g.a[i0 * g.lda..], g.lda, mb, k, af);
             let a = af.as_ptr();
             let b = g.b.as_ptr();
             let c = g.c.as_mut_ptr().add(i0 * g.ldc);
-            // (rows, panels) of the register block: see module doc.
-            let (mr_max, nps) = match mb {
-                1 => (1, 4),
-                2 | 4 => (2, 2),
-                3 => (3, 2),
-                _ => (MR, 1),
-            };
+            let (mr_max, nps) = V::block(mb);
             let mut p = 0;
             while p < g.np {
                 let np = (g.np - p).min(nps);
@@ -63,30 +158,47 @@ pub(crate) unsafe fn gemm(g: Gemm<'_>) {
                     let mr = (mb - i).min(mr_max);
                     let (ap, cp) = (a.add(i * k), c.add(i * g.ldc + p * PANEL));
                     let args = (ap, k, bp, panel_len, kp2, cp, g.ldc);
-                    match (mr, np) {
-                        (1, 4) => tile::<1, 4>(args),
-                        (1, 3) => tile::<1, 3>(args),
-                        (1, 2) => tile::<1, 2>(args),
-                        (1, _) => tile::<1, 1>(args),
-                        (2, 2) => tile::<2, 2>(args),
-                        (2, _) => tile::<2, 1>(args),
-                        (3, 2) => tile::<3, 2>(args),
-                        (3, _) => tile::<3, 1>(args),
-                        (4, _) => tile::<4, 1>(args),
-                        _ => tile::<5, 1>(args),
+                    macro_rules! blocks {
+                        ($(($m:literal, $n:literal)),*) => {
+                            match (mr, np) {
+                                $(($m, $n) => tile::<V, $m, $n>(args),)*
+                                _ => unreachable!("no {mr}x{np} register block"),
+                            }
+                        };
                     }
+                    blocks!(
+                        (1, 1),
+                        (1, 2),
+                        (1, 3),
+                        (1, 4),
+                        (2, 1),
+                        (2, 2),
+                        (2, 3),
+                        (2, 4),
+                        (3, 1),
+                        (3, 2),
+                        (3, 3),
+                        (3, 4),
+                        (4, 1),
+                        (4, 2),
+                        (4, 3),
+                        (4, 4),
+                        (5, 1),
+                        (5, 2),
+                        (6, 1),
+                        (6, 2)
+                    );
                     i += mr;
                 }
                 p += np;
             }
             i0 += mb;
         }
-    })
+    }
 }
 
 /// bf16 rows `a[r·lda ..][..k]` for `r < rows` into f32 rows of stride k.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 unsafe fn widen_rows(a: &[u16], lda: usize, rows: usize, k: usize, out: &mut [f32]) {
     assert!(out.len() >= rows * k && a.len() >= (rows - 1) * lda + k);
     for r in 0..rows {
@@ -103,33 +215,34 @@ type TileArgs = (*const f32, usize, *const u16, usize, usize, *mut f32, usize);
 
 /// `M` rows × `NP` panels: C = A·Bᵀ over the whole K (f32 A rows of stride `lda`).
 #[inline(always)]
-unsafe fn tile<const M: usize, const NP: usize>((a, lda, b, panel_len, kp2, c, ldc): TileArgs) {
-    let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
-    let mut acc = [[[_mm256_setzero_ps(); 2]; NP]; M];
+unsafe fn tile<V: Lanes, const M: usize, const NP: usize>(
+    (a, lda, b, panel_len, kp2, c, ldc): TileArgs,
+) {
+    let per = V::PER_LINE;
+    let mut acc = [[[V::zero(); 2]; NP]; M];
     for j in 0..kp2 {
         for q in 0..NP {
             let line = b.add(q * panel_len + j * 2 * PANEL);
-            let mut even = [_mm256_setzero_ps(); 2];
-            let mut odd = [_mm256_setzero_ps(); 2];
-            for h in 0..2 {
-                let v = _mm256_loadu_si256(line.add(h * PANEL) as *const __m256i);
-                even[h] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
-                odd[h] = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+            let mut even = [V::zero(); 2];
+            let mut odd = [V::zero(); 2];
+            for h in 0..per {
+                (even[h], odd[h]) = V::widen_line(line, h);
             }
             for (r, row) in acc.iter_mut().enumerate() {
-                let ae = _mm256_broadcast_ss(&*a.add(r * lda + 2 * j));
-                let ao = _mm256_broadcast_ss(&*a.add(r * lda + 2 * j + 1));
-                for h in 0..2 {
-                    row[q][h] = _mm256_fmadd_ps(ae, even[h], row[q][h]);
-                    row[q][h] = _mm256_fmadd_ps(ao, odd[h], row[q][h]);
+                let ae = V::bcast(a.add(r * lda + 2 * j));
+                let ao = V::bcast(a.add(r * lda + 2 * j + 1));
+                for h in 0..per {
+                    row[q][h] = V::fmadd(ae, even[h], row[q][h]);
+                    row[q][h] = V::fmadd(ao, odd[h], row[q][h]);
                 }
             }
         }
     }
+    let width = PANEL / per;
     for (r, row) in acc.iter().enumerate() {
-        for (q, pair) in row.iter().enumerate() {
-            for (h, v) in pair.iter().enumerate() {
-                _mm256_storeu_ps(c.add(r * ldc + q * PANEL + h * 8), *v);
+        for (q, parts) in row.iter().enumerate() {
+            for (h, v) in parts.iter().enumerate().take(per) {
+                V::store(c.add(r * ldc + q * PANEL + h * width), *v);
             }
         }
     }

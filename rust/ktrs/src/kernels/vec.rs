@@ -58,9 +58,10 @@ pub(crate) fn project_rows(
     assert!(m.len() >= r * k, "m too short");
     assert!(out.len() >= n * r, "out too short");
     match isa {
-        // SAFETY: bounds asserted above; a non-scalar Isa was checked available.
+        // SAFETY: bounds asserted above; a non-scalar Isa was checked available (this
+        // block needs AVX-512 F/BW/VL only).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Amx => unsafe {
+        Isa::Avx512f | Isa::Avx512 | Isa::Amx => unsafe {
             project_rows_avx512(x.as_ptr(), ldx, n, m.as_ptr(), r, k, out.as_mut_ptr())
         },
         _ => {
