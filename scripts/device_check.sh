@@ -34,7 +34,7 @@ for isa in ${ISAS-amx avx512 scalar}; do
 done
 if [ "${PROBE:-0}" = 1 ]; then
   echo "== GEMM probes (single-thread kernel; tile-unit ceilings)"
-  ./devbuild/ktrs-tests --ignored --nocapture probe_ 2>&1 | grep "^probe"
+  ./devbuild/ktrs-tests --ignored --nocapture --test-threads=1 probe_ 2>&1 | grep "^probe"
   ./devbuild/ktrs-tests --ignored --nocapture gemm_throughput 2>&1 | grep "^gemm"
   ./devbuild/ktrs-tests --ignored --nocapture amx_ceilings 2>&1 | grep "ceiling"
   for isa in avx2 avx512f; do

@@ -317,3 +317,54 @@ unsafe fn transposed_block<const R: usize, const L: usize>(
         }
     }
 }
+
+/// AVX2 version of [`crate::pack::pack_transposed_block`] (same arguments, same result):
+/// the 8×8 u64 transpose of each 16×16 bf16 block as four 4×4 transposes
+/// (`vpunpck{l,h}qdq` + `vperm2i128`), then one `vpshufb` per output half swaps the
+/// middle two bf16 of every u64.
+///
+/// # Safety
+/// AVX2; slice bounds are checked by the caller (`kernels::transpose_block`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn pack_transposed_block(
+    src: &[u16],
+    shape: crate::pack::PackShape,
+    c0: usize,
+    np: usize,
+    dst: &mut [u16],
+) {
+    let kp2 = shape.k_pad / 2;
+    let lane: [i8; 16] = [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15];
+    let l = _mm_loadu_si128(lane.as_ptr() as *const __m128i);
+    let swap = _mm256_set_m128i(l, l);
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    for q in 0..np {
+        let j0 = (c0 + q * PANEL) / 2;
+        for p in 0..shape.panels() {
+            let sp = s.add((p * kp2 + j0) * 2 * PANEL);
+            let dp = d.add(q * PANEL * shape.n_pad + 8 * p * 2 * PANEL);
+            // Source row jj (u64 columns 4h .. 4h+4) of the block.
+            let row = |jj: usize, h: usize| {
+                _mm256_loadu_si256(sp.add(jj * 2 * PANEL + h * PANEL) as *const __m256i)
+            };
+            // Rows r0 .. r0+4 × u64 columns 4h .. 4h+4 → output rows 4h .. 4h+4, half r0/4.
+            for h in 0..2 {
+                for r0 in [0, 4] {
+                    let (a, b, c, e) = (row(r0, h), row(r0 + 1, h), row(r0 + 2, h), row(r0 + 3, h));
+                    let (t0, t1) = (_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+                    let (t2, t3) = (_mm256_unpacklo_epi64(c, e), _mm256_unpackhi_epi64(c, e));
+                    let cols = [
+                        _mm256_permute2x128_si256::<0x20>(t0, t2),
+                        _mm256_permute2x128_si256::<0x20>(t1, t3),
+                        _mm256_permute2x128_si256::<0x31>(t0, t2),
+                        _mm256_permute2x128_si256::<0x31>(t1, t3),
+                    ];
+                    for (m, v) in cols.iter().enumerate() {
+                        let out = dp.add((4 * h + m) * 2 * PANEL + (r0 / 4) * PANEL);
+                        _mm256_storeu_si256(out as *mut __m256i, _mm256_shuffle_epi8(*v, swap));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -240,7 +240,9 @@ pub(crate) fn transpose_block(
         Isa::Avx512f | Isa::Avx512 | Isa::Amx => unsafe {
             avx512::pack_transposed_block(src, shape, c0, np, dst)
         },
-        _ => scalar::pack_transposed_block(isa, src, shape, c0, np, dst),
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { avx2::pack_transposed_block(src, shape, c0, np, dst) },
+        Isa::Scalar => scalar::pack_transposed_block(src, shape, c0, np, dst),
     }
 }
 

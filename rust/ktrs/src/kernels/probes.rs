@@ -1,52 +1,48 @@
 //! Speed probes of this machine and of the kernels, for the decisions in
 //! docs/architecture.md. Ignored tests, never timed assertions:
-//! `cargo test -p ktrs --release --lib -- --ignored --nocapture probe_`.
+//! `cargo test -p ktrs --release --lib -- --ignored --nocapture --test-threads=1 probe_`
+//! (one at a time: run together they time each other).
 
 use super::tests::{rand_bf16, rand_packed};
 use super::*;
 use crate::pack::{pack_into, PackShape};
 use std::time::Instant;
 
-/// Single-core f32 FMA peak with 256-bit vectors (12 independent chains hide the
-/// latency): the yardstick for the AVX2 GEMM's share of peak.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fma_peak_avx2(iters: usize) -> f64 {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_set1_ps(0.0); 12];
-    let (x, y) = (
-        _mm256_set1_ps(std::hint::black_box(0.999)),
-        _mm256_set1_ps(1e-7),
-    );
-    let t = Instant::now();
-    for _ in 0..iters {
-        for a in acc.iter_mut() {
-            *a = _mm256_fmadd_ps(*a, x, y);
+/// Single-core f32 FMA peak (12 independent chains hide the latency): the yardstick
+/// for the widening GEMMs' share of peak. One function per register width.
+macro_rules! fma_peak {
+    ($name:ident, $features:literal, $set1:ident, $fmadd:ident, $lanes:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name(iters: usize) -> f64 {
+            use std::arch::x86_64::*;
+            let mut acc = [$set1(0.0); 12];
+            let (x, y) = ($set1(std::hint::black_box(0.999)), $set1(1e-7));
+            let t = Instant::now();
+            for _ in 0..iters {
+                for a in acc.iter_mut() {
+                    *a = $fmadd(*a, x, y);
+                }
+            }
+            let s = t.elapsed().as_secs_f64();
+            std::hint::black_box(acc);
+            (iters * 12 * $lanes * 2) as f64 / s / 1e9
         }
-    }
-    let s = t.elapsed().as_secs_f64();
-    std::hint::black_box(acc);
-    (iters * 12 * 8 * 2) as f64 / s / 1e9
+    };
 }
-
-/// As [`fma_peak_avx2`] with 512-bit vectors.
-#[target_feature(enable = "avx512f")]
-unsafe fn fma_peak_avx512(iters: usize) -> f64 {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_set1_ps(0.0); 12];
-    let (x, y) = (
-        _mm512_set1_ps(std::hint::black_box(0.999)),
-        _mm512_set1_ps(1e-7),
-    );
-    let t = Instant::now();
-    for _ in 0..iters {
-        for a in acc.iter_mut() {
-            *a = _mm512_fmadd_ps(*a, x, y);
-        }
-    }
-    let s = t.elapsed().as_secs_f64();
-    std::hint::black_box(acc);
-    (iters * 12 * 16 * 2) as f64 / s / 1e9
-}
+fma_peak!(
+    fma_peak_avx2,
+    "avx2,fma",
+    _mm256_set1_ps,
+    _mm256_fmadd_ps,
+    8
+);
+fma_peak!(
+    fma_peak_avx512,
+    "avx512f",
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    16
+);
 
 /// One core's FMA peak, then each tier's GEMM on expert-shaped blocks (one thread) as a
 /// share of it; best of 7 runs each (the development machine is shared).

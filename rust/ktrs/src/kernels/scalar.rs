@@ -140,38 +140,36 @@ fn transposed_block<const R: usize, const L: usize>(
     }
 }
 
-super::multiversion! {
-    /// `kernels::transpose_block` in portable code, the same result as
-    /// [`crate::pack::pack_transposed_block`]: a 16×16 block is 8 pair rows of 64 bytes in
-    /// both layouts, i.e. an 8×8 matrix of u64 (2×2 bf16 each) that is transposed, with
-    /// the middle two bf16 of every u64 swapped; 512 contiguous bytes in, 512 out.
-    pub(crate) fn pack_transposed_block(
-        src: &[u16],
-        shape: crate::pack::PackShape,
-        c0: usize,
-        np: usize,
-        dst: &mut [u16],
-    ) {
-        const BLK: usize = 8 * 2 * PANEL;
-        let kp2 = shape.k_pad / 2;
-        let u64_at = |s: &[u16], i: usize| -> u64 {
-            (s[i] as u64) | (s[i + 2] as u64) << 16 | (s[i + 1] as u64) << 32 | (s[i + 3] as u64) << 48
-        };
-        for q in 0..np {
-            let j0 = (c0 + q * PANEL) / 2;
-            for p in 0..shape.panels() {
-                let s = &src[(p * kp2 + j0) * 2 * PANEL..][..BLK];
-                let d = &mut dst[q * PANEL * shape.n_pad + 8 * p * 2 * PANEL..][..BLK];
-                for m in 0..8 {
-                    for jj in 0..8 {
-                        let v = u64_at(s, jj * 2 * PANEL + 4 * m);
-                        d[m * 2 * PANEL + 4 * jj..][..4].copy_from_slice(&[
-                            v as u16,
-                            (v >> 16) as u16,
-                            (v >> 32) as u16,
-                            (v >> 48) as u16,
-                        ]);
-                    }
+/// `kernels::transpose_block` in portable code, the same result as
+/// [`crate::pack::pack_transposed_block`]: a 16×16 block is 8 pair rows of 64 bytes in
+/// both layouts, i.e. an 8×8 matrix of u64 (2×2 bf16 each) that is transposed, with
+/// the middle two bf16 of every u64 swapped; 512 contiguous bytes in, 512 out.
+pub(crate) fn pack_transposed_block(
+    src: &[u16],
+    shape: crate::pack::PackShape,
+    c0: usize,
+    np: usize,
+    dst: &mut [u16],
+) {
+    const BLK: usize = 8 * 2 * PANEL;
+    let kp2 = shape.k_pad / 2;
+    let u64_at = |s: &[u16], i: usize| -> u64 {
+        (s[i] as u64) | (s[i + 2] as u64) << 16 | (s[i + 1] as u64) << 32 | (s[i + 3] as u64) << 48
+    };
+    for q in 0..np {
+        let j0 = (c0 + q * PANEL) / 2;
+        for p in 0..shape.panels() {
+            let s = &src[(p * kp2 + j0) * 2 * PANEL..][..BLK];
+            let d = &mut dst[q * PANEL * shape.n_pad + 8 * p * 2 * PANEL..][..BLK];
+            for m in 0..8 {
+                for jj in 0..8 {
+                    let v = u64_at(s, jj * 2 * PANEL + 4 * m);
+                    d[m * 2 * PANEL + 4 * jj..][..4].copy_from_slice(&[
+                        v as u16,
+                        (v >> 16) as u16,
+                        (v >> 32) as u16,
+                        (v >> 48) as u16,
+                    ]);
                 }
             }
         }
