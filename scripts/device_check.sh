@@ -2,7 +2,8 @@
 # Runs on the AMX reference machine over the carried devbuild/ (see device_build.sh):
 # install the wheel, run the Rust tests, pytest under each ISA, the layer benchmark, and
 # print a table. Usage (device tool): bash scripts/device_check.sh [bench args...]
-# Environment: ISAS (pytest ISAs, default "amx avx512 scalar"; "" skips pytest),
+# Environment: ISAS (pytest ISAs, default "amx avx512 scalar"; any tier name works, e.g.
+# ISAS="avx2" forces the AVX2 tier on the AVX-512 machine; "" skips pytest),
 # PYTEST_ARGS (default "tests"; a full suite takes ~4 minutes per ISA there, so run
 # the three ISAs in separate calls),
 # PROBE=1 (single-thread GEMM probe), SWEEP_ARGS (run benchmarks/sweep_knobs.py with
@@ -33,8 +34,12 @@ for isa in ${ISAS-amx avx512 scalar}; do
 done
 if [ "${PROBE:-0}" = 1 ]; then
   echo "== GEMM probes (single-thread kernel; tile-unit ceilings)"
+  ./devbuild/ktrs-tests --ignored --nocapture --test-threads=1 probe_ 2>&1 | grep "^probe"
   ./devbuild/ktrs-tests --ignored --nocapture gemm_throughput 2>&1 | grep "^gemm"
   ./devbuild/ktrs-tests --ignored --nocapture amx_ceilings 2>&1 | grep "ceiling"
+  for isa in avx2 avx512f; do
+    WS_ISA=$isa ./devbuild/ktrs-tests --ignored --nocapture weight_stream 2>&1 | grep "weight stream"
+  done
   ./devbuild/ktrs-tests --ignored --nocapture weight_stream 2>&1 | grep "weight stream"
 fi
 if [ -n "${SWEEP_ARGS:-}" ]; then

@@ -29,6 +29,24 @@ def test_info_agrees_with_proc_cpuinfo():
         assert ("amx_tile" in flags) == ("amx-tile" in d["features"])
         if "avx512_bf16" in flags and "avx512bw" in flags and "avx512vl" in flags:
             assert "avx512" in d["available_isas"]
+        assert ({"avx2", "fma", "f16c"} <= flags) == ("avx2" in d["available_isas"])
+    # Every tier is listed, fastest first, with what it means for speed.
+    assert list(d["isa_tiers"]) == ["amx", "avx512", "avx512f", "avx2", "scalar"]
+    for name, t in d["isa_tiers"].items():
+        assert (t["status"] == "available") == (name in d["available_isas"]) and t["speed"]
+
+
+def test_forced_isa_and_unknown_isa():
+    import os
+
+    for isa in ktrs.info()["available_isas"]:
+        env = dict(os.environ, KTRS_ISA=isa)
+        r = subprocess.run([sys.executable, "-m", "ktrs", "info", "--json"], capture_output=True, text=True, check=True, env=env)
+        assert json.loads(r.stdout)["selected_isa"] == isa
+    env = dict(os.environ, KTRS_ISA="sse9")
+    r = subprocess.run([sys.executable, "-m", "ktrs", "info", "--json"], capture_output=True, text=True, check=True, env=env)
+    sel = json.loads(r.stdout)["selected_isa"]
+    assert sel.startswith("error") and "avx2" in sel
 
 
 def test_cli_info_text_and_json():

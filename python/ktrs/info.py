@@ -36,6 +36,11 @@ def format_info(d: Dict[str, Any]) -> str:
         ("CPU features", " ".join(d["features"]) or "(none relevant)"),
         ("available ISAs", ", ".join(d["available_isas"])),
         ("selected ISA", d["selected_isa"] + (f"  (KTRS_ISA={d['KTRS_ISA']})" if d.get("KTRS_ISA") else "")),
+        ("what it means", d.get("isa_tiers", {}).get(d["selected_isa"], {}).get("speed", "")),
+        *(
+            (f"  tier {name}", "available" if t["status"] == "available" else t["status"])
+            for name, t in d.get("isa_tiers", {}).items()
+        ),
         ("physical cores", d["physical_cores"]),
         ("default threads", d["default_threads"] if not d.get("KTRS_THREADS") else f"{d['default_threads']}  (KTRS_THREADS)"),
         ("AMX permission", d["amx_permission"]),

@@ -17,6 +17,21 @@ pub fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
             .collect::<Vec<_>>(),
     )?;
     d.set_item("best_isa", Isa::best().name())?;
+    // Every tier, fastest first: available or why not, and what it means for speed.
+    let tiers = PyDict::new(py);
+    for isa in Isa::ALL.iter().rev() {
+        let t = PyDict::new(py);
+        t.set_item(
+            "status",
+            match isa.check_available() {
+                Ok(()) => "available".to_string(),
+                Err(e) => format!("unavailable: {e}"),
+            },
+        )?;
+        t.set_item("speed", isa.describe())?;
+        tiers.set_item(isa.name(), t)?;
+    }
+    d.set_item("isa_tiers", tiers)?;
     d.set_item(
         "selected_isa",
         match Isa::from_env_or_best() {

@@ -1,6 +1,8 @@
 //! SwiGLU epilogues on one panel (16 columns): the element-wise work between the GEMMs.
-//! The AVX-512 versions use a vectorised exp (range reduction + degree-6 polynomial +
-//! `vscalefps`), since `f32::exp` per element cost as much as the GEMMs at large T.
+//! The vector tiers use a vectorised exp (range reduction + degree-6 polynomial + a
+//! power of two), since `f32::exp` per element cost as much as the GEMMs at large T:
+//! hand-written for AVX-512 (`vscalefps`), portable Rust that LLVM vectorises for the
+//! others. `Scalar` keeps `f32::exp`: it is the reference.
 
 use crate::bf16;
 use crate::cpu::Isa;
@@ -32,6 +34,7 @@ pub(crate) fn swiglu_fwd(
         // SAFETY: a non-scalar Isa reaches kernels only after check_available(); slices
         // were cut to 16 elements above.
         Isa::Avx512 | Isa::Amx => unsafe { avx512::swiglu_fwd(gate, up, g_out, u_out, a_out) },
+        _ => swiglu_fwd_poly(isa, gate, up, g_out, u_out, a_out),
     }
 }
 
@@ -60,6 +63,61 @@ pub(crate) fn swiglu_bwd(
         }
         // SAFETY: as in `swiglu_fwd`.
         Isa::Avx512 | Isa::Amx => unsafe { avx512::swiglu_bwd(w, da, g, u, dg_out, du_out) },
+        _ => swiglu_bwd_poly(isa, w, da, g, u, dg_out, du_out),
+    }
+}
+
+/// e^x for |x| ≤ 87 (clamped outside; 2^n stays a normal float), relative error ≈ 2e-7:
+/// the same reduction and polynomial as the AVX-512 `exp_ps`, in plain Rust so it
+/// vectorises at any width. `n` is rounded by adding 1.5·2²³, which also leaves it in
+/// the low mantissa bits for building 2^n.
+#[inline(always)]
+fn exp_poly(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 87.0);
+    let t = x.mul_add(std::f32::consts::LOG2_E, SHIFT);
+    let n = t - SHIFT;
+    let r = (-n).mul_add(0.693_145_75, x);
+    let r = (-n).mul_add(1.428_606_8e-6, r);
+    let mut p = 1.0f32 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    let e = (t.to_bits() as i32 - SHIFT.to_bits() as i32 + 127) << 23;
+    p * f32::from_bits(e as u32)
+}
+
+#[inline(always)]
+fn sigmoid_poly(x: f32) -> f32 {
+    1.0 / (1.0 + exp_poly(-x))
+}
+
+super::multiversion! {
+    /// `swiglu_fwd` with [`exp_poly`].
+    fn swiglu_fwd_poly(gate: &[f32], up: &[f32], g_out: &mut [u16], u_out: &mut [u16], a_out: &mut [u16]) {
+        let (gate, up) = (&gate[..PANEL], &up[..PANEL]);
+        let (g_out, u_out, a_out) = (&mut g_out[..PANEL], &mut u_out[..PANEL], &mut a_out[..PANEL]);
+        for l in 0..PANEL {
+            g_out[l] = bf16::from_f32(gate[l]);
+            u_out[l] = bf16::from_f32(up[l]);
+            a_out[l] = bf16::from_f32(gate[l] * sigmoid_poly(gate[l]) * up[l]);
+        }
+    }
+}
+
+super::multiversion! {
+    /// `swiglu_bwd` with [`exp_poly`].
+    fn swiglu_bwd_poly(w: f32, da: &[f32], g: &[u16], u: &[u16], dg_out: &mut [u16], du_out: &mut [u16]) {
+        let (da, g, u) = (&da[..PANEL], &g[..PANEL], &u[..PANEL]);
+        let (dg_out, du_out) = (&mut dg_out[..PANEL], &mut du_out[..PANEL]);
+        for l in 0..PANEL {
+            let (gv, uv) = (bf16::to_f32(g[l]), bf16::to_f32(u[l]));
+            let sig = sigmoid_poly(gv);
+            let d = w * da[l];
+            // d/dg SiLU(g) = σ(g)·(1 + g·(1 − σ(g)))
+            dg_out[l] = bf16::from_f32(d * uv * (sig * gv.mul_add(1.0 - sig, 1.0)));
+            du_out[l] = bf16::from_f32(d * (gv * sig));
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! LoRA weight gradients of one expert: sums over its pairs of outer products,
 //! `Σ_p coef_p · v_p ⊗ x_p`, with the accumulators for a 16-column × 8-rank block held in
 //! registers across all pairs (accumulating into memory per pair was load/store bound).
-//! Written once, compiled portable and with AVX-512 (LLVM vectorises the 16 lanes).
+//! Written once in portable Rust, compiled per tier (LLVM vectorises the 16 lanes), plus
+//! an AVX-512 version with the block pinned in zmm registers.
 
 use crate::bf16::to_f32;
 use crate::cpu::Isa;
@@ -64,15 +65,15 @@ pub(crate) fn accumulate(
         return;
     }
     match isa {
-        Isa::Scalar => body(x, ld, cols, rows, v, coef, r, k, layout, out),
         // SAFETY: a non-scalar Isa reaches kernels only after check_available().
         Isa::Avx512 | Isa::Amx => unsafe {
             body_avx512(x, ld, cols, rows, v, coef, r, k, layout, out)
         },
+        _ => portable(isa, x, ld, cols, rows, v, coef, r, k, layout, out),
     }
 }
 
-/// Same as `body`, with the 8 × 16 accumulator block pinned in zmm registers.
+/// Same as `portable`, with the 8 × 16 accumulator block pinned in zmm registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn body_avx512(
@@ -129,9 +130,8 @@ unsafe fn body_avx512(
     }
 }
 
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn body(
+super::multiversion! {
+fn portable(
     x: &[u16],
     ld: usize,
     cols: Cols,
@@ -180,6 +180,7 @@ fn body(
             }
         }
     }
+}
 }
 
 #[cfg(test)]

@@ -1,32 +1,15 @@
 //! Small f32 vector helpers for LoRA (rank r ≪ hidden) and the SwiGLU epilogues.
 //!
-//! Each helper is written once as plain Rust and compiled twice by `multiversion!`: as is
-//! (the portable path) and with AVX-512 enabled, where LLVM vectorises the inner loops.
+//! Each helper is written once as plain Rust and compiled once per tier by
+//! `multiversion!` (`kernels/mod.rs`): as is (the portable path) and with each vector
+//! tier's features enabled, where LLVM vectorises the inner loops.
 //! LoRA math stays in f32: the matrices are tiny next to the base GEMMs, and f32 keeps the
 //! adapter gradients as accurate as PEFT's.
 
 use crate::bf16::to_f32;
 use crate::cpu::Isa;
 
-macro_rules! multiversion {
-    ($(#[$m:meta])* pub(crate) fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        pub(crate) fn $name(isa: Isa, $($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-            match isa {
-                Isa::Scalar => body($($arg),*),
-                // SAFETY: a non-scalar Isa reaches kernels only after check_available().
-                Isa::Avx512 | Isa::Amx => unsafe { avx512($($arg),*) },
-            }
-        }
-    };
-}
+use super::multiversion;
 
 multiversion! {
     /// `out[j] = Σ_c x[c] · m[j, c]` for `j < rows`, `c < k` (x bf16, m f32 row-major [rows, k]).
@@ -75,18 +58,17 @@ pub(crate) fn project_rows(
     assert!(m.len() >= r * k, "m too short");
     assert!(out.len() >= n * r, "out too short");
     match isa {
-        Isa::Scalar => {
+        // SAFETY: bounds asserted above; a non-scalar Isa was checked available (this
+        // block needs AVX-512 F/BW/VL only).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512f | Isa::Avx512 | Isa::Amx => unsafe {
+            project_rows_avx512(x.as_ptr(), ldx, n, m.as_ptr(), r, k, out.as_mut_ptr())
+        },
+        _ => {
             for i in 0..n {
                 project(isa, &x[i * ldx..], m, r, k, &mut out[i * r..(i + 1) * r]);
             }
         }
-        // SAFETY: bounds asserted above; a non-scalar Isa was checked available.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Amx => unsafe {
-            project_rows_avx512(x.as_ptr(), ldx, n, m.as_ptr(), r, k, out.as_mut_ptr())
-        },
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("no AVX-512 off x86_64"),
     }
 }
 
