@@ -8,6 +8,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ._native import KtrsFileNotFoundError
+
 
 def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Optional[str] = None):
     """(model, tokenizer) with routed experts in ktrs and the adapter, if any, loaded."""
@@ -19,7 +21,7 @@ def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Opti
 
     check_checkpoint(model_path)
     if adapter is not None and not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        raise FileNotFoundError(f"{adapter!r} is not an adapter directory (no adapter_config.json)")
+        raise KtrsFileNotFoundError(f"{adapter!r} is not an adapter directory (no adapter_config.json)")
     device = resolve_device(device)
     tok_src = adapter if adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else model_path
     tok = AutoTokenizer.from_pretrained(tok_src)

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import List, Optional
 
+from ._native import KtrsFileNotFoundError
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ktrs", description="ktrs: MoE routed experts on the CPU, with LoRA")
@@ -131,7 +133,7 @@ def _inspect(adapter_dir: str, as_json: bool) -> int:
     from .tools import inspect_adapter
 
     if not os.path.exists(os.path.join(adapter_dir, "adapter_model.safetensors")):
-        raise FileNotFoundError(f"no adapter_model.safetensors in {adapter_dir!r}")
+        raise KtrsFileNotFoundError(f"no adapter_model.safetensors in {adapter_dir!r}")
     rows = inspect_adapter(adapter_dir)
     if as_json:
         print(json.dumps(rows, indent=2))

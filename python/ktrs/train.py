@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import torch
 
+from ._native import KtrsFileNotFoundError, KtrsValueError
+
 
 @dataclass
 class TrainConfig:
@@ -38,10 +40,10 @@ def load_config(path: Optional[str], overrides: dict) -> TrainConfig:
     values.update({k: v for k, v in overrides.items() if v is not None})
     missing = [k for k in ("model", "data", "output") if not values.get(k)]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)} (give them as flags or in the YAML file)")
+        raise KtrsValueError(f"missing {', '.join(missing)} (give them as flags or in the YAML file)")
     unknown = set(values) - set(TrainConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown options: {sorted(unknown)}")
+        raise KtrsValueError(f"unknown options: {sorted(unknown)}")
     return TrainConfig(**values)
 
 
@@ -49,18 +51,18 @@ def resolve_device(device: Optional[str]) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
+        raise KtrsValueError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
     return device
 
 
 def check_checkpoint(path: str) -> None:
     cfg = os.path.join(path, "config.json")
     if not os.path.isdir(path) or not os.path.exists(cfg):
-        raise FileNotFoundError(f"{path!r} is not a model directory (no config.json)")
+        raise KtrsFileNotFoundError(f"{path!r} is not a model directory (no config.json)")
     with open(cfg) as f:
         kind = json.load(f).get("model_type")
     if kind != "deepseek_v2":
-        raise ValueError(f"{path!r} is a {kind!r} checkpoint; ktrs trains DeepSeek-V2 models (model_type deepseek_v2)")
+        raise KtrsValueError(f"{path!r} is a {kind!r} checkpoint; ktrs trains DeepSeek-V2 models (model_type deepseek_v2)")
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
@@ -79,7 +81,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     convs = read_jsonl(cfg.data)
     tok = AutoTokenizer.from_pretrained(cfg.model)
     if tok.chat_template is None:
-        raise ValueError(f"the tokenizer in {cfg.model!r} has no chat template")
+        raise KtrsValueError(f"the tokenizer in {cfg.model!r} has no chat template")
     torch.manual_seed(cfg.seed)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = ktrs.from_pretrained(cfg.model, device=device, dtype=dtype)
