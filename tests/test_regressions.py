@@ -225,3 +225,21 @@ def test_bf16_trainer_trains_the_expert_lora(base, tmp_path):
     for n, p in pm.named_parameters():
         if n in before:
             assert (p.detach() - before[n]).abs().amax() > 1e-4, n
+
+
+def test_save_warns_about_what_stock_peft_drops(base, tmp_path):
+    # Stock PEFT 0.21 rewrites gate/up/down targets onto the routed experts: check that it
+    # really drops the shared-expert and dense-MLP LoRA, and that ktrs says so at save time.
+    pm = patched_peft(base, seed=13)
+    with pytest.warns(UserWarning, match=r"stock PEFT will not load \d+ of this adapter's LoRA tensors.*shared"):
+        pm.save_pretrained(str(tmp_path / "all"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "all"))
+    assert not any("shared_experts" in n and "lora_" in n for n, _ in stock.named_parameters())
+    # An adapter without such targets saves silently.
+    model = ktrs.patch_model(copy.deepcopy(base), device="cpu", threads=2)
+    pm = ktrs.get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "o_proj"], target_parameters=["gate_up_proj", "down_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pm.save_pretrained(str(tmp_path / "attn"))

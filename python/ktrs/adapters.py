@@ -78,6 +78,7 @@ def save_adapter(model, save_directory: str, **kwargs) -> None:
     has_experts = any(ex.experts.lora_rank > 0 for ex in blocks.values())
     save = getattr(model, "_ktrs_peft_save_pretrained", None) or model.save_pretrained
     save(save_directory, **kwargs)
+    _warn_what_stock_peft_drops(save_directory, getattr(model, "active_adapter", "default"))
     if not has_experts:
         return
     adapter = getattr(model, "active_adapter", "default")
@@ -102,6 +103,41 @@ def save_adapter(model, save_directory: str, **kwargs) -> None:
     cfg["alpha_pattern"] = {**(cfg.get("alpha_pattern") or {}), r".*\.gate_up_proj": 2 * alpha}
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
+
+
+# LoRA on a gate/up/down projection that is not a routed expert: a shared expert or a
+# dense MLP (layer 0 of DeepSeek-V2).
+_MLP_LEAF = re.compile(r"^.*\.mlp\.(shared_experts\.)?(gate|up|down)_proj\.lora_[AB]\.weight$")
+
+
+def _warn_what_stock_peft_drops(save_directory: str, adapter: str) -> None:
+    """Warns when stock PEFT will not load part of the adapter just saved.
+
+    PEFT 0.21's transformers-5 MoE target rewrite (huggingface/peft#3711) turns every
+    `gate_proj`/`up_proj`/`down_proj` target of a DeepSeek-V2 into routed-expert
+    `target_parameters`, so stock PEFT drops the shared-expert and dense-MLP LoRA of
+    such an adapter. No config spelling avoids it (regex targets are resolved to module
+    names first), so ktrs names what will be dropped; `ktrs.load_adapter` loads all of it.
+    """
+    try:
+        import peft.utils.transformers_weight_conversion  # noqa: F401 - the rewrite's home
+    except ImportError:
+        return
+    from safetensors import safe_open
+
+    sub = os.path.join(save_directory, adapter) if adapter != "default" and os.path.isdir(os.path.join(save_directory, adapter)) else save_directory
+    with safe_open(os.path.join(sub, WEIGHTS_NAME), "pt") as f:
+        dropped = sorted(k for k in f.keys() if _MLP_LEAF.match(k))
+    if dropped:
+        import warnings
+
+        warnings.warn(
+            f"ktrs: stock PEFT will not load {len(dropped)} of this adapter's LoRA tensors (the shared-expert and dense-MLP "
+            f"gate_proj/up_proj/down_proj LoRA, e.g. {dropped[0]}): its transformers-5 MoE target rewrite moves those "
+            "targets onto the routed experts (huggingface/peft#3711). ktrs.load_adapter loads all of them.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _from_peft(parts: Dict[str, torch.Tensor], E: int, H: int, I: int, gu_scale: float, dn_scale: float) -> Tuple[Dict[str, torch.Tensor], float]:
