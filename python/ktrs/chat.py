@@ -11,8 +11,9 @@ import torch
 from ._native import KtrsFileNotFoundError
 
 
-def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Optional[str] = None):
-    """(model, tokenizer) with routed experts in ktrs and the adapter, if any, loaded."""
+def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+    """(model, tokenizer) with routed experts in ktrs and the adapter, if any, loaded;
+    `dtype` of the non-expert weights (default: bf16 on CUDA, else float32)."""
     from transformers import AutoTokenizer
 
     import ktrs
@@ -25,7 +26,8 @@ def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Opti
     device = resolve_device(device)
     tok_src = adapter if adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else model_path
     tok = AutoTokenizer.from_pretrained(tok_src)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = ktrs.from_pretrained(model_path, device=device, dtype=dtype)
     if adapter:
         model = ktrs.load_adapter(model, adapter)

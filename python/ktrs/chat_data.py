@@ -27,6 +27,8 @@ def read_jsonl(path: str) -> List[List[Dict[str, str]]]:
             msgs = row.get("messages") if isinstance(row, dict) else None
             if not msgs or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
                 raise KtrsValueError(f'{path}:{i}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
+            if msgs[-1]["role"] != "assistant":
+                raise KtrsValueError(f"{path}:{i}: the conversation does not end with an assistant reply (the part that is trained)")
             convs.append(msgs)
     if not convs:
         raise KtrsValueError(f"{path!r} holds no conversations")

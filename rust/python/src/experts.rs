@@ -620,6 +620,15 @@ fn resolve_threads(requested: Option<usize>) -> PyResult<usize> {
     ktrs::pool::resolve_threads(requested).py_err()
 }
 
+/// The thread count a layer made with `threads=threads` uses (None: `KTRS_THREADS`, else
+/// one per physical core); raises what the constructor would for a bad value, so
+/// front ends (the CLI) can report a bad `KTRS_THREADS` before loading anything.
+#[pyfunction]
+#[pyo3(name = "resolve_threads", signature = (threads=None))]
+pub fn py_resolve_threads(threads: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
+    guard(|| resolve_threads(opt_int_arg("threads", threads, 1, ktrs::pool::MAX_THREADS)?))
+}
+
 impl Experts {
     /// One expert's weights in HF layout: gate, up `[I, H]`, down `[H, I]`, bf16.
     fn expert_args<'py>(

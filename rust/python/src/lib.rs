@@ -17,6 +17,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<experts::Experts>()?;
     m.add_class::<experts::ForwardHandle>()?;
     m.add_function(wrap_pyfunction!(error::_panic_for_test, m)?)?;
+    m.add_function(wrap_pyfunction!(experts::py_resolve_threads, m)?)?;
     m.add_function(wrap_pyfunction!(info::cpu_info, m)?)?;
     m.add_function(wrap_pyfunction!(info::tuning, m)?)?;
     m.add_function(wrap_pyfunction!(info::set_tuning, m)?)?;
