@@ -153,3 +153,26 @@ def test_a_merged_adapter_cannot_be_deleted(base, adapters):
     pm.merge_adapter()
     with pytest.raises(ValueError, match="merged"):
         pm.delete_adapter("default")
+
+
+def test_an_adapter_without_expert_lora_runs_the_base_experts(base, adapters, tmp_path):
+    # A second adapter that targets attention only: while it is active the routed experts
+    # run without LoRA (as PEFT's layers of the first adapter do), also once merged.
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "o_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attn = peft.get_peft_model(copy.deepcopy(base), cfg)
+    randomize_b(attn, 33)
+    attn.save_pretrained(str(tmp_path))
+    stock, pm = stock_model(base, adapters), ktrs_model(base, adapters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock.load_adapter(str(tmp_path), adapter_name="attn")
+    pm.load_adapter(str(tmp_path), adapter_name="attn")
+    stock.set_adapter("attn")
+    pm.set_adapter("attn")
+    want = same(pm, stock, "attention-only adapter active")
+    assert not any(ex.lora_active for ex in ktrs.peft._ktrs_experts(pm))
+    merged_stock, merged = stock.merge_and_unload(), pm.merge_and_unload()
+    assert rel_l2(logits(merged), logits(merged_stock)) < TOL
+    assert rel_l2(logits(merged), want) < TOL
