@@ -229,3 +229,23 @@ def test_lora_views_of_a_large_rank_are_whole():
     ex.set_lora(300)
     a = ex.lora_weight("gate_A")
     assert a.shape == (2, 300, 32) and torch.isfinite(a).all()
+
+
+def test_ktrs_raises_only_its_own_exception_classes():
+    # Every `raise SomeBuiltinError(...)` in the package would escape `except KtrsError`.
+    import ast
+    import builtins
+
+    pkg = os.path.dirname(ktrs.__file__)
+    offenders = []
+    for name in sorted(os.listdir(pkg)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(pkg, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name):
+                cls = getattr(builtins, node.exc.func.id, None)
+                if isinstance(cls, type) and issubclass(cls, BaseException) and cls is not KeyboardInterrupt:
+                    offenders.append(f"{name}:{node.lineno} raises {cls.__name__}")
+    assert offenders == []
