@@ -176,3 +176,21 @@ def test_an_adapter_without_expert_lora_runs_the_base_experts(base, adapters, tm
     merged_stock, merged = stock.merge_and_unload(), pm.merge_and_unload()
     assert rel_l2(logits(merged), logits(merged_stock)) < TOL
     assert rel_l2(logits(merged), want) < TOL
+
+
+def test_add_adapter_with_expert_targets_gets_its_own_expert_lora(base, adapters):
+    # PEFT alone would match nothing on ktrs' experts and say so only in a warning.
+    pm = ktrs_model(base, adapters)
+    first = logits(pm)
+    pm.add_adapter("fresh", LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["o_proj"], target_parameters=["gate_up_proj", "down_proj"]))
+    assert all("fresh" in ex.adapter_names() for ex in ktrs.peft._ktrs_experts(pm))
+    pm.set_adapter("fresh")
+    for ex in ktrs.peft._ktrs_experts(pm):
+        assert ex.expert_adapter == "fresh" and ex.experts.lora_rank == 2 and ex.experts.lora_scaling == 2.0
+        assert all(p.requires_grad for p in ex.lora_experts.values())
+        assert (ex.lora["down_B"] == 0).all() and (ex.lora["gate_A"] != 0).any()  # PEFT's init
+    got = logits(pm)
+    with pm.disable_adapter():  # B = 0 everywhere: "fresh" is the (patched) base model
+        assert rel_l2(got, logits(pm)) < 1e-6
+    pm.set_adapter("default")
+    assert rel_l2(logits(pm), first) < 1e-6

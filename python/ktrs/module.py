@@ -230,6 +230,15 @@ class KtrsExperts(nn.Module):
             self.experts.set_lora_weight(n, t)
         self.expert_adapter = name
 
+    def add_adapter_lora(self, name: str, rank: int, alpha: Optional[float] = None, use_rslora: bool = False, seed: int = 0) -> None:
+        """Sets aside fresh expert LoRA (PEFT init) for a further adapter ``name``;
+        ``activate_adapter(name)`` makes it the one the kernels run."""
+        e = self.experts
+        # The Rust initialisation, from a layer whose zero weights are never touched
+        # (their pages are never faulted in).
+        fresh = MoeExperts.empty(e.num_experts, e.hidden_size, e.intermediate_size, lora_rank=rank, lora_alpha=alpha, use_rslora=use_rslora, threads=1, seed=seed)
+        self._stash[name] = ((rank, float(fresh.lora_alpha), use_rslora), {n: fresh.lora_weight(n).clone() for n in LORA_NAMES})
+
     def delete_adapter(self, name: str) -> None:
         """Drops adapter ``name``'s expert LoRA."""
         self._stash.pop(name, None)

@@ -46,6 +46,16 @@ def _targets_expert_leaves(target_modules) -> bool:
     return any(t == leaf or t.endswith("." + leaf) for t in target_modules for leaf in _EXPERT_LEAVES)
 
 
+def _split_config(config, expert_lora: Optional[bool] = None):
+    """(a copy of `config` without routed-expert targets, for PEFT; whether the routed
+    experts get ktrs LoRA)."""
+    cfg = copy.deepcopy(config)
+    params = set(cfg.target_parameters or [])
+    wants = expert_lora if expert_lora is not None else bool(params & _EXPERT_PARAMS) or _targets_expert_leaves(cfg.target_modules)
+    cfg.target_parameters = sorted(params - _EXPERT_PARAMS) or None
+    return cfg, wants
+
+
 def expert_lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """The routed-expert LoRA parameters (views of Rust memory) of a patched model."""
     for _, block in find_moe_blocks(model):
@@ -70,14 +80,11 @@ def get_peft_model(model: nn.Module, config, *, expert_lora: Optional[bool] = No
         raise KtrsValueError("ktrs.get_peft_model needs a model patched by ktrs.patch_model (or loaded by ktrs.from_pretrained)")
     if getattr(config, "lora_dropout", 0.0) and expert_lora is not False:
         raise KtrsValueError("expert LoRA in ktrs has no dropout; set lora_dropout=0.0 (or expert_lora=False)")
-    cfg = copy.deepcopy(config)
-    params = set(cfg.target_parameters or [])
-    wants = expert_lora if expert_lora is not None else bool(params & _EXPERT_PARAMS) or _targets_expert_leaves(cfg.target_modules)
-    cfg.target_parameters = sorted(params - _EXPERT_PARAMS) or None
+    cfg, wants = _split_config(config, expert_lora)
     if wants:
         for _, block in blocks:
             ex = block.experts
-            if ex.experts.lora_rank != cfg.r or ex.experts.lora_alpha != cfg.lora_alpha:
+            if (ex.experts.lora_rank, ex.experts.lora_alpha, ex.experts.use_rslora) != (cfg.r, cfg.lora_alpha, cfg.use_rslora):
                 ex.enable_lora(cfg.r, alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
     with _no_moe_target_rewrite():
         pm = peft.get_peft_model(model, cfg, adapter_name=adapter_name, **kwargs)
@@ -164,6 +171,23 @@ def _attach_adapter_controls(pm, adapter_name: str) -> None:
 
     for fn in (_enable_adapter_layers, set_adapter, merge_adapter, unmerge_adapter, delete_adapter):
         setattr(tuner, fn.__name__, types.MethodType(fn, tuner))
+
+    peft_add = pm.add_adapter
+
+    def add_adapter(self, adapter_name: str, peft_config, *args, **kwargs):
+        """PEFT's add_adapter; routed-expert targets become ktrs expert LoRA of the new
+        adapter (PEFT would silently match nothing there)."""
+        cfg, wants = _split_config(peft_config)
+        if wants and getattr(cfg, "lora_dropout", 0.0):
+            raise KtrsValueError("expert LoRA in ktrs has no dropout; set lora_dropout=0.0")
+        with _no_moe_target_rewrite():
+            result = peft_add(adapter_name, cfg, *args, **kwargs)
+        if wants:
+            for ex in _ktrs_experts(self.base_model.model):
+                ex.add_adapter_lora(adapter_name, cfg.r, alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+        return result
+
+    pm.add_adapter = types.MethodType(add_adapter, pm)
 
 
 def _attach_save(pm) -> None:
