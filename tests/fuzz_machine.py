@@ -192,6 +192,16 @@ class ExpertsMachine(RuleBasedStateMachine):
             return
         raise AssertionError(f"set_lora({rank}) was accepted")
 
+    @rule(seed=st.integers(0, 2**16))
+    def rebuild(self, seed):
+        """Drops the layer while handles of it live on; a new layer of the same shape must
+        refuse them (their generation is not its own)."""
+        log(f"rebuild seed={seed}")
+        e, h, i = self.ex.num_experts, self.ex.hidden_size, self.ex.intermediate_size
+        g = torch.Generator().manual_seed(seed)
+        self.ex = ktrs.MoeExperts(torch.randn(e, i, h, generator=g), torch.randn(e, i, h, generator=g), torch.randn(e, h, i, generator=g), lora_rank=seed % 4, isa=self.ex.isa, threads=self.ex.threads, seed=seed)
+        self.writes += 1
+
     @rule()
     def zero_grads(self):
         log("zero_grads")
