@@ -241,7 +241,73 @@ class ExpertsMachine(RuleBasedStateMachine):
             assert list(v.shape) == self.ex.lora_shape("down_B")
 
 
-ExpertsMachine.TestCase.settings = settings(
+class ModuleMachine(RuleBasedStateMachine):
+    """`KtrsExperts` under autograd: forwards whose backward runs later, LoRA replaced in
+    between (enable_lora), the expert LoRA switched off and on (PEFT's controls), the
+    optimizer stepping and zero_grad(set_to_none=True)."""
+
+    @initialize(e=st.integers(1, 6), h=st.integers(1, 40), i=st.integers(1, 40), rank=st.integers(0, 4), seed=st.integers(0, 2**16))
+    def build(self, e, h, i, rank, seed):
+        log(f"module build E={e} H={h} I={i} r={rank} seed={seed}")
+        g = torch.Generator().manual_seed(seed)
+        self.gen = g
+        self.mod = ktrs.KtrsExperts.from_weights(torch.randn(e, i, h, generator=g), torch.randn(e, i, h, generator=g), torch.randn(e, h, i, generator=g), lora_rank=rank, threads=2, seed=seed)
+        self.pending = []  # (output, generation at the forward)
+        self.opt = torch.optim.SGD(self.mod.parameters(), lr=1e-3) if rank else None
+
+    @rule(t=st.integers(1, 8), k=st.integers(1, 3), grad=st.booleans())
+    def forward(self, t, k, grad):
+        log(f"module forward T={t} k={k} grad={grad}")
+        e, h = self.mod.num_experts, self.mod.experts.hidden_size
+        x = torch.randn(t, h, generator=self.gen).requires_grad_(grad)
+        ids = torch.randint(0, e, (t, k), generator=self.gen)
+        w = torch.rand(t, k, generator=self.gen)
+        with torch.set_grad_enabled(grad):
+            out = self.mod(x, ids, w)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        if out.requires_grad:
+            self.pending.append((out, self.mod.experts.lora_generation))
+
+    @precondition(lambda self: self.pending)
+    @rule(pick=st.integers(0, 100))
+    def backward(self, pick):
+        out, gen = self.pending.pop(pick % len(self.pending))
+        stale = gen != self.mod.experts.lora_generation
+        log(f"module backward stale={stale}")
+        try:
+            out.float().pow(2).mean().backward()
+        except ktrs.StaleHandleError:
+            assert stale
+            return
+        except RuntimeError as exc:  # autograd's own refusal to run a graph twice
+            assert "second time" in str(exc), exc
+            return
+        assert not stale, "a stale forward was back-propagated"
+        for p in self.mod.parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all()
+
+    @rule(rank=st.integers(0, 4))
+    def enable_lora(self, rank):
+        log(f"module enable_lora {rank}")
+        self.mod.enable_lora(rank)
+        self.opt = torch.optim.SGD(self.mod.parameters(), lr=1e-3) if rank else None
+
+    @rule(on=st.booleans())
+    def toggle_adapters(self, on):
+        log(f"module adapters_enabled={on}")
+        self.mod.adapters_enabled = on
+
+    @precondition(lambda self: self.opt is not None)
+    @rule()
+    def step(self):
+        log("module step")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        for p in self.mod.parameters():
+            assert p.data_ptr() == self.mod.experts.lora_weight(next(n for n, q in self.mod.lora_experts.items() if q is p)).data_ptr()
+
+
+_SETTINGS = settings(
     max_examples=EXAMPLES,
     stateful_step_count=25,
     deadline=None,
@@ -249,4 +315,7 @@ ExpertsMachine.TestCase.settings = settings(
     derandomize=os.environ.get("KTRS_FUZZ_RANDOM") != "1",
     database=None,
 )
+ExpertsMachine.TestCase.settings = _SETTINGS
+ModuleMachine.TestCase.settings = _SETTINGS
 TestExpertsMachine = ExpertsMachine.TestCase
+TestModuleMachine = ModuleMachine.TestCase
