@@ -116,3 +116,12 @@ def test_help_shows_defaults_and_describes_every_option():
     for default in ("default: 200", "default: 0.005", "default: 16", "default: 256"):
         assert default in text, default
     assert "default: 64" in sub.choices["bench"].format_help()
+
+
+def test_unknown_words_are_reported(ckpt, tmp_path, capsys, no_model_load):
+    data = tmp_path / "odd.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "flibbertigibbet quuxification"}, {"role": "assistant", "content": "zorblax"}]}\n')
+    with pytest.raises(AssertionError, match="model was loaded"):  # the data checks passed
+        cli.main(["train", "--model", ckpt, "--data", str(data), "--output", str(tmp_path / "o"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "not in the tokenizer's vocabulary" in err and "<unk>" in err

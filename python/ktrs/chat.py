@@ -44,6 +44,11 @@ def reply(model, tok, history: List[Dict[str, str]], max_new_tokens: int = 64, s
 
     device = next(p.device for p in model.parameters())
     ids = torch.tensor([chat_ids(tok, history, add_generation_prompt=True)], device=device)
+    if tok.unk_token_id is not None and (ids == tok.unk_token_id).any():
+        import sys
+
+        n = int((ids == tok.unk_token_id).sum())
+        print(f"ktrs chat: warning: {n} words are not in the tokenizer's vocabulary and became {tok.unk_token!r}", file=sys.stderr)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     t0 = time.perf_counter()
     out = model.generate(
