@@ -249,3 +249,34 @@ def test_ktrs_raises_only_its_own_exception_classes():
                 if isinstance(cls, type) and issubclass(cls, BaseException) and cls is not KeyboardInterrupt:
                     offenders.append(f"{name}:{node.lineno} raises {cls.__name__}")
     assert offenders == []
+
+
+def test_changing_a_layer_while_another_thread_runs_it_waits_instead_of_failing():
+    # PyO3 refused such calls with a bare "Already borrowed" RuntimeError.
+    import threading
+
+    g = torch.Generator().manual_seed(0)
+    E, H, I = 8, 256, 192
+    ex = ktrs.MoeExperts(torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g), torch.randn(E, H, I, generator=g), lora_rank=4, threads=2)
+    x, ids, w = torch.randn(128, H).bfloat16(), torch.randint(0, E, (128, 2)), torch.rand(128, 2)
+    errors, stop, runs = [], threading.Event(), [0]
+
+    def worker():
+        try:
+            while not stop.is_set():
+                ex.forward(x, ids, w)
+                runs[0] += 1
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        for i in range(60):
+            ex.set_lora(i % 3 + 1)
+            ex.threads = 1 + i % 2
+            ex.set_expert(i % E, torch.randn(I, H), torch.randn(I, H), torch.randn(H, I))
+    finally:
+        stop.set()
+        t.join()
+    assert errors == [] and runs[0] > 0

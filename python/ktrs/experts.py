@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import functools
+import threading
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -12,6 +14,24 @@ from . import _native
 ForwardHandle = _native.ForwardHandle
 
 LORA_NAMES: Tuple[str, ...] = tuple(_native.Experts.lora_names())
+
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def _locked(fn: _F) -> _F:
+    """Runs the method under the layer's lock. The Rust layer may not be changed
+    (set_lora, set_expert, threads, isa) while a call of another thread uses it (a
+    forward submitted from a worker thread, say): PyO3 would refuse with a bare
+    "Already borrowed" RuntimeError. The lock makes such calls wait instead; waiting on
+    it releases the GIL, and the kernels run without the GIL, so nothing deadlocks."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _as_bf16_cpu(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -58,6 +78,7 @@ class MoeExperts:
         )
         self._views: Dict[str, torch.Tensor] = {}
         self._grad_views: Dict[str, torch.Tensor] = {}
+        self._lock = threading.RLock()
 
     @classmethod
     def empty(
@@ -72,13 +93,16 @@ class MoeExperts:
         self._native = _native.Experts.empty(num_experts, hidden_size, intermediate_size, **kwargs)
         self._views = {}
         self._grad_views = {}
+        self._lock = threading.RLock()
         return self
 
     # -- weights -------------------------------------------------------------------------
+    @_locked
     def set_expert(self, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """Packs one expert's weights (gate, up ``[I, H]``, down ``[H, I]``)."""
         self._native.set_expert(expert, _as_bf16_cpu("gate", gate), _as_bf16_cpu("up", up), _as_bf16_cpu("down", down))
 
+    @_locked
     def get_expert(self, expert: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copies of one expert's weights in HF layout (bf16)."""
         i, h = self.intermediate_size, self.hidden_size
@@ -89,6 +113,7 @@ class MoeExperts:
         return g, u, d
 
     # -- compute -------------------------------------------------------------------------
+    @_locked
     def forward(
         self,
         hidden: torch.Tensor,
@@ -115,6 +140,7 @@ class MoeExperts:
 
     __call__ = forward
 
+    @_locked
     def backward(
         self,
         handle: ForwardHandle,
@@ -144,12 +170,14 @@ class MoeExperts:
         return grad_hidden, grad_weights
 
     # -- LoRA ----------------------------------------------------------------------------
+    @_locked
     def lora_weight(self, name: str) -> torch.Tensor:
         """Zero-copy f32 view ``[E, rows, cols]`` of LoRA matrix ``name`` (Rust memory)."""
         if name not in self._views:
             self._views[name] = torch.from_dlpack(self._native.lora_weight(name))
         return self._views[name]
 
+    @_locked
     def lora_grad(self, name: str) -> torch.Tensor:
         """Zero-copy view of the layer-owned gradient of LoRA matrix ``name``."""
         if name not in self._grad_views:
@@ -160,6 +188,7 @@ class MoeExperts:
         """All six LoRA matrices (zero-copy views), by name."""
         return {n: self.lora_weight(n) for n in LORA_NAMES}
 
+    @_locked
     def set_lora_weight(self, name: str, value: torch.Tensor) -> None:
         """Copies ``value`` (any dtype/device, shape ``lora_shape(name)``) into Rust memory."""
         if not isinstance(value, torch.Tensor):
@@ -170,6 +199,7 @@ class MoeExperts:
         """Shape ``[E, rows, cols]`` of LoRA matrix ``name``."""
         return list(self._native.lora_shape(name))
 
+    @_locked
     def set_lora(self, lora_rank: int, lora_alpha: Optional[float] = None, use_rslora: bool = False, seed: int = 0) -> None:
         """Gives the experts fresh LoRA of this rank (PEFT init: A Kaiming-uniform, B zero),
         or removes it with ``lora_rank=0``. Forward handles made before are stale from now
@@ -178,6 +208,7 @@ class MoeExperts:
         self._views.clear()
         self._grad_views.clear()
 
+    @_locked
     def zero_lora_grads(self) -> None:
         """Zeroes the layer-owned LoRA gradients (:meth:`lora_grad`)."""
         self._native.zero_lora_grads()
@@ -188,6 +219,7 @@ class MoeExperts:
         return self._native.isa
 
     @isa.setter
+    @_locked
     def isa(self, value: str) -> None:
         self._native.isa = value
 
@@ -198,6 +230,7 @@ class MoeExperts:
         return self._native.threads
 
     @threads.setter
+    @_locked
     def threads(self, value: Optional[int]) -> None:
         self._native.threads = value
 
