@@ -70,10 +70,10 @@ def main() -> int:
             h.add_(decode.experts_on_stream(module, h, ids, w))
 
         def host_only():
-            decode._stages(module)[(1, k, id(ch))].native.launch(torch.cuda.current_stream().cuda_stream)
+            decode._stages(module)[(1, k, id(ch), True)].native.launch(torch.cuda.current_stream().cuda_stream)
 
         def copies_only():
-            st = decode._stages(module)[(1, k, id(ch))]
+            st = decode._stages(module)[(1, k, id(ch), True)]
             st.x.copy_(h, non_blocking=True)
             st.ids.copy_(ids, non_blocking=True)
             st.w.copy_(w, non_blocking=True)

@@ -127,7 +127,7 @@ def test_construction_rejects():
 def test_set_lora_weight_rejects(ex):
     with pytest.raises(ValueError, match="gate_A.*shape"):
         ex.set_lora_weight("gate_A", torch.zeros(3))
-    with pytest.raises(TypeError, match="gate_C"):
+    with pytest.raises(ktrs.KtrsValueError, match="gate_C"):
         ex.set_lora_weight("gate_C", torch.zeros(3))
     with pytest.raises(FloatingPointError, match="gate_A"):
         ex.set_lora_weight("gate_A", torch.full(ex.lora_shape("gate_A"), float("nan")))

@@ -81,7 +81,20 @@ def test_export_merged_loads_in_stock_transformers(ckpt, trained, tmp_path):
     r = ktrs_cli("export-merged", "--model", ckpt, "--adapter", trained, "--output", out)
     assert r.returncode == 0, r.stderr
     stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    from safetensors import safe_open
+
     from ktrs.chat import load_chat_model
+
+    def dtype_of(d, key):
+        for f in (f for f in os.listdir(d) if f.endswith(".safetensors")):
+            with safe_open(os.path.join(d, f), "pt") as st:
+                if key in st.keys():
+                    return st.get_slice(key).get_dtype()
+
+    # A bf16 base stays bf16, experts and the rest (not twice the size); only the router,
+    # which transformers keeps in fp32, may differ.
+    for key in ("model.embed_tokens.weight", "model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.self_attn.o_proj.weight"):
+        assert dtype_of(out, key) == dtype_of(ckpt, key) == "BF16", key
 
     model, _ = load_chat_model(ckpt, trained, "cpu")
     ids = torch.randint(0, stock.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -105,7 +118,7 @@ def test_errors_a_user_can_act_on(ckpt, tmp_path):
     r = ktrs_cli("chat", "--model", str(other), "--prompt", "hi")
     assert r.returncode == 2 and "deepseek_v2" in r.stderr
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]}\nnot json\n')
     r = ktrs_cli("train", "--model", ckpt, "--data", str(bad), "--output", str(tmp_path / "o"), "--device", "cpu")
     assert r.returncode == 2 and "bad.jsonl:2" in r.stderr
     r = ktrs_cli("train", "--model", ckpt, "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"))

@@ -64,6 +64,8 @@ def test_isas_agree_and_threads_do_not_change_results():
         # Each output element is computed by one task in a fixed order: bitwise equal.
         assert torch.equal(o, outs[(isa, 1)]), (isa, threads)
         assert rel_l2(o, outs[("scalar", 1)]) < 1e-2
+    if ktrs.info()["available_isas"] == ["scalar"]:
+        pytest.skip("only the scalar kernels run here: no other ISA to compare them with")
 
 
 def test_layer_owned_gradients_accumulate_and_zero():

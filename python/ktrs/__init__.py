@@ -5,7 +5,20 @@ Python sees zero-copy views. Start with :class:`MoeExperts` (one layer, forward 
 backward) or :class:`KtrsExperts` (an ``nn.Module`` with autograd), and :func:`info`.
 """
 
-from ._native import IsaUnavailableError, KtrsError, __version__
+from ._native import (
+    MAX_THREADS,
+    IsaUnavailableError,
+    KtrsError,
+    KtrsFileNotFoundError,
+    KtrsInternalError,
+    KtrsMemoryError,
+    KtrsSystemError,
+    KtrsTypeError,
+    KtrsValueError,
+    NonFiniteError,
+    StaleHandleError,
+    __version__,
+)
 from . import decode
 from .adapters import load_adapter, save_adapter
 from .experts import ForwardHandle, MoeExperts
@@ -25,6 +38,15 @@ __all__ = [
     "ForwardHandle",
     "IsaUnavailableError",
     "KtrsError",
+    "KtrsFileNotFoundError",
+    "KtrsInternalError",
+    "KtrsMemoryError",
+    "KtrsSystemError",
+    "KtrsTypeError",
+    "KtrsValueError",
+    "MAX_THREADS",
+    "NonFiniteError",
+    "StaleHandleError",
     "KtrsExperts",
     "MoeExperts",
     "__version__",

@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ._native import KtrsValueError
 from .experts import LORA_NAMES
 from .hf import find_moe_blocks
 from .module import KtrsExperts
@@ -77,6 +78,7 @@ def save_adapter(model, save_directory: str, **kwargs) -> None:
     has_experts = any(ex.experts.lora_rank > 0 for ex in blocks.values())
     save = getattr(model, "_ktrs_peft_save_pretrained", None) or model.save_pretrained
     save(save_directory, **kwargs)
+    _warn_what_stock_peft_drops(save_directory, getattr(model, "active_adapter", "default"))
     if not has_experts:
         return
     adapter = getattr(model, "active_adapter", "default")
@@ -88,7 +90,7 @@ def save_adapter(model, save_directory: str, **kwargs) -> None:
     alpha = next(ex.experts.lora_alpha for ex in blocks.values() if ex.experts.lora_rank > 0)
     rslora = bool(cfg.get("use_rslora"))
     if cfg.get("r") != r or cfg.get("lora_alpha") != alpha:
-        raise ValueError(f"expert LoRA (r={r}, alpha={alpha}) must share the adapter's r={cfg.get('r')} and lora_alpha={cfg.get('lora_alpha')}")
+        raise KtrsValueError(f"expert LoRA (r={r}, alpha={alpha}) must share the adapter's r={cfg.get('r')} and lora_alpha={cfg.get('lora_alpha')}")
     gu_scale = _peft_scale(2 * alpha, 2 * r, rslora)
     dn_scale = _peft_scale(alpha, r, rslora)
     weights = load_file(os.path.join(sub, WEIGHTS_NAME))
@@ -101,6 +103,41 @@ def save_adapter(model, save_directory: str, **kwargs) -> None:
     cfg["alpha_pattern"] = {**(cfg.get("alpha_pattern") or {}), r".*\.gate_up_proj": 2 * alpha}
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
+
+
+# LoRA on a gate/up/down projection that is not a routed expert: a shared expert or a
+# dense MLP (layer 0 of DeepSeek-V2).
+_MLP_LEAF = re.compile(r"^.*\.mlp\.(shared_experts\.)?(gate|up|down)_proj\.lora_[AB]\.weight$")
+
+
+def _warn_what_stock_peft_drops(save_directory: str, adapter: str) -> None:
+    """Warns when stock PEFT will not load part of the adapter just saved.
+
+    PEFT 0.21's transformers-5 MoE target rewrite (huggingface/peft#3711) turns every
+    `gate_proj`/`up_proj`/`down_proj` target of a DeepSeek-V2 into routed-expert
+    `target_parameters`, so stock PEFT drops the shared-expert and dense-MLP LoRA of
+    such an adapter. No config spelling avoids it (regex targets are resolved to module
+    names first), so ktrs names what will be dropped; `ktrs.load_adapter` loads all of it.
+    """
+    try:
+        import peft.utils.transformers_weight_conversion  # noqa: F401 - the rewrite's home
+    except ImportError:
+        return
+    from safetensors import safe_open
+
+    sub = os.path.join(save_directory, adapter) if adapter != "default" and os.path.isdir(os.path.join(save_directory, adapter)) else save_directory
+    with safe_open(os.path.join(sub, WEIGHTS_NAME), "pt") as f:
+        dropped = sorted(k for k in f.keys() if _MLP_LEAF.match(k))
+    if dropped:
+        import warnings
+
+        warnings.warn(
+            f"ktrs: stock PEFT will not load {len(dropped)} of this adapter's LoRA tensors (the shared-expert and dense-MLP "
+            f"gate_proj/up_proj/down_proj LoRA, e.g. {dropped[0]}): its transformers-5 MoE target rewrite moves those "
+            "targets onto the routed experts (huggingface/peft#3711). ktrs.load_adapter loads all of them.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _from_peft(parts: Dict[str, torch.Tensor], E: int, H: int, I: int, gu_scale: float, dn_scale: float) -> Tuple[Dict[str, torch.Tensor], float]:
@@ -137,7 +174,7 @@ def _read(adapter_dir: str):
     return raw, load_file(os.path.join(adapter_dir, WEIGHTS_NAME))
 
 
-def restore_expert_lora(model, adapter_dir: str) -> int:
+def restore_expert_lora(model, adapter_dir: str, adapter_name: Optional[str] = None) -> int:
     """Copies the expert LoRA of an adapter written by :func:`save_adapter` into the
     existing ktrs buffers, in place (the parameters, and so optimizer state keyed by
     them, stay the same objects): what resuming a Trainer checkpoint needs. Returns the
@@ -145,11 +182,22 @@ def restore_expert_lora(model, adapter_dir: str) -> int:
     raw, weights = _read(adapter_dir)
     mats_by_layer = _expert_mats(raw, weights, _expert_blocks(model))
     for layer, (ex, mats, scale) in mats_by_layer.items():
-        if mats["gate_A"].shape[1] != ex.experts.lora_rank or abs(scale - ex.experts.lora_scaling) > 1e-6 * scale:
-            raise ValueError(f"layer {layer}: adapter expert LoRA (rank {mats['gate_A'].shape[1]}) does not fit the model's (rank {ex.experts.lora_rank})")
+        if adapter_name is not None and adapter_name != ex.expert_adapter and adapter_name in ex._stash:
+            (rank, alpha, rslora), _ = ex._stash[adapter_name]
+            ex._stash[adapter_name] = ((rank, alpha, rslora), {n: _rescaled(n, mats[n], scale, _peft_scale(alpha, rank, rslora)).float() for n in LORA_NAMES})
+            continue
+        if mats["gate_A"].shape[1] != ex.experts.lora_rank:
+            raise KtrsValueError(f"layer {layer}: adapter expert LoRA (rank {mats['gate_A'].shape[1]}) does not fit the model's (rank {ex.experts.lora_rank})")
         for n in LORA_NAMES:
-            ex.experts.set_lora_weight(n, mats[n])
+            ex.experts.set_lora_weight(n, _rescaled(n, mats[n], scale, ex.experts.lora_scaling))
     return len(mats_by_layer)
+
+
+def _rescaled(name: str, m: torch.Tensor, scale: float, target: float) -> torch.Tensor:
+    """LoRA matrix `name` of a delta `scale · B·A`, re-expressed for scaling `target`
+    (B carries the ratio). With rsLoRA the adapter's gate/up scale (√2·α/√r, the fused
+    rank-2r layout) differs from the model's α/√r; the product is what must agree."""
+    return m * (scale / target) if name.endswith("_B") and scale != target else m
 
 
 def _expert_mats(raw, weights, blocks):
@@ -184,42 +232,81 @@ def _expert_mats(raw, weights, blocks):
     return out
 
 
+def _peft_config(raw: dict, is_trainable: bool):
+    """The adapter's LoraConfig for PEFT, without the routed-expert targets ktrs owns."""
+    import peft
+
+    cfg = dict(raw)
+    cfg["target_parameters"] = [t for t in (cfg.get("target_parameters") or []) if t not in ("gate_up_proj", "down_proj")] or None
+    cfg["rank_pattern"] = {k: v for k, v in (cfg.get("rank_pattern") or {}).items() if "gate_up" not in k}
+    cfg["alpha_pattern"] = {k: v for k, v in (cfg.get("alpha_pattern") or {}).items() if "gate_up" not in k}
+    allowed = set(peft.LoraConfig.__dataclass_fields__)
+    config = peft.LoraConfig(**{k: v for k, v in cfg.items() if k in allowed and k not in ("peft_type", "auto_mapping")})
+    config.inference_mode = not is_trainable
+    return config
+
+
+def _load_peft_tensors(pm, rest: Dict[str, torch.Tensor], adapter_name: str, adapter_dir: str) -> None:
+    """Loads PEFT's part of an adapter; every LoRA tensor PEFT made for it must be in the file."""
+    import peft
+
+    from .peft import _no_moe_target_rewrite
+
+    with _no_moe_target_rewrite():
+        result = peft.set_peft_model_state_dict(pm, rest, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise KtrsValueError(f"adapter tensors that match no module: {unexpected[:5]}")
+    # A LoRA tensor left at its init (B = 0) would silently drop that module's adaptation.
+    not_loaded = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and f".{adapter_name}." in k]
+    if not_loaded:
+        raise KtrsValueError(f"the adapter in {adapter_dir!r} has no tensors for {len(not_loaded)} LoRA weights, e.g. {not_loaded[:3]}")
+
+
+def _split(adapter_dir: str, blocks):
+    raw, weights = _read(adapter_dir)
+    rest = {k: v for k, v in weights.items() if not (_GU.match(k) or _DN.match(k) or _V4.match(k))}
+    return raw, rest, _expert_mats(raw, weights, blocks)
+
+
 def load_adapter(model, adapter_dir: str, *, adapter_name: str = "default", is_trainable: bool = False):
     """Loads a PEFT adapter (written by :func:`save_adapter`, or by stock PEFT on an
     unpatched model) into a ktrs-patched model, in memory: expert LoRA into ktrs, every
     other target through PEFT (without PEFT's MoE target rewrite). Returns the PeftModel."""
     import peft
 
-    from .peft import _no_moe_target_rewrite
+    from .peft import _attach_adapter_controls, _attach_save, _no_moe_target_rewrite
 
     blocks = _expert_blocks(model)
     if not blocks:
-        raise ValueError("ktrs.load_adapter needs a model patched by ktrs.patch_model")
-    raw, weights = _read(adapter_dir)
-    rest = {k: v for k, v in weights.items() if not (_GU.match(k) or _DN.match(k) or _V4.match(k))}
-    for layer, (ex, mats, scale) in _expert_mats(raw, weights, blocks).items():
+        raise KtrsValueError("ktrs.load_adapter needs a model patched by ktrs.patch_model")
+    raw, rest, expert = _split(adapter_dir, blocks)
+    for layer, (ex, mats, scale) in expert.items():
         rank = mats["gate_A"].shape[1]
         # ktrs scale = alpha / rank (rsLoRA off): pick alpha so it equals `scale`.
         ex.enable_lora(rank, alpha=scale * rank)
         for n in LORA_NAMES:
             ex.experts.set_lora_weight(n, mats[n])
-    cfg = dict(raw)
-    for k in ("target_parameters",):
-        cfg[k] = [t for t in (cfg.get(k) or []) if t not in ("gate_up_proj", "down_proj")] or None
-    cfg["rank_pattern"] = {k: v for k, v in (cfg.get("rank_pattern") or {}).items() if "gate_up" not in k}
-    cfg["alpha_pattern"] = {k: v for k, v in (cfg.get("alpha_pattern") or {}).items() if "gate_up" not in k}
-    allowed = set(peft.LoraConfig.__dataclass_fields__)
-    config = peft.LoraConfig(**{k: v for k, v in cfg.items() if k in allowed and k not in ("peft_type", "auto_mapping")})
-    config.inference_mode = not is_trainable
     with _no_moe_target_rewrite():
-        pm = peft.get_peft_model(model, config, adapter_name=adapter_name)
-        missing = peft.set_peft_model_state_dict(pm, rest, adapter_name=adapter_name)
-    unexpected = getattr(missing, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"adapter tensors that match no module: {unexpected[:5]}")
-    from .peft import _attach_save
-
+        pm = peft.get_peft_model(model, _peft_config(raw, is_trainable), adapter_name=adapter_name)
+    _load_peft_tensors(pm, rest, adapter_name, adapter_dir)
     _attach_save(pm)
+    _attach_adapter_controls(pm, adapter_name)
     for p in (p for ex in blocks.values() for p in ex.lora_experts.values()):
         p.requires_grad_(is_trainable)
     return pm
+
+
+def add_adapter_from_dir(pm, adapter_dir: str, adapter_name: str, *, is_trainable: bool = False) -> None:
+    """Adds a further named adapter to a ktrs PeftModel (what ``pm.load_adapter(dir,
+    name)`` does for a new name): PEFT's part through PEFT, the expert LoRA set aside in
+    each ktrs layer until ``set_adapter(name)`` makes it the one the kernels run."""
+    from .peft import _no_moe_target_rewrite
+
+    raw, rest, expert = _split(adapter_dir, _expert_blocks(pm))
+    with _no_moe_target_rewrite():
+        pm.add_adapter(adapter_name, _peft_config(raw, is_trainable))
+    _load_peft_tensors(pm, rest, adapter_name, adapter_dir)
+    for ex, mats, scale in expert.values():
+        rank = mats["gate_A"].shape[1]
+        ex._stash[adapter_name] = ((rank, scale * rank, False), {n: mats[n].float().contiguous() for n in LORA_NAMES})

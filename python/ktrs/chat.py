@@ -8,9 +8,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ._native import KtrsFileNotFoundError
 
-def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Optional[str] = None):
-    """(model, tokenizer) with routed experts in ktrs and the adapter, if any, loaded."""
+
+def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+    """(model, tokenizer) with routed experts in ktrs and the adapter, if any, loaded;
+    `dtype` of the non-expert weights (default: bf16 on CUDA, else float32)."""
     from transformers import AutoTokenizer
 
     import ktrs
@@ -19,11 +22,12 @@ def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Opti
 
     check_checkpoint(model_path)
     if adapter is not None and not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        raise FileNotFoundError(f"{adapter!r} is not an adapter directory (no adapter_config.json)")
+        raise KtrsFileNotFoundError(f"{adapter!r} is not an adapter directory (no adapter_config.json)")
     device = resolve_device(device)
     tok_src = adapter if adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else model_path
     tok = AutoTokenizer.from_pretrained(tok_src)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = ktrs.from_pretrained(model_path, device=device, dtype=dtype)
     if adapter:
         model = ktrs.load_adapter(model, adapter)
@@ -40,6 +44,11 @@ def reply(model, tok, history: List[Dict[str, str]], max_new_tokens: int = 64, s
 
     device = next(p.device for p in model.parameters())
     ids = torch.tensor([chat_ids(tok, history, add_generation_prompt=True)], device=device)
+    if tok.unk_token_id is not None and (ids == tok.unk_token_id).any():
+        import sys
+
+        n = int((ids == tok.unk_token_id).sum())
+        print(f"ktrs chat: warning: {n} words are not in the tokenizer's vocabulary and became {tok.unk_token!r}", file=sys.stderr)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     t0 = time.perf_counter()
     out = model.generate(

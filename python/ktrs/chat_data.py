@@ -9,10 +9,12 @@ from typing import Dict, List
 
 import torch
 
+from ._native import KtrsFileNotFoundError, KtrsValueError
+
 
 def read_jsonl(path: str) -> List[List[Dict[str, str]]]:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no data file {path!r}")
+        raise KtrsFileNotFoundError(f"no data file {path!r}")
     convs = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -21,13 +23,15 @@ def read_jsonl(path: str) -> List[List[Dict[str, str]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{i}: not JSON ({exc.msg})") from exc
+                raise KtrsValueError(f"{path}:{i}: not JSON ({exc.msg})") from exc
             msgs = row.get("messages") if isinstance(row, dict) else None
             if not msgs or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
-                raise ValueError(f'{path}:{i}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
+                raise KtrsValueError(f'{path}:{i}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
+            if msgs[-1]["role"] != "assistant":
+                raise KtrsValueError(f"{path}:{i}: the conversation does not end with an assistant reply (the part that is trained)")
             convs.append(msgs)
     if not convs:
-        raise ValueError(f"{path!r} holds no conversations")
+        raise KtrsValueError(f"{path!r} holds no conversations")
     return convs
 
 

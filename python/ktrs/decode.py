@@ -83,12 +83,12 @@ def new_channel() -> Optional[Any]:
 class _Stage:
     """Pinned staging for one layer and one (tokens, top_k), owned by Rust."""
 
-    def __init__(self, experts_native: Any, tokens: int, top_k: int, channel: Optional[Any]) -> None:
-        self.native = _native.HostStage(experts_native, tokens, top_k, channel)
+    def __init__(self, experts_native: Any, tokens: int, top_k: int, channel: Optional[Any], use_lora: bool) -> None:
+        self.native = _native.HostStage(experts_native, tokens, top_k, channel, use_lora)
         self.x, self.ids, self.w, self.out = (torch.from_dlpack(c) for c in self.native.tensors())
 
 
-def _stages(module: nn.Module) -> Dict[Tuple[int, int, int], _Stage]:
+def _stages(module: nn.Module) -> Dict[Tuple[int, int, int, bool], _Stage]:
     return module.__dict__.setdefault("_ktrs_stages", {})
 
 
@@ -106,13 +106,16 @@ def submit_on_stream(module: nn.Module, hidden: torch.Tensor, topk_ids: torch.Te
     CPU experts."""
     tokens, top_k = topk_ids.shape
     channel = getattr(_MODE, "channel", None)
-    key = (tokens, top_k, id(channel))
+    # Whether the expert LoRA applies (PEFT's adapter controls) is fixed per stage; a
+    # change of it changes the fingerprint, so graphs are captured anew with other stages.
+    use_lora = bool(getattr(module, "lora_active", True))
+    key = (tokens, top_k, id(channel), use_lora)
     stage = _stages(module).get(key)
     if stage is None:
         if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("ktrs: expert staging must be made before graph capture (warm-up run missing)")
+            raise _native.KtrsInternalError("ktrs: expert staging must be made before graph capture (warm-up run missing)")
         torch.cuda.synchronize()  # pinning needs this thread's CUDA context current
-        stage = _stages(module)[key] = _Stage(module.experts._native, tokens, top_k, channel)
+        stage = _stages(module)[key] = _Stage(module.experts._native, tokens, top_k, channel, use_lora)
     stage.x.copy_(hidden.to(torch.bfloat16), non_blocking=True)
     stage.ids.copy_(topk_ids.to(torch.int64), non_blocking=True)
     stage.w.copy_(topk_weights.to(torch.float32), non_blocking=True)
@@ -141,9 +144,8 @@ def _fingerprint(model: nn.Module) -> Tuple:
             scaling = getattr(m, "scaling", None)
             flags.append((name, bool(getattr(m, "disable_adapters", False)), tuple(m.merged_adapters),
                           repr(getattr(m, "active_adapters", None)), repr(sorted(scaling.items())) if isinstance(scaling, dict) else None))
-        for attr in ("lora_enabled", "lora_disabled", "active_adapter"):  # ktrs expert-LoRA switches, if any
-            if attr in m.__dict__:
-                flags.append((name, attr, repr(m.__dict__[attr])))
+        if hasattr(m, "lora_active"):  # a KtrsExperts: PEFT's controls of the expert LoRA
+            flags.append((name, bool(m.lora_active), getattr(m, "expert_adapter", None)))
     return (ptrs, tuple(flags), model.training)
 
 

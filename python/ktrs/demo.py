@@ -55,7 +55,7 @@ def run(tokens: int = 64, rank: int = 8, threads: Optional[int] = None, seed: in
     ref = None
     lora_b = {}
     flops = 2 * tokens * k * 3 * H * I
-    print(f"{'ISA':<8} {'fwd ms':>9} {'bwd ms':>9} {'fwd TFLOPS':>11} {'max rel err':>12}")
+    print(f"packing the {E} experts for each ISA, then timing one forward and backward ...", flush=True)
     failures = 0
     for isa in d["available_isas"]:
         ex = MoeExperts(gate, up, down, lora_rank=rank, lora_alpha=2 * rank, isa=isa, threads=threads, seed=seed)
@@ -64,8 +64,10 @@ def run(tokens: int = 64, rank: int = 8, threads: Optional[int] = None, seed: in
                 lora_b[n] = torch.randn(ex.lora_shape(n), generator=g) * 0.02
             ex.set_lora_weight(n, lora_b[n])
         if ref is None:
+            print("  (computing the fp32 torch reference, forward and backward ...)", flush=True)
             lora = {n: ex.lora_weight(n).clone() for n in LORA_NAMES}
             ref = _reference(gate, up, down, lora, ex.lora_scaling, x, ids, w, gout)
+            print(f"{'ISA':<8} {'fwd ms':>9} {'bwd ms':>9} {'fwd TFLOPS':>11} {'max rel err':>12}", flush=True)
         ex.forward(x, ids, w)  # warm-up
         t0 = time.perf_counter()
         out, handle = ex.forward(x, ids, w, save_for_backward=True)
@@ -77,7 +79,7 @@ def run(tokens: int = 64, rank: int = 8, threads: Optional[int] = None, seed: in
         worst = max(errs)
         ok = worst < 1e-2
         failures += not ok
-        print(f"{isa:<8} {(t1 - t0) * 1e3:9.1f} {(t2 - t1) * 1e3:9.1f} {flops / (t1 - t0) / 1e12:11.3f} {worst:12.2e} {'ok' if ok else 'MISMATCH'}")
+        print(f"{isa:<8} {(t1 - t0) * 1e3:9.1f} {(t2 - t1) * 1e3:9.1f} {flops / (t1 - t0) / 1e12:11.3f} {worst:12.2e} {'ok' if ok else 'MISMATCH'}", flush=True)
     print("\nforward TFLOPS = 2*T*k*3*H*I / time (base GEMMs; LoRA adds ~1%)")
     print("errors: relative L2 of output, input/routing-weight gradients and all six LoRA gradients vs an fp32 torch reference")
     return 1 if failures else 0
@@ -120,7 +122,8 @@ def run_demo(workdir: str = "demo-out", steps: int = 100, device: Optional[str] 
     del model
     adapter = os.path.join(workdir, "adapter")
     print(f"\nfine-tuning with LoRA on {len(convs)} bundled conversations ({steps} steps) ...")
-    m = train(TrainConfig(model=ckpt, data=data, output=adapter, steps=steps, device=device))
+    # The demo owns its workdir: a second run replaces its adapter.
+    m = train(TrainConfig(model=ckpt, data=data, output=adapter, steps=steps, device=device, overwrite=True))
     print(f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}; adapter, loss_curve.png, metrics.json in {adapter}/")
     model, tok = load_chat_model(ckpt, adapter=adapter, device=device)
     after = ask(model, tok, "after fine-tuning (adapter reloaded from disk)")

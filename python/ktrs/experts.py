@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import functools
+import threading
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
+from ._native import KtrsTypeError
 from . import _native
 
 ForwardHandle = _native.ForwardHandle
@@ -13,9 +16,27 @@ ForwardHandle = _native.ForwardHandle
 LORA_NAMES: Tuple[str, ...] = tuple(_native.Experts.lora_names())
 
 
+_F = TypeVar("_F", bound=Callable)
+
+
+def _locked(fn: _F) -> _F:
+    """Runs the method under the layer's lock. The Rust layer may not be changed
+    (set_lora, set_expert, threads, isa) while a call of another thread uses it (a
+    forward submitted from a worker thread, say): PyO3 would refuse with a bare
+    "Already borrowed" RuntimeError. The lock makes such calls wait instead; waiting on
+    it releases the GIL, and the kernels run without the GIL, so nothing deadlocks."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _as_bf16_cpu(name: str, t: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        raise KtrsTypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
     return t.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
 
 
@@ -57,6 +78,7 @@ class MoeExperts:
         )
         self._views: Dict[str, torch.Tensor] = {}
         self._grad_views: Dict[str, torch.Tensor] = {}
+        self._lock = threading.RLock()
 
     @classmethod
     def empty(
@@ -71,13 +93,16 @@ class MoeExperts:
         self._native = _native.Experts.empty(num_experts, hidden_size, intermediate_size, **kwargs)
         self._views = {}
         self._grad_views = {}
+        self._lock = threading.RLock()
         return self
 
     # -- weights -------------------------------------------------------------------------
+    @_locked
     def set_expert(self, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """Packs one expert's weights (gate, up ``[I, H]``, down ``[H, I]``)."""
         self._native.set_expert(expert, _as_bf16_cpu("gate", gate), _as_bf16_cpu("up", up), _as_bf16_cpu("down", down))
 
+    @_locked
     def get_expert(self, expert: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copies of one expert's weights in HF layout (bf16)."""
         i, h = self.intermediate_size, self.hidden_size
@@ -88,6 +113,7 @@ class MoeExperts:
         return g, u, d
 
     # -- compute -------------------------------------------------------------------------
+    @_locked
     def forward(
         self,
         hidden: torch.Tensor,
@@ -96,17 +122,25 @@ class MoeExperts:
         *,
         save_for_backward: bool = False,
         out: Optional[torch.Tensor] = None,
+        use_lora: bool = True,
     ) -> Tuple[torch.Tensor, Optional[ForwardHandle]]:
-        """Returns ``(out [T, H] bf16, handle)``; ``handle`` is None unless saving."""
+        """Returns ``(out [T, H] bf16, handle)``; ``handle`` is None unless saving.
+
+        ``use_lora=False`` computes the base experts although the layer has LoRA (what
+        PEFT's ``disable_adapter`` asks for); that handle's backward gives no LoRA
+        gradients. A handle is tied to the layer's LoRA setup: after :meth:`set_lora`,
+        :meth:`backward` refuses it with :class:`ktrs.StaleHandleError`.
+        """
         if out is None:
             if not isinstance(hidden, torch.Tensor):
-                raise TypeError(f"`hidden_states` must be a torch.Tensor, got {type(hidden).__name__}")
+                raise KtrsTypeError(f"`hidden_states` must be a torch.Tensor, got {type(hidden).__name__}")
             out = torch.empty(hidden.shape, dtype=torch.bfloat16)
-        handle = self._native.forward(hidden, topk_ids, topk_weights, out, save_for_backward=save_for_backward)
+        handle = self._native.forward(hidden, topk_ids, topk_weights, out, save_for_backward=save_for_backward, use_lora=use_lora)
         return out, handle
 
     __call__ = forward
 
+    @_locked
     def backward(
         self,
         handle: ForwardHandle,
@@ -122,7 +156,7 @@ class MoeExperts:
         overwritten, or added to with ``accumulate=True``.
         """
         if not isinstance(handle, ForwardHandle):
-            raise TypeError(f"`handle` must be the ForwardHandle of a forward with save_for_backward=True, got {type(handle).__name__}")
+            raise KtrsTypeError(f"`handle` must be the ForwardHandle of a forward with save_for_backward=True, got {type(handle).__name__}")
         grad_hidden = torch.empty(handle.tokens, self.hidden_size, dtype=torch.bfloat16)
         grad_weights = torch.empty(handle.tokens, handle.top_k, dtype=torch.float32)
         self._native.backward(
@@ -136,12 +170,14 @@ class MoeExperts:
         return grad_hidden, grad_weights
 
     # -- LoRA ----------------------------------------------------------------------------
+    @_locked
     def lora_weight(self, name: str) -> torch.Tensor:
         """Zero-copy f32 view ``[E, rows, cols]`` of LoRA matrix ``name`` (Rust memory)."""
         if name not in self._views:
             self._views[name] = torch.from_dlpack(self._native.lora_weight(name))
         return self._views[name]
 
+    @_locked
     def lora_grad(self, name: str) -> torch.Tensor:
         """Zero-copy view of the layer-owned gradient of LoRA matrix ``name``."""
         if name not in self._grad_views:
@@ -149,23 +185,32 @@ class MoeExperts:
         return self._grad_views[name]
 
     def lora_weights(self) -> Dict[str, torch.Tensor]:
+        """All six LoRA matrices (zero-copy views), by name."""
         return {n: self.lora_weight(n) for n in LORA_NAMES}
 
+    @_locked
     def set_lora_weight(self, name: str, value: torch.Tensor) -> None:
         """Copies ``value`` (any dtype/device, shape ``lora_shape(name)``) into Rust memory."""
+        if not isinstance(value, torch.Tensor):
+            raise KtrsTypeError(f"`value` must be a torch.Tensor, got {type(value).__name__}")
         self._native.set_lora_weight(name, value.detach().to("cpu", torch.float32).contiguous())
 
     def lora_shape(self, name: str) -> List[int]:
+        """Shape ``[E, rows, cols]`` of LoRA matrix ``name``."""
         return list(self._native.lora_shape(name))
 
+    @_locked
     def set_lora(self, lora_rank: int, lora_alpha: Optional[float] = None, use_rslora: bool = False, seed: int = 0) -> None:
         """Gives the experts fresh LoRA of this rank (PEFT init: A Kaiming-uniform, B zero),
-        or removes it with ``lora_rank=0``."""
+        or removes it with ``lora_rank=0``. Forward handles made before are stale from now
+        on (:meth:`backward` raises :class:`ktrs.StaleHandleError`)."""
         self._native.set_lora(lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, seed=seed)
         self._views.clear()
         self._grad_views.clear()
 
+    @_locked
     def zero_lora_grads(self) -> None:
+        """Zeroes the layer-owned LoRA gradients (:meth:`lora_grad`)."""
         self._native.zero_lora_grads()
 
     # -- properties ----------------------------------------------------------------------
@@ -174,16 +219,25 @@ class MoeExperts:
         return self._native.isa
 
     @isa.setter
+    @_locked
     def isa(self, value: str) -> None:
         self._native.isa = value
 
     @property
     def threads(self) -> int:
+        """Threads of the kernels' pool (1 to :data:`ktrs.MAX_THREADS`; setting None picks
+        ``KTRS_THREADS`` or one per physical core, as the constructor does)."""
         return self._native.threads
 
     @threads.setter
-    def threads(self, value: int) -> None:
+    @_locked
+    def threads(self, value: Optional[int]) -> None:
         self._native.threads = value
+
+    @property
+    def lora_generation(self) -> int:
+        """Changes with every :meth:`set_lora`; forward handles record it."""
+        return self._native.lora_generation
 
     num_experts = property(lambda self: self._native.num_experts)
     hidden_size = property(lambda self: self._native.hidden_size)
@@ -191,6 +245,7 @@ class MoeExperts:
     lora_rank = property(lambda self: self._native.lora_rank)
     lora_alpha = property(lambda self: self._native.lora_alpha)
     lora_scaling = property(lambda self: self._native.lora_scaling)
+    use_rslora = property(lambda self: self._native.use_rslora)
     weight_bytes = property(lambda self: self._native.weight_bytes)
 
     def __repr__(self) -> str:

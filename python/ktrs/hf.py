@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import decode
+from ._native import KtrsFileNotFoundError, KtrsTypeError, KtrsValueError
 from .experts import MoeExperts
 from .module import KtrsExperts
 
@@ -55,7 +56,7 @@ def find_moe_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         if isinstance(experts, KtrsExperts) or _fused_expert_shapes(experts) is not None:
             found.append((name, mod))
         elif _is_module_list_experts(experts):
-            raise TypeError(
+            raise KtrsTypeError(
                 f"{name}.experts is a ModuleList of per-expert MLPs: this model was loaded with "
                 "trust_remote_code. ktrs supports the native transformers DeepSeek-V2 classes: load the "
                 "checkpoint without trust_remote_code (transformers >= 5 converts the per-expert keys "
@@ -126,14 +127,14 @@ def patch_model(
     opts = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
     blocks = find_moe_blocks(model)
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no MoE block with fused experts; ktrs patches DeepSeek-V2-style models")
+        raise KtrsValueError(f"{type(model).__name__} has no MoE block with fused experts; ktrs patches DeepSeek-V2-style models")
     for name, block in blocks:
         if isinstance(block.experts, KtrsExperts):
             continue
         old = block.experts
         e, h, i = _fused_expert_shapes(old)
         if old.gate_up_proj.is_meta:
-            raise ValueError(f"{name}.experts has no weights (meta tensors); use ktrs.from_pretrained(path) to stream them from disk")
+            raise KtrsValueError(f"{name}.experts has no weights (meta tensors); use ktrs.from_pretrained(path) to stream them from disk")
         rust = MoeExperts.empty(e, h, i, **opts)
         with torch.no_grad():
             gu, dn = old.gate_up_proj, old.down_proj
@@ -178,7 +179,7 @@ def _shards(path: str) -> List[str]:
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+    raise KtrsFileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
 
 
 class _ShardReader:
@@ -204,7 +205,7 @@ class _ShardReader:
         meta = self.header[key]
         dtype = self._DTYPES.get(meta["dtype"])
         if dtype is None:
-            raise ValueError(f"{key}: unsupported dtype {meta['dtype']} for routed experts")
+            raise KtrsValueError(f"{key}: unsupported dtype {meta['dtype']} for routed experts")
         shape = tuple(meta["shape"])
         buf = self.buffers.get((slot, shape))
         if buf is None or buf.dtype != dtype:
@@ -212,10 +213,10 @@ class _ShardReader:
         start, end = meta["data_offsets"]
         view = buf.view(-1).view(torch.uint8).numpy()
         if end - start != view.nbytes:
-            raise ValueError(f"{key}: {end - start} bytes on disk for shape {list(shape)} {meta['dtype']}")
+            raise KtrsValueError(f"{key}: {end - start} bytes on disk for shape {list(shape)} {meta['dtype']}")
         self.file.seek(self.base + start)
         if self.file.readinto(view) != view.nbytes:
-            raise ValueError(f"{key}: file truncated")
+            raise KtrsValueError(f"{key}: file truncated")
         return buf
 
     def close(self) -> None:
@@ -254,7 +255,7 @@ def from_pretrained(
 
     config = AutoConfig.from_pretrained(path)
     if getattr(config, "model_type", None) != "deepseek_v2":
-        raise ValueError(f"{path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint; ktrs.from_pretrained supports deepseek_v2")
+        raise KtrsValueError(f"{path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint; ktrs.from_pretrained supports deepseek_v2")
     device = torch.device(device or _default_device())
     opts = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
     with torch.device("meta"):
@@ -329,7 +330,7 @@ def from_pretrained(
         bar.close()
     if loaded != total or pending:
         missing = sorted(pending)[:5]
-        raise ValueError(f"{path!r}: loaded {loaded} of {total} routed experts; incomplete: {missing}")
+        raise KtrsValueError(f"{path!r}: loaded {loaded} of {total} routed experts; incomplete: {missing}")
     _load_rest(model, state, device)
     model._ktrs_device = device
     decode.enable(model)
@@ -342,13 +343,13 @@ def _load_rest(model: nn.Module, state: Dict[str, torch.Tensor], device: torch.d
     expected = {k for k in model.state_dict().keys()}
     unexpected = sorted(set(state) - expected)
     if unexpected:
-        raise ValueError(f"checkpoint has tensors the model does not expect, e.g. {unexpected[:5]}")
+        raise KtrsValueError(f"checkpoint has tensors the model does not expect, e.g. {unexpected[:5]}")
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False) or "lm_head.weight" not in state:
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise ValueError(f"checkpoint lacks weights for {missing[:5]} ({len(missing)} in all)")
+        raise KtrsValueError(f"checkpoint lacks weights for {missing[:5]} ({len(missing)} in all)")
     for name, mod in model.named_modules():
         metas = [b for b, t in mod._buffers.items() if t is not None and t.is_meta]
         if not metas:
@@ -359,7 +360,7 @@ def _load_rest(model: nn.Module, state: Dict[str, torch.Tensor], device: torch.d
             with torch.device("cpu"):
                 fresh = type(mod)(cfg)
         except TypeError as exc:
-            raise ValueError(f"cannot materialise buffers {metas} of {name or type(mod).__name__}") from exc
+            raise KtrsValueError(f"cannot materialise buffers {metas} of {name or type(mod).__name__}") from exc
         for b in metas:
             mod._buffers[b] = fresh._buffers[b].to(device)
         for k, v in vars(fresh).items():

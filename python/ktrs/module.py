@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ._native import NonFiniteError, StaleHandleError
 from .experts import LORA_NAMES, MoeExperts
 
 
@@ -58,7 +59,9 @@ class _ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, experts: MoeExperts, where: Optional[str], hidden, topk_ids, topk_weights, *lora_params):
         needs = any(ctx.needs_input_grad[2:])
-        out, handle = _timed(experts.forward, hidden.detach(), topk_ids.detach(), topk_weights.detach(), save_for_backward=needs)
+        # Without LoRA parameters the call runs the base experts (adapter disabled).
+        use_lora = len(lora_params) > 0
+        out, handle = _timed(experts.forward, hidden.detach(), topk_ids.detach(), topk_weights.detach(), save_for_backward=needs, use_lora=use_lora)
         if where is not None:
             _guard_rows(out, where, "expert output", topk_ids)
         # The Rust forward cache rides on an empty saved tensor rather than on ctx, so
@@ -70,7 +73,9 @@ class _ExpertsFunction(torch.autograd.Function):
             _LIVE_HANDLES.add(handle)
         ctx.save_for_backward(token)
         ctx.experts, ctx.where = experts, where
-        ctx.n_lora = len(lora_params)
+        # Gradients take the shapes of the parameters that went in; a LoRA replaced since
+        # (enable_lora) makes the handle stale, which backward reports.
+        ctx.lora_shapes = [p.shape for p in lora_params]
         return out
 
     @staticmethod
@@ -79,18 +84,19 @@ class _ExpertsFunction(torch.autograd.Function):
         (token,) = ctx.saved_tensors
         handle, ids = getattr(token, "_ktrs_handle", None), getattr(token, "_ktrs_ids", None)
         if handle is None:
-            raise RuntimeError("ktrs: backward without a saved forward")
+            raise StaleHandleError("ktrs: backward without a saved forward (was the forward run under torch.no_grad()?)")
         grad_out = grad_out.detach().to("cpu", torch.bfloat16).contiguous()
-        want_lora = ctx.n_lora > 0 and any(ctx.needs_input_grad[5:])
-        lora_grads = [torch.empty(experts.lora_shape(n), dtype=torch.float32) for n in LORA_NAMES] if want_lora else None
+        n_lora = len(ctx.lora_shapes)
+        want_lora = n_lora > 0 and any(ctx.needs_input_grad[5:])
+        lora_grads = [torch.empty(s, dtype=torch.float32) for s in ctx.lora_shapes] if want_lora else None
         grad_hidden, grad_w = _timed(experts.backward, handle, grad_out, lora_grads=lora_grads, accumulate=False)
         if ctx.where is not None:
             _guard_rows(grad_hidden, ctx.where, "input gradient", ids)
             for name, g in zip(LORA_NAMES, lora_grads or ()):
                 bad = (~torch.isfinite(g)).flatten(1).any(1).nonzero().flatten().tolist()
                 if bad:
-                    raise FloatingPointError(f"ktrs: non-finite gradient of expert LoRA {name} in {ctx.where}, experts {bad[:8]}")
-        lora_out = tuple(lora_grads) if want_lora else (None,) * ctx.n_lora
+                    raise NonFiniteError(f"ktrs: non-finite gradient of expert LoRA {name} in {ctx.where}, experts {bad[:8]}")
+        lora_out = tuple(lora_grads) if want_lora else (None,) * n_lora
         return (None, None, grad_hidden, None, grad_w, *lora_out)
 
 
@@ -100,11 +106,13 @@ def _guard_rows(t: torch.Tensor, where: str, what: str, ids: torch.Tensor) -> No
     if len(bad):
         toks = bad[:4].tolist()
         experts = sorted(set(ids[bad[:4]].flatten().tolist()))
-        raise FloatingPointError(f"ktrs: non-finite {what} in {where}: tokens {toks} (routed to experts {experts}); {len(bad)} rows affected")
+        raise NonFiniteError(f"ktrs: non-finite {what} in {where}: tokens {toks} (routed to experts {experts}); {len(bad)} rows affected")
 
 
 def experts_function(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *lora_params: torch.Tensor, guard: Optional[str] = None) -> torch.Tensor:
     """Differentiable call of ``experts`` (CPU, bf16 hidden, int64 ids, f32 weights).
+    The layer's LoRA applies when ``lora_params`` (its six parameters) are given, and
+    they receive its gradients; without them the base experts run.
     With ``guard`` (a name for messages), NaN/Inf in the output or any gradient raise."""
     return _ExpertsFunction.apply(experts, guard, hidden, topk_ids, topk_weights, *lora_params)
 
@@ -139,12 +147,12 @@ class ExpertsFuture:
             event = torch.cuda.Event()
             event.record()
         out = torch.empty(hidden.shape, dtype=torch.bfloat16, pin_memory=pin)
-        experts = module.experts
+        experts, use_lora = module.experts, module.lora_active
 
         def work():
             if event is not None:
                 event.synchronize()
-            _timed(experts.forward, x, i, w, out=out)
+            _timed(experts.forward, x, i, w, out=out, use_lora=use_lora)
             return out
 
         self._future = _executor().submit(work)
@@ -177,6 +185,66 @@ class KtrsExperts(nn.Module):
         self.where = "experts"
         #: Non-finite guard: None = on while autograd records (training), or True/False.
         self.check_finite: Optional[bool] = None if os.environ.get("KTRS_CHECK_FINITE", "1") != "0" else False
+        # PEFT adapter state, kept in step with the PeftModel by `ktrs.peft` (PEFT's
+        # controls act on its own layers only, failure-modes row 11): the expert LoRA
+        # belongs to adapter `expert_adapter` and applies while adapters are enabled and
+        # that adapter is active. Other adapters' expert LoRA waits in `_stash` (CPU
+        # copies the kernels never read) until `set_adapter` activates it.
+        self.expert_adapter: Optional[str] = "default"
+        self.active_adapters: Tuple[str, ...] = ("default",)
+        self.adapters_enabled = True
+        #: Set by PEFT's merge_adapter. ktrs keeps the expert LoRA unfused while "merged"
+        #: (the outputs are those of the merged weights; unmerge is exact).
+        self.lora_merged = False
+        self._stash: Dict[str, Tuple[Tuple[int, float, bool], Dict[str, torch.Tensor]]] = {}
+
+    @property
+    def lora_active(self) -> bool:
+        """Whether the expert LoRA takes part in the forward now (see PEFT's adapter controls)."""
+        return len(self.lora_experts) > 0 and self.adapters_enabled and self.expert_adapter in self.active_adapters
+
+    def adapter_names(self) -> List[str]:
+        """Adapters whose expert LoRA this layer holds (in Rust, or stashed)."""
+        names = set(self._stash)
+        if self.expert_adapter is not None and len(self.lora_experts):
+            names.add(self.expert_adapter)
+        return sorted(names)
+
+    def stash_adapter(self) -> None:
+        """Moves the current expert LoRA aside (CPU copies), leaving the layer without LoRA."""
+        if self.expert_adapter is not None and len(self.lora_experts):
+            e = self.experts
+            cfg = (e.lora_rank, float(e.lora_alpha), e.use_rslora)
+            self._stash[self.expert_adapter] = (cfg, {n: e.lora_weight(n).detach().clone() for n in LORA_NAMES})
+        self.enable_lora(0)
+        self.expert_adapter = None
+
+    def activate_adapter(self, name: str) -> None:
+        """Makes adapter ``name``'s stashed expert LoRA the one in Rust memory (new parameters)."""
+        if name == self.expert_adapter or name not in self._stash:
+            return
+        self.stash_adapter()
+        (rank, alpha, rslora), mats = self._stash.pop(name)
+        self.enable_lora(rank, alpha=alpha, use_rslora=rslora)
+        for n, t in mats.items():
+            self.experts.set_lora_weight(n, t)
+        self.expert_adapter = name
+
+    def add_adapter_lora(self, name: str, rank: int, alpha: Optional[float] = None, use_rslora: bool = False, seed: int = 0) -> None:
+        """Sets aside fresh expert LoRA (PEFT init) for a further adapter ``name``;
+        ``activate_adapter(name)`` makes it the one the kernels run."""
+        e = self.experts
+        # The Rust initialisation, from a layer whose zero weights are never touched
+        # (their pages are never faulted in).
+        fresh = MoeExperts.empty(e.num_experts, e.hidden_size, e.intermediate_size, lora_rank=rank, lora_alpha=alpha, use_rslora=use_rslora, threads=1, seed=seed)
+        self._stash[name] = ((rank, float(fresh.lora_alpha), use_rslora), {n: fresh.lora_weight(n).clone() for n in LORA_NAMES})
+
+    def delete_adapter(self, name: str) -> None:
+        """Drops adapter ``name``'s expert LoRA."""
+        self._stash.pop(name, None)
+        if name == self.expert_adapter:
+            self.enable_lora(0)
+            self.expert_adapter = None
 
     @property
     def lora(self) -> nn.ParameterDict:
@@ -228,7 +296,7 @@ class KtrsExperts(nn.Module):
         x = hidden_states.to("cpu", torch.bfloat16).contiguous()
         ids = top_k_index.to("cpu", torch.int64).contiguous()
         w = top_k_weights.to("cpu", torch.float32).contiguous()
-        params = tuple(self.lora_experts[n] for n in LORA_NAMES) if len(self.lora_experts) else ()
+        params = tuple(self.lora_experts[n] for n in LORA_NAMES) if self.lora_active else ()
         check = torch.is_grad_enabled() if self.check_finite is None else self.check_finite
         out = experts_function(self.experts, x, ids, w, *params, guard=self.where if check else None)
         return out.to(device=device, dtype=dtype)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 from torch import nn
 
+from ._native import KtrsValueError
 from .hf import find_moe_blocks
 from .module import KtrsExperts
 
@@ -45,6 +46,16 @@ def _targets_expert_leaves(target_modules) -> bool:
     return any(t == leaf or t.endswith("." + leaf) for t in target_modules for leaf in _EXPERT_LEAVES)
 
 
+def _split_config(config, expert_lora: Optional[bool] = None):
+    """(a copy of `config` without routed-expert targets, for PEFT; whether the routed
+    experts get ktrs LoRA)."""
+    cfg = copy.deepcopy(config)
+    params = set(cfg.target_parameters or [])
+    wants = expert_lora if expert_lora is not None else bool(params & _EXPERT_PARAMS) or _targets_expert_leaves(cfg.target_modules)
+    cfg.target_parameters = sorted(params - _EXPERT_PARAMS) or None
+    return cfg, wants
+
+
 def expert_lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """The routed-expert LoRA parameters (views of Rust memory) of a patched model."""
     for _, block in find_moe_blocks(model):
@@ -66,24 +77,117 @@ def get_peft_model(model: nn.Module, config, *, expert_lora: Optional[bool] = No
 
     blocks = find_moe_blocks(model)
     if not blocks or not all(isinstance(b.experts, KtrsExperts) for _, b in blocks):
-        raise ValueError("ktrs.get_peft_model needs a model patched by ktrs.patch_model (or loaded by ktrs.from_pretrained)")
+        raise KtrsValueError("ktrs.get_peft_model needs a model patched by ktrs.patch_model (or loaded by ktrs.from_pretrained)")
     if getattr(config, "lora_dropout", 0.0) and expert_lora is not False:
-        raise ValueError("expert LoRA in ktrs has no dropout; set lora_dropout=0.0 (or expert_lora=False)")
-    cfg = copy.deepcopy(config)
-    params = set(cfg.target_parameters or [])
-    wants = expert_lora if expert_lora is not None else bool(params & _EXPERT_PARAMS) or _targets_expert_leaves(cfg.target_modules)
-    cfg.target_parameters = sorted(params - _EXPERT_PARAMS) or None
+        raise KtrsValueError("expert LoRA in ktrs has no dropout; set lora_dropout=0.0 (or expert_lora=False)")
+    cfg, wants = _split_config(config, expert_lora)
     if wants:
         for _, block in blocks:
             ex = block.experts
-            if ex.experts.lora_rank != cfg.r or ex.experts.lora_alpha != cfg.lora_alpha:
+            if (ex.experts.lora_rank, ex.experts.lora_alpha, ex.experts.use_rslora) != (cfg.r, cfg.lora_alpha, cfg.use_rslora):
                 ex.enable_lora(cfg.r, alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
     with _no_moe_target_rewrite():
         pm = peft.get_peft_model(model, cfg, adapter_name=adapter_name, **kwargs)
     for p in expert_lora_parameters(pm):
         p.requires_grad_(bool(wants))
     _attach_save(pm)
+    _attach_adapter_controls(pm, adapter_name)
     return pm
+
+
+def _ktrs_experts(model: nn.Module) -> List[KtrsExperts]:
+    return [b.experts for _, b in find_moe_blocks(model) if isinstance(b.experts, KtrsExperts)]
+
+
+def _sync_adapter_state(tuner) -> None:
+    """Copies the tuner's active adapters and enablement onto every ktrs expert layer."""
+    active = tuple(tuner.active_adapters)
+    for ex in _ktrs_experts(tuner.model):
+        ex.active_adapters = active
+
+
+def _attach_adapter_controls(pm, adapter_name: str) -> None:
+    """Makes PEFT's adapter controls reach the expert LoRA, which lives in ktrs, not in
+    PEFT's layers (failure-modes row 11): ``disable_adapter()`` and
+    ``enable/disable_adapter_layers``, ``set_adapter``, ``merge_adapter``/
+    ``unmerge_adapter`` and ``delete_adapter``, on the PeftModel or its ``base_model``."""
+    import types
+
+    tuner = pm.base_model
+    for ex in _ktrs_experts(tuner.model):
+        if len(ex.lora_experts):
+            ex.expert_adapter = adapter_name
+    _sync_adapter_state(tuner)
+    if getattr(tuner, "_ktrs_controls", False):
+        return
+    tuner._ktrs_controls = True
+    cls = type(tuner)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        cls._enable_adapter_layers(self, enabled)
+        for ex in _ktrs_experts(self.model):
+            ex.adapters_enabled = bool(enabled)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for ex in _ktrs_experts(self.model):
+            stashed = [n for n in names if n in ex._stash]
+            if len(stashed) + (ex.expert_adapter in names) > 1:
+                raise KtrsValueError(f"ktrs runs the expert LoRA of one adapter at a time; {names} holds several with expert LoRA")
+            if ex.lora_merged:
+                ex.lora_merged = False  # PEFT unmerges before switching, too
+            if stashed:
+                ex.activate_adapter(stashed[0])
+        cls.set_adapter(self, adapter_name, inference_mode=inference_mode)
+        _sync_adapter_state(self)
+        for ex in _ktrs_experts(self.model):
+            for p in ex.lora_experts.values():
+                p.requires_grad_(ex.expert_adapter in names and not inference_mode)
+
+    def merge_adapter(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = False) -> None:
+        cls.merge_adapter(self, adapter_names=adapter_names, safe_merge=safe_merge)
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for ex in _ktrs_experts(self.model):
+            if ex.expert_adapter in names and len(ex.lora_experts):
+                ex.lora_merged = True
+
+    def unmerge_adapter(self) -> None:
+        cls.unmerge_adapter(self)
+        for ex in _ktrs_experts(self.model):
+            ex.lora_merged = False
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for ex in _ktrs_experts(self.model):
+            if ex.lora_merged and ex.expert_adapter == adapter_name:
+                raise KtrsValueError(f"cannot delete adapter {adapter_name!r} while it is merged; call unmerge_adapter() first")
+        cls.delete_adapter(self, adapter_name)
+        for ex in _ktrs_experts(self.model):
+            ex.delete_adapter(adapter_name)
+        _sync_adapter_state(self)
+        # PEFT picked a new active adapter; if its expert LoRA is stashed, bring it in.
+        for ex in _ktrs_experts(self.model):
+            for n in self.active_adapters:
+                ex.activate_adapter(n)
+
+    for fn in (_enable_adapter_layers, set_adapter, merge_adapter, unmerge_adapter, delete_adapter):
+        setattr(tuner, fn.__name__, types.MethodType(fn, tuner))
+
+    peft_add = pm.add_adapter
+
+    def add_adapter(self, adapter_name: str, peft_config, *args, **kwargs):
+        """PEFT's add_adapter; routed-expert targets become ktrs expert LoRA of the new
+        adapter (PEFT would silently match nothing there)."""
+        cfg, wants = _split_config(peft_config)
+        if wants and getattr(cfg, "lora_dropout", 0.0):
+            raise KtrsValueError("expert LoRA in ktrs has no dropout; set lora_dropout=0.0")
+        with _no_moe_target_rewrite():
+            result = peft_add(adapter_name, cfg, *args, **kwargs)
+        if wants:
+            for ex in _ktrs_experts(self.base_model.model):
+                ex.add_adapter_lora(adapter_name, cfg.r, alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+        return result
+
+    pm.add_adapter = types.MethodType(add_adapter, pm)
 
 
 def _attach_save(pm) -> None:
@@ -91,7 +195,7 @@ def _attach_save(pm) -> None:
     and resume checkpoints) carry the expert LoRA too."""
     import types
 
-    from .adapters import restore_expert_lora, save_adapter
+    from .adapters import add_adapter_from_dir, restore_expert_lora, save_adapter
 
     if getattr(pm, "_ktrs_peft_save_pretrained", None) is not None:
         return
@@ -100,12 +204,17 @@ def _attach_save(pm) -> None:
     peft_load = pm.load_adapter
 
     def load_adapter(self, model_id, adapter_name="default", *args, **kwargs):
+        if adapter_name not in self.peft_config:
+            # A further adapter: PEFT would read its config from disk, routed-expert
+            # targets included (failure-modes row 7); ktrs splits it in memory instead.
+            add_adapter_from_dir(self, model_id, adapter_name, is_trainable=kwargs.get("is_trainable", False))
+            return None
         with warnings.catch_warnings():
             # The expert tensors are ktrs', not PEFT's: PEFT reports them as unexpected.
             warnings.filterwarnings("ignore", message=".*unexpected.*")
             with _no_moe_target_rewrite():
                 result = peft_load(model_id, adapter_name, *args, **kwargs)
-        restore_expert_lora(self, model_id)
+        restore_expert_lora(self, model_id, adapter_name)
         return result
 
     pm.load_adapter = types.MethodType(load_adapter, pm)

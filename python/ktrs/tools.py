@@ -21,11 +21,12 @@ __all__ = ["merge_expert_lora", "merge_and_unload", "export_merged", "describe",
 @torch.no_grad()
 def merge_expert_lora(model: nn.Module) -> int:
     """Adds every expert's LoRA delta (scale · B @ A, in f32) into its Rust-owned weights
-    and removes the expert LoRA. Returns the number of layers merged."""
+    and removes the expert LoRA, where it belongs to an active adapter (as PEFT merges
+    only active adapters). Returns the number of layers merged."""
     merged = 0
     for _, block in find_moe_blocks(model):
         ex = block.experts
-        if not isinstance(ex, KtrsExperts) or ex.experts.lora_rank == 0:
+        if not isinstance(ex, KtrsExperts) or ex.experts.lora_rank == 0 or ex.expert_adapter not in ex.active_adapters:
             continue
         rust, s = ex.experts, ex.experts.lora_scaling
         L = {n: rust.lora_weight(n) for n in LORA_NAMES}

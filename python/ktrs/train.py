@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import torch
 
+from ._native import KtrsFileNotFoundError, KtrsValueError
+
 
 @dataclass
 class TrainConfig:
@@ -26,41 +28,103 @@ class TrainConfig:
     device: Optional[str] = None
     seed: int = 0
     targets: List[str] = field(default_factory=lambda: ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    #: Write into an output directory that already holds files.
+    overwrite: bool = False
+
+    def check(self) -> None:
+        """Refuses values that would fail only after the model has loaded, or train on
+        nothing; each message names the option and what it accepts."""
+        for name in ("steps", "batch_size", "lora_rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise KtrsValueError(f"{_flag(name)} must be a whole number of at least 1, got {v!r}")
+        if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < MIN_MAX_LEN:
+            raise KtrsValueError(f"--max-len must be a whole number of at least {MIN_MAX_LEN} tokens, got {self.max_len!r}")
+        for name in ("learning_rate", "lora_alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise KtrsValueError(f"{_flag(name)} must be a positive number, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise KtrsValueError(f"--seed must be a whole number, got {self.seed!r}")
+        if os.path.isfile(self.output):
+            raise KtrsValueError(f"--output {self.output!r} is a file; give a directory")
+        if os.path.isdir(self.output) and os.listdir(self.output) and not self.overwrite:
+            raise KtrsValueError(f"--output {self.output!r} already holds files; choose a new directory or pass --overwrite")
+
+
+#: Shorter sequences cannot hold a chat template's framing and any reply.
+MIN_MAX_LEN = 8
+
+#: YAML keys accepted besides the field names: the flags' spellings.
+_ALIASES = {"lr": "learning_rate"}
+
+
+def _flag(name: str) -> str:
+    return "--" + ("lr" if name == "learning_rate" else name.replace("_", "-"))
 
 
 def load_config(path: Optional[str], overrides: dict) -> TrainConfig:
+    """The options from the YAML file at `path` (keys as field names or as the flags
+    spell them: `lr`, `max-len`), overridden by the non-None `overrides`; validated."""
     values = {}
     if path:
         import yaml
 
+        if not os.path.isfile(path):
+            raise KtrsFileNotFoundError(f"no config file {path!r}")
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise KtrsValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(values, dict):
+            raise KtrsValueError(f"{path}: expected a mapping of option: value")
+        values = {_ALIASES.get(k, str(k).replace("-", "_")): v for k, v in values.items()}
     values.update({k: v for k, v in overrides.items() if v is not None})
     missing = [k for k in ("model", "data", "output") if not values.get(k)]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)} (give them as flags or in the YAML file)")
+        raise KtrsValueError(f"missing {', '.join('--' + m for m in missing)} (give them as flags or in the YAML file)")
     unknown = set(values) - set(TrainConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown options: {sorted(unknown)}")
-    return TrainConfig(**values)
+        raise KtrsValueError(f"unknown options: {sorted(unknown)}")
+    cfg = TrainConfig(**values)
+    cfg.check()
+    return cfg
 
 
 def resolve_device(device: Optional[str]) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
+        raise KtrsValueError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
     return device
 
 
 def check_checkpoint(path: str) -> None:
     cfg = os.path.join(path, "config.json")
     if not os.path.isdir(path) or not os.path.exists(cfg):
-        raise FileNotFoundError(f"{path!r} is not a model directory (no config.json)")
+        raise KtrsFileNotFoundError(f"{path!r} is not a model directory (no config.json)")
     with open(cfg) as f:
         kind = json.load(f).get("model_type")
     if kind != "deepseek_v2":
-        raise ValueError(f"{path!r} is a {kind!r} checkpoint; ktrs trains DeepSeek-V2 models (model_type deepseek_v2)")
+        raise KtrsValueError(f"{path!r} is a {kind!r} checkpoint; ktrs trains DeepSeek-V2 models (model_type deepseek_v2)")
+
+
+def check_encoded(data, max_len: int, tok) -> None:
+    """Refuses data with nothing to train within `max_len` (the loss would be NaN); warns
+    about conversations cut to nothing and words the tokenizer does not know."""
+    import sys
+
+    empty = [i for i, d in enumerate(data, 1) if not (d["labels"] != -100).any()]
+    if len(empty) == len(data):
+        raise KtrsValueError(f"--max-len {max_len} leaves no assistant reply to train in any conversation; raise --max-len")
+    if empty:
+        print(f"ktrs train: warning: --max-len {max_len} cuts the reply of {len(empty)} conversations (e.g. line {empty[0]}); they train nothing", file=sys.stderr)
+    unk = tok.unk_token_id
+    if unk is not None:
+        n = sum(int((d["input_ids"] == unk).sum()) for d in data)
+        if n:
+            print(f"ktrs train: warning: {n} tokens of the data are not in the tokenizer's vocabulary and became {tok.unk_token!r}", file=sys.stderr)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
@@ -74,18 +138,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     from .chat_data import collate, encode, read_jsonl
     from .plot import loss_curve_png
 
+    cfg.check()
     check_checkpoint(cfg.model)
     device = resolve_device(cfg.device)
     convs = read_jsonl(cfg.data)
     tok = AutoTokenizer.from_pretrained(cfg.model)
     if tok.chat_template is None:
-        raise ValueError(f"the tokenizer in {cfg.model!r} has no chat template")
+        raise KtrsValueError(f"the tokenizer in {cfg.model!r} has no chat template")
+    # Everything that can be wrong with the data shows before the model loads.
+    data = [encode(tok, c, cfg.max_len) for c in convs]
+    check_encoded(data, cfg.max_len, tok)
     torch.manual_seed(cfg.seed)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = ktrs.from_pretrained(cfg.model, device=device, dtype=dtype)
     pm = ktrs.get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(cfg.targets)))
     pm.train()
-    data = [encode(tok, c, cfg.max_len) for c in convs]
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))

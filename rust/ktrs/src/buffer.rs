@@ -12,6 +12,8 @@ use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
+use crate::error::{checked_size, KtrsError, Result};
+
 pub const ALIGN: usize = 64;
 
 pub struct Buffer<T: Copy> {
@@ -29,7 +31,40 @@ unsafe impl<T: Copy + Send> Send for Buffer<T> {}
 unsafe impl<T: Copy + Sync> Sync for Buffer<T> {}
 
 fn layout(bytes: usize) -> Layout {
-    Layout::from_size_align(bytes, ALIGN).expect("buffer too large")
+    Layout::from_size_align(bytes, ALIGN).unwrap_or_else(|_| alloc_failed(bytes))
+}
+
+/// The panic payload of a failed allocation on a path that cannot return an error (the
+/// scratch of a forward, a weight pack). [`catch_alloc`] and the Python binding turn it
+/// into [`KtrsError::OutOfMemory`]; the global allocator's `handle_alloc_error` would
+/// abort the process instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocFailure {
+    pub bytes: usize,
+}
+
+/// Unwinds with an [`AllocFailure`] payload.
+pub fn alloc_failed(bytes: usize) -> ! {
+    std::panic::panic_any(AllocFailure { bytes })
+}
+
+/// Runs `f`, turning an [`AllocFailure`] raised inside into `OutOfMemory` naming `what`;
+/// any other panic continues unwinding.
+pub fn catch_alloc<R>(what: &str, f: impl FnOnce() -> R) -> Result<R> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| match payload
+        .downcast_ref::<AllocFailure>(
+    ) {
+        Some(a) => KtrsError::OutOfMemory {
+            what: what.to_string(),
+            bytes: a.bytes as u128,
+        },
+        None => std::panic::resume_unwind(payload),
+    })
+}
+
+/// Bytes of `len` elements of `T`, or `OutOfMemory` naming `what` if that overflows.
+fn bytes_of<T>(what: &str, len: usize) -> Result<usize> {
+    checked_size(what, &[len, std::mem::size_of::<T>()])
 }
 
 /// Blocks at least this large come straight from the OS (mmap): zero pages are free and
@@ -81,29 +116,44 @@ unsafe fn dealloc(p: *mut u8, l: Layout) {
 }
 
 impl<T: Copy> Buffer<T> {
-    /// A zero-filled buffer of `len` elements (all-zero bits are valid for u16/f32/u32/i64).
+    /// A zero-filled buffer of `len` elements (all-zero bits are valid for u16/f32/u32/i64);
+    /// unwinds with [`AllocFailure`] when the memory cannot be had.
     pub fn zeroed(len: usize) -> Self {
-        let bytes = len * std::mem::size_of::<T>();
+        Self::try_zeroed("a buffer", len).unwrap_or_else(|e| match e {
+            KtrsError::OutOfMemory { bytes, .. } => {
+                alloc_failed(usize::try_from(bytes).unwrap_or(usize::MAX))
+            }
+            _ => alloc_failed(usize::MAX),
+        })
+    }
+
+    /// A zero-filled buffer of `len` elements, or `OutOfMemory` naming `what`.
+    pub fn try_zeroed(what: &str, len: usize) -> Result<Self> {
+        let bytes = bytes_of::<T>(what, len)?;
         if bytes == 0 {
-            return Buffer {
+            return Ok(Buffer {
                 ptr: NonNull::dangling(),
                 len,
                 cap: 0,
                 pool: None,
                 _marker: PhantomData,
-            };
+            });
         }
+        let oom = || KtrsError::OutOfMemory {
+            what: what.to_string(),
+            bytes: bytes as u128,
+        };
+        let l = Layout::from_size_align(bytes, ALIGN).map_err(|_| oom())?;
         // SAFETY: layout has non-zero size.
-        let raw = unsafe { alloc_zeroed(layout(bytes)) } as *mut T;
-        let ptr =
-            NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout(bytes)));
-        Buffer {
+        let raw = unsafe { alloc_zeroed(l) } as *mut T;
+        let ptr = NonNull::new(raw).ok_or_else(oom)?;
+        Ok(Buffer {
             ptr,
             len,
             cap: bytes,
             pool: None,
             _marker: PhantomData,
-        }
+        })
     }
     pub fn len(&self) -> usize {
         self.len
@@ -193,9 +243,13 @@ impl BufferPool {
         POOL.get_or_init(BufferPool::new).clone()
     }
 
-    /// A buffer of `len` elements with unspecified (but initialised) contents.
+    /// A buffer of `len` elements with unspecified (but initialised) contents; unwinds with
+    /// [`AllocFailure`] when the memory cannot be had (the callers are deep inside a
+    /// forward or backward; the binding turns it into a `MemoryError`).
     pub fn take<T: Copy>(self: &Arc<Self>, len: usize) -> Buffer<T> {
-        let need = len * std::mem::size_of::<T>();
+        let need = len
+            .checked_mul(std::mem::size_of::<T>())
+            .unwrap_or_else(|| alloc_failed(usize::MAX));
         if need == 0 {
             return Buffer::zeroed(len);
         }
@@ -218,7 +272,7 @@ impl BufferPool {
                 // SAFETY: non-zero size.
                 let p = unsafe { alloc_zeroed(layout(need)) };
                 if p.is_null() {
-                    std::alloc::handle_alloc_error(layout(need));
+                    alloc_failed(need);
                 }
                 (p, need)
             }
@@ -327,6 +381,21 @@ mod tests {
         assert_eq!(pool.free_bytes(), 0);
         drop(pool); // the buffer keeps the pool alive
         drop(b);
+    }
+
+    #[test]
+    fn impossible_sizes_are_errors_not_aborts() {
+        let e = Buffer::<f32>::try_zeroed("test", usize::MAX / 2)
+            .err()
+            .unwrap();
+        assert!(matches!(e, KtrsError::OutOfMemory { .. }), "{e}");
+        // Fits the address space but not any machine: the OS refuses, no abort.
+        let e = Buffer::<u16>::try_zeroed("huge", 1 << 62).err().unwrap();
+        assert!(e.to_string().contains("huge"), "{e}");
+        let r = catch_alloc("scratch", || BufferPool::new().take::<f32>(1 << 61));
+        assert!(matches!(r, Err(KtrsError::OutOfMemory { .. })));
+        let r = catch_alloc("pack", || Buffer::<u16>::zeroed(1 << 62));
+        assert!(matches!(r, Err(KtrsError::OutOfMemory { .. })));
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub enum KtrsError {
     StaleCache(String),
     /// Anything the operating system refused (thread creation, permissions).
     System(String),
+    /// An allocation of `bytes` bytes failed (or the size does not fit the address space).
+    OutOfMemory { what: String, bytes: u128 },
 }
 
 pub type Result<T> = std::result::Result<T, KtrsError>;
@@ -52,6 +54,11 @@ impl fmt::Display for KtrsError {
             KtrsError::NonFinite { what } => write!(f, "non-finite value (NaN or Inf) in {what}"),
             KtrsError::StaleCache(msg) => write!(f, "invalid forward cache: {msg}"),
             KtrsError::System(msg) => write!(f, "system error: {msg}"),
+            KtrsError::OutOfMemory { what, bytes } => write!(
+                f,
+                "cannot allocate {bytes} bytes ({:.1} GiB) for {what}",
+                *bytes as f64 / (1u64 << 30) as f64
+            ),
         }
     }
 }
@@ -68,4 +75,21 @@ pub fn check_len(arg: &str, got: usize, expected: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The product of `factors` (a size in elements or bytes), or an error naming `what` when
+/// it does not fit a `usize`. Sizes derived from user input go through here: a wrapped
+/// product would size a buffer smaller than the kernels index.
+pub fn checked_size(what: &str, factors: &[usize]) -> Result<usize> {
+    factors
+        .iter()
+        .try_fold(1usize, |acc, &f| acc.checked_mul(f))
+        .filter(|&n| n <= isize::MAX as usize)
+        .ok_or_else(|| KtrsError::OutOfMemory {
+            what: what.to_string(),
+            bytes: factors
+                .iter()
+                .map(|&f| f as u128)
+                .fold(1u128, |a, f| a.saturating_mul(f)),
+        })
 }

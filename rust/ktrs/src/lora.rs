@@ -7,7 +7,7 @@
 //! object (`.to()`, `.half()`, rebinding `.data`) can make a kernel read freed memory.
 
 use crate::buffer::Buffer;
-use crate::error::{KtrsError, Result};
+use crate::error::{checked_size, KtrsError, Result};
 use std::sync::Arc;
 
 /// Rank and scaling of the expert adapters.
@@ -115,12 +115,14 @@ impl LoraWeights {
                 config.alpha,
             ));
         }
-        let mk = |m: LoraMatrix| {
+        let mk = |m: LoraMatrix, kind: &str| -> Result<Arc<Buffer<f32>>> {
             let (rows, cols) = Self::dims(m, config.rank, hidden, intermediate);
-            Arc::new(Buffer::zeroed(experts * rows * cols))
+            let what = format!("expert LoRA {kind} {} (rank {})", m.name(), config.rank);
+            let len = checked_size(&what, &[experts, rows, cols, 4])? / 4;
+            Ok(Arc::new(Buffer::try_zeroed(&what, len)?))
         };
-        let weights = LoraMatrix::ALL.map(mk);
-        let grads = LoraMatrix::ALL.map(mk);
+        let weights = try_map(|m| mk(m, "weight"))?;
+        let grads = try_map(|m| mk(m, "gradient"))?;
         let mut rng = SplitMix64(seed ^ 0x6b74_7273_6c6f_7261);
         for m in [LoraMatrix::GateA, LoraMatrix::UpA, LoraMatrix::DownA] {
             let (_, fan_in) = Self::dims(m, config.rank, hidden, intermediate);
@@ -210,6 +212,16 @@ impl LoraWeights {
     }
 }
 
+/// `LoraMatrix::ALL.map(f)`, stopping at the first error.
+fn try_map<T>(mut f: impl FnMut(LoraMatrix) -> Result<T>) -> Result<[T; 6]> {
+    let mut v = Vec::with_capacity(6);
+    for m in LoraMatrix::ALL {
+        v.push(f(m)?);
+    }
+    Ok(v.try_into()
+        .unwrap_or_else(|_| unreachable!("six matrices")))
+}
+
 /// Small deterministic generator for reproducible initialisation.
 pub(crate) struct SplitMix64(pub u64);
 
@@ -258,5 +270,23 @@ mod tests {
         );
         assert!(l.set(LoraMatrix::GateB, &[0.0; 3]).is_err());
         assert!(LoraWeights::new(LoraConfig { rank: 0, ..cfg }, 1, 8, 8, 0).is_err());
+    }
+
+    #[test]
+    fn absurd_ranks_are_memory_errors() {
+        let cfg = LoraConfig {
+            rank: 1 << 62,
+            alpha: 1.0,
+            use_rslora: false,
+        };
+        for rank in [1 << 62, 1_000_000_000] {
+            let e = LoraWeights::new(LoraConfig { rank, ..cfg }, 64, 2048, 1408, 0)
+                .err()
+                .expect("refused");
+            assert!(
+                matches!(e, KtrsError::OutOfMemory { .. }) && e.to_string().contains("gate_A"),
+                "{e}"
+            );
+        }
     }
 }

@@ -8,6 +8,8 @@
 //! Jobs are serialised by a mutex: two Python threads (or two models) calling into ktrs
 //! at once take turns rather than interleave on shared scratch memory.
 
+use crate::error::{KtrsError, Result};
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
@@ -26,8 +28,9 @@ struct Shared {
     /// Workers currently inside the open job.
     active: AtomicUsize,
     shutdown: AtomicBool,
-    /// Set if a task panicked; `run` re-raises it on the caller.
-    panicked: AtomicBool,
+    /// The payload of the first task that panicked; `run` re-raises it on the caller, so
+    /// what the panic carried (e.g. [`crate::buffer::AllocFailure`]) survives.
+    panicked: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 /// The open job: task function and task count. The function's lifetime is erased: the
@@ -46,12 +49,30 @@ pub struct ThreadPool {
     run_lock: Mutex<()>,
 }
 
+/// Most threads a pool may have. More than the cores of any machine ktrs targets; the
+/// bound turns `threads=10**6` into a clear error instead of a failed spawn half-way.
+pub const MAX_THREADS: usize = 1024;
+
+/// `threads` if it is a usable thread count, else an error naming `arg`.
+pub fn check_threads(arg: &str, threads: usize) -> Result<usize> {
+    if (1..=MAX_THREADS).contains(&threads) {
+        Ok(threads)
+    } else {
+        Err(KtrsError::invalid(
+            arg,
+            format!("a thread count from 1 to {MAX_THREADS}"),
+            threads,
+        ))
+    }
+}
+
 impl ThreadPool {
     /// A pool of `threads` busy threads in all: the caller plus `threads - 1` workers.
     /// With `pin`, worker i is bound to the (i+1)-th allowed physical core, leaving the
-    /// first one to the caller.
-    pub fn new(threads: usize, pin: bool) -> ThreadPool {
-        let threads = threads.max(1);
+    /// first one to the caller. If the OS refuses a worker, the ones already started are
+    /// stopped and joined before the error returns.
+    pub fn new(threads: usize, pin: bool) -> Result<ThreadPool> {
+        let threads = check_threads("threads", threads)?;
         let shared = Arc::new(Shared {
             job: Mutex::new(None),
             wake: Condvar::new(),
@@ -60,34 +81,41 @@ impl ThreadPool {
             next_task: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
-            panicked: AtomicBool::new(false),
+            panicked: Mutex::new(None),
         });
         let cores = if pin { pin_targets() } else { Vec::new() };
-        let mut workers = Vec::with_capacity(threads - 1);
+        let mut pool = ThreadPool {
+            shared,
+            workers: Vec::with_capacity(threads - 1),
+            threads,
+            owner_pid: std::process::id(),
+            run_lock: Mutex::new(()),
+        };
         for w in 1..threads {
-            let s = shared.clone();
+            let s = pool.shared.clone();
             let cpu = if cores.len() >= threads {
                 Some(cores[w])
             } else {
                 None
             };
-            let handle = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("ktrs-worker-{w}"))
-                .spawn(move || worker_loop(s, w, cpu))
-                .expect("ktrs: cannot spawn worker thread");
-            workers.push(handle);
+                .spawn(move || worker_loop(s, w, cpu));
+            match spawned {
+                Ok(handle) => pool.workers.push(handle),
+                // Dropping `pool` shuts down and joins the workers started so far.
+                Err(e) => {
+                    return Err(KtrsError::System(format!(
+                        "cannot start worker thread {w} of {threads}: {e}"
+                    )))
+                }
+            }
         }
-        ThreadPool {
-            shared,
-            workers,
-            threads,
-            owner_pid: std::process::id(),
-            run_lock: Mutex::new(()),
-        }
+        Ok(pool)
     }
 
     /// A process-wide pool per thread count, shared by every layer that asks for it.
-    pub fn shared(threads: usize) -> Arc<ThreadPool> {
+    pub fn shared(threads: usize) -> Result<Arc<ThreadPool>> {
         static POOLS: OnceLock<Mutex<HashMap<usize, Weak<ThreadPool>>>> = OnceLock::new();
         let mut map = POOLS
             .get_or_init(Default::default)
@@ -95,13 +123,13 @@ impl ThreadPool {
             .unwrap_or_else(|e| e.into_inner());
         if let Some(p) = map.get(&threads).and_then(Weak::upgrade) {
             if p.owner_pid == std::process::id() {
-                return p;
+                return Ok(p);
             }
         }
         let pin = std::env::var("KTRS_PIN").map(|v| v != "0").unwrap_or(true);
-        let p = Arc::new(ThreadPool::new(threads, pin));
+        let p = Arc::new(ThreadPool::new(threads, pin)?);
         map.insert(threads, Arc::downgrade(&p));
-        p
+        Ok(p)
     }
 
     pub fn threads(&self) -> usize {
@@ -145,8 +173,9 @@ impl ThreadPool {
         if let Err(p) = caller {
             std::panic::resume_unwind(p);
         }
-        if s.panicked.swap(false, SeqCst) {
-            panic!("ktrs: a worker task panicked");
+        let worker_panic = s.panicked.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = worker_panic {
+            std::panic::resume_unwind(p);
         }
     }
 }
@@ -195,8 +224,11 @@ fn worker_loop(s: Arc<Shared>, worker: usize, cpu: Option<usize>) {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     drain(&s, f, n, worker)
                 }));
-                if r.is_err() {
-                    s.panicked.store(true, SeqCst);
+                if let Err(p) = r {
+                    s.panicked
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(p);
                 }
             }
         }
@@ -258,13 +290,36 @@ pub(crate) fn pin_current_thread(cpu: usize) {
     let _ = cpu;
 }
 
-/// Default thread count: `KTRS_THREADS` if set, else one per physical core.
+/// `KTRS_THREADS` if set: an error when it is not a thread count (`0`, `-1` and `abc` are
+/// mistakes to report, not to ignore), `None` when unset or empty.
+pub fn env_threads() -> Result<Option<usize>> {
+    match std::env::var("KTRS_THREADS") {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
+            Ok(n) => check_threads("KTRS_THREADS", n).map(Some),
+            Err(_) => Err(KtrsError::invalid(
+                "KTRS_THREADS",
+                format!("a thread count from 1 to {MAX_THREADS}"),
+                format!("{v:?}"),
+            )),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// The thread count a layer uses: `requested`, else `KTRS_THREADS`, else one per
+/// physical core; an error if the chosen value is not a usable thread count.
+pub fn resolve_threads(requested: Option<usize>) -> Result<usize> {
+    match requested {
+        Some(n) => check_threads("threads", n),
+        None => Ok(
+            env_threads()?.unwrap_or_else(|| crate::cpu::physical_cores().clamp(1, MAX_THREADS))
+        ),
+    }
+}
+
+/// Default thread count: `KTRS_THREADS` if set and valid, else one per physical core.
 pub fn default_threads() -> usize {
-    std::env::var("KTRS_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(crate::cpu::physical_cores)
+    resolve_threads(None).unwrap_or_else(|_| crate::cpu::physical_cores().clamp(1, MAX_THREADS))
 }
 
 #[cfg(test)]
@@ -275,7 +330,7 @@ mod tests {
     #[test]
     fn every_task_runs_once() {
         for threads in [1, 2, 3, 8] {
-            let pool = ThreadPool::new(threads, false);
+            let pool = ThreadPool::new(threads, false).unwrap();
             for n in [1, 2, 7, 100, 1000] {
                 let hits: Vec<AtomicU64> = (0..n).map(|_| AtomicU64::new(0)).collect();
                 pool.run(n, |t, w| {
@@ -289,7 +344,7 @@ mod tests {
 
     #[test]
     fn back_to_back_and_after_sleep() {
-        let pool = ThreadPool::new(4, false);
+        let pool = ThreadPool::new(4, false).unwrap();
         let sum = AtomicU64::new(0);
         for i in 0..200 {
             if i == 100 {
@@ -304,7 +359,7 @@ mod tests {
 
     #[test]
     fn panics_propagate_and_pool_survives() {
-        let pool = ThreadPool::new(3, false);
+        let pool = ThreadPool::new(3, false).unwrap();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             pool.run(64, |t, _| {
                 if t == 33 {
@@ -321,8 +376,36 @@ mod tests {
     }
 
     #[test]
+    fn thread_counts_are_bounded_and_zero_is_refused() {
+        for bad in [0, MAX_THREADS + 1, 1_000_000] {
+            let e = ThreadPool::new(bad, false).err().expect("refused");
+            assert!(e.to_string().contains("thread count from 1 to"), "{e}");
+        }
+        assert!(ThreadPool::shared(0).is_err());
+        assert_eq!(resolve_threads(Some(3)).unwrap(), 3);
+        assert!(resolve_threads(Some(0)).is_err());
+    }
+
+    #[test]
+    fn a_worker_panic_reaches_the_caller_with_its_payload() {
+        let pool = ThreadPool::new(4, false).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(64, |t, _| {
+                if t == 40 {
+                    crate::buffer::alloc_failed(123);
+                }
+            })
+        }));
+        let p = r.expect_err("panicked");
+        assert_eq!(
+            p.downcast_ref::<crate::buffer::AllocFailure>(),
+            Some(&crate::buffer::AllocFailure { bytes: 123 })
+        );
+    }
+
+    #[test]
     fn concurrent_callers_serialise() {
-        let pool = Arc::new(ThreadPool::new(3, false));
+        let pool = Arc::new(ThreadPool::new(3, false).unwrap());
         let handles: Vec<_> = (0..4)
             .map(|_| {
                 let p = pool.clone();

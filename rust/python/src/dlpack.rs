@@ -11,7 +11,7 @@
 //! whatever happens to the layer that made it.
 
 use ktrs::buffer::Buffer;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+
 use pyo3::prelude::*;
 use pyo3::types::PyCapsule;
 use std::ffi::{c_void, CStr};
@@ -122,7 +122,7 @@ impl<'py> TensorArg<'py> {
         shape: &[Option<usize>],
     ) -> PyResult<TensorArg<'py>> {
         if !obj.hasattr("__dlpack__")? {
-            return Err(PyTypeError::new_err(format!(
+            return Err(crate::error::type_err(format!(
                 "`{name}` must be a torch.Tensor (or any DLPack tensor), got {}",
                 obj.get_type().name()?
             )));
@@ -138,7 +138,13 @@ impl<'py> TensorArg<'py> {
         let (dev_type, dev_id): (i32, i32) = if on_cpu {
             (DL_CPU, 0)
         } else {
-            obj.call_method0("__dlpack_device__")?.extract()?
+            obj.call_method0("__dlpack_device__")
+                .and_then(|d| d.extract())
+                .map_err(|e| {
+                    crate::error::type_err(format!(
+                        "`{name}` must be a torch.Tensor (or any DLPack tensor): __dlpack_device__() failed: {e}"
+                    ))
+                })?
         };
         if dev_type != DL_CPU && dev_type != DL_CUDA_HOST {
             let dev = if dev_type == 2 {
@@ -146,7 +152,7 @@ impl<'py> TensorArg<'py> {
             } else {
                 format!("device type {dev_type}")
             };
-            return Err(PyValueError::new_err(format!(
+            return Err(crate::error::value_err(format!(
                 "`{name}` must be a CPU tensor, got a tensor on {dev}"
             )));
         }
@@ -155,26 +161,30 @@ impl<'py> TensorArg<'py> {
             .and_then(|v| v.extract::<bool>())
             .unwrap_or(false)
         {
-            return Err(PyValueError::new_err(format!(
+            return Err(crate::error::value_err(format!(
                 "`{name}` must not require grad here; pass `{name}.detach()`"
             )));
         }
-        let capsule = obj.call_method0("__dlpack__")?;
+        let capsule = obj.call_method0("__dlpack__").map_err(|e| {
+            crate::error::value_err(format!(
+                "`{name}` cannot be passed to ktrs (its __dlpack__() failed: {e}); pass a plain contiguous tensor"
+            ))
+        })?;
         let cap = capsule.cast::<PyCapsule>().map_err(|_| {
-            PyTypeError::new_err(format!("`{name}`.__dlpack__() did not return a capsule"))
+            crate::error::type_err(format!("`{name}`.__dlpack__() did not return a capsule"))
         })?;
         // SAFETY: a "dltensor" capsule holds a DLManagedTensor that lives as long as the
         // capsule, which we keep in `_capsule`.
         let managed = unsafe { pyo3::ffi::PyCapsule_GetPointer(cap.as_ptr(), DLTENSOR.as_ptr()) }
             as *const DLManagedTensor;
         if managed.is_null() {
-            return Err(PyTypeError::new_err(format!(
+            return Err(crate::error::type_err(format!(
                 "`{name}`.__dlpack__() returned an unnamed or used capsule"
             )));
         }
         let t = unsafe { &(*managed).dl_tensor };
         if t.dtype != dtype.dl() {
-            return Err(PyTypeError::new_err(format!(
+            return Err(crate::error::type_err(format!(
                 "`{name}` must have dtype {}, got {}",
                 dtype.torch_name(),
                 dtype_name(t.dtype)
@@ -194,23 +204,30 @@ impl<'py> TensorArg<'py> {
                 .iter()
                 .map(|d| d.map_or("*".to_string(), |v| v.to_string()))
                 .collect();
-            return Err(PyValueError::new_err(format!(
+            return Err(crate::error::value_err(format!(
                 "`{name}` must have shape [{}], got {:?}",
                 want.join(", "),
                 got
             )));
         }
-        let numel: usize = got.iter().product();
+        let numel = got
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                crate::error::value_err(format!(
+                    "`{name}` has a shape whose size overflows: {got:?}"
+                ))
+            })?;
         if !t.strides.is_null() && numel > 1 {
             let mut expect = 1i64;
             for i in (0..ndim).rev() {
                 let st = unsafe { *t.strides.add(i) };
                 if dims[i] != 1 && st != expect {
-                    return Err(PyValueError::new_err(format!(
+                    return Err(crate::error::value_err(format!(
                         "`{name}` must be contiguous; call `{name}.contiguous()` first"
                     )));
                 }
-                expect *= dims[i].max(1);
+                expect = expect.saturating_mul(dims[i].max(1));
             }
         }
         let data = unsafe { (t.data as *mut u8).add(t.byte_offset as usize) };
@@ -220,7 +237,7 @@ impl<'py> TensorArg<'py> {
             DType::I64 => 8,
         };
         if numel > 0 && !(data as usize).is_multiple_of(align) {
-            return Err(PyValueError::new_err(format!(
+            return Err(crate::error::value_err(format!(
                 "`{name}` data is not aligned to its element size"
             )));
         }

@@ -12,15 +12,15 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("KtrsError", m.py().get_type::<error::KtrsError>())?;
-    m.add(
-        "IsaUnavailableError",
-        m.py().get_type::<error::IsaUnavailableError>(),
-    )?;
+    error::install_panic_hook();
+    error::register(m)?;
+    m.add("MAX_THREADS", ktrs::pool::MAX_THREADS)?;
     m.add_class::<experts::Experts>()?;
     m.add_class::<experts::ForwardHandle>()?;
     m.add_class::<stage::HostStage>()?;
     m.add_class::<stage::PyStreamChannel>()?;
+    m.add_function(wrap_pyfunction!(error::_panic_for_test, m)?)?;
+    m.add_function(wrap_pyfunction!(experts::py_resolve_threads, m)?)?;
     m.add_function(wrap_pyfunction!(info::cpu_info, m)?)?;
     m.add_function(wrap_pyfunction!(info::tuning, m)?)?;
     m.add_function(wrap_pyfunction!(info::set_tuning, m)?)?;

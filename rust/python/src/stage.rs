@@ -75,9 +75,9 @@ pub struct PyStreamChannel {
 #[pymethods]
 impl PyStreamChannel {
     #[new]
-    fn new(py: Python<'_>) -> PyResult<Self> {
+    fn new() -> PyResult<Self> {
         Ok(PyStreamChannel {
-            channel: StreamChannel::new().py_err(py)?,
+            channel: StreamChannel::new().py_err()?,
         })
     }
 
@@ -106,13 +106,15 @@ impl HostStage {
     /// Staging for `tokens` rows routed to `top_k` experts each, for `experts`' layer,
     /// launched through `channel` when given, else as a host node.
     #[new]
-    #[pyo3(signature = (experts, tokens, top_k, channel=None))]
+    /// `use_lora=False` runs the base experts although the layer has LoRA (PEFT's
+    /// `disable_adapter` while the graph was captured).
+    #[pyo3(signature = (experts, tokens, top_k, channel=None, use_lora=true))]
     fn new(
-        py: Python<'_>,
         experts: &Experts,
         tokens: usize,
         top_k: usize,
         channel: Option<&PyStreamChannel>,
+        use_lora: bool,
     ) -> PyResult<Self> {
         let hidden = experts.layer().config.hidden;
         if tokens == 0 || top_k == 0 {
@@ -122,7 +124,7 @@ impl HostStage {
         }
         let layout = Layout::new(tokens, top_k, hidden)
             .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("staging size overflows"))?;
-        let block = Arc::new(PinnedBlock::new(layout.bytes).py_err(py)?);
+        let block = Arc::new(PinnedBlock::new(layout.bytes).py_err()?);
         let report = Arc::new(Report::default());
         let layer = experts.shared_layer();
         let (mem, rep) = (SendPtr(block.as_ptr()), report.clone());
@@ -146,7 +148,7 @@ impl HostStage {
                     ),
                 )
             };
-            if let Err(e) = guard.forward(x, l.tokens, ids, w, l.top_k, out, false) {
+            if let Err(e) = guard.forward_with(x, l.tokens, ids, w, l.top_k, out, false, use_lora) {
                 // Zeros rather than stale values; Python raises the error after the step.
                 out.fill(0);
                 let mut slot = rep.error.lock().unwrap_or_else(|e| e.into_inner());
@@ -191,29 +193,29 @@ impl HostStage {
     /// Puts one run of the experts on the CUDA stream `stream` (a `cudaStream_t` as an
     /// integer: `torch.cuda.current_stream().cuda_stream`); under graph capture, records it.
     /// Same as `submit` then `finish`.
-    fn launch(&self, py: Python<'_>, stream: usize) -> PyResult<()> {
-        self.submit(py, stream)?;
-        self.finish(py, stream)
+    fn launch(&self, stream: usize) -> PyResult<()> {
+        self.submit(stream)?;
+        self.finish(stream)
     }
 
     /// Starts the run (stream order); GPU work enqueued before `finish` overlaps it.
-    fn submit(&self, py: Python<'_>, stream: usize) -> PyResult<()> {
+    fn submit(&self, stream: usize) -> PyResult<()> {
         let stream = stream as *mut std::ffi::c_void;
         // SAFETY: the caller passes torch's handle of a live stream (module-private API).
         match &self.launcher {
             Launcher::HostFn(h) => unsafe { h.launch(stream) },
             Launcher::Channel(j) => unsafe { j.submit(stream) },
         }
-        .py_err(py)
+        .py_err()
     }
 
     /// Makes the stream wait for the run `submit` started (a host node needs no wait:
     /// it blocks the stream itself, so GPU work after it does not overlap).
-    fn finish(&self, py: Python<'_>, stream: usize) -> PyResult<()> {
+    fn finish(&self, stream: usize) -> PyResult<()> {
         match &self.launcher {
             Launcher::HostFn(_) => Ok(()),
             // SAFETY: as in `submit`.
-            Launcher::Channel(j) => unsafe { j.finish(stream as *mut std::ffi::c_void) }.py_err(py),
+            Launcher::Channel(j) => unsafe { j.finish(stream as *mut std::ffi::c_void) }.py_err(),
         }
     }
 

@@ -97,6 +97,24 @@ fn direct_rows() -> usize {
 }
 
 impl MoeLayer {
+    /// Refuses a cache of another layer, or one made before `set_lora` replaced the
+    /// LoRA it was made with (failure-modes row 12).
+    pub fn check_cache(&self, cache: &ForwardCache) -> Result<()> {
+        if cache.layer_id != self.id() {
+            return Err(KtrsError::StaleCache(
+                "this forward cache was made by another layer".into(),
+            ));
+        }
+        if cache.lora_generation != self.lora_generation {
+            return Err(KtrsError::StaleCache(
+                "the layer's LoRA was replaced (set_lora / enable_lora) after this forward; \
+                 run the forward again"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// From `grad_out [T, H]` (bf16) writes `grad_hidden [T, H]` (bf16) and
     /// `grad_weights [T, k]` (f32), and produces LoRA gradients as `grads` says.
     pub fn backward(
@@ -105,13 +123,9 @@ impl MoeLayer {
         grad_out: &[u16],
         grad_hidden: &mut [u16],
         grad_weights: &mut [f32],
-        grads: GradTarget<'_>,
+        mut grads: GradTarget<'_>,
     ) -> Result<()> {
-        if cache.layer_id != self.id() {
-            return Err(KtrsError::StaleCache(
-                "this forward cache was made by another layer".into(),
-            ));
-        }
+        self.check_cache(cache)?;
         let cfg = self.config;
         let (h, i, h_pad, i_pad) = (cfg.hidden, cfg.intermediate, cfg.h_pad(), cfg.i_pad());
         let (xs, as_, ds, gs) = (cfg.x_ld(), cfg.act_ld(), cfg.x_ld(), cfg.dgu_ld());
@@ -126,9 +140,20 @@ impl MoeLayer {
                 what: format!("grad_output at token {t}"),
             });
         }
-        let lora = self.lora.as_ref();
+        // The LoRA the forward applied: same generation, so same buffers and rank.
+        let lora = self.lora.as_ref().filter(|_| cache.lora_rank > 0);
         let r = lora.map_or(0, |l| l.config.rank);
         let s = lora.map_or(0.0, |l| l.config.scaling());
+        if r == 0 {
+            // No LoRA in this forward: its LoRA gradients are zero.
+            if let GradTarget::External {
+                bufs,
+                accumulate: false,
+            } = &mut grads
+            {
+                bufs.iter_mut().for_each(|b| b.fill(0.0));
+            }
+        }
         let isa = self.isa;
         let off = &rt.offsets;
         let (x, g, u, act) = (

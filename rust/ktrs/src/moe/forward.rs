@@ -28,6 +28,23 @@ impl MoeLayer {
         out: &mut [u16],
         save: bool,
     ) -> Result<Option<ForwardCache>> {
+        self.forward_with(hidden, tokens, ids, weights, k, out, save, true)
+    }
+
+    /// [`MoeLayer::forward`], with the layer's LoRA applied only if `use_lora` (PEFT's
+    /// `disable_adapter` switches it off for some calls while the LoRA stays in place).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with(
+        &self,
+        hidden: &[u16],
+        tokens: usize,
+        ids: &[i64],
+        weights: &[f32],
+        k: usize,
+        out: &mut [u16],
+        save: bool,
+        use_lora: bool,
+    ) -> Result<Option<ForwardCache>> {
         let cfg = self.config;
         let (h, i, h_pad, i_pad) = (cfg.hidden, cfg.intermediate, cfg.h_pad(), cfg.i_pad());
         let (xs, as_) = (cfg.x_ld(), cfg.act_ld());
@@ -47,9 +64,11 @@ impl MoeLayer {
             });
         }
         let n = routing.pairs();
+        cfg.check_pairs(n)?;
         let isa = self.isa;
-        let r = self.lora.as_ref().map_or(0, |l| l.config.rank);
-        let s = self.lora.as_ref().map_or(0.0, |l| l.config.scaling());
+        let lora = self.lora.as_ref().filter(|_| use_lora);
+        let r = lora.map_or(0, |l| l.config.rank);
+        let s = lora.map_or(0.0, |l| l.config.scaling());
         let off = &routing.offsets;
 
         // Recycled blocks: every element read later is written below (padding included).
@@ -241,6 +260,8 @@ impl MoeLayer {
 
         Ok(save.then(|| ForwardCache {
             layer_id: self.id(),
+            lora_generation: self.lora_generation,
+            lora_rank: r,
             routing,
             x,
             g,

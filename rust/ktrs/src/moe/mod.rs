@@ -14,9 +14,9 @@ pub mod routing;
 
 pub use cache::ForwardCache;
 
-use crate::buffer::{BufferPool, SendPtr};
+use crate::buffer::{catch_alloc, BufferPool, SendPtr};
 use crate::cpu::Isa;
-use crate::error::{check_len, KtrsError, Result};
+use crate::error::{check_len, checked_size, KtrsError, Result};
 use crate::kernels::lora_grad::Cols;
 use crate::kernels::{self, Gemm};
 use crate::lora::{LoraConfig, LoraMatrix, LoraWeights};
@@ -51,6 +51,50 @@ impl MoeConfig {
     }
     pub(crate) fn dgu_ld(&self) -> usize {
         2 * self.i_pad() + STRIDE_PAD
+    }
+
+    /// Refuses sizes whose packed weights (and so every row stride and scratch size
+    /// derived from them) would overflow `usize`: the kernels index with unchecked
+    /// arithmetic, so a wrapped size would mean reads past a buffer.
+    pub fn check_sizes(&self) -> Result<()> {
+        for (name, v) in [
+            ("experts", self.experts),
+            ("hidden", self.hidden),
+            ("intermediate", self.intermediate),
+        ] {
+            if v == 0 {
+                return Err(KtrsError::invalid(name, "a positive size", v));
+            }
+        }
+        let pad = |what: &str, v: usize| {
+            v.checked_next_multiple_of(PAD)
+                .and_then(|p| p.checked_add(STRIDE_PAD))
+                .ok_or_else(|| KtrsError::invalid(what, "a size below 2^63", v))
+        };
+        let (h, i) = (
+            pad("hidden", self.hidden)?,
+            pad("intermediate", self.intermediate)?,
+        );
+        // 2·I rows of gate/up plus H rows of down per expert, bf16; padded strides bound
+        // the packs' padded sizes from above.
+        let gate_up = checked_size("the packed gate/up weights", &[self.experts, 2, i, h, 2])?;
+        let down = checked_size("the packed down weights", &[self.experts, h, i, 2])?;
+        gate_up
+            .checked_add(down)
+            .filter(|&b| b <= isize::MAX as usize)
+            .map(|_| ())
+            .ok_or(KtrsError::OutOfMemory {
+                what: "the packed expert weights".into(),
+                bytes: gate_up as u128 + down as u128,
+            })
+    }
+
+    /// Checks that the scratch of a call with `pairs` (token, slot) pairs has a size that
+    /// fits `usize` (the widest row is the fused gate/up gradient or an f32 hidden row).
+    pub(crate) fn check_pairs(&self, pairs: usize) -> Result<()> {
+        let rows = pairs.saturating_add(ROW_PAD);
+        let widest = self.dgu_ld().max(2 * self.x_ld());
+        checked_size("the scratch of this call", &[rows, widest, 4]).map(|_| ())
     }
 }
 
@@ -95,6 +139,7 @@ fn amx_min_rows() -> usize {
 const WIDE_TASK_ROWS: usize = 16;
 
 static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_LORA_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 pub struct MoeLayer {
     pub config: MoeConfig,
@@ -108,6 +153,8 @@ pub struct MoeLayer {
     /// Scratch and cache blocks recycled between calls (see `BufferPool`).
     scratch: Arc<BufferPool>,
     id: u64,
+    /// See [`MoeLayer::lora_generation`]; every forward cache records it.
+    lora_generation: u64,
 }
 
 impl MoeLayer {
@@ -119,31 +166,30 @@ impl MoeLayer {
         threads: usize,
         seed: u64,
     ) -> Result<MoeLayer> {
-        for (name, v) in [
-            ("experts", config.experts),
-            ("hidden", config.hidden),
-            ("intermediate", config.intermediate),
-        ] {
-            if v == 0 {
-                return Err(KtrsError::invalid(name, "a positive size", v));
-            }
-        }
         isa.check_available()?;
+        config.check_sizes()?;
+        let pool = ThreadPool::shared(threads)?;
         let (h, i) = (config.hidden, config.intermediate);
-        let gate_up = ExpertPack::zeroed(config.experts, PackShape::new(2 * config.i_pad(), h));
-        let down = ExpertPack::zeroed(config.experts, PackShape::new(h, i));
+        // `check_sizes` bounds these products; the packs unwind on a refused allocation.
+        let gate_up = catch_alloc("the packed gate/up weights", || {
+            ExpertPack::zeroed(config.experts, PackShape::new(2 * config.i_pad(), h))
+        })?;
+        let down = catch_alloc("the packed down weights", || {
+            ExpertPack::zeroed(config.experts, PackShape::new(h, i))
+        })?;
         let lora = lora
             .map(|c| LoraWeights::new(c, config.experts, h, i, seed))
             .transpose()?;
         Ok(MoeLayer {
             config,
             isa,
-            pool: ThreadPool::shared(threads.max(1)),
+            pool,
             gate_up,
             down,
             lora,
             scratch: BufferPool::global(),
             id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
+            lora_generation: NEXT_LORA_GENERATION.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -158,6 +204,7 @@ impl MoeLayer {
     ) -> Result<MoeLayer> {
         let mut layer = MoeLayer::new_empty(config, lora, isa, threads, seed)?;
         let (e, h, i) = (config.experts, config.hidden, config.intermediate);
+        // check_sizes (in new_empty) bounds e·i·h, so these products do not wrap.
         check_len("gate", w.gate.len(), e * i * h)?;
         check_len("up", w.up.len(), e * i * h)?;
         check_len("down", w.down.len(), e * h * i)?;
@@ -246,8 +293,11 @@ impl MoeLayer {
         self.pool.threads()
     }
 
-    pub fn set_threads(&mut self, threads: usize) {
-        self.pool = ThreadPool::shared(threads.max(1));
+    /// Switches to a pool of `threads` threads (1 to [`crate::pool::MAX_THREADS`]); on
+    /// error the layer keeps its pool.
+    pub fn set_threads(&mut self, threads: usize) -> Result<()> {
+        self.pool = ThreadPool::shared(threads)?;
+        Ok(())
     }
 
     pub fn lora(&self) -> Option<&LoraWeights> {
@@ -256,12 +306,21 @@ impl MoeLayer {
 
     /// Gives the layer fresh LoRA (PEFT init) or none; tensors viewing the old buffers
     /// keep them alive but no longer reach the kernels.
+    /// Forward caches made before this call are refused by `backward` from then on (their
+    /// LoRA projections have the old rank and values).
     pub fn set_lora(&mut self, lora: Option<LoraConfig>, seed: u64) -> Result<()> {
         let c = self.config;
         self.lora = lora
             .map(|l| LoraWeights::new(l, c.experts, c.hidden, c.intermediate, seed))
             .transpose()?;
+        self.lora_generation = NEXT_LORA_GENERATION.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Identifies the LoRA setup (which buffers, which rank): changes with every
+    /// `set_lora`, never repeats within a process.
+    pub fn lora_generation(&self) -> u64 {
+        self.lora_generation
     }
 
     /// Bytes of packed expert weights held.

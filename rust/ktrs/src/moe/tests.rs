@@ -587,3 +587,140 @@ fn steady_state_allocates_nothing() {
     }
     assert_eq!(layer.scratch.fresh_allocations(), after_first);
 }
+
+/// Failure-modes row 12: a forward cache made before `set_lora` is refused, whether the
+/// new rank is larger (the old cache is too small), smaller (gradients of nothing) or 0.
+#[test]
+fn backward_refuses_a_cache_from_before_set_lora() {
+    let c = Case {
+        e: 4,
+        h: 32,
+        i: 32,
+        k: 2,
+        t: 3,
+        r: 2,
+    };
+    let d = make(&c, 21);
+    for new_rank in [8, 1, 2, 0] {
+        let mut layer = layer_for(&c, &d, Isa::Scalar, 1);
+        let mut out = vec![0u16; c.t * c.h];
+        let cache = layer
+            .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
+            .unwrap()
+            .unwrap();
+        let lora = (new_rank > 0).then_some(LoraConfig {
+            rank: new_rank,
+            alpha: 1.0,
+            use_rslora: false,
+        });
+        layer.set_lora(lora, 1).unwrap();
+        let (mut gh, mut gw) = (vec![0u16; c.t * c.h], vec![0f32; c.t * c.k]);
+        let e = layer
+            .backward(&cache, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
+            .unwrap_err();
+        assert!(
+            matches!(e, KtrsError::StaleCache(_)) && e.to_string().contains("set_lora"),
+            "{e}"
+        );
+        // A fresh forward works again.
+        let cache = layer
+            .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
+            .unwrap()
+            .unwrap();
+        layer
+            .backward(&cache, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
+            .unwrap();
+    }
+}
+
+/// A forward with LoRA switched off computes the base experts, and its backward gives
+/// the base input gradient and zero LoRA gradients, whatever the layer's LoRA holds.
+#[test]
+fn forward_without_lora_matches_a_layer_without_lora() {
+    let c = Case {
+        e: 5,
+        h: 48,
+        i: 40,
+        k: 2,
+        t: 7,
+        r: 4,
+    };
+    let d = make(&c, 5);
+    let with = layer_for(&c, &d, Isa::Scalar, 1);
+    let base = layer_for(&Case { r: 0, ..c }, &d, Isa::Scalar, 1);
+    let (mut o1, mut o2) = (vec![0u16; c.t * c.h], vec![0u16; c.t * c.h]);
+    let c1 = with
+        .forward_with(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut o1, true, false)
+        .unwrap()
+        .unwrap();
+    let c2 = base
+        .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut o2, true)
+        .unwrap()
+        .unwrap();
+    assert_eq!(o1, o2);
+    assert_eq!(c1.lora_rank(), 0);
+    let (mut gh1, mut gw1) = (vec![0u16; c.t * c.h], vec![0f32; c.t * c.k]);
+    let (mut gh2, mut gw2) = (vec![0u16; c.t * c.h], vec![0f32; c.t * c.k]);
+    let l = with.lora().unwrap();
+    let mut ext: Vec<Vec<f32>> = crate::lora::LoraMatrix::ALL
+        .iter()
+        .map(|&m| vec![f32::NAN; l.grad(m).len()])
+        .collect();
+    let mut it = ext.iter_mut().map(|v| v.as_mut_slice());
+    let bufs = [(); 6].map(|_| it.next().unwrap());
+    with.backward(
+        &c1,
+        &d.gout,
+        &mut gh1,
+        &mut gw1,
+        GradTarget::External {
+            bufs,
+            accumulate: false,
+        },
+    )
+    .unwrap();
+    base.backward(&c2, &d.gout, &mut gh2, &mut gw2, GradTarget::Skip)
+        .unwrap();
+    assert_eq!(gh1, gh2);
+    assert_eq!(gw1, gw2);
+    assert!(ext.iter().flatten().all(|&v| v == 0.0));
+}
+
+/// Sizes whose products overflow, or that no machine holds, are errors, never a wrapped
+/// buffer size or an abort.
+#[test]
+fn impossible_layer_sizes_are_errors() {
+    for (e, h, i) in [
+        (1 << 20, 1 << 20, 1 << 20),
+        (1 << 22, 1 << 22, 1 << 22),
+        (1, usize::MAX, 1),
+        (2, 1 << 40, 1 << 40),
+    ] {
+        let cfg = MoeConfig {
+            experts: e,
+            hidden: h,
+            intermediate: i,
+        };
+        let err = MoeLayer::new_empty(cfg, None, Isa::Scalar, 1, 0)
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(
+                err,
+                KtrsError::OutOfMemory { .. } | KtrsError::InvalidArgument { .. }
+            ),
+            "{err}"
+        );
+    }
+    let cfg = MoeConfig {
+        experts: 2,
+        hidden: 16,
+        intermediate: 16,
+    };
+    for threads in [0, 1 << 20] {
+        assert!(MoeLayer::new_empty(cfg, None, Isa::Scalar, threads, 0).is_err());
+    }
+    let mut layer = MoeLayer::new_empty(cfg, None, Isa::Scalar, 1, 0).unwrap();
+    assert!(layer.set_threads(0).is_err() && layer.set_threads(1 << 20).is_err());
+    assert_eq!(layer.threads(), 1);
+}
