@@ -9,7 +9,7 @@
 //! step += 1
 //! p  = p * f32(1 - lr·wd)                       (only when wd != 0)
 //! m  = lerp(m, g, f32(1 - β1))                  (torch's lerp: m + w·(g - m), fused)
-//! v  = v * f32(β2) + (f32(1 - β2) * g) * g
+//! v  = fma(f32(1 - β2) * g, g, v * f32(β2))     (torch's mul_ then addcmul_, fused)
 //! d  = sqrt(v) / f32(sqrt(1 - β2^step)) + f32(eps)
 //! p  = p + (f32(-lr / (1 - β1^step)) * m) / d
 //! ```
@@ -183,7 +183,7 @@ impl Coeffs {
         let bc1 = 1.0 - h.beta1.powf(step);
         let bc2 = 1.0 - h.beta2.powf(step);
         Coeffs {
-            decay: (h.weight_decay != 0.0).then(|| (1.0 - h.lr * h.weight_decay) as f32),
+            decay: (h.weight_decay != 0.0).then_some((1.0 - h.lr * h.weight_decay) as f32),
             lerp_w: (1.0 - h.beta1) as f32,
             beta2: h.beta2 as f32,
             one_minus_beta2: (1.0 - h.beta2) as f32,
@@ -195,8 +195,9 @@ impl Coeffs {
     }
 }
 
-/// `a·b + c`, fused where the caller compiled for FMA (torch's vectorised lerp is an
-/// FMA); separate otherwise, since a software fma would cost more than the whole update.
+/// `a·b + c`, fused where the caller compiled for FMA (torch's vectorised CPU kernels
+/// fuse lerp and addcmul: matched bit for bit on AVX-512); separate otherwise, since a
+/// software fma would cost more than the whole update.
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
@@ -228,7 +229,7 @@ fn update_chunk<const FMA: bool>(
         let gi = g[i];
         let base = if small { m[i] } else { gi };
         let mi = madd::<FMA>(coeff, gi - m[i], base);
-        let vi = v[i] * c.beta2 + (c.one_minus_beta2 * gi) * gi;
+        let vi = madd::<FMA>(c.one_minus_beta2 * gi, gi, v[i] * c.beta2);
         let d = vi.sqrt() / c.bc2_sqrt + c.eps;
         p[i] += (c.neg_step_size * mi) / d;
         m[i] = mi;
