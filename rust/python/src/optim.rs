@@ -116,6 +116,14 @@ fn adamw_step(
             &want,
         )?);
     }
+    let mut seen = std::collections::HashSet::new();
+    for (i, s) in states.iter().enumerate() {
+        if !seen.insert(s.get() as *const AdamWState as usize) {
+            return Err(PyValueError::new_err(format!(
+                "`states[{i}]` is given twice; each state at most once per step"
+            )));
+        }
+    }
     // Everything written (weights, both moments) must be disjoint, and no gradient may
     // alias it: the chunks run on several threads at once.
     let mut written: Vec<(usize, usize)> = ps.iter().map(|p| p.addr_range(4)).collect();
@@ -128,7 +136,7 @@ fn adamw_step(
     let read: Vec<(usize, usize)> = gs.iter().map(|g| g.addr_range(4)).collect();
     let name = |w: usize| {
         if w < n {
-            format!("params[{w}]")
+            format!("`params[{w}]`")
         } else {
             let k = w - n;
             let which = if k.is_multiple_of(2) {
@@ -140,16 +148,23 @@ fn adamw_step(
         }
     };
     match optim::find_overlap(&written, &read) {
+        Some(Overlap::Written(a, b)) if b >= n => {
+            return Err(PyValueError::new_err(format!(
+                "{} must not share memory with {} (ktrs' optimizer state)",
+                name(a),
+                name(b)
+            )))
+        }
         Some(Overlap::Written(a, b)) => {
             return Err(PyValueError::new_err(format!(
-                "`{}` must not share memory with `{}` (a parameter given twice?)",
+                "{} must not share memory with {} (a parameter given twice?)",
                 name(b),
                 name(a)
             )))
         }
         Some(Overlap::Read { read, written }) => {
             return Err(PyValueError::new_err(format!(
-                "`grads[{read}]` must not share memory with `{}`",
+                "`grads[{read}]` must not share memory with {}",
                 name(written)
             )))
         }
