@@ -217,11 +217,8 @@ fn update_chunk<const FMA: bool>(
 ) {
     let n = p.len();
     let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
-    if let Some(decay) = c.decay {
-        for x in p.iter_mut() {
-            *x *= decay;
-        }
-    }
+    // `x * 1.0 == x` exactly, so no weight decay needs no separate loop.
+    let decay = c.decay.unwrap_or(1.0);
     // torch's lerp: `w < 0.5 ? m + w·(g - m) : g + (w - 1)·(g - m)`, decided once here.
     let small = c.lerp_w.abs() < 0.5;
     let coeff = if small { c.lerp_w } else { c.lerp_w - 1.0 };
@@ -231,7 +228,7 @@ fn update_chunk<const FMA: bool>(
         let mi = madd::<FMA>(coeff, gi - m[i], base);
         let vi = madd::<FMA>(c.one_minus_beta2 * gi, gi, v[i] * c.beta2);
         let d = vi.sqrt() / c.bc2_sqrt + c.eps;
-        p[i] += (c.neg_step_size * mi) / d;
+        p[i] = p[i] * decay + (c.neg_step_size * mi) / d;
         m[i] = mi;
         v[i] = vi;
     }
@@ -517,6 +514,31 @@ mod tests {
             }
             // Zero gradients: moments stay zero and only weight decay moves the weights.
             assert!(states[5].exp_avg_sq().as_slice().iter().all(|&x| x == 0.0));
+        }
+    }
+
+    #[test]
+    fn portable_and_fused_builds_agree() {
+        // The portable loop (CPUs without AVX2+FMA) rounds lerp and addcmul unfused: it
+        // must stay within fp32 rounding of the build this machine runs.
+        let n = 1000;
+        let mut seed = 3u64;
+        let p0: Vec<f32> = (0..n).map(|_| lcg(&mut seed) as f32).collect();
+        let g: Vec<f32> = (0..n).map(|_| (lcg(&mut seed) * 0.1) as f32).collect();
+        let m0: Vec<f32> = (0..n).map(|_| (lcg(&mut seed) * 0.01) as f32).collect();
+        let v0: Vec<f32> = (0..n)
+            .map(|_| (lcg(&mut seed) * 1e-3).abs() as f32)
+            .collect();
+        let c = Coeffs::new(&hyper(1e-2, 0.1), 3.0);
+        let (mut p1, mut m1, mut v1) = (p0.clone(), m0.clone(), v0.clone());
+        let (mut p2, mut m2, mut v2) = (p0.clone(), m0.clone(), v0.clone());
+        run_chunk(&mut p1, &g, &mut m1, &mut v1, c, false);
+        run_chunk(&mut p2, &g, &mut m2, &mut v2, c, has_avx2_fma());
+        for i in 0..n {
+            assert!((p1[i] - p2[i]).abs() <= 1e-6 * p2[i].abs() + 1e-9, "{i}");
+            assert!((m1[i] - m2[i]).abs() <= 1e-6 * m2[i].abs() + 2e-9, "{i}");
+            assert!((v1[i] - v2[i]).abs() <= 1e-6 * v2[i].abs(), "{i}");
+            assert!(p1[i] != p0[i]);
         }
     }
 
