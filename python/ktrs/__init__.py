@@ -19,7 +19,7 @@ from ._native import (
     StaleHandleError,
     __version__,
 )
-from . import decode
+from . import decode, optim
 from .adapters import load_adapter, save_adapter
 from .experts import ForwardHandle, MoeExperts
 from .hf import find_moe_blocks, from_pretrained, patch_model
@@ -30,6 +30,7 @@ from .tools import describe, export_merged, inspect_adapter, merge_and_unload, m
 
 __all__ = [
     "decode",
+    "optim",
     "describe",
     "export_merged",
     "inspect_adapter",

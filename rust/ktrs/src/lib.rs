@@ -24,6 +24,7 @@ pub mod error;
 pub mod kernels;
 pub mod lora;
 pub mod moe;
+pub mod optim;
 pub mod pack;
 pub mod pool;
 pub mod tuning;

@@ -5,6 +5,7 @@ mod dlpack;
 mod error;
 mod experts;
 mod info;
+mod optim;
 mod stage;
 
 use pyo3::prelude::*;
@@ -24,5 +25,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(info::cpu_info, m)?)?;
     m.add_function(wrap_pyfunction!(info::tuning, m)?)?;
     m.add_function(wrap_pyfunction!(info::set_tuning, m)?)?;
+    optim::register(m)?;
     Ok(())
 }
