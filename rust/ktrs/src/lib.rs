@@ -13,8 +13,9 @@
 //! - [`lora`]: Rust-owned LoRA weights and gradients.
 //! - [`moe`]: routing, the forward and backward passes, and the forward cache.
 //! - [`tuning`]: the kernels' speed knobs and their measured defaults.
-//! - [`cuda`]: host functions on CUDA streams and pinned memory, with the driver opened at
-//!   run time (the decode fast path; nothing else needs CUDA).
+//! - [`optim`]: the AdamW step over Rust-owned LoRA weights (state owned here too).
+//! - [`cuda`]: the decode hand-off (stream channel, host functions) and pinned memory,
+//!   with the driver opened at run time (nothing else needs CUDA).
 
 pub mod bf16;
 pub mod buffer;
