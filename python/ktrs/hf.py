@@ -44,49 +44,99 @@ def _is_module_list_experts(experts: nn.Module) -> bool:
     )
 
 
+def _unsupported(experts: nn.Module) -> Optional[str]:
+    """Why ktrs cannot run this experts module (its SwiGLU with fused, untransposed,
+    bias-free weights), or None."""
+    names = set(experts._parameters)
+    if any(n.endswith("_bias") for n in names) or getattr(experts, "has_bias", False):
+        return "its experts have biases"
+    if hasattr(experts, "limit") or hasattr(experts, "alpha"):
+        return "its experts use a clamped SwiGLU (GPT-OSS style)"
+    if getattr(experts, "is_transposed", False):
+        return "its expert weights are stored transposed"
+    if getattr(experts, "has_gate", True) is False:
+        return "its experts are not gated (no SwiGLU)"
+    act = getattr(experts, "act_fn", None)
+    if act is not None:
+        probe = torch.tensor([-3.0, -0.5, 0.25, 2.0])
+        if not torch.allclose(act(probe), torch.nn.functional.silu(probe)):
+            return f"its experts use {type(act).__name__}, ktrs runs SiLU"
+    if _fused_expert_shapes(experts) is None:
+        shapes = {n: list(p.shape) for n, p in experts._parameters.items() if p is not None}
+        return f"its expert weights {shapes} are not fused gate_up_proj [E, 2I, H] and down_proj [E, H, I]"
+    return None
+
+
 def find_moe_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """MoE blocks of `model`, found by structure: a module whose ``experts`` child holds
     fused 3-D expert weights (or is already a KtrsExperts) and which also has a router
-    (``gate``). Dense MLPs (e.g. DeepSeek-V2's layer 0) are never matched."""
+    (``gate``). Dense MLPs (e.g. DeepSeek-V2's layer 0) are never matched. A block whose
+    experts ktrs cannot run raises, naming the model class and the reason, so nothing is
+    patched that would fail at the first forward."""
     found = []
     for name, mod in model.named_modules():
         experts = mod._modules.get("experts")
-        if experts is None or mod._modules.get("gate") is None:
+        router = mod._modules.get("gate", mod._modules.get("router"))
+        if experts is None or router is None:
             continue
-        if isinstance(experts, KtrsExperts) or _fused_expert_shapes(experts) is not None:
+        if isinstance(experts, KtrsExperts):
             found.append((name, mod))
         elif _is_module_list_experts(experts):
             raise KtrsTypeError(
                 f"{name}.experts is a ModuleList of per-expert MLPs: this model was loaded with "
-                "trust_remote_code. ktrs supports the native transformers DeepSeek-V2 classes: load the "
+                "trust_remote_code. ktrs supports the native transformers classes: load the "
                 "checkpoint without trust_remote_code (transformers >= 5 converts the per-expert keys "
                 "itself), e.g. AutoModelForCausalLM.from_pretrained(path), or use ktrs.from_pretrained(path)."
             )
+        elif (reason := _unsupported(experts) or (None if "gate" in mod._modules else "its router is not a `gate` module")) is not None:
+            raise KtrsTypeError(f"{type(model).__name__}: {name}.experts ({type(experts).__name__}) cannot run in ktrs: {reason}")
+        else:
+            found.append((name, mod))
     return found
 
 
+def _shared_output(block: nn.Module, flat: torch.Tensor, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+    """The block's always-on experts, shaped like `hidden_states`: DeepSeek's
+    ``shared_experts``, Qwen2-MoE's sigmoid-gated ``shared_expert``, or None (Qwen3-MoE,
+    Mixtral)."""
+    if getattr(block, "shared_experts", None) is not None:
+        return block.shared_experts(hidden_states)
+    if getattr(block, "shared_expert", None) is not None:
+        out = block.shared_expert(flat)
+        gate = getattr(block, "shared_expert_gate", None)
+        if gate is not None:
+            out = torch.sigmoid(gate(flat)) * out
+        return out.view(hidden_states.shape)
+    return None
+
+
 def _moe_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """DeepseekV2Moe.forward with the CPU experts overlapped with the GPU shared experts."""
-    residuals = hidden_states
+    """The MoE block's forward (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, GLM-4-MoE: router,
+    routed experts, optional shared experts) with the routed experts in ktrs, overlapped
+    with the GPU's shared experts."""
     orig_shape = hidden_states.shape
-    _, topk_weights, topk_indices = self.gate(hidden_states)
+    jitter = getattr(self, "jitter_noise", 0) or 0
+    if self.training and jitter > 0:  # Mixtral's router jitter, as its block applies it
+        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
     flat = hidden_states.view(-1, hidden_states.shape[-1])
+    _, topk_weights, topk_indices = self.gate(flat)
     experts: KtrsExperts = self.experts
     needs_grad = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in experts.parameters()))
     if flat.is_cuda and not needs_grad and decode.host_node_mode():
         # Decode graphs: the experts become stream work, no Python per step; the GPU runs
         # the shared experts while the CPU runs the routed ones.
         finish = decode.submit_on_stream(experts, flat, topk_indices, topk_weights)
-        shared = self.shared_experts(residuals)
+        shared = _shared_output(self, flat, hidden_states)
         routed = finish()
     elif flat.is_cuda and not needs_grad:
         pending = experts.submit(flat, topk_indices, topk_weights)
-        shared = self.shared_experts(residuals)
+        shared = _shared_output(self, flat, hidden_states)
         routed = pending.result()
     else:
         routed = experts(flat, topk_indices, topk_weights)
-        shared = self.shared_experts(residuals)
-    return routed.view(*orig_shape) + shared
+        shared = _shared_output(self, flat, hidden_states)
+    routed = routed.view(*orig_shape)
+    return routed if shared is None else routed + shared
 
 
 def _install(block: nn.Module, experts: MoeExperts, name: str = "") -> None:
@@ -127,7 +177,7 @@ def patch_model(
     opts = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
     blocks = find_moe_blocks(model)
     if not blocks:
-        raise KtrsValueError(f"{type(model).__name__} has no MoE block with fused experts; ktrs patches DeepSeek-V2-style models")
+        raise KtrsValueError(f"{type(model).__name__} has no MoE block with fused experts; ktrs patches transformers-5 MoE models with fused SwiGLU experts (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, GLM-4-MoE)")
     for name, block in blocks:
         if isinstance(block.experts, KtrsExperts):
             continue
