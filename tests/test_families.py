@@ -74,3 +74,22 @@ def test_experts_ktrs_cannot_run_are_refused_at_patch_time():
     model = GptOssForCausalLM(cfg)
     with pytest.raises(ktrs.KtrsTypeError, match=r"GptOssForCausalLM: model\.layers\.0\.mlp\.experts \(GptOssExperts\) cannot run in ktrs: its experts have biases"):
         ktrs.patch_model(model, device="cpu", threads=2)
+
+
+@pytest.mark.parametrize("build", [qwen3, qwen2], ids=["qwen3_moe", "qwen2_moe"])
+def test_from_pretrained_streams_the_family_checkpoint(build, tmp_path):
+    torch.manual_seed(0)
+    stock = bf16_exact(build()).eval()
+    stock.save_pretrained(str(tmp_path), max_shard_size="200KB")
+    loaded = ktrs.from_pretrained(str(tmp_path), device="cpu", dtype=torch.float32, threads=2)
+    assert len(ktrs.find_moe_blocks(loaded)) == 2
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_l2(loaded(ids).logits, stock(ids).logits) < 2e-2
+
+
+def test_from_pretrained_names_what_it_streams(tmp_path):
+    torch.manual_seed(0)
+    mixtral().save_pretrained(str(tmp_path))
+    with pytest.raises(ktrs.KtrsValueError, match="'mixtral' checkpoint.*qwen3_moe.*patch_model"):
+        ktrs.from_pretrained(str(tmp_path), device="cpu")

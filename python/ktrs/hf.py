@@ -204,6 +204,9 @@ def patch_model(
 
 
 # -- streaming load ------------------------------------------------------------------------
+#: Checkpoint types whose routed experts stream from per-expert (or fused) keys under
+#: `layers.N.mlp.experts`; each is tested against the stock model (tests/test_families.py).
+STREAMED_MODEL_TYPES = ("deepseek_v2", "qwen2_moe", "qwen3_moe")
 _PER_EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _FUSED = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
@@ -304,8 +307,11 @@ def from_pretrained(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    if getattr(config, "model_type", None) != "deepseek_v2":
-        raise KtrsValueError(f"{path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint; ktrs.from_pretrained supports deepseek_v2")
+    if getattr(config, "model_type", None) not in STREAMED_MODEL_TYPES:
+        raise KtrsValueError(
+            f"{path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint; ktrs.from_pretrained streams "
+            f"{', '.join(STREAMED_MODEL_TYPES)} (other MoE models: load them with transformers, then ktrs.patch_model)"
+        )
     device = torch.device(device or _default_device())
     opts = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
     with torch.device("meta"):
