@@ -243,11 +243,18 @@ class DecodeGraphs:
                 t.copy_(kwargs[k])
         self.replay(entry.graph)
         if self.wait_blocking:
-            # Sleep until the step is done instead of letting CUDA's default sync spin:
-            # a spinning Python thread takes a core from the experts' worker pool.
+            self.wait()
+        return _detached_output(entry.output)
+
+    def wait(self) -> None:
+        """Until the current stream is idle. By default sleeping on a blocking event rather
+        than CUDA's spinning sync: a spinning Python thread takes a core from the experts'
+        worker pool (measured: 15 vs 24 tok/s)."""
+        if self.wait_blocking:
             self.done.record()
             self.done.synchronize()
-        return _detached_output(entry.output)
+        else:
+            torch.cuda.current_stream().synchronize()
 
     def replay(self, graph: "torch.cuda.CUDAGraph") -> None:
         if self.profile:
@@ -345,8 +352,7 @@ class DecodeGraphs:
         """Passes a persistent static cache to `generate` where HF would make its own
         (a plain call with a static cache configured, greedy or sampling, one sequence
         per prompt); capacity is rounded up to 256 positions and only ever grows."""
-        name = "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
-        if kwargs.get(name) is not None or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+        if self._cache_of(kwargs) is not None:
             return
         gc = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         impl = kwargs.get("cache_implementation", getattr(gc, "cache_implementation", None))
@@ -361,7 +367,7 @@ class DecodeGraphs:
         need = ids.shape[1] + new if new is not None else kwargs.get("max_length", gc.max_length)
         if not need:
             return
-        kwargs[name] = self.cache_for(ids.shape[0], need)
+        kwargs[_cache_kwarg(self.model)] = self.cache_for(ids.shape[0], need)
         kwargs["cache_implementation"] = None  # HF refuses a cache object together with one
 
     def cache_for(self, batch: int, need: int) -> Any:
@@ -640,9 +646,13 @@ class _Loop:
         self.host_done.copy_(~self.unfinished.any().reshape(1), non_blocking=True)
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` (transformers 5.2x) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def _forward_kwargs(model: nn.Module, cache: Any) -> Dict[str, Any]:
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    return {name: cache, "use_cache": True, "logits_to_keep": 1}
+    return {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
 
 
 @torch.no_grad()  # as HF's generate: no autograd (and the MoE blocks take the stream path)
@@ -682,8 +692,7 @@ def generate_in_graph(graphs: "DecodeGraphs", plan: _LoopPlan) -> torch.Tensor:
     n = 1
     while True:
         if device.type == "cuda":
-            graphs.done.record()
-            graphs.done.synchronize()
+            graphs.wait()  # the pinned token and "all finished" flag are then written
         if plan.streamer is not None:
             plan.streamer.put(loop.host_tok.clone() if device.type == "cuda" else loop.tok[:, 0].cpu())
         done = bool(loop.host_done[0]) if device.type == "cuda" else not bool(loop.unfinished.any())
