@@ -13,7 +13,7 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="ktrs": print(m["executable"])' | tail -1)
 cp "$bin" devbuild/ktrs-tests
-"$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d devbuild/pywheels pytest pluggy iniconfig
+"$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d devbuild/pywheels pytest pluggy iniconfig hypothesis sortedcontainers attrs
 # Optional: the peer for side-by-side numbers. KT_WHEEL=path/to/kt_kernel-0.7.2-cp312-*.whl
 # keeps only its Python files, the AMX extension and its bundled libraries (~13 MB); it
 # is carried, never committed.

@@ -14,7 +14,8 @@ OUT=${OUT:-/tmp/ktrs-out}; mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 grep -m1 "model name" /proc/cpuinfo; grep -o -w 'amx_[a-z0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; nproc
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site devbuild/*.whl || exit 1
-python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site devbuild/pywheels/*.whl
+# pytest and hypothesis (the fuzz suite) from the carried wheels when the machine lacks them.
+python3 -c 'import pytest, hypothesis' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site devbuild/pywheels/*.whl
 export PYTHONPATH=/tmp/site
 [ -d devbuild/ktpeer ] && export PYTHONPATH=/tmp/site:$PWD/devbuild/ktpeer
 python3 -m ktrs info

@@ -106,6 +106,28 @@ def test_in_graph_loop_gives_hf_generate_tokens(reference, batch, kw, attn):
     assert torch.equal(got, want)
 
 
+def test_a_short_call_after_a_long_one_decodes_over_a_small_cache(reference):
+    """Attention reads the whole static cache each step: capacity follows the call (steps
+    of 256 here), two caches per batch size are kept, least recently used out first, and
+    tokens stay HF's."""
+    model = ktrs.patch_model(copy.deepcopy(reference), device="cpu", threads=2)
+    graphs = decode.DecodeGraphs(model)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    sizes = []
+    for t in (7, 300, 7, 150, 600):
+        ids = prompt(t=t, device="cpu", seed=t)
+        got = decode.generate_in_graph(graphs, decode._loop_plan(model, (ids,), kw))
+        assert torch.equal(got, model.generate(ids, **kw))
+        sizes.append([size for (_, size) in graphs.caches])
+    assert sizes[0] == [256]
+    assert sizes[1] == [256, 512]  # 304 positions
+    assert sizes[2] == [512, 256]  # reused, now the most recent
+    assert sizes[3] == [512, 256]  # 154 positions fit the 256 one
+    assert sizes[4] == [256, 768]  # 604: a third cache, the least recent (512) went
+    for (batch, size), cache in graphs.caches.items():
+        assert batch == 1 and cache.get_max_length() == size
+
+
 def test_loop_plan_leaves_other_calls_to_hf(reference):
     model = ktrs.patch_model(copy.deepcopy(reference), device="cpu", threads=2)
     ids = prompt(n=2, device="cpu", seed=9)

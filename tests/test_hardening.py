@@ -189,7 +189,7 @@ def test_a_refused_thread_spawn_leaves_no_threads_behind():
 @pytest.mark.parametrize(
     "call, cls, words",
     [
-        ("ktrs.MoeExperts(z(64, 32, 64), z(64, 32, 64), z(64, 64, 32), lora_rank=10**9)", "KtrsMemoryError", "gate_A"),
+        ("ktrs.MoeExperts(z(64, 32, 64), z(64, 32, 64), z(64, 64, 32), lora_rank=10**9)", "KtrsMemoryError", "expert LoRA"),
         ("ktrs.MoeExperts(z(2, 32, 64), z(2, 32, 64), z(2, 64, 32), lora_rank=2**62)", "KtrsValueError", "lora_rank"),
         ("ktrs.MoeExperts(z(2, 32, 64), z(2, 32, 64), z(2, 64, 32), lora_rank=-3)", "KtrsValueError", "lora_rank"),
         ("ktrs.MoeExperts(z(2, 32, 64), z(2, 32, 64), z(2, 64, 32), lora_rank='8')", "KtrsTypeError", "lora_rank"),

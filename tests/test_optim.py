@@ -52,7 +52,7 @@ def grads_for(step, params, seed=0):
         if p.dim() == 3:  # expert LoRA: experts 1 and 4 got no tokens this step
             gr[1] = 0
             gr[4] = 0
-        out.append(gr)
+        out.append(gr.to(p.device))  # the same values wherever the parameter lives
     return out
 
 
@@ -243,10 +243,11 @@ def test_gpu_params_go_to_torch_in_the_same_step(fused):
     ref = clone_params(params)
     opt = ktrs.optim.AdamW(groups(params[:7], params[7:]), lr=1e-2, fused=fused)
     ref_opt = torch.optim.AdamW(groups(ref[:7], ref[7:]), lr=1e-2, fused=fused)
-    run(opt, params, 5, sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    run(opt, params, 5, sched=sched)
     sd = copy.deepcopy(opt.state_dict())
     opt.load_state_dict(sd)  # GPU steps go back where fused AdamW wants them
-    run(opt, params, 10, start=5)
+    run(opt, params, 10, start=5, sched=sched)
     run(ref_opt, ref, 10, sched=torch.optim.lr_scheduler.LambdaLR(ref_opt, lr_lambda))
     assert_params_close([p.cpu() for p in params], [q.cpu() for q in ref])
 

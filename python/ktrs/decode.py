@@ -39,12 +39,21 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import _native
+from . import _native, fused_lora
 
 __all__ = ["enable", "disable", "stats", "reset_stats", "experts_on_stream", "submit_on_stream", "host_node_mode"]
 
 #: Graphs kept per model (each holds its static inputs and a share of one memory pool).
 MAX_GRAPHS = 8
+#: Static caches kept per batch size (each of its own capacity).
+CACHES_PER_BATCH = 2
+
+
+def _flat(key: Any) -> List[Any]:
+    """The scalars of a nested graph key."""
+    if isinstance(key, tuple):
+        return [x for part in key for x in _flat(part)]
+    return [key]
 
 _MODE = threading.local()
 
@@ -175,9 +184,10 @@ class DecodeGraphs:
         #: Worker-pool spin (µs) while a decode runs: its layers come a few hundred µs
         #: apart, and a sleeping pool costs a wake-up per layer.
         self.spin_us = int(os.environ.get("KTRS_DECODE_SPIN_US", "5000"))
-        #: Static KV caches owned here, one per batch size, reused (reset) across calls:
-        #: HF would make a new one per call, and every new cache means new graphs.
-        self.caches: Dict[int, Tuple[int, Any]] = {}
+        #: Static KV caches owned here, by (batch size, capacity), reused (reset) across
+        #: calls: HF would make a new one per call, and every new cache means new graphs.
+        #: At most CACHES_PER_BATCH per batch size, least recently used out first.
+        self.caches: "OrderedDict[Tuple[int, int], Any]" = OrderedDict()
         #: Simple calls (greedy or sampling) run their whole decode loop in the graph.
         self.in_graph_loop = os.environ.get("KTRS_DECODE_LOOP", "1") != "0"
         self.done = torch.cuda.Event(blocking=True)
@@ -321,6 +331,7 @@ class DecodeGraphs:
         if fp != self.fingerprint:
             self.drop()
             self.fingerprint = fp
+            fused_lora.install(self.model)  # before capture: PEFT's LoRA as one kernel each
         for m in _ktrs_experts(self.model):
             m._ensure_views()
         _raise_stage_errors(self.model, synchronize=False)
@@ -351,7 +362,7 @@ class DecodeGraphs:
     def _provide_cache(self, args: tuple, kwargs: Dict[str, Any]) -> None:
         """Passes a persistent static cache to `generate` where HF would make its own
         (a plain call with a static cache configured, greedy or sampling, one sequence
-        per prompt); capacity is rounded up to 256 positions and only ever grows."""
+        per prompt), of a capacity that follows the call (`cache_for`)."""
         if self._cache_of(kwargs) is not None:
             return
         gc = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
@@ -367,22 +378,41 @@ class DecodeGraphs:
         need = ids.shape[1] + new if new is not None else kwargs.get("max_length", gc.max_length)
         if not need:
             return
-        kwargs[_cache_kwarg(self.model)] = self.cache_for(ids.shape[0], need)
+        kwargs[_cache_kwarg(self.model)] = self.cache_for(ids.shape[0], need)[0]
         kwargs["cache_implementation"] = None  # HF refuses a cache object together with one
 
-    def cache_for(self, batch: int, need: int) -> Any:
-        """The persistent static cache for `batch` sequences, reset, with room for `need`
-        positions (capacity rounded up to 256 and only ever grown)."""
+    def cache_for(self, batch: int, need: int) -> Tuple[Any, int]:
+        """(the persistent static cache for `batch` sequences with room for `need`
+        positions, reset; its capacity). Capacities come in steps of 256 positions, or
+        1/16 to 1/8 of the need above 4096: attention reads the whole static cache at
+        every step, so a short chat after a long one must not keep decoding over the long
+        one's capacity."""
         from transformers import StaticCache
 
-        size, cache = self.caches.get(batch, (0, None))
-        if cache is None or size < need:
-            size = max(-(-need // 256) * 256, size)
+        step = max(256, 1 << max(0, need.bit_length() - 4))
+        size = -(-need // step) * step
+        cache = self.caches.get((batch, size))
+        if cache is None:
             cache = StaticCache(config=self.model.config, max_cache_len=size)
-            self.caches[batch] = (size, cache)
+            self.caches[(batch, size)] = cache
+            mine = [key for key in self.caches if key[0] == batch]
+            for key in mine[: max(0, len(mine) - CACHES_PER_BATCH)]:
+                self._forget(self.caches.pop(key))
         else:
+            self.caches.move_to_end((batch, size))
             cache.reset()
-        return cache
+        return cache, size
+
+    def _forget(self, cache: Any) -> None:
+        """Drops the graphs that write into `cache` (its memory goes with them)."""
+        cid = id(cache)
+        stale = [key for key in self.graphs if cid in _flat(key)]
+        if stale and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        for key in stale:
+            del self.graphs[key]
+        if not self.graphs:
+            self.pool = None  # a pool whose graphs are all gone takes no new capture
 
     def drop(self) -> None:
         """Forgets every captured graph (after the GPU has finished with them)."""
@@ -663,9 +693,8 @@ def generate_in_graph(graphs: "DecodeGraphs", plan: _LoopPlan) -> torch.Tensor:
     model, ids = graphs.model, plan.ids
     batch, prompt = ids.shape
     device = ids.device
-    cache = graphs.cache_for(batch, prompt + plan.max_new)
+    cache, size = graphs.cache_for(batch, prompt + plan.max_new)
     fw = _forward_kwargs(model, cache)
-    size = graphs.caches[batch][0]
     key = plan.key() + (id(cache), size)
     loop = graphs.graphs.get(key)
     if loop is None:

@@ -6,8 +6,8 @@
 //! `pack::pack_transposed_block`) into their thread's scratch.
 
 use super::{
-    chunk_range, expert_blocks, expert_runs, gather_pairs, gemm_rows, row_chunks, sum_pairs_into,
-    ForwardCache, GradTarget, MoeLayer, NB_MAX, ROW_PAD,
+    expert_blocks, expert_runs, gather_pairs, gemm_rows, sum_pairs_into, ForwardCache, GradTarget,
+    MoeLayer, NB_MAX, ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
@@ -178,8 +178,9 @@ impl MoeLayer {
         let dy = self.scratch.take::<u16>((n + ROW_PAD) * ds);
         let mut vd = vec![0f32; n * r];
         let (dyp, vdp) = (SendPtr(dy.as_ptr()), SendPtr(vd.as_mut_ptr()));
-        self.run_phase("bwd gather+lora", row_chunks(n), |task, _| {
-            let rows = chunk_range(task, n);
+        let rows_split = self.row_chunks(n);
+        self.run_phase("bwd gather+lora", rows_split.tasks(), |task, _| {
+            let rows = rows_split.range(task);
             // SAFETY: dy has n + ROW_PAD rows; this chunk's rows are this task's alone.
             let mine = unsafe { gather_pairs(rt, rows.clone(), grad_out, (h, h_pad, ds), dyp) };
             if r > 0 {
@@ -266,8 +267,8 @@ impl MoeLayer {
             let l = lora.expect("rank > 0 implies LoRA");
             let (bgt, but) = (bt.get(1), bt.get(2));
             let (vgp, vup) = (SendPtr(vg.as_mut_ptr()), SendPtr(vu.as_mut_ptr()));
-            self.run_phase("bwd lora v", row_chunks(n), |task, _| {
-                expert_runs(rt, chunk_range(task, n), |e, run| {
+            self.run_phase("bwd lora v", rows_split.tasks(), |task, _| {
+                expert_runs(rt, rows_split.range(task), |e, run| {
                     let (len, rows) = (run.len(), &dgu.as_slice()[run.start * gs..]);
                     // SAFETY: rows `run` of vg and vu belong to this task.
                     let (vgr, vur) = unsafe {
@@ -420,7 +421,8 @@ impl MoeLayer {
             SendPtr(grad_hidden.as_mut_ptr()),
             SendPtr(grad_weights.as_mut_ptr()),
         );
-        self.run_phase("bwd combine", row_chunks(tokens), |task, _| {
+        let token_split = self.row_chunks(tokens);
+        self.run_phase("bwd combine", token_split.tasks(), |task, _| {
             let gw = |t: usize, slot: usize, p: usize| {
                 let part: f32 = gw_part.as_slice()[p * i_blocks..(p + 1) * i_blocks]
                     .iter()
@@ -431,7 +433,7 @@ impl MoeLayer {
             sum_pairs_into(
                 isa,
                 rt,
-                chunk_range(task, tokens),
+                token_split.range(task),
                 dx.as_slice(),
                 h_pad,
                 h,

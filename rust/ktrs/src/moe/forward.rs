@@ -2,8 +2,8 @@
 
 use super::routing::Routing;
 use super::{
-    chunk_range, expert_blocks, expert_runs, gather_pairs, gemm_rows, row_chunks, sum_pairs_into,
-    ForwardCache, MoeLayer, ROW_PAD,
+    expert_blocks, expert_runs, gather_pairs, gemm_rows, sum_pairs_into, ForwardCache, MoeLayer,
+    ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
@@ -102,12 +102,13 @@ impl MoeLayer {
             (M::DownB, h_pad, Cols::Plain),
         ];
         let bt = self.lora_b_plan(if r > 0 { &specs } else { &[] }, &active);
-        let chunks = row_chunks(n);
+        let rows_split = self.row_chunks(n);
+        let chunks = rows_split.tasks();
         self.run_phase("fwd gather+lora A", chunks + bt.tasks(), |task, _| {
             if task >= chunks {
                 return bt.fill(self, task - chunks);
             }
-            let rows = chunk_range(task, n);
+            let rows = rows_split.range(task);
             // SAFETY: x has n + ROW_PAD rows; this chunk's rows are this task's alone.
             let mine = unsafe { gather_pairs(&routing, rows.clone(), hidden, (h, h_pad, xs), xp) };
             if r > 0 {
@@ -183,8 +184,8 @@ impl MoeLayer {
 
         // 3. LoRA-A of down.
         if r > 0 {
-            self.run_phase("fwd down lora A", row_chunks(n), |task, _| {
-                expert_runs(&routing, chunk_range(task, n), |e, run| {
+            self.run_phase("fwd down lora A", rows_split.tasks(), |task, _| {
+                expert_runs(&routing, rows_split.range(task), |e, run| {
                     // SAFETY: rows `run` of zd belong to this task.
                     let zdr = unsafe { zdp.slice_mut(run.start * r, run.len() * r) };
                     let a = &act.as_slice()[run.start * as_..];
@@ -243,12 +244,13 @@ impl MoeLayer {
 
         // 5. Weighted sum over each token's k experts.
         let outp = SendPtr(out.as_mut_ptr());
-        self.run_phase("fwd combine", row_chunks(tokens), |task, _| {
+        let token_split = self.row_chunks(tokens);
+        self.run_phase("fwd combine", token_split.tasks(), |task, _| {
             let w = |p: usize| routing.pair_weight[p];
             sum_pairs_into(
                 isa,
                 &routing,
-                chunk_range(task, tokens),
+                token_split.range(task),
                 y.as_slice(),
                 h_pad,
                 h,

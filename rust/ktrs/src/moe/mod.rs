@@ -490,15 +490,30 @@ fn sum_pairs_into(
     }
 }
 
-/// Pairs per task in the row-wise phases (gather, LoRA projections, reductions).
+/// Most pairs (or tokens) per task in the row-wise phases (gather, LoRA projections,
+/// reductions).
 const ROW_CHUNK: usize = 16;
 
-fn row_chunks(n: usize) -> usize {
-    n.div_ceil(ROW_CHUNK)
+/// How a row-wise phase splits `n` rows into tasks: `ROW_CHUNK` rows each, or fewer
+/// when that would leave threads idle. At decode (6 pairs) one 16-row task projected
+/// every LoRA-A matrix of the layer alone, 768 KB of weights on one core.
+#[derive(Clone, Copy)]
+struct RowChunks {
+    n: usize,
+    size: usize,
 }
 
-fn chunk_range(task: usize, n: usize) -> Range<usize> {
-    task * ROW_CHUNK..((task + 1) * ROW_CHUNK).min(n)
+impl RowChunks {
+    fn new(n: usize, threads: usize) -> RowChunks {
+        let size = n.div_ceil(threads.max(1)).clamp(1, ROW_CHUNK);
+        RowChunks { n, size }
+    }
+    fn tasks(&self) -> usize {
+        self.n.div_ceil(self.size)
+    }
+    fn range(&self, task: usize) -> Range<usize> {
+        task * self.size..((task + 1) * self.size).min(self.n)
+    }
 }
 
 /// Copies the token rows (from `src [T, h]`) of the pairs in `rows` into their rows of a
@@ -596,6 +611,11 @@ impl MoeLayer {
     }
 
     /// `pool.run` that, with `KTRS_PROFILE=1`, prints how long the phase took (stderr).
+    /// The task split of a row-wise phase over `n` rows on this layer's pool.
+    fn row_chunks(&self, n: usize) -> RowChunks {
+        RowChunks::new(n, self.pool.threads())
+    }
+
     fn run_phase<F: Fn(usize, usize) + Sync>(&self, name: &str, n_tasks: usize, f: F) {
         self.phase(name, || self.pool.run(n_tasks, f))
     }
