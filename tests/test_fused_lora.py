@@ -36,6 +36,9 @@ CASE = textwrap.dedent(
             want = layer(x)  # PEFT's forward (the fused one is not installed yet)
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             got = fused_lora.lora_add(x, a, b, layer.scaling["default"], layer.base_layer(x))
+            strided = x.T.contiguous().T  # the same values, not contiguous
+            assert not strided.is_contiguous()
+            assert torch.equal(fused_lora.lora_add(strided, a, b, layer.scaling["default"], layer.base_layer(x)), got)
         # float64 reference of the same formula
         ref = layer.base_layer(x).double() + (x.double() @ a.double().T @ b.double().T) * layer.scaling["default"]
         assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape

@@ -35,7 +35,7 @@ calls = 0
 MAX_ROWS = 16
 
 _BLOCK_N = 128
-_BLOCK_K = 256
+_BLOCK_K = 512
 
 try:  # Triton ships with torch's CUDA wheels on Linux; without it PEFT's forward runs.
     import triton
@@ -46,8 +46,10 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 if triton is not None:
 
     @triton.jit
-    def _lora_add_kernel(x_ptr, a_ptr, b_ptr, y_ptr, scaling, n_in, n_out, rank, x_stride, y_stride,
+    def _lora_add_kernel(x_ptr, a_ptr, b_ptr, y_ptr, scaling, n_out, rank, x_stride, y_stride, n_in: tl.constexpr,
                          R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        # n_in is a compile-time constant (a model has a few input widths): the K loop's
+        # bound, which Triton 3.6's interpreter cannot take from a runtime argument.
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         r = tl.arange(0, R_PAD)
@@ -87,11 +89,13 @@ def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, 
     """
     n_in, n_out, rank = a.shape[1], b.shape[0], a.shape[0]
     x2 = x.reshape(-1, n_in)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
     y2 = out.view(-1, n_out)
     rows = x2.shape[0]
     r_pad = max(1, triton.next_power_of_2(rank))
     grid = (rows, triton.cdiv(n_out, _BLOCK_N))
-    _lora_add_kernel[grid](x2, a, b, y2, float(scaling), n_in, n_out, rank, x2.stride(0), y2.stride(0),
+    _lora_add_kernel[grid](x2, a, b, y2, float(scaling), n_out, rank, x2.stride(0), y2.stride(0), n_in=n_in,
                            R_PAD=r_pad, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N)
     return out
 
@@ -115,7 +119,7 @@ def _plan(layer: nn.Module, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, tor
     a, b = lora_a.weight, lora_b.weight
     if a.dtype != torch.float32 or b.dtype != torch.float32 or not (a.is_cuda and b.is_cuda):
         return None
-    if not (a.is_contiguous() and b.is_contiguous() and x.is_contiguous()):
+    if not (a.is_contiguous() and b.is_contiguous()):
         return None
     if not getattr(layer, "cast_input_dtype_enabled", True):
         return None  # PEFT would feed x uncast to the float32 linear
