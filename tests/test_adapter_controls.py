@@ -194,3 +194,11 @@ def test_add_adapter_with_expert_targets_gets_its_own_expert_lora(base, adapters
         assert rel_l2(got, logits(pm)) < 1e-6
     pm.set_adapter("default")
     assert rel_l2(logits(pm), first) < 1e-6
+
+
+def test_a_config_that_targets_only_the_routed_experts_gets_a_ktrs_error_that_says_what_to_do(base):
+    model = ktrs.patch_model(copy.deepcopy(base), device="cpu", threads=2)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_parameters=["gate_up_proj", "down_proj"])
+    with pytest.raises(ktrs.KtrsValueError, match="enable_lora") as info:
+        ktrs.get_peft_model(model, cfg)
+    assert "target_modules" in str(info.value)

@@ -81,6 +81,15 @@ def get_peft_model(model: nn.Module, config, *, expert_lora: Optional[bool] = No
     if getattr(config, "lora_dropout", 0.0) and expert_lora is not False:
         raise KtrsValueError("expert LoRA in ktrs has no dropout; set lora_dropout=0.0 (or expert_lora=False)")
     cfg, wants = _split_config(config, expert_lora)
+    if not cfg.target_modules and not cfg.target_parameters:
+        # PEFT refuses a config that adapts nothing of its own, with an error about
+        # arguments the user did give.
+        raise KtrsValueError(
+            "ktrs.get_peft_model: the config targets only the routed experts, and PEFT needs at least one "
+            "module of its own to adapt (e.g. target_modules=['q_proj', 'o_proj']). For LoRA on the routed "
+            "experts alone, call enable_lora(r, alpha) on each MoE block's `experts` (a ktrs.KtrsExperts) and "
+            "train those parameters directly"
+        )
     if wants:
         for _, block in blocks:
             ex = block.experts
