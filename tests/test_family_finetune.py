@@ -1,0 +1,183 @@
+"""LoRA on every family against stock PEFT on the stock, unpatched model (its routed
+experts in torch, their LoRA in PEFT's fused-parameter wrappers): loss and every LoRA
+gradient, adapters both ways through stock PEFT, and `export_merged` loading in stock
+transformers."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel  # noqa: E402
+
+import ktrs  # noqa: E402
+from ktrs.experts import LORA_NAMES  # noqa: E402
+from ktrs.families import FAMILIES  # noqa: E402
+from ktrs.peft import _no_moe_target_rewrite  # noqa: E402
+
+from conftest import rel_l2  # noqa: E402
+from test_families import EXPERT_KEY, saved_keys  # noqa: E402
+from test_finetune import randomize_b  # noqa: E402
+from tiny_families import BUILDERS, stock_model  # noqa: E402
+
+R, ALPHA = 4, 8
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def stock(family):
+    return stock_model(family)
+
+
+def batch(seed=1, n=3, t=10):
+    ids = torch.randint(1, 128, (n, t), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def logits(model, seed=7):
+    with torch.no_grad():
+        return model(**batch(seed=seed)).logits
+
+
+def ktrs_peft(stock, config, seed):
+    """The stock model patched, with `config`'s LoRA (B random, so every gradient is informative)."""
+    model = ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = ktrs.get_peft_model(model, config)
+    randomize_b(pm, seed)
+    return pm
+
+
+def every_target(family):
+    """Attention, shared-expert, dense-MLP and routed-expert LoRA: the `ktrs train` default."""
+    return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(FAMILIES[family].lora_targets))
+
+
+def stock_peft_targets(family):
+    """Targets stock PEFT keeps as they are: attention plus the fused expert parameters."""
+    return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(FAMILIES[family].attention_targets),
+                      target_parameters=["gate_up_proj", "down_proj"])
+
+
+def peft_expert_grads(wrapper_gu, wrapper_dn, E):
+    """ktrs-shaped gradients from stock PEFT's fused expert LoRA gradients (PEFT's layout:
+    A [E·r, in] expert-major, B [out, r·E] expert-minor). ktrs' gate_up LoRA is PEFT's rank
+    2r with gate and up in separate halves of A and diagonal blocks of B."""
+    a_gu = wrapper_gu.lora_A["default"].weight.grad
+    b_gu = wrapper_gu.lora_B["default"].weight.grad
+    a_dn = wrapper_dn.lora_A["default"].weight.grad
+    b_dn = wrapper_dn.lora_B["default"].weight.grad
+    two_i, h = b_gu.shape[0], a_gu.shape[1]
+    i, r = two_i // 2, a_gu.shape[0] // E // 2
+    a_gu = a_gu.reshape(E, 2 * r, h)
+    b_gu = b_gu.reshape(two_i, 2 * r, E).permute(2, 0, 1)
+    return {
+        "gate_A": a_gu[:, :r], "up_A": a_gu[:, r:], "gate_B": b_gu[:, :i, :r], "up_B": b_gu[:, i:, r:],
+        "down_A": a_dn.reshape(E, r, i), "down_B": b_dn.reshape(h, r, E).permute(2, 0, 1),
+    }
+
+
+def tie_free_batch(reference, margin=2e-3):
+    """The first batch (by seed) on which no token's routing is near a tie in `reference`:
+    ktrs' bf16 experts move the router logits (std ~0.15 here) by ~4e-4 against the
+    stock fp32 ones, and a token whose k-th and (k+1)-th logits are that close may pick
+    another expert in each (one such token, 3e-4 apart, moved all Qwen2-MoE gradients by 15%). Logit order is the routing
+    order for every family here (DeepSeek-V3/GLM's correction bias is zero at init)."""
+    k = reference.config.num_experts_per_tok
+    seen = []
+    routers = [m for n, m in reference.named_modules() if n.endswith(".mlp.gate")]
+    hooks = [r.register_forward_hook(lambda mod, args, out: seen.append(out[0])) for r in routers]
+    try:
+        for seed in range(1, 100):
+            seen.clear()
+            b = batch(seed=seed, n=2, t=8)
+            with torch.no_grad():
+                reference(**b)
+            top = torch.cat([x.float().reshape(-1, x.shape[-1]) for x in seen]).topk(k + 1, dim=-1).values
+            if len(seen) == len(routers) and float((top[:, k - 1] - top[:, k]).min()) > margin:
+                return b
+    finally:
+        for h in hooks:
+            h.remove()
+    pytest.fail("no batch without a near routing tie")
+
+
+def test_loss_and_every_lora_gradient_match_stock_peft(family, stock, tmp_path):
+    pm = ktrs_peft(stock, every_target(family), seed=1)
+    pm.save_pretrained(str(tmp_path))  # carries the same values to stock PEFT
+    # Stock PEFT, without its transformers-5 MoE target rewrite (which would move the
+    # shared-expert and dense-MLP targets onto the routed experts, peft#3711).
+    with warnings.catch_warnings(), _no_moe_target_rewrite():
+        warnings.simplefilter("ignore")
+        rm = PeftModel.from_pretrained(copy.deepcopy(stock), str(tmp_path), is_trainable=True)
+    b = tie_free_batch(rm)
+    loss = pm(**b).loss
+    loss.backward()
+    ref_loss = rm(**b).loss
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-2 * abs(ref_loss.item())
+    ref = dict(rm.named_parameters())
+    checked = set()
+    for n, p in pm.named_parameters():
+        if p.requires_grad and ".lora_experts." not in n:
+            assert p.grad is not None and rel_l2(p.grad, ref[n].grad) < 3e-2, n
+            checked.add(n)
+    assert any(".self_attn." in n for n in checked)
+    if family not in ("qwen3_moe", "mixtral"):
+        assert any(".shared_expert" in n or ".mlp.gate_proj" in n for n in checked)
+    for name, block in ktrs.find_moe_blocks(pm):
+        ex = block.experts
+        peft_block = rm.get_submodule(name)
+        scale = {w.scaling["default"] for w in (peft_block.experts, peft_block.experts.base_layer)}
+        assert scale == {ex.experts.lora_scaling}  # so ktrs and PEFT gradients agree unscaled
+        want = peft_expert_grads(peft_block.experts.base_layer, peft_block.experts, ex.experts.num_experts)
+        for n in LORA_NAMES:
+            assert ex.lora[n].grad is not None and rel_l2(ex.lora[n].grad, want[n]) < 3e-2, (name, n)
+            checked.add(f"{name}.{n}")
+    assert len(checked) == sum(p.requires_grad for p in pm.parameters())
+
+
+def test_adapter_round_trip_through_stock_peft(family, stock, tmp_path):
+    pm = ktrs_peft(stock, stock_peft_targets(family), seed=11)
+    want = logits(pm)
+    pm.save_pretrained(str(tmp_path / "ktrs"))
+    plain = PeftModel.from_pretrained(copy.deepcopy(stock), str(tmp_path / "ktrs"))  # stock PEFT, as it ships
+    assert rel_l2(logits(plain), want) < 2e-2
+    again = ktrs.load_adapter(ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2), str(tmp_path / "ktrs"))
+    assert rel_l2(logits(again), want) < 1e-5
+    with torch.no_grad():  # the check is sensitive: the expert LoRA alone moves the logits
+        for p in ktrs.expert_lora_parameters(pm):
+            p.zero_()
+    assert rel_l2(logits(pm), want) > 3e-2
+    # and an adapter stock PEFT trained (gate and up share A) into ktrs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(stock), stock_peft_targets(family))
+    randomize_b(theirs, 12)
+    theirs.save_pretrained(str(tmp_path / "stock"))
+    loaded = ktrs.load_adapter(ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2), str(tmp_path / "stock"))
+    assert rel_l2(logits(loaded), logits(theirs)) < 2e-2
+
+
+def test_export_merged_loads_in_stock_transformers(family, stock, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pm = ktrs_peft(stock, every_target(family), seed=21)
+    want = logits(pm)
+    ktrs.export_merged(pm, str(tmp_path / "merged"))
+    stock.save_pretrained(str(tmp_path / "stock"))
+    # The family's own checkpoint names, exactly what transformers writes.
+    assert saved_keys(str(tmp_path / "merged")) == saved_keys(str(tmp_path / "stock"))
+    assert EXPERT_KEY[family] in saved_keys(str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    assert type(merged) is type(stock)
+    assert rel_l2(logits(merged), want) < 2e-2
+    assert rel_l2(logits(stock), want) > 5e-2  # the adapters mattered
