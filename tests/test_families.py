@@ -166,3 +166,44 @@ def test_from_pretrained_names_what_it_streams(tmp_path):
     (tmp_path / "config.json").write_text(GptOssConfig(num_hidden_layers=1).to_json_string())
     with pytest.raises(ktrs.KtrsValueError, match=r"'gpt_oss' models; it supports deepseek_v2, .*mixtral.*patch_model"):
         ktrs.from_pretrained(str(tmp_path), device="cpu")
+
+
+def test_blocks_that_do_more_are_refused_and_left_as_they_were():
+    # Hunyuan-MoE's block adds a `shared_mlp` ktrs' block forward does not know: accepted
+    # by structure, it would run silently wrong; the patch-time probe refuses it.
+    from transformers import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
+
+    torch.manual_seed(0)
+    model = HunYuanMoEV1ForCausalLM(HunYuanMoEV1Config(vocab_size=128, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2, num_experts=8, moe_topk=2, head_dim=16)).eval()
+    with torch.no_grad():
+        want = model(inputs()).logits
+    with pytest.raises(ktrs.KtrsTypeError, match=r"HunYuanMoEV1ForCausalLM: model\.layers\.0\.mlp \(HunYuanMoEV1Moe\) cannot run in ktrs: its forward does more"):
+        ktrs.patch_model(model, device="cpu", threads=2)
+    assert not any(isinstance(b.experts, ktrs.KtrsExperts) for _, b in ktrs.find_moe_blocks(model))
+    with torch.no_grad():
+        assert torch.equal(model(inputs()).logits, want)
+
+
+def test_a_router_of_another_contract_is_refused():
+    model = stock_model("qwen3_moe")
+    gate = model.model.layers[0].mlp.gate
+    gate.forward = lambda h: torch.nn.functional.linear(h, gate.weight)  # router logits only
+    with pytest.raises(ktrs.KtrsTypeError, match=r"model\.layers\.0\.mlp \(Qwen3MoeSparseMoeBlock\) cannot run in ktrs: the block forward ktrs runs fails on it"):
+        ktrs.patch_model(model, device="cpu", threads=2)
+
+
+def test_an_untested_family_with_the_common_block_runs():
+    # OLMoE is not in ktrs.families (no checkpoint names), but its block is router plus
+    # routed experts: patch_model runs it, matching the stock model.
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(0)
+    stock = OlmoeForCausalLM(OlmoeConfig(vocab_size=128, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, eos_token_id=1, pad_token_id=0)).eval()
+    model = ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2)
+    assert all(isinstance(b.experts, ktrs.KtrsExperts) for _, b in ktrs.find_moe_blocks(model))
+    with torch.no_grad():
+        assert rel_l2(model(inputs()).logits, stock(inputs()).logits) < 2e-2
+    with pytest.raises(ktrs.KtrsValueError, match="ktrs.export_merged: ktrs has no checkpoint names for 'olmoe' models"):
+        ktrs.export_merged(model, "/nonexistent/never-written")

@@ -173,6 +173,48 @@ def _install(block: nn.Module, experts: MoeExperts, name: str = "") -> None:
     block.forward = types.MethodType(_moe_forward, block)
 
 
+#: Largest relative L2 difference between a block's own forward and ktrs' on the probe:
+#: bf16 experts differ by ~1e-2; a block whose math ktrs does not reproduce (a dropped
+#: extra MLP, a scaling factor, a projection around the experts) by far more.
+PROBE_TOLERANCE = 5e-2
+
+
+def _probe_and_install(model: nn.Module, name: str, block: nn.Module, rust: MoeExperts) -> None:
+    """Installs ktrs in `block` if its own forward and ktrs' agree on a probe input; else
+    puts the block back as it was and raises, naming the model class and the reason.
+
+    The replacement forward runs router, routed experts and shared experts (the
+    structure every MoE block shares); a family whose block does more (Hunyuan's
+    `shared_mlp`, latent projections, block-level scaling) would run silently wrong.
+    The router sees the same input in both runs, so routing is the same; only the
+    experts' arithmetic differs."""
+    old = block.experts
+    x = torch.randn(1, 8, rust.hidden_size, generator=torch.Generator().manual_seed(0)).to(old.gate_up_proj)
+    training = block.training
+    block.eval()  # no router jitter
+    reason = None
+    try:
+        with torch.no_grad():
+            want = type(block).forward(block, x)
+            _install(block, rust, name)
+            got = block.forward(x)
+        if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+            reason = f"its forward returns {type(want).__name__} {list(getattr(want, 'shape', []))}, not the hidden states"
+        else:
+            err = float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+            if not err <= PROBE_TOLERANCE:
+                reason = (f"its forward does more than router, routed experts and shared experts "
+                          f"(ktrs' replacement differs by {err:.1%} on a probe input)")
+    except Exception as exc:  # noqa: BLE001 - any failure of the replacement is a refusal
+        reason = f"the block forward ktrs runs fails on it ({type(exc).__name__}: {exc})"
+    finally:
+        block.train(training)
+    if reason is not None:
+        block.experts = old
+        block.__dict__.pop("forward", None)
+        raise KtrsTypeError(f"{type(model).__name__}: {name} ({type(block).__name__}) cannot run in ktrs: {reason}")
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -207,6 +249,7 @@ def patch_model(
     blocks = find_moe_blocks(model)
     if not blocks:
         raise KtrsValueError(f"{type(model).__name__} has no MoE block with fused experts; ktrs patches transformers-5 MoE models with fused SwiGLU experts (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, GLM-4-MoE)")
+    probed = set()
     for name, block in blocks:
         if isinstance(block.experts, KtrsExperts):
             continue
@@ -220,7 +263,11 @@ def patch_model(
             for x in range(e):  # one expert at a time: no second full copy in torch
                 rust.set_expert(x, gu[x, :i], gu[x, i:], dn[x])
         del gu, dn
-        _install(block, rust, name)
+        if type(block) not in probed:
+            _probe_and_install(model, name, block, rust)
+            probed.add(type(block))
+        else:
+            _install(block, rust, name)
         # Free the originals now, not at the next GC: their storage may be tens of GB.
         for p in ("gate_up_proj", "down_proj"):
             old._parameters[p] = None
