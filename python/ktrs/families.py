@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Optional, Pattern, Tuple
 
 from ._native import KtrsValueError
 
-__all__ = ["Family", "FAMILIES", "family_for", "family_of"]
+__all__ = ["Family", "FAMILIES", "family_for", "family_of", "ignored_keys"]
 
 _PROJ = ("gate", "up", "down")
 

@@ -233,9 +233,12 @@ def patch_model(
     """Moves the routed experts of every MoE block of `model` into ktrs and the rest to `device`.
 
     Works on transformers-5 MoE models whose experts are a SwiGLU with fused
-    ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` (DeepSeek-V2/V3, Qwen2/3-MoE,
-    Mixtral, GLM-4-MoE; other experts are refused, naming the reason). The original expert tensors are freed: nothing in Python keeps
-    them. Attention, router, shared experts, dense MLPs, norms, embeddings and ``lm_head``
+    ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` and whose block is router,
+    routed experts and optional shared experts (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral,
+    GLM-4-MoE, tested; others such as OLMoE pass the same checks). Anything else is
+    refused before it is patched, naming the model class and the reason: the experts'
+    declared layout, and a probe of each block class against its own forward. The
+    original expert tensors are freed: nothing in Python keeps them. Attention, router, shared experts, dense MLPs, norms, embeddings and ``lm_head``
     go to `device` (default: CUDA when available, else CPU). Patching twice is a no-op.
 
     Args:

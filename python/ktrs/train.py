@@ -155,7 +155,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = ktrs.from_pretrained(cfg.model, device=device, dtype=dtype)
-    pm = ktrs.get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(cfg.targets or family.lora_targets)))
+    targets = list(cfg.targets or family.lora_targets)
+    pm = ktrs.get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets))
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -191,7 +192,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     tok.save_pretrained(cfg.output)
     loss_curve_png(losses, os.path.join(cfg.output, "loss_curve.png"))
     metrics = {
-        "config": asdict(cfg), "device": device, "isa": ktrs.info()["selected_isa"], "steps": cfg.steps,
+        "config": {**asdict(cfg), "targets": targets}, "device": device, "isa": ktrs.info()["selected_isa"], "steps": cfg.steps,
         "first_loss": losses[0], "final_loss": sum(losses[-5:]) / min(5, len(losses)), "losses": losses,
         "train_seconds": secs, "cpu_expert_seconds": timer.seconds, "other_seconds": secs - timer.seconds,
     }
