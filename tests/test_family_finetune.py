@@ -157,3 +157,42 @@ def test_export_merged_loads_in_stock_transformers(family, stock, tmp_path):
     assert type(merged) is type(stock)
     assert rel_l2(logits(merged, b), want) < 2e-2
     assert rel_l2(logits(stock, b), want) > 5e-2  # the adapters mattered
+
+
+def test_transformers4_mixtral_adapter_loads_as_stock_peft_loads_it(tmp_path):
+    # An adapter trained on transformers 4's per-expert Mixtral (`block_sparse_moe.experts.E.w1`,
+    # targets w1/w2/w3): stock PEFT converts it onto the fused experts, and so does ktrs.
+    import json
+
+    from safetensors.torch import save_file
+
+    stock = stock_model("mixtral")
+    cfg = stock.config
+    H, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    g = torch.Generator().manual_seed(5)
+    shapes = {"w1": (I, H), "w3": (I, H), "w2": (H, I)}
+    weights = {}
+    for layer in range(cfg.num_hidden_layers):
+        for e in range(E):
+            for w, (out, inp) in shapes.items():
+                key = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts.{e}.{w}"
+                weights[f"{key}.lora_A.weight"] = torch.randn(R, inp, generator=g) * inp**-0.5
+                weights[f"{key}.lora_B.weight"] = torch.randn(out, R, generator=g) * 0.05
+        for proj in ("q_proj", "o_proj"):
+            mod = stock.get_submodule(f"model.layers.{layer}.self_attn.{proj}")
+            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            weights[f"{key}.lora_A.weight"] = torch.randn(R, mod.in_features, generator=g) * 0.1
+            weights[f"{key}.lora_B.weight"] = torch.randn(mod.out_features, R, generator=g) * 0.05
+    save_file(weights, str(tmp_path / "adapter_model.safetensors"))
+    config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "o_proj", "w1", "w2", "w3"]).to_dict()
+    (tmp_path / "adapter_config.json").write_text(json.dumps({k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}))
+    theirs = PeftModel.from_pretrained(copy.deepcopy(stock), str(tmp_path))
+    assert isinstance(theirs.base_model.model.model.layers[0].mlp.experts.base_layer.lora_A["default"].weight, torch.Tensor)
+    ours = ktrs.load_adapter(ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2), str(tmp_path))
+    b = tie_free_batch(theirs)
+    want = logits(theirs, b)
+    assert rel_l2(logits(ours, b), want) < 2e-2
+    with torch.no_grad():  # the expert LoRA mattered
+        for p in ktrs.expert_lora_parameters(ours):
+            p.zero_()
+    assert rel_l2(logits(ours, b), want) > 3e-2

@@ -253,11 +253,13 @@ def _expert_mats(raw, weights, blocks, family: Optional[Family]):
     return out
 
 
-def _peft_config(raw: dict, is_trainable: bool):
+def _peft_config(raw: dict, is_trainable: bool, family: Optional[Family]):
     """The adapter's LoraConfig for PEFT, without the routed-expert targets ktrs owns."""
     import peft
 
     cfg = dict(raw)
+    if family is not None and isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = [t for t in cfg["target_modules"] if t not in family.routed_only_names]
     cfg["target_parameters"] = [t for t in (cfg.get("target_parameters") or []) if t not in ("gate_up_proj", "down_proj")] or None
     cfg["rank_pattern"] = {k: v for k, v in (cfg.get("rank_pattern") or {}).items() if "gate_up" not in k}
     cfg["alpha_pattern"] = {k: v for k, v in (cfg.get("alpha_pattern") or {}).items() if "gate_up" not in k}
@@ -312,7 +314,7 @@ def load_adapter(model, adapter_dir: str, *, adapter_name: str = "default", is_t
         for n in LORA_NAMES:
             ex.experts.set_lora_weight(n, mats[n])
     with _no_moe_target_rewrite():
-        pm = peft.get_peft_model(model, _peft_config(raw, is_trainable), adapter_name=adapter_name)
+        pm = peft.get_peft_model(model, _peft_config(raw, is_trainable, _family(model)), adapter_name=adapter_name)
     _load_peft_tensors(pm, rest, adapter_name, adapter_dir)
     _attach_save(pm)
     _attach_adapter_controls(pm, adapter_name)
@@ -329,7 +331,7 @@ def add_adapter_from_dir(pm, adapter_dir: str, adapter_name: str, *, is_trainabl
 
     raw, rest, expert = _split(adapter_dir, pm, _expert_blocks(pm))
     with _no_moe_target_rewrite():
-        pm.add_adapter(adapter_name, _peft_config(raw, is_trainable))
+        pm.add_adapter(adapter_name, _peft_config(raw, is_trainable, _family(pm)))
     _load_peft_tensors(pm, rest, adapter_name, adapter_dir)
     for ex, mats, scale in expert.values():
         rank = mats["gate_A"].shape[1]

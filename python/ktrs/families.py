@@ -45,6 +45,13 @@ class Family:
         (routed experts become ktrs expert LoRA, shared experts and dense MLPs PEFT's)."""
         return self.attention_targets + ("gate_proj", "up_proj", "down_proj")
 
+    @property
+    def routed_only_names(self) -> Tuple[str, ...]:
+        """Per-expert projection names that name nothing else in the model (Mixtral's
+        w1/w2/w3): in a transformers-4 adapter's `target_modules` they mean the routed
+        experts, which ktrs owns, and match no module of a transformers-5 model."""
+        return tuple(n for n in self.expert_names if n not in ("gate_proj", "up_proj", "down_proj"))
+
     def to_checkpoint(self, key: str) -> str:
         """The checkpoint's name of the model tensor (or module path) `key`."""
         return key.replace(".mlp.", f".{self.checkpoint_block}.") if self.checkpoint_block != "mlp" else key
