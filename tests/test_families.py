@@ -190,11 +190,22 @@ def test_blocks_that_do_more_are_refused_and_left_as_they_were():
 
 
 def test_a_router_of_another_contract_is_refused():
+    # A block whose router returns (weights, ids), as some families' do: its own forward
+    # runs, the block forward ktrs installs (router logits, weights, ids) cannot.
     model = stock_model("qwen3_moe")
-    gate = model.model.layers[0].mlp.gate
-    gate.forward = lambda h: torch.nn.functional.linear(h, gate.weight)  # router logits only
-    with pytest.raises(ktrs.KtrsTypeError, match=r"model\.layers\.0\.mlp \(Qwen3MoeSparseMoeBlock\) cannot run in ktrs: the block forward ktrs runs fails on it"):
+    block = model.model.layers[0].mlp
+    route = block.gate.forward
+    block.gate.forward = lambda h: route(h)[1:]
+
+    def forward(self, hidden_states):
+        flat = hidden_states.view(-1, hidden_states.shape[-1])
+        weights, ids = self.gate(flat)
+        return self.experts(flat, ids, weights).view(hidden_states.shape)
+
+    block.__class__ = type("TwoTupleRouterBlock", (type(block),), {"forward": forward})
+    with pytest.raises(ktrs.KtrsTypeError, match=r"model\.layers\.0\.mlp \(TwoTupleRouterBlock\) cannot run in ktrs: the block forward ktrs runs fails on it"):
         ktrs.patch_model(model, device="cpu", threads=2)
+    assert not isinstance(block.experts, ktrs.KtrsExperts) and "forward" not in block.__dict__
 
 
 def test_an_untested_family_with_the_common_block_runs():
@@ -212,3 +223,11 @@ def test_an_untested_family_with_the_common_block_runs():
         assert rel_l2(model(ids).logits, stock(ids).logits) < 2e-2
     with pytest.raises(ktrs.KtrsValueError, match="ktrs.export_merged: ktrs has no checkpoint names for 'olmoe' models"):
         ktrs.export_merged(model, "/nonexistent/never-written")
+
+
+def test_a_block_whose_own_forward_fails_is_refused():
+    model = stock_model("qwen3_moe")
+    model.config._experts_implementation = "no-such-kernels"  # the experts interface raises
+    with pytest.raises(ktrs.KtrsTypeError, match=r"Qwen3MoeForCausalLM: model\.layers\.0\.mlp \(Qwen3MoeSparseMoeBlock\): its own forward fails on a probe input"):
+        ktrs.patch_model(model, device="cpu", threads=2)
+    assert not isinstance(model.model.layers[0].mlp.experts, ktrs.KtrsExperts)

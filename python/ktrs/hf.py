@@ -196,6 +196,12 @@ def _probe_and_install(model: nn.Module, name: str, block: nn.Module, rust: MoeE
     try:
         with torch.no_grad():
             want = type(block).forward(block, x)
+    except Exception as exc:  # noqa: BLE001 - reported with the model class below
+        block.train(training)
+        raise KtrsTypeError(f"{type(model).__name__}: {name} ({type(block).__name__}): its own forward fails on a probe input "
+                            f"({type(exc).__name__}: {exc}); ktrs checks each MoE block against it before patching") from exc
+    try:
+        with torch.no_grad():
             _install(block, rust, name)
             got = block.forward(x)
         if not isinstance(want, torch.Tensor) or want.shape != got.shape:
