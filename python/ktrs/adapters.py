@@ -12,6 +12,10 @@ adapter onto the stock, unpatched model:
 with `ΔW_e = scale · B.reshape(out, r, E)[:, :, e] @ A.reshape(E, r, in)[e]`. ktrs keeps
 separate A matrices for gate and up, so gate_up is written with rank r' = 2r and a
 block-diagonal B (and alpha 2α), which is exact; loading accepts any rank.
+
+The prefix is the experts module's path, which transformers 5 spells
+`model.layers.N.mlp.experts` in every supported family; only adapters from
+transformers-4 style per-expert modules use family names (`ktrs.families`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from ._native import KtrsValueError
 from .experts import LORA_NAMES
+from .families import FAMILIES, Family
 from .hf import find_moe_blocks
 from .module import KtrsExperts
 
@@ -34,20 +39,34 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _GU = re.compile(r"^(.*layers\.(\d+)\.mlp\.experts)\.base_layer\.lora_([AB])\.weight$")
 _DN = re.compile(r"^(.*layers\.(\d+)\.mlp\.experts)\.lora_([AB])\.weight$")
-_V4 = re.compile(r"^.*layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.lora_([AB])\.weight$")
+_PEFT_PREFIX = "base_model.model."
 
 
 def _peft_scale(alpha: float, r: int, rslora: bool) -> float:
     return alpha / (r**0.5) if rslora else alpha / r
 
 
-def _expert_blocks(model) -> Dict[int, KtrsExperts]:
+def _expert_blocks(model) -> Dict[int, Tuple[str, KtrsExperts]]:
+    """{layer: (the experts' adapter key prefix, KtrsExperts)} of a patched model, with
+    or without its PEFT wrapper."""
     out = {}
     for name, block in find_moe_blocks(model):
         m = re.search(r"layers\.(\d+)\.mlp$", name)
         if m and isinstance(block.experts, KtrsExperts):
-            out[int(m.group(1))] = block.experts
+            path = name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+            out[int(m.group(1))] = (f"{_PEFT_PREFIX}{path}.experts", block.experts)
     return out
+
+
+def _family(model) -> Optional[Family]:
+    """The model's family, whose names transformers-4 per-expert LoRA keys use
+    (`...experts.E.gate_proj.lora_A.weight`, Mixtral's `...block_sparse_moe.experts.E.w1...`);
+    None for a model of a family ktrs has no names for."""
+    return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None) or "")
+
+
+def _v4_pattern(family: Optional[Family]) -> Optional["re.Pattern[str]"]:
+    return family.expert_pattern(r"\.lora_([AB])\.weight") if family is not None else None
 
 
 def _to_peft(ex: KtrsExperts, prefix: str, gu_scale: float, dn_scale: float) -> Dict[str, torch.Tensor]:
@@ -75,7 +94,7 @@ def save_adapter(model, save_directory: str, **kwargs) -> None:
     from safetensors.torch import load_file, save_file
 
     blocks = _expert_blocks(model)
-    has_experts = any(ex.experts.lora_rank > 0 for ex in blocks.values())
+    has_experts = any(ex.experts.lora_rank > 0 for _, ex in blocks.values())
     save = getattr(model, "_ktrs_peft_save_pretrained", None) or model.save_pretrained
     save(save_directory, **kwargs)
     _warn_what_stock_peft_drops(save_directory, getattr(model, "active_adapter", "default"))
@@ -86,17 +105,17 @@ def save_adapter(model, save_directory: str, **kwargs) -> None:
     cfg_path = os.path.join(sub, CONFIG_NAME)
     with open(cfg_path) as f:
         cfg = json.load(f)
-    r = next(ex.experts.lora_rank for ex in blocks.values() if ex.experts.lora_rank > 0)
-    alpha = next(ex.experts.lora_alpha for ex in blocks.values() if ex.experts.lora_rank > 0)
+    r = next(ex.experts.lora_rank for _, ex in blocks.values() if ex.experts.lora_rank > 0)
+    alpha = next(ex.experts.lora_alpha for _, ex in blocks.values() if ex.experts.lora_rank > 0)
     rslora = bool(cfg.get("use_rslora"))
     if cfg.get("r") != r or cfg.get("lora_alpha") != alpha:
         raise KtrsValueError(f"expert LoRA (r={r}, alpha={alpha}) must share the adapter's r={cfg.get('r')} and lora_alpha={cfg.get('lora_alpha')}")
     gu_scale = _peft_scale(2 * alpha, 2 * r, rslora)
     dn_scale = _peft_scale(alpha, r, rslora)
     weights = load_file(os.path.join(sub, WEIGHTS_NAME))
-    for layer, ex in sorted(blocks.items()):
+    for _, (prefix, ex) in sorted(blocks.items()):
         if ex.experts.lora_rank > 0:
-            weights.update(_to_peft(ex, f"base_model.model.model.layers.{layer}.mlp.experts", gu_scale, dn_scale))
+            weights.update(_to_peft(ex, prefix, gu_scale, dn_scale))
     save_file(weights, os.path.join(sub, WEIGHTS_NAME), metadata={"format": "pt"})
     cfg["target_parameters"] = sorted(set(cfg.get("target_parameters") or []) | {"gate_up_proj", "down_proj"})
     cfg["rank_pattern"] = {**(cfg.get("rank_pattern") or {}), r".*\.gate_up_proj": 2 * r}
@@ -105,16 +124,17 @@ def save_adapter(model, save_directory: str, **kwargs) -> None:
         json.dump(cfg, f, indent=2, sort_keys=True)
 
 
-# LoRA on a gate/up/down projection that is not a routed expert: a shared expert or a
-# dense MLP (layer 0 of DeepSeek-V2).
-_MLP_LEAF = re.compile(r"^.*\.mlp\.(shared_experts\.)?(gate|up|down)_proj\.lora_[AB]\.weight$")
+# LoRA on a gate/up/down projection that is not a routed expert: a shared expert
+# (DeepSeek's shared_experts, Qwen2-MoE's shared_expert) or a dense MLP (layer 0 of
+# DeepSeek-V2).
+_MLP_LEAF = re.compile(r"^.*\.mlp\.(shared_experts?\.)?(gate|up|down)_proj\.lora_[AB]\.weight$")
 
 
 def _warn_what_stock_peft_drops(save_directory: str, adapter: str) -> None:
     """Warns when stock PEFT will not load part of the adapter just saved.
 
     PEFT 0.21's transformers-5 MoE target rewrite (huggingface/peft#3711) turns every
-    `gate_proj`/`up_proj`/`down_proj` target of a DeepSeek-V2 into routed-expert
+    `gate_proj`/`up_proj`/`down_proj` target of a transformers-5 MoE into routed-expert
     `target_parameters`, so stock PEFT drops the shared-expert and dense-MLP LoRA of
     such an adapter. No config spelling avoids it (regex targets are resolved to module
     names first), so ktrs names what will be dropped; `ktrs.load_adapter` loads all of it.
@@ -180,7 +200,7 @@ def restore_expert_lora(model, adapter_dir: str, adapter_name: Optional[str] = N
     them, stay the same objects): what resuming a Trainer checkpoint needs. Returns the
     number of layers restored."""
     raw, weights = _read(adapter_dir)
-    mats_by_layer = _expert_mats(raw, weights, _expert_blocks(model))
+    mats_by_layer = _expert_mats(raw, weights, _expert_blocks(model), _family(model))
     for layer, (ex, mats, scale) in mats_by_layer.items():
         if adapter_name is not None and adapter_name != ex.expert_adapter and adapter_name in ex._stash:
             (rank, alpha, rslora), _ = ex._stash[adapter_name]
@@ -200,8 +220,9 @@ def _rescaled(name: str, m: torch.Tensor, scale: float, target: float) -> torch.
     return m * (scale / target) if name.endswith("_B") and scale != target else m
 
 
-def _expert_mats(raw, weights, blocks):
+def _expert_mats(raw, weights, blocks, family: Optional[Family]):
     """{layer: (KtrsExperts, ktrs matrices, ktrs scale)} for the layers the adapter covers."""
+    v4_pattern = _v4_pattern(family)
     per_layer: Dict[int, Dict[str, torch.Tensor]] = {}
     v4: Dict[int, Dict[Tuple[int, str, str], torch.Tensor]] = {}
     for k, v in weights.items():
@@ -210,15 +231,15 @@ def _expert_mats(raw, weights, blocks):
             kind = "gu" if ".base_layer." in k else "dn"
             per_layer.setdefault(int(m.group(2)), {})[f"{kind}_{m.group(3)}"] = v
             continue
-        m = _V4.match(k)
+        m = v4_pattern.match(k) if v4_pattern is not None else None
         if m:
-            v4.setdefault(int(m.group(1)), {})[(int(m.group(2)), m.group(3), m.group(4))] = v
+            v4.setdefault(int(m.group(2)), {})[(int(m.group(3)), family.proj(m.group(4)), m.group(5))] = v
     r, alpha, rslora = raw["r"], raw["lora_alpha"], bool(raw.get("use_rslora"))
     gu_r = next((v for k, v in (raw.get("rank_pattern") or {}).items() if "gate_up" in k), r)
     gu_a = next((v for k, v in (raw.get("alpha_pattern") or {}).items() if "gate_up" in k), alpha)
     gu_scale, dn_scale = _peft_scale(gu_a, gu_r, rslora), _peft_scale(alpha, r, rslora)
     out = {}
-    for layer, ex in blocks.items():
+    for layer, (_, ex) in blocks.items():
         E, H, I = ex.experts.num_experts, ex.experts.hidden_size, ex.experts.intermediate_size
         if layer in per_layer:
             mats, scale = _from_peft(per_layer[layer], E, H, I, gu_scale, dn_scale)
@@ -232,11 +253,13 @@ def _expert_mats(raw, weights, blocks):
     return out
 
 
-def _peft_config(raw: dict, is_trainable: bool):
+def _peft_config(raw: dict, is_trainable: bool, family: Optional[Family]):
     """The adapter's LoraConfig for PEFT, without the routed-expert targets ktrs owns."""
     import peft
 
     cfg = dict(raw)
+    if family is not None and isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = [t for t in cfg["target_modules"] if t not in family.routed_only_names]
     cfg["target_parameters"] = [t for t in (cfg.get("target_parameters") or []) if t not in ("gate_up_proj", "down_proj")] or None
     cfg["rank_pattern"] = {k: v for k, v in (cfg.get("rank_pattern") or {}).items() if "gate_up" not in k}
     cfg["alpha_pattern"] = {k: v for k, v in (cfg.get("alpha_pattern") or {}).items() if "gate_up" not in k}
@@ -263,10 +286,13 @@ def _load_peft_tensors(pm, rest: Dict[str, torch.Tensor], adapter_name: str, ada
         raise KtrsValueError(f"the adapter in {adapter_dir!r} has no tensors for {len(not_loaded)} LoRA weights, e.g. {not_loaded[:3]}")
 
 
-def _split(adapter_dir: str, blocks):
+def _split(adapter_dir: str, model, blocks):
+    """(adapter config, PEFT's tensors, the expert LoRA by layer) of an adapter for `model`."""
     raw, weights = _read(adapter_dir)
-    rest = {k: v for k, v in weights.items() if not (_GU.match(k) or _DN.match(k) or _V4.match(k))}
-    return raw, rest, _expert_mats(raw, weights, blocks)
+    family = _family(model)
+    v4 = _v4_pattern(family)
+    rest = {k: v for k, v in weights.items() if not (_GU.match(k) or _DN.match(k) or (v4 is not None and v4.match(k)))}
+    return raw, rest, _expert_mats(raw, weights, blocks, family)
 
 
 def load_adapter(model, adapter_dir: str, *, adapter_name: str = "default", is_trainable: bool = False):
@@ -280,7 +306,7 @@ def load_adapter(model, adapter_dir: str, *, adapter_name: str = "default", is_t
     blocks = _expert_blocks(model)
     if not blocks:
         raise KtrsValueError("ktrs.load_adapter needs a model patched by ktrs.patch_model")
-    raw, rest, expert = _split(adapter_dir, blocks)
+    raw, rest, expert = _split(adapter_dir, model, blocks)
     for layer, (ex, mats, scale) in expert.items():
         rank = mats["gate_A"].shape[1]
         # ktrs scale = alpha / rank (rsLoRA off): pick alpha so it equals `scale`.
@@ -288,11 +314,11 @@ def load_adapter(model, adapter_dir: str, *, adapter_name: str = "default", is_t
         for n in LORA_NAMES:
             ex.experts.set_lora_weight(n, mats[n])
     with _no_moe_target_rewrite():
-        pm = peft.get_peft_model(model, _peft_config(raw, is_trainable), adapter_name=adapter_name)
+        pm = peft.get_peft_model(model, _peft_config(raw, is_trainable, _family(model)), adapter_name=adapter_name)
     _load_peft_tensors(pm, rest, adapter_name, adapter_dir)
     _attach_save(pm)
     _attach_adapter_controls(pm, adapter_name)
-    for p in (p for ex in blocks.values() for p in ex.lora_experts.values()):
+    for p in (p for _, ex in blocks.values() for p in ex.lora_experts.values()):
         p.requires_grad_(is_trainable)
     return pm
 
@@ -303,9 +329,9 @@ def add_adapter_from_dir(pm, adapter_dir: str, adapter_name: str, *, is_trainabl
     each ktrs layer until ``set_adapter(name)`` makes it the one the kernels run."""
     from .peft import _no_moe_target_rewrite
 
-    raw, rest, expert = _split(adapter_dir, _expert_blocks(pm))
+    raw, rest, expert = _split(adapter_dir, pm, _expert_blocks(pm))
     with _no_moe_target_rewrite():
-        pm.add_adapter(adapter_name, _peft_config(raw, is_trainable))
+        pm.add_adapter(adapter_name, _peft_config(raw, is_trainable, _family(pm)))
     _load_peft_tensors(pm, rest, adapter_name, adapter_dir)
     for ex, mats, scale in expert.values():
         rank = mats["gate_A"].shape[1]

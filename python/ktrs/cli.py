@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=100, help="training steps")
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
-    s = cmd("train", "LoRA SFT of a DeepSeek-V2 checkpoint on chat JSONL")
+    s = cmd("train", "LoRA SFT of a MoE checkpoint (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, GLM-4-MoE) on chat JSONL")
     s.add_argument("--config", help="YAML file with any of the options below (keys as the flags spell them, or with _)")
     s.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer)")
     s.add_argument("--data", help='JSONL, one {"messages": [{"role": ..., "content": ...}, ...]} per line; the last message, an assistant reply, is trained')

@@ -1,4 +1,4 @@
-"""HF transformers integration: put the routed experts of DeepSeek-V2 models on ktrs.
+"""HF transformers integration: put the routed experts of transformers-5 MoE models on ktrs.
 
 `patch_model` swaps every MoE block's ``experts`` for a :class:`ktrs.KtrsExperts` whose
 weights live in Rust, frees the originals and moves everything else to ``device``.
@@ -21,6 +21,7 @@ from torch import nn
 from . import decode
 from ._native import KtrsFileNotFoundError, KtrsTypeError, KtrsValueError
 from .experts import MoeExperts
+from .families import family_for, ignored_keys
 from .module import KtrsExperts
 
 __all__ = ["find_moe_blocks", "patch_model", "from_pretrained"]
@@ -44,18 +45,35 @@ def _is_module_list_experts(experts: nn.Module) -> bool:
     )
 
 
+def _custom_gate(experts: nn.Module) -> bool:
+    """Whether the experts class replaces transformers' SwiGLU gate (`act(gate) * up`)
+    with its own `_apply_gate` (GPT-OSS's clamped SwiGLU, for one)."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # a transformers without the experts interface
+        return False
+    own = getattr(type(experts), "_apply_gate", _default_apply_gate)
+    return own is not _default_apply_gate
+
+
 def _unsupported(experts: nn.Module) -> Optional[str]:
     """Why ktrs cannot run this experts module (its SwiGLU with fused, untransposed,
-    bias-free weights), or None."""
+    bias-free weights), or None. Transformers' experts interface
+    (`use_experts_implementation`) declares the layout on the module; modules without
+    it are judged by their parameters."""
     names = set(experts._parameters)
     if any(n.endswith("_bias") for n in names) or getattr(experts, "has_bias", False):
         return "its experts have biases"
-    if hasattr(experts, "limit") or hasattr(experts, "alpha"):
-        return "its experts use a clamped SwiGLU (GPT-OSS style)"
+    if hasattr(experts, "limit") or hasattr(experts, "alpha") or _custom_gate(experts):
+        return "its experts use their own gate function (e.g. GPT-OSS's clamped SwiGLU), ktrs runs SiLU(gate) * up"
     if getattr(experts, "is_transposed", False):
         return "its expert weights are stored transposed"
     if getattr(experts, "has_gate", True) is False:
         return "its experts are not gated (no SwiGLU)"
+    if getattr(experts, "is_concatenated", True) is False:
+        return "its gate and up rows are interleaved, not concatenated [gate; up]"
+    if getattr(experts, "has_post_expert_norm", False):
+        return "its experts normalise their outputs (post-expert norm)"
     act = getattr(experts, "act_fn", None)
     if act is not None:
         probe = torch.tensor([-3.0, -0.5, 0.25, 2.0])
@@ -93,6 +111,16 @@ def find_moe_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         else:
             found.append((name, mod))
     return found
+
+
+#: Always-on experts of a MoE block: DeepSeek's `shared_experts`, Qwen2-MoE's
+#: `shared_expert` with its sigmoid `shared_expert_gate`.
+SHARED_EXPERT_NAMES = ("shared_experts", "shared_expert", "shared_expert_gate")
+
+
+def shared_experts_of(block: nn.Module) -> List[nn.Module]:
+    """The block's shared-expert modules (empty for Qwen3-MoE, Mixtral)."""
+    return [m for n in SHARED_EXPERT_NAMES if (m := getattr(block, n, None)) is not None]
 
 
 def _shared_output(block: nn.Module, flat: torch.Tensor, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
@@ -145,6 +173,54 @@ def _install(block: nn.Module, experts: MoeExperts, name: str = "") -> None:
     block.forward = types.MethodType(_moe_forward, block)
 
 
+#: Largest relative L2 difference between a block's own forward and ktrs' on the probe:
+#: bf16 experts differ by ~1e-2; a block whose math ktrs does not reproduce (a dropped
+#: extra MLP, a scaling factor, a projection around the experts) by far more.
+PROBE_TOLERANCE = 5e-2
+
+
+def _probe_and_install(model: nn.Module, name: str, block: nn.Module, rust: MoeExperts) -> None:
+    """Installs ktrs in `block` if its own forward and ktrs' agree on a probe input; else
+    puts the block back as it was and raises, naming the model class and the reason.
+
+    The replacement forward runs router, routed experts and shared experts (the
+    structure every MoE block shares); a family whose block does more (Hunyuan's
+    `shared_mlp`, latent projections, block-level scaling) would run silently wrong.
+    The router sees the same input in both runs, so routing is the same; only the
+    experts' arithmetic differs."""
+    old = block.experts
+    x = torch.randn(1, 8, rust.hidden_size, generator=torch.Generator().manual_seed(0)).to(old.gate_up_proj)
+    training = block.training
+    block.eval()  # no router jitter
+    reason = None
+    try:
+        with torch.no_grad():
+            want = type(block).forward(block, x)
+    except Exception as exc:  # noqa: BLE001 - reported with the model class below
+        block.train(training)
+        raise KtrsTypeError(f"{type(model).__name__}: {name} ({type(block).__name__}): its own forward fails on a probe input "
+                            f"({type(exc).__name__}: {exc}); ktrs checks each MoE block against it before patching") from exc
+    try:
+        with torch.no_grad():
+            _install(block, rust, name)
+            got = block.forward(x)
+        if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+            reason = f"its forward returns {type(want).__name__} {list(getattr(want, 'shape', []))}, not the hidden states"
+        else:
+            err = float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+            if not err <= PROBE_TOLERANCE:
+                reason = (f"its forward does more than router, routed experts and shared experts "
+                          f"(ktrs' replacement differs by {err:.1%} on a probe input)")
+    except Exception as exc:  # noqa: BLE001 - any failure of the replacement is a refusal
+        reason = f"the block forward ktrs runs fails on it ({type(exc).__name__}: {exc})"
+    finally:
+        block.train(training)
+    if reason is not None:
+        block.experts = old
+        block.__dict__.pop("forward", None)
+        raise KtrsTypeError(f"{type(model).__name__}: {name} ({type(block).__name__}) cannot run in ktrs: {reason}")
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -162,9 +238,13 @@ def patch_model(
 ) -> nn.Module:
     """Moves the routed experts of every MoE block of `model` into ktrs and the rest to `device`.
 
-    Works on a transformers 5 ``DeepseekV2ForCausalLM`` (fused ``gate_up_proj [E, 2I, H]``,
-    ``down_proj [E, H, I]``). The original expert tensors are freed: nothing in Python keeps
-    them. Attention, router, shared experts, dense MLPs, norms, embeddings and ``lm_head``
+    Works on transformers-5 MoE models whose experts are a SwiGLU with fused
+    ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` and whose block is router,
+    routed experts and optional shared experts (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral,
+    GLM-4-MoE, tested; others such as OLMoE pass the same checks). Anything else is
+    refused before it is patched, naming the model class and the reason: the experts'
+    declared layout, and a probe of each block class against its own forward. The
+    original expert tensors are freed: nothing in Python keeps them. Attention, router, shared experts, dense MLPs, norms, embeddings and ``lm_head``
     go to `device` (default: CUDA when available, else CPU). Patching twice is a no-op.
 
     Args:
@@ -178,6 +258,7 @@ def patch_model(
     blocks = find_moe_blocks(model)
     if not blocks:
         raise KtrsValueError(f"{type(model).__name__} has no MoE block with fused experts; ktrs patches transformers-5 MoE models with fused SwiGLU experts (DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, GLM-4-MoE)")
+    probed = set()
     for name, block in blocks:
         if isinstance(block.experts, KtrsExperts):
             continue
@@ -191,7 +272,11 @@ def patch_model(
             for x in range(e):  # one expert at a time: no second full copy in torch
                 rust.set_expert(x, gu[x, :i], gu[x, i:], dn[x])
         del gu, dn
-        _install(block, rust, name)
+        if type(block) not in probed:
+            _probe_and_install(model, name, block, rust)
+            probed.add(type(block))
+        else:
+            _install(block, rust, name)
         # Free the originals now, not at the next GC: their storage may be tens of GB.
         for p in ("gate_up_proj", "down_proj"):
             old._parameters[p] = None
@@ -204,10 +289,8 @@ def patch_model(
 
 
 # -- streaming load ------------------------------------------------------------------------
-#: Checkpoint types whose routed experts stream from per-expert (or fused) keys under
-#: `layers.N.mlp.experts`; each is tested against the stock model (tests/test_families.py).
-STREAMED_MODEL_TYPES = ("deepseek_v2", "qwen2_moe", "qwen3_moe")
-_PER_EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+#: Model-side fused expert names (what transformers 5 itself writes with
+#: ``save_original_format=False``, and what `state_dict()` holds).
 _FUSED = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
@@ -218,9 +301,15 @@ def _detach(parts: Dict[str, torch.Tensor]) -> None:
         parts[proj] = t.clone()
 
 
-def _expert_order(key: str):
-    m = _PER_EXPERT.match(key)
-    return (0, int(m.group(1)), int(m.group(2)), m.group(3)) if m else (1, 0, 0, key)
+def _expert_order(per_expert: "re.Pattern[str]"):
+    """Sort key: per-expert tensors first, by (layer, expert), so an expert's three
+    tensors are read one after another."""
+
+    def key(k: str):
+        m = per_expert.match(k)
+        return (0, int(m.group(2)), int(m.group(3)), m.group(4)) if m else (1, 0, 0, k)
+
+    return key
 
 
 def _shards(path: str) -> List[str]:
@@ -297,21 +386,18 @@ def from_pretrained(
     use_rslora: bool = False,
     seed: int = 0,
 ) -> nn.Module:
-    """Loads a DeepSeek-V2 checkpoint with the routed experts streamed into ktrs.
+    """Loads a checkpoint of a family in :data:`ktrs.families.FAMILIES` (DeepSeek-V2/V3,
+    Qwen2/3-MoE, Mixtral, GLM-4-MoE) with the routed experts streamed into ktrs.
 
     The model skeleton is built on the meta device; routed-expert weights go from the
-    safetensors shards (original per-expert keys or fused names) straight into Rust, one
-    expert at a time; everything else is loaded onto `device` in `dtype`. Host memory
-    stays near the packed expert bytes plus one expert in flight.
+    safetensors shards (the family's per-expert keys, or transformers 5's fused names)
+    straight into Rust, one expert at a time; everything else is loaded onto `device`
+    in `dtype`. Host memory stays near the packed expert bytes plus one expert in flight.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    if getattr(config, "model_type", None) not in STREAMED_MODEL_TYPES:
-        raise KtrsValueError(
-            f"{path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint; ktrs.from_pretrained streams "
-            f"{', '.join(STREAMED_MODEL_TYPES)} (other MoE models: load them with transformers, then ktrs.patch_model)"
-        )
+    family = family_for(getattr(config, "model_type", None), f"ktrs.from_pretrained({path!r})")
     device = torch.device(device or _default_device())
     opts = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
     with torch.device("meta"):
@@ -330,6 +416,8 @@ def from_pretrained(
     pending: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
     state: Dict[str, torch.Tensor] = {}
     loaded = 0
+    per_expert = family.expert_pattern()
+    ignored = ignored_keys(model)
     from safetensors import safe_open
 
     for shard in _shards(path):
@@ -338,10 +426,12 @@ def from_pretrained(
         # An expert's tensors come one after another, so three reusable buffers suffice;
         # an expert left incomplete (its other tensors are in another shard) gets copies.
         current = None
-        for key in sorted(reader.keys(), key=_expert_order):
-            m = _PER_EXPERT.match(key)
-            if m and int(m.group(1)) in blocks:
-                layer, x, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+        for key in sorted(reader.keys(), key=_expert_order(per_expert)):
+            if any(p.search(key) for p in ignored):
+                continue  # never read: layers the model does not build
+            m = per_expert.match(key)
+            if m and int(m.group(2)) in blocks:
+                layer, x, proj = int(m.group(2)), int(m.group(3)), family.proj(m.group(4))
                 if current not in (None, (layer, x)) and current in pending:
                     _detach(pending[current])
                 current = (layer, x)
@@ -354,7 +444,7 @@ def from_pretrained(
                     if bar is not None:
                         bar.update(1)
                 continue
-            m = _FUSED.match(key)
+            m = _FUSED.match(family.to_model(key))
             if m and int(m.group(1)) in blocks:
                 layer, which = int(m.group(1)), m.group(2)
                 parts = pending.setdefault((layer, -1), {})
@@ -379,9 +469,10 @@ def from_pretrained(
             with safe_open(shard, framework="pt", device="cpu") as f:
                 for key in rest:
                     t = f.get_tensor(key)
+                    name = family.to_model(key)
                     if t.is_floating_point():
-                        t = t.to(torch.float32 if any(key.endswith(k) for k in keep_fp32) else dtype)
-                    state[key] = t.to(device)
+                        t = t.to(torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype)
+                    state[name] = t.to(device)
     if bar is not None:
         bar.close()
     if loaded != total or pending:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .experts import LORA_NAMES
-from .hf import find_moe_blocks
+from .families import family_of
+from .hf import find_moe_blocks, shared_experts_of
 from .module import KtrsExperts
 
 __all__ = ["merge_expert_lora", "merge_and_unload", "export_merged", "describe", "inspect_adapter"]
@@ -50,10 +51,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def export_merged(model: nn.Module, save_directory: str, *, max_shard_bytes: int = 2 << 30) -> None:
-    """Writes a standard checkpoint (config.json + safetensors shards with the original
-    per-expert key names) that stock transformers loads; adapters are merged first."""
+    """Writes a standard checkpoint (config.json + safetensors shards with the family's
+    original key names, as transformers' ``save_pretrained`` writes them) that stock
+    transformers loads; adapters are merged first."""
     from safetensors.torch import save_file
 
+    family = family_of(model, "ktrs.export_merged")
     base = merge_and_unload(model)
     os.makedirs(save_directory, exist_ok=True)
     base.config.save_pretrained(save_directory)
@@ -71,13 +74,13 @@ def export_merged(model: nn.Module, save_directory: str, *, max_shard_bytes: int
 
     for key, t in base.state_dict().items():
         if ".lora_experts." not in key:
-            add(key, t)
+            add(family.to_checkpoint(key), t)
     dtype = base.get_input_embeddings().weight.dtype
     for name, block in blocks.items():
         rust = block.experts.experts
         for e in range(rust.num_experts):
-            for proj, w in zip(("gate_proj", "up_proj", "down_proj"), rust.get_expert(e)):
-                add(f"{name}.experts.{e}.{proj}.weight", w.to(dtype))
+            for proj, w in zip(("gate", "up", "down"), rust.get_expert(e)):
+                add(family.expert_key(name, e, proj), w.to(dtype))
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())}, "weight_map": {}}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -97,10 +100,12 @@ def describe(model: nn.Module) -> str:
         if isinstance(ex, KtrsExperts):
             r = ex.experts
             dev = lambda m: ",".join(sorted({str(p.device) for p in m.parameters()})) or "-"  # noqa: E731
+            shared = shared_experts_of(block)
             lines.append(
                 f"  {name}: routed experts in ktrs ({r.num_experts} x H{r.hidden_size} I{r.intermediate_size}, "
                 f"{r.weight_bytes / 2**20:.0f} MiB, ISA {r.isa}, {r.threads} threads, LoRA r={r.lora_rank}); "
-                f"router on {dev(block.gate)}, shared experts on {dev(block.shared_experts)}"
+                f"router on {dev(block.gate)}"
+                + (f", shared experts on {dev(nn.ModuleList(shared))}" if shared else "")
             )
         else:
             lines.append(f"  {name}: NOT patched (experts in torch)")
@@ -123,7 +128,7 @@ def describe(model: nn.Module) -> str:
 def _component(name: str) -> str:
     if ".lora_experts." in name or re.search(r"\.mlp\.experts\.", name):
         return "routed experts"
-    if ".shared_experts." in name:
+    if re.search(r"\.shared_experts?(_gate)?\.", name):
         return "shared experts"
     if ".self_attn." in name:
         return "attention"

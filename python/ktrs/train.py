@@ -1,4 +1,4 @@
-"""`ktrs train`: LoRA SFT of a local DeepSeek-V2 checkpoint on chat JSONL."""
+"""`ktrs train`: LoRA SFT of a local MoE checkpoint (a family in `ktrs.families`) on chat JSONL."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 import torch
 
 from ._native import KtrsFileNotFoundError, KtrsValueError
+from .families import Family, family_for
 
 
 @dataclass
@@ -27,7 +28,9 @@ class TrainConfig:
     max_len: int = 256
     device: Optional[str] = None
     seed: int = 0
-    targets: List[str] = field(default_factory=lambda: ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    #: LoRA `target_modules`; None: the family's attention projections and the MLP
+    #: projections (`Family.lora_targets`).
+    targets: Optional[List[str]] = None
     #: Write into an output directory that already holds files.
     overwrite: bool = False
 
@@ -100,14 +103,15 @@ def resolve_device(device: Optional[str]) -> str:
     return device
 
 
-def check_checkpoint(path: str) -> None:
+def check_checkpoint(path: str) -> Family:
+    """The family of the checkpoint at `path`; refuses a directory without config.json
+    or a model type ktrs has no names for."""
     cfg = os.path.join(path, "config.json")
     if not os.path.isdir(path) or not os.path.exists(cfg):
         raise KtrsFileNotFoundError(f"{path!r} is not a model directory (no config.json)")
     with open(cfg) as f:
         kind = json.load(f).get("model_type")
-    if kind != "deepseek_v2":
-        raise KtrsValueError(f"{path!r} is a {kind!r} checkpoint; ktrs trains DeepSeek-V2 models (model_type deepseek_v2)")
+    return family_for(kind, repr(path))
 
 
 def check_encoded(data, max_len: int, tok) -> None:
@@ -139,7 +143,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     from .plot import loss_curve_png
 
     cfg.check()
-    check_checkpoint(cfg.model)
+    family = check_checkpoint(cfg.model)
     device = resolve_device(cfg.device)
     convs = read_jsonl(cfg.data)
     tok = AutoTokenizer.from_pretrained(cfg.model)
@@ -151,7 +155,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = ktrs.from_pretrained(cfg.model, device=device, dtype=dtype)
-    pm = ktrs.get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(cfg.targets)))
+    targets = list(cfg.targets or family.lora_targets)
+    pm = ktrs.get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets))
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -187,7 +192,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     tok.save_pretrained(cfg.output)
     loss_curve_png(losses, os.path.join(cfg.output, "loss_curve.png"))
     metrics = {
-        "config": asdict(cfg), "device": device, "isa": ktrs.info()["selected_isa"], "steps": cfg.steps,
+        "config": {**asdict(cfg), "targets": targets}, "device": device, "isa": ktrs.info()["selected_isa"], "steps": cfg.steps,
         "first_loss": losses[0], "final_loss": sum(losses[-5:]) / min(5, len(losses)), "losses": losses,
         "train_seconds": secs, "cpu_expert_seconds": timer.seconds, "other_seconds": secs - timer.seconds,
     }
