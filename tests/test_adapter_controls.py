@@ -202,3 +202,18 @@ def test_a_config_that_targets_only_the_routed_experts_gets_a_ktrs_error_that_sa
     with pytest.raises(ktrs.KtrsValueError, match="enable_lora") as info:
         ktrs.get_peft_model(model, cfg)
     assert "target_modules" in str(info.value)
+
+
+def test_mixtral_w1_w2_w3_targets_mean_the_routed_experts():
+    """transformers-4 Mixtral adapters name the routed experts w1/w2/w3; stock PEFT puts
+    their LoRA on the experts, so ktrs.get_peft_model gives them expert LoRA in ktrs."""
+    from tiny_families import mixtral
+
+    torch.manual_seed(0)
+    model = ktrs.patch_model(mixtral(), device="cpu", threads=2)
+    pm = ktrs.get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "w1", "w2", "w3"]))
+    experts = [m for m in pm.modules() if isinstance(m, ktrs.KtrsExperts)]
+    assert experts and all(ex.experts.lora_rank == 4 for ex in experts)
+    assert all(p.requires_grad for ex in experts for p in ex.lora_experts.values())
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in pm.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert wrapped == {"q_proj"}

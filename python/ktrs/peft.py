@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from torch import nn
 
 from ._native import KtrsValueError
+from .families import FAMILIES
 from .hf import find_moe_blocks
 from .module import KtrsExperts
 
@@ -46,12 +47,19 @@ def _targets_expert_leaves(target_modules) -> bool:
     return any(t == leaf or t.endswith("." + leaf) for t in target_modules for leaf in _EXPERT_LEAVES)
 
 
-def _split_config(config, expert_lora: Optional[bool] = None):
+def _split_config(config, expert_lora: Optional[bool] = None, routed_only: Tuple[str, ...] = ()):
     """(a copy of `config` without routed-expert targets, for PEFT; whether the routed
-    experts get ktrs LoRA)."""
+    experts get ktrs LoRA). `routed_only`: module names that can only mean the routed
+    experts (Mixtral's w1/w2/w3), taken out of a list of `target_modules`."""
     cfg = copy.deepcopy(config)
     params = set(cfg.target_parameters or [])
-    wants = expert_lora if expert_lora is not None else bool(params & _EXPERT_PARAMS) or _targets_expert_leaves(cfg.target_modules)
+    modules = cfg.target_modules
+    named_routed = False
+    if routed_only and modules is not None and not isinstance(modules, str):
+        kept = {t for t in modules if t.rsplit(".", 1)[-1] not in routed_only}
+        named_routed = len(kept) < len(set(modules))
+        cfg.target_modules = kept
+    wants = expert_lora if expert_lora is not None else bool(params & _EXPERT_PARAMS) or named_routed or _targets_expert_leaves(cfg.target_modules)
     cfg.target_parameters = sorted(params - _EXPERT_PARAMS) or None
     return cfg, wants
 
@@ -80,7 +88,8 @@ def get_peft_model(model: nn.Module, config, *, expert_lora: Optional[bool] = No
         raise KtrsValueError("ktrs.get_peft_model needs a model patched by ktrs.patch_model (or loaded by ktrs.from_pretrained)")
     if getattr(config, "lora_dropout", 0.0) and expert_lora is not False:
         raise KtrsValueError("expert LoRA in ktrs has no dropout; set lora_dropout=0.0 (or expert_lora=False)")
-    cfg, wants = _split_config(config, expert_lora)
+    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None) or "")
+    cfg, wants = _split_config(config, expert_lora, family.routed_only_names if family else ())
     if not cfg.target_modules and not cfg.target_parameters:
         # PEFT refuses a config that adapts nothing of its own, with an error about
         # arguments the user did give.
