@@ -144,7 +144,8 @@ class _FirstPass:
         self.versions = (x._version, ids._version, w._version, out._version)
         self.state = state
         self.handle = handle
-        self.owner: Optional[List["_FirstPass"]] = None
+        #: Weak reference to the list of a reentrant checkpoint node that keeps this one.
+        self.owner: Optional["weakref.ref[_Kept]"] = None
         self.nbytes = (handle.nbytes if handle is not None else 0) + 2 * x.numel() * x.element_size()
 
     def matches(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, state: tuple) -> bool:
@@ -162,9 +163,21 @@ class _FirstPass:
         """Frees everything; a backward that wanted the cache recomputes instead."""
         self.release_inputs()
         self.handle = None
-        if self.owner is not None and self in self.owner:
-            self.owner.remove(self)
+        self.disown()
+
+    def disown(self) -> None:
+        """Leaves the reentrant checkpoint node that kept it."""
+        kept = self.owner() if self.owner is not None else None
+        if kept is not None and self in kept:
+            kept.remove(self)
         self.owner = None
+
+
+class _Kept(list):
+    """The forwards a reentrant checkpoint node keeps (a list that entries can refer to
+    weakly, so no cycle delays freeing them)."""
+
+    __slots__ = ("__weakref__",)
 
 
 _PENDING: "weakref.WeakKeyDictionary[MoeExperts, List[weakref.ref]]" = weakref.WeakKeyDictionary()
@@ -205,7 +218,8 @@ def _remember(entry: _FirstPass) -> None:
 
 def _take(experts: MoeExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, state: tuple) -> Optional["_FirstPass"]:
     """The kept forward this call recomputes, removed from the index, or None."""
-    for e in _pending(experts):
+    # Newest first: backward meets the forwards of one step in reverse order.
+    for e in reversed(_pending(experts)):
         if e.matches(x, ids, w, state):
             refs = _PENDING[experts]
             _PENDING[experts] = [r for r in refs if r() is not e]
@@ -263,10 +277,9 @@ def _keep_for_recompute(owner, entry: _FirstPass) -> None:
     """Makes the reentrant checkpoint node `owner` keep `entry` until its recompute."""
     kept = getattr(owner, "_ktrs_first_passes", None)
     if kept is None:
-        kept = []
-        owner._ktrs_first_passes = kept
+        kept = owner._ktrs_first_passes = _Kept()
     kept.append(entry)
-    entry.owner = kept
+    entry.owner = weakref.ref(kept)
     _remember(entry)
 
 
@@ -304,8 +317,7 @@ class _ExpertsFunction(torch.autograd.Function):
             Timer.global_().add("reused", 0.0, call.name)
             out = kept.out.clone()
             if kept.owner is not None:
-                kept.owner.remove(kept)
-                kept.owner = None
+                kept.disown()
                 entry = kept
             kept.release_inputs()
         else:
@@ -343,8 +355,10 @@ class _ExpertsFunction(torch.autograd.Function):
         handle = entry.handle if entry is not None else None
         if handle is None:
             raise StaleHandleError("ktrs: backward without a saved forward (was the forward run under torch.no_grad()?)")
-        # The node's own reference (a checkpointed forward) is not needed after this.
-        ctx._ktrs_entry = None
+        # The cache is not needed after this backward (a second one, retain_graph, takes the
+        # recomputed token). A checkpointed forward's output stays until its recompute asks
+        # for it: backward may reach this node before the op whose unpacking recomputes.
+        entry.handle = None
         t0 = time.perf_counter()
         grad_out = grad_out.detach().to("cpu", torch.bfloat16).contiguous()
         Timer.global_().add("copy", time.perf_counter() - t0, call.name)
