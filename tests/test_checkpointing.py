@@ -251,6 +251,15 @@ def test_recompute_after_the_layer_changed_runs_the_kernels(reentrant):
     mod.experts.set_lora_weight("gate_A", p.lora["gate_A"])
     out.backward(p.grad_out.float())
     assert step_counts() == (4, 2, 0)
+    del out
+    # ktrs' AdamW writes the LoRA in Rust; it bumps the parameters' version counters.
+    opt = ktrs.optim.AdamW(mod.parameters(), lr=1e-2)
+    out = checkpoint(lambda x: mod(x, p.ids, p.weights).float().sin(), h, use_reentrant=reentrant)
+    versions = [q._version for q in mod.parameters()]
+    opt.step()
+    assert all(q._version > v for q, v in zip(mod.parameters(), versions))
+    out.backward(p.grad_out.float())
+    assert step_counts() == (6, 3, 0)
 
 
 def test_the_cache_limit_and_clear_fall_back_to_recomputing(base, monkeypatch):
