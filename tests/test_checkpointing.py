@@ -164,6 +164,25 @@ def test_forwards_without_backward_keep_nothing(base, mode):
     assert live_forward_caches() == 0
 
 
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+def test_second_backward_with_retain_graph(base, mode):
+    """The kept forward serves the first backward; a second one (retain_graph) recomputes."""
+    b = batch(seed=9)
+    off, pm = model_in_mode(base, "off"), model_in_mode(base, mode)
+    loss = off(**b).loss
+    loss.backward(retain_graph=True)
+    loss.backward()
+    Timer.global_().reset()
+    loss = pm(**b).loss
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert step_counts() == (2 * MOE_LAYERS, 2 * MOE_LAYERS, MOE_LAYERS)
+    want = grads(off)
+    for n, g in grads(pm).items():
+        assert rel_l2(g, want[n]) < 1e-6, n
+    del loss
+
+
 class Boom(Exception):
     pass
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -133,7 +134,7 @@ class _FirstPass:
     """One expert forward kept for its recompute: the host inputs it ran on (to match the
     recompute exactly), its output and Rust cache, and the state it ran under."""
 
-    __slots__ = ("experts", "x", "ids", "w", "versions", "state", "out", "handle", "owner", "nbytes", "__weakref__")
+    __slots__ = ("experts", "x", "ids", "w", "versions", "state", "out", "handle", "owner", "nbytes", "order", "__weakref__")
 
     def __init__(self, experts: MoeExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, state: tuple, out: torch.Tensor, handle) -> None:
         self.experts = experts
@@ -147,6 +148,7 @@ class _FirstPass:
         #: Weak reference to the list of a reentrant checkpoint node that keeps this one.
         self.owner: Optional["weakref.ref[_Kept]"] = None
         self.nbytes = (handle.nbytes if handle is not None else 0) + 2 * x.numel() * x.element_size()
+        self.order = next(_ORDER)
 
     def matches(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, state: tuple) -> bool:
         if self.out is None or state != self.state:
@@ -181,6 +183,7 @@ class _Kept(list):
 
 
 _PENDING: "weakref.WeakKeyDictionary[MoeExperts, List[weakref.ref]]" = weakref.WeakKeyDictionary()
+_ORDER = itertools.count()
 
 
 def _recompute_limit() -> Optional[int]:
@@ -209,7 +212,7 @@ def _remember(entry: _FirstPass) -> None:
         return
     kept = [e for ex in list(_PENDING.keys()) for e in _pending(ex)]
     total = sum(e.nbytes for e in kept)
-    for e in sorted(kept, key=lambda e: e.handle is None):  # oldest first within each layer
+    for e in sorted(kept, key=lambda e: e.order):  # oldest first
         if total <= limit:
             break
         total -= e.nbytes
@@ -348,17 +351,22 @@ class _ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         call: _Call = ctx.call
-        entry: Optional[_FirstPass] = ctx._ktrs_entry
-        if entry is None or entry.handle is None:
-            (token,) = ctx.saved_tensors  # non-reentrant checkpointing recomputes here
+        kept: Optional[_FirstPass] = ctx._ktrs_entry
+        if kept is not None and kept.handle is not None:
+            # A forward kept on the node (checkpointing dropped its token). Its cache is not
+            # needed after this backward (a second one, retain_graph, unpacks a recomputed
+            # token); its output stays until its recompute asks for it, as backward may
+            # reach this node before the op whose unpacking recomputes.
+            entry, handle = kept, kept.handle
+            kept.handle = None
+        else:
+            # The usual case: autograd frees the token, and with it the cache, after
+            # backward (or keeps it for retain_graph).
+            (token,) = ctx.saved_tensors
             entry = getattr(token, "_ktrs_entry", None)
-        handle = entry.handle if entry is not None else None
+            handle = entry.handle if entry is not None else None
         if handle is None:
             raise StaleHandleError("ktrs: backward without a saved forward (was the forward run under torch.no_grad()?)")
-        # The cache is not needed after this backward (a second one, retain_graph, takes the
-        # recomputed token). A checkpointed forward's output stays until its recompute asks
-        # for it: backward may reach this node before the op whose unpacking recomputes.
-        entry.handle = None
         t0 = time.perf_counter()
         grad_out = grad_out.detach().to("cpu", torch.bfloat16).contiguous()
         Timer.global_().add("copy", time.perf_counter() - t0, call.name)
