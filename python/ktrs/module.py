@@ -249,8 +249,8 @@ _GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
 
 def _in_backward() -> bool:
     """Whether autograd is running a backward on this thread (checkpoint recomputes run
-    inside it); without torch's probe, any call may be a recompute (matching is exact)."""
-    return _GRAPH_TASK_ID is None or _GRAPH_TASK_ID() != -1
+    inside it). Without torch's probe no forward is reused: always correct, only slower."""
+    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
 
 
 _CHECKPOINT_CODE = None
@@ -315,14 +315,14 @@ class _ExpertsFunction(torch.autograd.Function):
         entry: Optional[_FirstPass] = None
         if kept is not None:
             # A checkpoint recompute of a forward kept in host memory: its output again,
-            # no kernel run. Non-reentrant: the first pass's node keeps the cache for its
-            # own backward. Reentrant: this recompute's node is the one backward runs.
+            # no kernel run. Reentrant: this recompute's node is the one backward runs, and
+            # takes the cache over. Non-reentrant: the first pass's node keeps the cache for
+            # its own backward (this node shares it, should anything run its backward).
             Timer.global_().add("reused", 0.0, call.name)
             out = kept.out.clone()
-            if kept.owner is not None:
-                kept.disown()
-                entry = kept
+            kept.disown()
             kept.release_inputs()
+            entry = kept
         else:
             owner = None if call.record else _reentrant_checkpoint_owner()
             out, handle = _timed("forward", call.name, experts.forward, x, ids, w, save_for_backward=needs or owner is not None, use_lora=use_lora)
