@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -183,6 +184,9 @@ class _Kept(list):
 
 
 _PENDING: "weakref.WeakKeyDictionary[MoeExperts, List[weakref.ref]]" = weakref.WeakKeyDictionary()
+# On CUDA, recomputes run on autograd's device thread while CPU nodes (the experts'
+# backward) run on the caller's: the index is shared between them.
+_PENDING_LOCK = threading.RLock()
 _ORDER = itertools.count()
 
 
@@ -197,51 +201,55 @@ def _recompute_limit() -> Optional[int]:
 
 
 def _pending(experts: MoeExperts) -> List["_FirstPass"]:
-    refs = _PENDING.get(experts, [])
-    alive = [e for e in (r() for r in refs) if e is not None and e.out is not None]
-    if len(alive) != len(refs):
-        _PENDING[experts] = [weakref.ref(e) for e in alive]
-    return alive
+    with _PENDING_LOCK:
+        refs = _PENDING.get(experts, [])
+        alive = [e for e in (r() for r in refs) if e is not None and e.out is not None]
+        if len(alive) != len(refs):
+            _PENDING[experts] = [weakref.ref(e) for e in alive]
+        return alive
 
 
 def _remember(entry: _FirstPass) -> None:
     """Indexes `entry` for its recompute; drops the oldest kept forwards beyond the limit."""
-    _PENDING.setdefault(entry.experts, []).append(weakref.ref(entry))
     limit = _recompute_limit()
-    if limit is None:
-        return
-    kept = [e for ex in list(_PENDING.keys()) for e in _pending(ex)]
-    total = sum(e.nbytes for e in kept)
-    for e in sorted(kept, key=lambda e: e.order):  # oldest first
-        if total <= limit:
-            break
-        total -= e.nbytes
-        e.drop()
+    with _PENDING_LOCK:
+        _PENDING.setdefault(entry.experts, []).append(weakref.ref(entry))
+        if limit is None:
+            return
+        kept = [e for ex in list(_PENDING.keys()) for e in _pending(ex)]
+        total = sum(e.nbytes for e in kept)
+        for e in sorted(kept, key=lambda e: e.order):  # oldest first
+            if total <= limit:
+                break
+            total -= e.nbytes
+            e.drop()
 
 
 def _take(experts: MoeExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, state: tuple) -> Optional["_FirstPass"]:
     """The kept forward this call recomputes, removed from the index, or None."""
-    # Newest first: backward meets the forwards of one step in reverse order.
-    for e in reversed(_pending(experts)):
-        if e.matches(x, ids, w, state):
-            refs = _PENDING[experts]
-            _PENDING[experts] = [r for r in refs if r() is not e]
-            return e
+    with _PENDING_LOCK:
+        # Newest first: backward meets the forwards of one step in reverse order.
+        for e in reversed(_pending(experts)):
+            if e.matches(x, ids, w, state):
+                _PENDING[experts] = [r for r in _PENDING[experts] if r() is not e]
+                return e
     return None
 
 
 def pending_recomputes() -> int:
     """How many expert forwards are kept for a checkpoint recompute now."""
-    return sum(len(_pending(ex)) for ex in list(_PENDING.keys()))
+    with _PENDING_LOCK:
+        return sum(len(_pending(ex)) for ex in list(_PENDING.keys()))
 
 
 def clear_recompute_caches() -> None:
     """Frees every expert forward kept for a checkpoint recompute (their recomputes then
     run the kernels again; results are unchanged)."""
-    for ex in list(_PENDING.keys()):
-        for e in _pending(ex):
-            e.drop()
-    _PENDING.clear()
+    with _PENDING_LOCK:
+        for ex in list(_PENDING.keys()):
+            for e in _pending(ex):
+                e.drop()
+        _PENDING.clear()
 
 
 _GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
