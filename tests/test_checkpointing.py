@@ -350,3 +350,48 @@ def test_hf_trainer_with_gradient_checkpointing(base, tmp_path, reentrant):
         result[ckpt] = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
     for n, w in result[False].items():
         assert rel_l2(result[True][n], w) < 1e-6, n
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_families_without_shared_experts(family, reentrant):
+    """Without shared experts the experts' backward runs before the router's, whose
+    unpacking recomputes the layer: the kept output must still be there."""
+    from test_families import mixtral, qwen3
+
+    torch.manual_seed(0)
+    stock = bf16_exact({"qwen3_moe": qwen3, "mixtral": mixtral}[family]())
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    result = {}
+    for ckpt in (False, True):
+        model = ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2, lora_rank=4, seed=3)
+        with torch.no_grad():
+            for p in ktrs.expert_lora_parameters(model):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+        model.train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        Timer.global_().reset()
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert step_counts() == (2, 2, 2 if ckpt else 0)
+        result[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any(".lora_experts." in n for n in result[False])
+    for n, g in result[False].items():
+        assert rel_l2(result[True][n], g) < 1e-6, n
+
+
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+def test_bf16_model(base, mode):
+    """A bf16 model on the CPU hands the experts its own hidden states (no copy) and gets
+    their output tensor back as is: the kept forward aliases model activations."""
+    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    b = batch(seed=9)
+    result = {}
+    for m in ("off", mode):
+        pm = model_in_mode(bf16, m)
+        Timer.global_().reset()
+        pm(**b).loss.backward()
+        assert step_counts() == (MOE_LAYERS, MOE_LAYERS, 0 if m == "off" else MOE_LAYERS)
+        result[m] = grads(pm)
+    for n, g in result["off"].items():
+        assert rel_l2(result[mode][n], g) < 1e-6, n
