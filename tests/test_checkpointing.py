@@ -98,13 +98,15 @@ def test_one_expert_forward_per_layer_and_the_same_loss_and_gradients(base, mode
     assert step_counts() == (MOE_LAYERS, MOE_LAYERS, 0 if mode == "off" else MOE_LAYERS)
     assert pending_recomputes() == 0 and live_forward_caches() == 0
 
-    assert loss.item() == off_loss.item()
+    # The same computation; on CUDA some GPU backward kernels accumulate in varying order.
+    same = 1e-6 if device == "cpu" else 1e-5
+    assert abs(loss.item() - off_loss.item()) <= same * abs(off_loss.item())
     assert abs(loss.item() - ref_loss.item()) < 1e-2 * abs(ref_loss.item())
     got, want = grads(pm), grads(off)
     ref_params = dict(ref.named_parameters())
     assert got.keys() == want.keys() and any(".lora_experts." in n for n in got)
     for n, g in got.items():
-        assert rel_l2(g, want[n]) < 1e-6, n
+        assert rel_l2(g, want[n]) < same, n
         if ".lora_experts." in n:
             layer_path, name = n.split(".mlp.experts.lora_experts.")
             r = ref_params[f"{layer_path}.mlp.experts.ref_lora.{name}"].grad
