@@ -20,7 +20,7 @@ import ktrs  # noqa: E402
 from ktrs.module import Timer, clear_recompute_caches, live_forward_caches, pending_recomputes  # noqa: E402
 
 from conftest import make_problem, rel_l2  # noqa: E402
-from test_finetune import batch, lora_config, patched_peft, reference_like  # noqa: E402
+from test_finetune import batch, lora_config, patched_peft, randomize_b, reference_like  # noqa: E402
 from test_patch_model import DEVICES, bf16_exact, tiny_config  # noqa: E402
 
 MOE_LAYERS = 2  # tiny_config: 3 layers, the first dense
@@ -55,11 +55,7 @@ def model_in_mode(base, mode, seed=31, device="cpu"):
             model = ktrs.patch_model(copy.deepcopy(base), device=device, threads=2)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "peft_reentrant"})
             pm = ktrs.get_peft_model(model, lora_config())
-            g = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for n, p in pm.named_parameters():
-                    if p.requires_grad and ("lora_B" in n or n.endswith("_B")):
-                        p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            randomize_b(pm, seed)  # as patched_peft does
         else:
             pm = patched_peft(base, seed=seed, device=device)
             if mode != "off":
