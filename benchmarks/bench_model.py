@@ -1,10 +1,14 @@
 """Whole-model benchmark at DeepSeek-V2-Lite shape (random weights): ktrs (routed experts
 on the CPU, the rest on the GPU) against plain HF with everything on the GPU and against
 HF with the experts offloaded to the CPU by accelerate. Prefill and decode tokens/s, GPU
-and host memory. Writes JSON.
+and host memory; or (--sft) LoRA SFT steps with and without activation checkpointing: tok/s,
+step time, CPU expert time and step/expert, GPU peak, host RSS, and (--profile) where a
+step's time goes. Writes JSON.
 
     python benchmarks/bench_model.py                      # 27 layers, prefill 512/2048, decode 32
     python benchmarks/bench_model.py --layers 4 --skip offload
+    python benchmarks/bench_model.py --sft 512 2048 --profile     # LoRA SFT, checkpointing off and on
+    python benchmarks/bench_model.py --sft 64 --shape tiny --layers 3 --sft-steps 2 --profile   # quick check
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import time
 from typing import Dict, List
 
@@ -43,6 +48,20 @@ def v2_lite_config(layers: int):
     )
 
 
+def tiny_config(layers: int):
+    """A small DeepSeek-V2 (same structure) to check the script end to end in seconds."""
+    from transformers import DeepseekV2Config
+
+    return DeepseekV2Config(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1,
+        n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, kv_lora_rank=64, q_lora_rank=None,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=4096,
+        routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+
+
 def build_ktrs(config, device, threads):
     """Meta skeleton; random experts straight into ktrs; random rest on `device`."""
     from transformers import AutoModelForCausalLM
@@ -55,11 +74,11 @@ def build_ktrs(config, device, threads):
     # every expert still has its own packed copy in Rust memory.
     pool = [(torch.randn(I, H, generator=g) * H**-0.5).bfloat16() for _ in range(4)]
     down = [(torch.randn(H, I, generator=g) * I**-0.5).bfloat16() for _ in range(2)]
-    for _, block in find_moe_blocks(model):
+    for name, block in find_moe_blocks(model):
         rust = ktrs.MoeExperts.empty(config.n_routed_experts, H, I, threads=threads)
         for x in range(config.n_routed_experts):
             rust.set_expert(x, pool[x % 4], pool[(x + 1) % 4], down[x % 2])
-        _install(block, rust)
+        _install(block, rust, name)
     state = {}
     for name, p in model.named_parameters():
         if p.is_meta:
@@ -192,37 +211,152 @@ def measure_long_context_memory(model, device: str, context: int) -> Dict:
     return {f"gpu_peak_{context}_ctx_gb": peak}
 
 
-def measure_sft(model, device: str, seq: int, steps: int, peft_get) -> Dict:
-    """LoRA SFT steps (forward, backward, AdamW) at batch 1 × `seq` tokens."""
-    from peft import LoraConfig
+SFT_LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "kv_b_proj", "o_proj"],
+                target_parameters=["gate_up_proj", "down_proj"])
 
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "kv_b_proj", "o_proj"],
-                     target_parameters=["gate_up_proj", "down_proj"])
-    pm = peft_get(model, cfg)
+
+def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool], reentrant: bool, profile: bool) -> Dict:
+    """LoRA SFT steps (forward, backward, AdamW) at batch 1 × each of `seqs` tokens, with
+    and without activation checkpointing, on a PEFT model `pm` (ktrs or stock). Per
+    configuration: tok/s and step time (medians of `steps` warm steps), the CPU expert time
+    in those steps and step/expert, expert forwards per step, GPU peak, host RSS; with
+    `profile`, where a step's time goes."""
+    from ktrs.module import Timer
+
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    is_ktrs = any(isinstance(m, ktrs.KtrsExperts) for m in pm.modules())
+    # ktrs: the expert-LoRA step in Rust (GPU LoRA on torch's AdamW); stock: torch's AdamW.
+    opt = ktrs.optim.AdamW(params, lr=1e-4) if is_ktrs else torch.optim.AdamW(params, lr=1e-4)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    timer = Timer.global_()
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=g).to(device)
-    ts = []
-    for i in range(steps + 1):
+    res: Dict = {}
+    for seq in seqs:
+        ids = torch.randint(0, pm.config.vocab_size, (1, seq), generator=g).to(device)
+        for ckpt in ckpts:
+            if ckpt:
+                pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            else:
+                pm.gradient_checkpointing_disable()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            timer.per_layer = profile
+            rows = []
+            for i in range(steps + 1):  # the first step warms up
+                timer.reset()
+                sync()
+                t0 = time.perf_counter()
+                loss = pm(input_ids=ids, labels=ids).loss
+                if profile:
+                    sync()
+                t1 = time.perf_counter()
+                loss.backward()
+                del loss
+                if profile:  # boundaries only when profiling: syncs there cost overlap
+                    sync()
+                t2 = time.perf_counter()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
+                t3 = time.perf_counter()
+                if i:
+                    rows.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2, timer.snapshot()))
+            timer.per_layer = False
+            rows.sort(key=lambda r: r[0])
+            step_s, fwd_s, bwd_s, opt_s, snap = rows[len(rows) // 2]
+            r = {"tok_s": seq / step_s, "step_s": step_s, "host_rss_gb": rss_gb()}
+            if is_ktrs:
+                r.update(expert_forwards_per_step=snap["forwards"], expert_backwards_per_step=snap["backwards"],
+                         expert_recomputes_reused=snap["reused"], expert_s=snap["seconds"])
+                r["step_per_expert"] = step_s / snap["seconds"] if snap["seconds"] else float("nan")
+            if cuda:
+                r["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            if profile:
+                r["profile"] = step_profile(pm, ids, opt, sync, step_s, fwd_s, bwd_s, opt_s, snap, cuda)
+            key = f"{seq}_{'ckpt' if ckpt else 'no_ckpt'}"
+            res[key] = r
+            line = f"    SFT seq {seq}, checkpointing {'on ' if ckpt else 'off'}: {r['tok_s']:.1f} tok/s ({step_s:.3f} s/step"
+            if is_ktrs:
+                line += f"; CPU experts {r['expert_s']:.3f} s, step/expert {r['step_per_expert']:.2f}; expert fwd/bwd/reused per step {snap['forwards']}/{snap['backwards']}/{snap['reused']}"
+            line += ")" + (f", GPU peak {r['gpu_peak_gb']:.2f} GiB" if cuda else "") + f", host RSS {r['host_rss_gb']:.1f} GB"
+            print(line, flush=True)
+            if profile:
+                print_profile(r["profile"])
+    pm.gradient_checkpointing_disable()
+    res["trainable"] = sum(p.numel() for p in params)
+    return res
+
+
+def step_profile(pm, ids, opt, sync, step_s, fwd_s, bwd_s, opt_s, snap, cuda) -> Dict:
+    """Where a step's time goes, in ms. From the median timed step (synchronised at the
+    forward/backward/optimizer boundaries; the ktrs Timer's per-layer figures): forward,
+    backward, optimizer, CPU experts per layer, copies/waits, and `gpu_and_python`, the
+    forward and backward less the experts and copies. One more forward+backward under
+    torch.profiler splits that rest (`profiled`): the GPU kernels' busy time (CUDA) or
+    torch's CPU op time (CPU), and what is neither (`python`: the interpreter, launches,
+    an idle GPU, the profiler's own overhead, so an upper bound)."""
+    from ktrs.module import Timer
+    from torch.profiler import ProfilerActivity, profile
+
+    ms = 1e3
+    layers = {n: {"forward": v["forward_s"] * ms, "backward": v["backward_s"] * ms, "forwards": v["forwards"],
+                  "backwards": v["backwards"], "reused": v["reused"], "copies": v["copy_s"] * ms} for n, v in snap["layers"].items()}
+    out = {"step": step_s * ms, "forward": fwd_s * ms, "backward": bwd_s * ms, "optimizer": opt_s * ms,
+           "expert_forward": snap["forward_seconds"] * ms, "expert_backward": snap["backward_seconds"] * ms,
+           "copies_waits": snap["copy_seconds"] * ms,
+           "gpu_and_python": (fwd_s + bwd_s - snap["seconds"] - snap["copy_seconds"]) * ms, "layers": layers}
+    timer = Timer.global_()
+    timer.reset()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
         sync()
         t0 = time.perf_counter()
         loss = pm(input_ids=ids, labels=ids).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        del loss
         sync()
-        if i:
-            ts.append(time.perf_counter() - t0)
-    ts.sort()
-    res = {"sft_tok_s": seq / ts[len(ts) // 2], "sft_step_s": ts[len(ts) // 2], "trainable": sum(p.numel() for p in params)}
-    if device.startswith("cuda"):
-        res["sft_gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    res["sft_host_rss_gb"] = rss_gb()
-    print(f"    SFT seq {seq}: {res['sft_tok_s']:.1f} tok/s ({res['sft_step_s']:.2f} s/step), trainable {res['trainable']:,}", flush=True)
-    return res
+        wall = time.perf_counter() - t0
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    rest = (wall - timer.seconds - timer.copy_seconds) * ms
+    prof_out = {"forward_backward": wall * ms, "experts": timer.seconds * ms, "copies_waits": timer.copy_seconds * ms, "rest": rest}
+    if cuda:
+        busy = sum(e.device_time_total for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))) / 1e3
+        prof_out["gpu_kernels"] = busy
+        prof_out["python"] = rest - busy
+    else:
+        ops = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::")) / 1e3
+        prof_out["torch_cpu_ops"] = ops
+        prof_out["python"] = rest - ops
+    out["profiled"] = prof_out
+    return out
+
+
+def print_profile(p: Dict) -> None:
+    q = p["profiled"]
+    part = "gpu_kernels" if "gpu_kernels" in q else "torch_cpu_ops"
+    print(f"      step {p['step']:.1f} ms = forward {p['forward']:.1f} + backward {p['backward']:.1f} + optimizer {p['optimizer']:.1f}; "
+          f"CPU experts forward {p['expert_forward']:.1f} + backward {p['expert_backward']:.1f}, copies/waits {p['copies_waits']:.1f}, "
+          f"GPU part and Python {p['gpu_and_python']:.1f}", flush=True)
+    print(f"      profiled forward+backward {q['forward_backward']:.1f} ms: experts {q['experts']:.1f}, copies/waits {q['copies_waits']:.1f}, "
+          f"{part.replace('_', ' ')} {q[part]:.1f}, Python and idle {q['python']:.1f}", flush=True)
+    for name, v in p["layers"].items():
+        print(f"      {name}: expert forward {v['forward']:.1f} ms ({v['forwards']} run, {v['reused']} reused), "
+              f"backward {v['backward']:.1f} ms, copies {v['copies']:.1f} ms", flush=True)
+
+
+def print_sft_table(results: Dict) -> None:
+    cols = [("tok_s", "tok/s"), ("step_s", "step s"), ("expert_s", "CPU expert s"), ("step_per_expert", "step/expert"),
+            ("expert_forwards_per_step", "expert fwd/step"), ("gpu_peak_gb", "GPU peak GiB"), ("host_rss_gb", "host RSS GB")]
+    print(f"\n{'SFT':<12} {'config':<16} " + " ".join(f"{h:>15}" for _, h in cols))
+    for name, r in results.items():
+        for key, v in r.get("sft", {}).items():
+            if isinstance(v, dict):
+                print(f"{name:<12} {key:<16} " + " ".join(f"{v[k]:15.3f}" if v.get(k) is not None else f"{'-':>15}" for k, _ in cols))
 
 
 def main() -> int:
@@ -238,12 +372,23 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=["ktrs", "gpu", "offload"])
     ap.add_argument("--offload-decode", type=int, default=4, help="decode tokens for the (slow) offload baseline")
-    ap.add_argument("--sft", type=int, default=0, metavar="SEQ", help="also time LoRA SFT steps at this sequence length")
-    ap.add_argument("--sft-steps", type=int, default=3)
+    ap.add_argument("--sft", type=int, nargs="*", default=None, metavar="SEQ",
+                    help="time LoRA SFT steps (batch 1) at these sequence lengths (no value: 512 2048) instead of decode")
+    ap.add_argument("--sft-steps", type=int, default=3, help="timed SFT steps per configuration (after one warm-up)")
+    ap.add_argument("--checkpointing", choices=["both", "on", "off"], default="both", help="SFT with activation checkpointing")
+    ap.add_argument("--reentrant", action="store_true", help="reentrant checkpointing (default: HF's non-reentrant)")
+    ap.add_argument("--profile", nargs="?", const=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sft_profile.json"),
+                    default=None, metavar="JSON", help="SFT: also where each step's time goes, written to JSON")
+    ap.add_argument("--shape", choices=["v2-lite", "tiny"], default="v2-lite", help="tiny: a small model to check the script runs")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_model.json"))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = v2_lite_config(args.layers)
+    config = (v2_lite_config if args.shape == "v2-lite" else tiny_config)(args.layers)
+    sft = None if args.sft is None else (args.sft or [512, 2048])
+    ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
+    if sft:  # SFT replaces the inference measurements
+        args.prefill, args.decode, args.ttft, args.context = [], 0, 0, 0
+        args.skip = sorted(set(args.skip) | {"offload"})
     info = ktrs.info()
     print(f"layers {args.layers}, device {device}, ktrs ISA {info['selected_isa']}, threads {args.threads or info['default_threads']}")
     out = {"config": {"layers": args.layers, "device": device, "isa": info["selected_isa"]}, "results": {}}
@@ -257,11 +402,14 @@ def main() -> int:
         out["results"]["ktrs"] = measure(model, device, args.prefill, args.decode, args.repeats, args.batches, args.ttft)
         if device.startswith("cuda") and args.context:
             out["results"]["ktrs"].update(measure_long_context_memory(model, device, args.context))
-        if args.decode and not args.no_adapter and not args.sft:
+        if args.decode and not args.no_adapter and not sft:
             out["results"]["ktrs"].update(measure_adapter_decode(model, device, args.decode, ktrs.get_peft_model))
-        if args.sft:
-            torch.cuda.reset_peak_memory_stats() if device.startswith("cuda") else None
-            out["results"]["ktrs"].update(measure_sft(model, device, args.sft, args.sft_steps, ktrs.get_peft_model))
+        if sft:
+            from peft import LoraConfig
+
+            pm = ktrs.get_peft_model(model, LoraConfig(**SFT_LORA))
+            out["results"]["ktrs"]["sft"] = measure_sft(pm, device, sft, args.sft_steps, ckpts, args.reentrant, bool(args.profile))
+            del pm
         del model
         gc.collect()
         torch.cuda.empty_cache() if device.startswith("cuda") else None
@@ -272,11 +420,12 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
             print("[hf, all on GPU]", flush=True)
             out["results"]["hf_gpu"] = measure(model, device, args.prefill, args.decode, args.repeats, args.batches, args.ttft)
-            if args.sft and "offload" in args.skip:
+            if sft:
                 import peft
 
-                torch.cuda.reset_peak_memory_stats()
-                out["results"]["hf_gpu"].update(measure_sft(model, device, args.sft, args.sft_steps, peft.get_peft_model))
+                pm = peft.get_peft_model(model, peft.LoraConfig(**SFT_LORA))
+                out["results"]["hf_gpu"]["sft"] = measure_sft(pm, device, sft, args.sft_steps, ckpts, args.reentrant, bool(args.profile))
+                del pm
         if "offload" not in args.skip:
             from accelerate import cpu_offload_with_hook  # noqa: F401  (accelerate present)
             from accelerate.hooks import AlignDevicesHook, add_hook_to_module
@@ -300,9 +449,20 @@ def main() -> int:
             ("gpu_peak_gb", "GPU peak GB"), (f"gpu_peak_{args.context}_ctx_gb", f"GPU GB @{args.context}"), ("host_rss_gb", "host RSS GB"),
             ("sft_tok_s", "SFT tok/s"), ("sft_gpu_peak_gb", "SFT GPU GB")]
     cols = [(k, h) for k, h in cols if any(k in r for r in out["results"].values())]
-    print(f"\n{'system':<12} " + " ".join(f"{h:>17}" for _, h in cols))
-    for name, r in out["results"].items():
-        print(f"{name:<12} " + " ".join(f"{r[k]:17.2f}" if r.get(k) is not None else f"{'-':>17}" for k, _ in cols))
+    if sft:
+        print_sft_table(out["results"])
+    else:
+        print(f"\n{'system':<12} " + " ".join(f"{h:>17}" for _, h in cols))
+        for name, r in out["results"].items():
+            print(f"{name:<12} " + " ".join(f"{r[k]:17.2f}" if r.get(k) is not None else f"{'-':>17}" for k, _ in cols))
+    if args.profile:
+        prof = {"config": out["config"], "command": " ".join(sys.argv),
+                "profiles": {name: {k: v["profile"] for k, v in r.get("sft", {}).items() if isinstance(v, dict) and "profile" in v}
+                             for name, r in out["results"].items()}}
+        os.makedirs(os.path.dirname(os.path.abspath(args.profile)), exist_ok=True)
+        with open(args.profile, "w") as f:
+            json.dump(prof, f, indent=2)
+        print(f"profile JSON: {args.profile}")
     print(f"JSON: {args.json}")
     return 0
 

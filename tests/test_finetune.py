@@ -278,23 +278,6 @@ def test_inspect_reports_non_finite_tensors(base, tmp_path):
     assert r.returncode == 1 and "shared experts: " in r.stdout and "1 NaN" in r.stdout and "non-finite" in r.stdout
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_same_gradients(base, reentrant):
-    grads = []
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        pm = patched_peft(base, seed=31)
-        pm.train()
-        if ckpt:
-            pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-            if reentrant:
-                pm.enable_input_require_grads()
-        pm(**batch(seed=9)).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
-    for n, g in grads[0].items():
-        assert rel_l2(grads[1][n], g) < 1e-5, n
-
-
 def test_hf_trainer_bf16_mixed_precision(base, tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -310,29 +293,3 @@ def test_hf_trainer_bf16_mixed_precision(base, tmp_path):
     assert len(losses) == 6 and all(l == l and l < 100 for l in losses)  # finite
     for p in ktrs.expert_lora_parameters(pm):
         assert p.dtype == torch.float32 and torch.isfinite(p).all()
-
-
-
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpointing_frees_expert_caches_until_backward(base, reentrant):
-    from ktrs.module import live_forward_caches
-
-    pm = patched_peft(base, seed=32)
-    pm.train()
-    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    if reentrant:
-        pm.enable_input_require_grads()
-    import gc
-
-    gc.collect()
-    assert live_forward_caches() == 0
-    loss = pm(**batch(seed=10)).loss
-    gc.collect()
-    assert live_forward_caches() == 0  # nothing kept between forward and backward
-    loss.backward()
-    del loss
-    gc.collect()
-    assert live_forward_caches() == 0
-    pm.gradient_checkpointing_disable()
-    loss = pm(**batch(seed=10)).loss
-    assert live_forward_caches() == 2  # without checkpointing: one per MoE layer

@@ -79,6 +79,7 @@ class MoeExperts:
         self._views: Dict[str, torch.Tensor] = {}
         self._grad_views: Dict[str, torch.Tensor] = {}
         self._lock = threading.RLock()
+        self._state_version = 0
 
     @classmethod
     def empty(
@@ -94,12 +95,14 @@ class MoeExperts:
         self._views = {}
         self._grad_views = {}
         self._lock = threading.RLock()
+        self._state_version = 0
         return self
 
     # -- weights -------------------------------------------------------------------------
     @_locked
     def set_expert(self, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """Packs one expert's weights (gate, up ``[I, H]``, down ``[H, I]``)."""
+        self._state_version += 1
         self._native.set_expert(expert, _as_bf16_cpu("gate", gate), _as_bf16_cpu("up", up), _as_bf16_cpu("down", down))
 
     @_locked
@@ -193,6 +196,7 @@ class MoeExperts:
         """Copies ``value`` (any dtype/device, shape ``lora_shape(name)``) into Rust memory."""
         if not isinstance(value, torch.Tensor):
             raise KtrsTypeError(f"`value` must be a torch.Tensor, got {type(value).__name__}")
+        self._state_version += 1
         self._native.set_lora_weight(name, value.detach().to("cpu", torch.float32).contiguous())
 
     def lora_shape(self, name: str) -> List[int]:
@@ -204,6 +208,7 @@ class MoeExperts:
         """Gives the experts fresh LoRA of this rank (PEFT init: A Kaiming-uniform, B zero),
         or removes it with ``lora_rank=0``. Forward handles made before are stale from now
         on (:meth:`backward` raises :class:`ktrs.StaleHandleError`)."""
+        self._state_version += 1
         self._native.set_lora(lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, seed=seed)
         self._views.clear()
         self._grad_views.clear()
@@ -221,6 +226,7 @@ class MoeExperts:
     @isa.setter
     @_locked
     def isa(self, value: str) -> None:
+        self._state_version += 1
         self._native.isa = value
 
     @property
@@ -233,6 +239,13 @@ class MoeExperts:
     @_locked
     def threads(self, value: Optional[int]) -> None:
         self._native.threads = value
+
+    @property
+    def state_version(self) -> int:
+        """Changes whenever this object replaces expert weights, LoRA values or LoRA setup,
+        or the ISA (what a forward's result depends on besides its inputs; in-place writes
+        to the LoRA parameters show in their torch version counters instead)."""
+        return self._state_version
 
     @property
     def lora_generation(self) -> int:

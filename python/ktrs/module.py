@@ -2,44 +2,104 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import sys
+import threading
+import time
 import warnings
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ._native import NonFiniteError, StaleHandleError
+from ._native import KtrsValueError, NonFiniteError, StaleHandleError
 from .experts import LORA_NAMES, MoeExperts
 
 
 class Timer:
-    """Wall time spent in ktrs expert kernels (forward and backward), for reports."""
+    """What the ktrs expert kernels cost, process-wide: wall time of forwards and
+    backwards, how many ran, how many checkpoint recomputes were served from a kept
+    forward (no kernel run), and the host<->device copies (with the waits on the GPU they
+    imply) around them. Per-layer figures are kept while :attr:`per_layer` is True (the
+    profile of ``benchmarks/bench_model.py``); the totals cost two clock reads per call."""
 
     _GLOBAL: "Timer" = None  # type: ignore[assignment]
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self.per_layer = False
+        self.reset()
 
     @classmethod
     def global_(cls) -> "Timer":
+        """The process-wide timer every expert call reports to."""
         if cls._GLOBAL is None:
             cls._GLOBAL = cls()
         return cls._GLOBAL
 
     def reset(self) -> None:
+        """Zeroes every figure (keeps :attr:`per_layer`)."""
+        #: Seconds in expert kernels, forward plus backward.
         self.seconds = 0.0
+        self.forward_seconds = 0.0
+        self.backward_seconds = 0.0
+        #: Kernel runs; a recompute served from a kept forward counts in `reused` only.
+        self.forwards = 0
+        self.backwards = 0
+        self.reused = 0
+        #: Seconds moving inputs, outputs and output gradients between the caller's
+        #: device and the host (including waiting for the GPU to produce them).
+        self.copy_seconds = 0.0
+        #: Per layer name: {"forward_s", "backward_s", "forwards", "backwards", "reused", "copy_s"}.
+        self.layers: Dict[str, Dict[str, float]] = {}
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The figures as a plain dict (for JSON)."""
+        keys = ("seconds", "forward_seconds", "backward_seconds", "forwards", "backwards", "reused", "copy_seconds")
+        snap: Dict[str, Any] = {k: getattr(self, k) for k in keys}
+        snap["layers"] = {n: dict(v) for n, v in self.layers.items()}
+        return snap
+
+    def _layer(self, name: Optional[str]) -> Optional[Dict[str, float]]:
+        if not self.per_layer or name is None:
+            return None
+        rec = self.layers.get(name)
+        if rec is None:
+            rec = self.layers[name] = dict(forward_s=0.0, backward_s=0.0, forwards=0, backwards=0, reused=0, copy_s=0.0)
+        return rec
+
+    def add(self, kind: str, seconds: float, name: Optional[str] = None) -> None:
+        """Records one event: ``kind`` is "forward", "backward", "reused" or "copy"."""
+        rec = self._layer(name)
+        if kind == "copy":
+            self.copy_seconds += seconds
+            if rec is not None:
+                rec["copy_s"] += seconds
+            return
+        if kind == "reused":
+            self.reused += 1
+            if rec is not None:
+                rec["reused"] += 1
+            return
+        self.seconds += seconds
+        if kind == "forward":
+            self.forward_seconds += seconds
+            self.forwards += 1
+        else:
+            self.backward_seconds += seconds
+            self.backwards += 1
+        if rec is not None:
+            rec[f"{kind}_s"] += seconds
+            rec[f"{kind}s"] += 1
 
 
-def _timed(fn, *args, **kwargs):
-    import time
-
+def _timed(kind: str, name: Optional[str], fn, *args, **kwargs):
     t0 = time.perf_counter()
     try:
         return fn(*args, **kwargs)
     finally:
-        Timer.global_().seconds += time.perf_counter() - t0
+        Timer.global_().add(kind, time.perf_counter() - t0, name)
 
 
 #: Forward caches alive now (for tests and memory accounting).
@@ -51,28 +111,246 @@ def live_forward_caches() -> int:
     return len(_LIVE_HANDLES)
 
 
+# -- forwards kept for the recompute of activation checkpointing -----------------------------
+#
+# A checkpointed forward's expert result and Rust cache stay in host memory until the
+# recompute during backward asks for them again; the recompute then returns the kept output
+# without running a kernel. Who keeps them alive decides how long they live:
+#   * non-reentrant checkpointing (grad on, the saved-tensor hooks drop what the function
+#     saves): the autograd node of the first forward holds its _FirstPass; its backward
+#     uses the cache and lets go;
+#   * reentrant checkpointing (first forward under no_grad inside CheckpointFunction): the
+#     CheckpointFunction's node holds them; the recompute takes the cache over.
+# So they never outlive the step's autograd graph, and a forward whose backward never
+# comes frees them with its graph. `_PENDING` only indexes them (weak references) so a
+# recompute can find its first pass; `KTRS_RECOMPUTE_CACHE_MB` bounds what is kept.
+
+
+def _state_key(experts: MoeExperts, use_lora: bool, lora_params: Tuple[torch.Tensor, ...]) -> tuple:
+    """What an expert forward depends on besides its inputs."""
+    return (experts.state_version, experts.lora_generation, use_lora, tuple(p._version for p in lora_params))
+
+
+class _FirstPass:
+    """One expert forward kept for its recompute: the host inputs it ran on (to match the
+    recompute exactly), its output and Rust cache, and the state it ran under."""
+
+    __slots__ = ("experts", "x", "ids", "w", "versions", "state", "out", "handle", "owner", "nbytes", "order", "__weakref__")
+
+    def __init__(self, experts: MoeExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, state: tuple, out: torch.Tensor, handle) -> None:
+        self.experts = experts
+        # Detached aliases: they share the version counters (an in-place change after the
+        # forward shows) but reference no autograd node (no cycle through the node that
+        # owns this object).
+        self.x, self.ids, self.w, self.out = x.detach(), ids.detach(), w.detach(), out.detach()
+        self.versions = (x._version, ids._version, w._version, out._version)
+        self.state = state
+        self.handle = handle
+        #: Weak reference to the list of a reentrant checkpoint node that keeps this one.
+        self.owner: Optional["weakref.ref[_Kept]"] = None
+        self.nbytes = (handle.nbytes if handle is not None else 0) + 2 * x.numel() * x.element_size()
+        self.order = next(_ORDER)
+
+    def matches(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, state: tuple) -> bool:
+        if self.out is None or state != self.state:
+            return False
+        if (self.x._version, self.ids._version, self.w._version, self.out._version) != self.versions:
+            return False
+        return self.x.shape == x.shape and torch.equal(self.ids, ids) and torch.equal(self.w, w) and torch.equal(self.x, x)
+
+    def release_inputs(self) -> None:
+        """Keeps only the cache (the output was handed to the recompute)."""
+        self.x = self.w = self.out = None
+
+    def drop(self) -> None:
+        """Frees everything; a backward that wanted the cache recomputes instead."""
+        self.release_inputs()
+        self.handle = None
+        self.disown()
+
+    def disown(self) -> None:
+        """Leaves the reentrant checkpoint node that kept it."""
+        kept = self.owner() if self.owner is not None else None
+        if kept is not None and self in kept:
+            kept.remove(self)
+        self.owner = None
+
+
+class _Kept(list):
+    """The forwards a reentrant checkpoint node keeps (a list that entries can refer to
+    weakly, so no cycle delays freeing them)."""
+
+    __slots__ = ("__weakref__",)
+
+
+_PENDING: "weakref.WeakKeyDictionary[MoeExperts, List[weakref.ref]]" = weakref.WeakKeyDictionary()
+# On CUDA, recomputes run on autograd's device thread while CPU nodes (the experts'
+# backward) run on the caller's: the index is shared between them.
+_PENDING_LOCK = threading.RLock()
+_ORDER = itertools.count()
+
+
+def _recompute_limit() -> Optional[int]:
+    mb = os.environ.get("KTRS_RECOMPUTE_CACHE_MB")
+    if mb in (None, ""):
+        return None
+    try:
+        return int(float(mb) * 2**20)
+    except ValueError:
+        raise KtrsValueError(f"KTRS_RECOMPUTE_CACHE_MB must be a number of MiB, got {mb!r}") from None
+
+
+def _pending(experts: MoeExperts) -> List["_FirstPass"]:
+    with _PENDING_LOCK:
+        refs = _PENDING.get(experts, [])
+        alive = [e for e in (r() for r in refs) if e is not None and e.out is not None]
+        if len(alive) != len(refs):
+            _PENDING[experts] = [weakref.ref(e) for e in alive]
+        return alive
+
+
+def _remember(entry: _FirstPass) -> None:
+    """Indexes `entry` for its recompute; drops the oldest kept forwards beyond the limit."""
+    limit = _recompute_limit()
+    with _PENDING_LOCK:
+        _PENDING.setdefault(entry.experts, []).append(weakref.ref(entry))
+        if limit is None:
+            return
+        kept = [e for ex in list(_PENDING.keys()) for e in _pending(ex)]
+        total = sum(e.nbytes for e in kept)
+        for e in sorted(kept, key=lambda e: e.order):  # oldest first
+            if total <= limit:
+                break
+            total -= e.nbytes
+            e.drop()
+
+
+def _take(experts: MoeExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, state: tuple) -> Optional["_FirstPass"]:
+    """The kept forward this call recomputes, removed from the index, or None."""
+    with _PENDING_LOCK:
+        # Newest first: backward meets the forwards of one step in reverse order.
+        for e in reversed(_pending(experts)):
+            if e.matches(x, ids, w, state):
+                _PENDING[experts] = [r for r in _PENDING[experts] if r() is not e]
+                return e
+    return None
+
+
+def pending_recomputes() -> int:
+    """How many expert forwards are kept for a checkpoint recompute now."""
+    with _PENDING_LOCK:
+        return sum(len(_pending(ex)) for ex in list(_PENDING.keys()))
+
+
+def clear_recompute_caches() -> None:
+    """Frees every expert forward kept for a checkpoint recompute (their recomputes then
+    run the kernels again; results are unchanged)."""
+    with _PENDING_LOCK:
+        for ex in list(_PENDING.keys()):
+            for e in _pending(ex):
+                e.drop()
+        _PENDING.clear()
+
+
+_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward on this thread (checkpoint recomputes run
+    inside it). Without torch's probe no forward is reused: always correct, only slower."""
+    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
+
+
+_CHECKPOINT_CODE = None
+
+
+def _reentrant_checkpoint_owner():
+    """The node of the reentrant ``torch.utils.checkpoint`` whose no-grad forward is running
+    this call (``CheckpointFunction.forward`` on the stack), or None."""
+    global _CHECKPOINT_CODE
+    if _CHECKPOINT_CODE is None:
+        from torch.utils.checkpoint import CheckpointFunction
+
+        _CHECKPOINT_CODE = getattr(CheckpointFunction.forward, "__code__", False)
+    if not _CHECKPOINT_CODE:
+        return None
+    f = sys._getframe(2)
+    for _ in range(128):
+        if f is None:
+            return None
+        if f.f_code is _CHECKPOINT_CODE:
+            return f.f_locals.get("ctx")
+        f = f.f_back
+    return None
+
+
+def _keep_for_recompute(owner, entry: _FirstPass) -> None:
+    """Makes the reentrant checkpoint node `owner` keep `entry` until its recompute."""
+    kept = getattr(owner, "_ktrs_first_passes", None)
+    if kept is None:
+        kept = owner._ktrs_first_passes = _Kept()
+    kept.append(entry)
+    entry.owner = weakref.ref(kept)
+    _remember(entry)
+
+
+class _Call:
+    """Per-call options of :class:`_ExpertsFunction` (not tensors, so autograd ignores them)."""
+
+    __slots__ = ("experts", "guard", "name", "record")
+
+    def __init__(self, experts: MoeExperts, guard: Optional[str], name: Optional[str], record: bool) -> None:
+        self.experts, self.guard, self.name, self.record = experts, guard, name, record
+
+
 class _ExpertsFunction(torch.autograd.Function):
     """``out = experts(hidden, ids, weights)``; LoRA parameters are inputs so autograd
     delivers their gradients (fresh tensors each backward: nothing the optimizer holds
     is ever overwritten by a later backward)."""
 
     @staticmethod
-    def forward(ctx, experts: MoeExperts, where: Optional[str], hidden, topk_ids, topk_weights, *lora_params):
-        needs = any(ctx.needs_input_grad[2:])
+    def forward(ctx, call: _Call, hidden, topk_ids, topk_weights, *lora_params):
+        experts = call.experts
+        x, ids, w = hidden.detach(), topk_ids.detach(), topk_weights.detach()
         # Without LoRA parameters the call runs the base experts (adapter disabled).
         use_lora = len(lora_params) > 0
-        out, handle = _timed(experts.forward, hidden.detach(), topk_ids.detach(), topk_weights.detach(), save_for_backward=needs, use_lora=use_lora)
-        if where is not None:
-            _guard_rows(out, where, "expert output", topk_ids)
-        # The Rust forward cache rides on an empty saved tensor rather than on ctx, so
-        # activation checkpointing sees it: non-reentrant checkpointing drops it after the
-        # forward and the recomputed forward makes the one backward uses.
+        # `record`: autograd records this call (the function's own forward always runs
+        # without grad); otherwise no backward can come, unless this is the no-grad first
+        # pass of a reentrant checkpoint, whose recompute will ask for the same forward.
+        needs = call.record and any(ctx.needs_input_grad[1:])
+        state = _state_key(experts, use_lora, lora_params)
+        kept = _take(experts, x, ids, w, state) if call.record and _in_backward() else None
+        entry: Optional[_FirstPass] = None
+        if kept is not None:
+            # A checkpoint recompute of a forward kept in host memory: its output again,
+            # no kernel run. Reentrant: this recompute's node is the one backward runs, and
+            # takes the cache over. Non-reentrant: the first pass's node keeps the cache for
+            # its own backward (this node shares it, should anything run its backward).
+            Timer.global_().add("reused", 0.0, call.name)
+            out = kept.out.clone()
+            kept.disown()
+            kept.release_inputs()
+            entry = kept
+        else:
+            owner = None if call.record else _reentrant_checkpoint_owner()
+            out, handle = _timed("forward", call.name, experts.forward, x, ids, w, save_for_backward=needs or owner is not None, use_lora=use_lora)
+            if handle is not None:
+                _LIVE_HANDLES.add(handle)
+                entry = _FirstPass(experts, x, ids, w, state, out, handle)
+                if owner is not None:
+                    _keep_for_recompute(owner, entry)
+                    entry = None
+        if call.guard is not None:
+            _guard_rows(out, call.guard, "expert output", ids)
+        # The cache rides on an empty saved tensor, so it lives exactly as long as autograd
+        # keeps saved tensors (freed after backward). If a saved-tensor hook drops the token
+        # (non-reentrant checkpointing), experts_function moves the entry onto the node.
         token = torch.empty(0)
-        token._ktrs_handle, token._ktrs_ids = handle, topk_ids.detach()
-        if handle is not None:
-            _LIVE_HANDLES.add(handle)
+        token._ktrs_entry = entry
         ctx.save_for_backward(token)
-        ctx.experts, ctx.where = experts, where
+        ctx._ktrs_token = weakref.ref(token)
+        ctx._ktrs_entry = entry
+        ctx.call = call
         # Gradients take the shapes of the parameters that went in; a LoRA replaced since
         # (enable_lora) makes the handle stale, which backward reports.
         ctx.lora_shapes = [p.shape for p in lora_params]
@@ -80,24 +358,38 @@ class _ExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        experts: MoeExperts = ctx.experts
-        (token,) = ctx.saved_tensors
-        handle, ids = getattr(token, "_ktrs_handle", None), getattr(token, "_ktrs_ids", None)
+        call: _Call = ctx.call
+        kept: Optional[_FirstPass] = ctx._ktrs_entry
+        if kept is not None and kept.handle is not None:
+            # A forward kept on the node (checkpointing dropped its token). Its cache is not
+            # needed after this backward (a second one, retain_graph, unpacks a recomputed
+            # token); its output stays until its recompute asks for it, as backward may
+            # reach this node before the op whose unpacking recomputes.
+            entry, handle = kept, kept.handle
+            kept.handle = None
+        else:
+            # The usual case: autograd frees the token, and with it the cache, after
+            # backward (or keeps it for retain_graph).
+            (token,) = ctx.saved_tensors
+            entry = getattr(token, "_ktrs_entry", None)
+            handle = entry.handle if entry is not None else None
         if handle is None:
             raise StaleHandleError("ktrs: backward without a saved forward (was the forward run under torch.no_grad()?)")
+        t0 = time.perf_counter()
         grad_out = grad_out.detach().to("cpu", torch.bfloat16).contiguous()
+        Timer.global_().add("copy", time.perf_counter() - t0, call.name)
         n_lora = len(ctx.lora_shapes)
-        want_lora = n_lora > 0 and any(ctx.needs_input_grad[5:])
+        want_lora = n_lora > 0 and any(ctx.needs_input_grad[4:])
         lora_grads = [torch.empty(s, dtype=torch.float32) for s in ctx.lora_shapes] if want_lora else None
-        grad_hidden, grad_w = _timed(experts.backward, handle, grad_out, lora_grads=lora_grads, accumulate=False)
-        if ctx.where is not None:
-            _guard_rows(grad_hidden, ctx.where, "input gradient", ids)
+        grad_hidden, grad_w = _timed("backward", call.name, call.experts.backward, handle, grad_out, lora_grads=lora_grads, accumulate=False)
+        if call.guard is not None:
+            _guard_rows(grad_hidden, call.guard, "input gradient", entry.ids)
             for name, g in zip(LORA_NAMES, lora_grads or ()):
                 bad = (~torch.isfinite(g)).flatten(1).any(1).nonzero().flatten().tolist()
                 if bad:
-                    raise NonFiniteError(f"ktrs: non-finite gradient of expert LoRA {name} in {ctx.where}, experts {bad[:8]}")
+                    raise NonFiniteError(f"ktrs: non-finite gradient of expert LoRA {name} in {call.guard}, experts {bad[:8]}")
         lora_out = tuple(lora_grads) if want_lora else (None,) * n_lora
-        return (None, None, grad_hidden, None, grad_w, *lora_out)
+        return (None, grad_hidden, None, grad_w, *lora_out)
 
 
 def _guard_rows(t: torch.Tensor, where: str, what: str, ids: torch.Tensor) -> None:
@@ -109,12 +401,37 @@ def _guard_rows(t: torch.Tensor, where: str, what: str, ids: torch.Tensor) -> No
         raise NonFiniteError(f"ktrs: non-finite {what} in {where}: tokens {toks} (routed to experts {experts}); {len(bad)} rows affected")
 
 
-def experts_function(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *lora_params: torch.Tensor, guard: Optional[str] = None) -> torch.Tensor:
+def experts_function(
+    experts: MoeExperts,
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *lora_params: torch.Tensor,
+    guard: Optional[str] = None,
+    name: Optional[str] = None,
+) -> torch.Tensor:
     """Differentiable call of ``experts`` (CPU, bf16 hidden, int64 ids, f32 weights).
     The layer's LoRA applies when ``lora_params`` (its six parameters) are given, and
     they receive its gradients; without them the base experts run.
-    With ``guard`` (a name for messages), NaN/Inf in the output or any gradient raise."""
-    return _ExpertsFunction.apply(experts, guard, hidden, topk_ids, topk_weights, *lora_params)
+    With ``guard`` (a name for messages), NaN/Inf in the output or any gradient raise.
+    ``name`` labels the call in :class:`Timer`'s per-layer figures.
+
+    Under activation checkpointing (``torch.utils.checkpoint``, reentrant or not) the
+    forward's result and cache are kept in host memory and the recompute reuses them."""
+    call = _Call(experts, guard, name, torch.is_grad_enabled())
+    out = _ExpertsFunction.apply(call, hidden, topk_ids, topk_weights, *lora_params)
+    node = out.grad_fn
+    entry = getattr(node, "_ktrs_entry", None) if node is not None else None
+    if entry is not None:
+        if node._ktrs_token() is not None:
+            # Autograd keeps the saved token, and with it the cache: the usual case.
+            node._ktrs_entry = None
+            entry.release_inputs()
+        else:
+            # A saved-tensor hook dropped the token (non-reentrant checkpointing): the node
+            # keeps the forward for its backward, indexed for the recompute.
+            _remember(entry)
+    return out
 
 
 _EXECUTOR = None
@@ -136,6 +453,7 @@ class ExpertsFuture:
     def __init__(self, module: "KtrsExperts", hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
         self.device, self.dtype = hidden.device, hidden.dtype
         pin = hidden.is_cuda
+        t0 = time.perf_counter()
         x = torch.empty(hidden.shape, dtype=torch.bfloat16, pin_memory=pin)
         i = torch.empty(ids.shape, dtype=torch.int64, pin_memory=pin)
         w = torch.empty(weights.shape, dtype=torch.float32, pin_memory=pin)
@@ -147,19 +465,30 @@ class ExpertsFuture:
             event = torch.cuda.Event()
             event.record()
         out = torch.empty(hidden.shape, dtype=torch.bfloat16, pin_memory=pin)
-        experts, use_lora = module.experts, module.lora_active
+        experts, use_lora, name = module.experts, module.lora_active, module.where
+        Timer.global_().add("copy", time.perf_counter() - t0, name)
+        # The no-grad first pass of a reentrant checkpoint: keep the forward for the
+        # recompute (which runs with autograd, through experts_function).
+        owner = None if torch.is_grad_enabled() else _reentrant_checkpoint_owner()
+        state = _state_key(experts, use_lora, module.lora_params()) if owner is not None else None
 
         def work():
             if event is not None:
                 event.synchronize()
-            _timed(experts.forward, x, i, w, out=out, use_lora=use_lora)
-            return out
+            _, handle = _timed("forward", name, experts.forward, x, i, w, out=out, use_lora=use_lora, save_for_backward=owner is not None)
+            return handle
 
+        self._out, self._keep = out, (owner, experts, x, i, w, state)
         self._future = _executor().submit(work)
 
     def result(self) -> torch.Tensor:
-        out = self._future.result()
-        return out.to(device=self.device, dtype=self.dtype, non_blocking=self.device.type == "cuda")
+        handle = self._future.result()
+        owner, experts, x, i, w, state = self._keep
+        if handle is not None:
+            _LIVE_HANDLES.add(handle)
+            _keep_for_recompute(owner, _FirstPass(experts, x, i, w, state, self._out, handle))
+        self._keep = None
+        return self._out.to(device=self.device, dtype=self.dtype, non_blocking=self.device.type == "cuda")
 
 
 class KtrsExperts(nn.Module):
@@ -290,16 +619,26 @@ class KtrsExperts(nn.Module):
                 )
                 self._warned_rebind = True
 
+    def lora_params(self) -> Tuple[nn.Parameter, ...]:
+        """The LoRA parameters a forward passes now (:data:`LORA_NAMES` order; none while
+        the expert LoRA is inactive)."""
+        return tuple(self.lora_experts[n] for n in LORA_NAMES) if self.lora_active else ()
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         self._ensure_views()
         device, dtype = hidden_states.device, hidden_states.dtype
+        timer = Timer.global_()
+        t0 = time.perf_counter()
         x = hidden_states.to("cpu", torch.bfloat16).contiguous()
         ids = top_k_index.to("cpu", torch.int64).contiguous()
         w = top_k_weights.to("cpu", torch.float32).contiguous()
-        params = tuple(self.lora_experts[n] for n in LORA_NAMES) if self.lora_active else ()
+        t1 = time.perf_counter()
         check = torch.is_grad_enabled() if self.check_finite is None else self.check_finite
-        out = experts_function(self.experts, x, ids, w, *params, guard=self.where if check else None)
-        return out.to(device=device, dtype=dtype)
+        out = experts_function(self.experts, x, ids, w, *self.lora_params(), guard=self.where if check else None, name=self.where)
+        t2 = time.perf_counter()
+        out = out.to(device=device, dtype=dtype)
+        timer.add("copy", (t1 - t0) + (time.perf_counter() - t2), self.where)
+        return out
 
     # -- what HF/PEFT code may inspect ---------------------------------------------------
     @property

@@ -204,6 +204,11 @@ class AdamW(torch.optim.Optimizer):
             gpu.step()
         if states:
             _native.adamw_step(states, params, grads, hypers, threads=self._threads)
+            # Rust wrote the parameters in place behind torch's back: bump their version
+            # counters as torch's optimizers do, so anything that checks them (autograd's
+            # saved-tensor check, a checkpoint recompute's reuse of a kept expert forward)
+            # sees the update.
+            torch.autograd.graph.increment_version(params)
         return loss
 
 
