@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import ktrs  # noqa: E402
-from ktrs.tiny import DATA, build_checkpoint  # noqa: E402
+from ktrs.app.tiny import DATA, build_checkpoint  # noqa: E402
 
 from conftest import rel_l2  # noqa: E402
 
@@ -83,7 +83,7 @@ def test_export_merged_loads_in_stock_transformers(ckpt, trained, tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     from safetensors import safe_open
 
-    from ktrs.chat import load_chat_model
+    from ktrs.app.chat import load_chat_model
 
     def dtype_of(d, key):
         for f in (f for f in os.listdir(d) if f.endswith(".safetensors")):

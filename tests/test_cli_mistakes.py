@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("transformers")
 
 import ktrs  # noqa: E402
-from ktrs import cli  # noqa: E402
-from ktrs.tiny import DATA, build_checkpoint  # noqa: E402
+from ktrs.app import cli  # noqa: E402
+from ktrs.app.tiny import DATA, build_checkpoint  # noqa: E402
 
 CHAT_DATA = os.path.join(DATA, "demo_chat.jsonl")
 
@@ -78,7 +78,7 @@ def test_yaml_accepts_the_flag_spellings(ckpt, tmp_path, capsys, no_model_load):
     err = one_line_error(capsys, ["train", "--config", str(cfg)], "--max-len")
     assert "unknown" not in err
     assert cli._parser  # the YAML value of lr reached the config:
-    from ktrs.train import load_config
+    from ktrs.app.train import load_config
 
     assert load_config(str(cfg), {"max_len": 64}).learning_rate == 0.001
 

@@ -12,11 +12,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import ktrs  # noqa: E402
-from ktrs.chat import load_chat_model  # noqa: E402
-from ktrs.cli import main  # noqa: E402
+from ktrs.app.chat import load_chat_model  # noqa: E402
+from ktrs.app.cli import main  # noqa: E402
 from ktrs.families import FAMILIES  # noqa: E402
-from ktrs.tiny import DATA, bundled_texts, train_tokenizer  # noqa: E402
-from ktrs.train import TrainConfig, train  # noqa: E402
+from ktrs.app.tiny import DATA, bundled_texts, train_tokenizer  # noqa: E402
+from ktrs.app.train import TrainConfig, train  # noqa: E402
 
 from conftest import rel_l2  # noqa: E402
 from tiny_families import BUILDERS, stock_model, tie_free_batch  # noqa: E402

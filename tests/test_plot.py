@@ -5,7 +5,7 @@ import math
 import struct
 import zlib
 
-from ktrs import plot
+from ktrs.app import plot
 
 
 def read_png(path):

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import List, Optional
 
-from ._native import IsaUnavailableError, KtrsError, KtrsFileNotFoundError, KtrsValueError
+from .._native import IsaUnavailableError, KtrsError, KtrsFileNotFoundError, KtrsValueError
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -84,7 +84,7 @@ def _at_least(name: str, value: Optional[int], low: int, high: Optional[int] = N
 
 def _check_args(args) -> None:
     """Mistakes found before anything loads (the training options: `TrainConfig.check`)."""
-    from . import MAX_THREADS, _native
+    from .. import MAX_THREADS, _native
 
     _native.resolve_threads(None)  # a bad KTRS_THREADS
     if args.command == "bench":
@@ -116,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args) -> int:
     if args.command == "info":
-        from .info import format_info, info
+        from ..info import format_info, info
 
         d = info()
         print(json.dumps(d, indent=2) if args.json else format_info(d))
@@ -181,7 +181,7 @@ def _checkpoint_dtype(model_dir: str):
 def _inspect(adapter_dir: str, as_json: bool) -> int:
     import os
 
-    from .tools import inspect_adapter
+    from ..tools import inspect_adapter
 
     if not os.path.exists(os.path.join(adapter_dir, "adapter_model.safetensors")):
         raise KtrsFileNotFoundError(f"no adapter_model.safetensors in {adapter_dir!r}")

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._native import KtrsFileNotFoundError
+from .._native import KtrsFileNotFoundError
 
 
 def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):

@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .experts import LORA_NAMES, MoeExperts
-from .info import format_info, info
+from ..experts import LORA_NAMES, MoeExperts
+from ..info import format_info, info
 
 # DeepSeek-V2-Lite's routed experts: 64 experts, hidden 2048, expert width 1408, top-6.
 V2_LITE = dict(experts=64, hidden=2048, intermediate=1408, top_k=6)

@@ -9,7 +9,7 @@ from typing import Dict, List
 
 import torch
 
-from ._native import KtrsFileNotFoundError, KtrsValueError
+from .._native import KtrsFileNotFoundError, KtrsValueError
 
 
 def read_jsonl(path: str) -> List[List[Dict[str, str]]]:

@@ -11,8 +11,8 @@ from typing import List, Optional
 
 import torch
 
-from ._native import KtrsFileNotFoundError, KtrsValueError
-from .families import Family, family_for
+from .._native import KtrsFileNotFoundError, KtrsValueError
+from ..families import Family, family_for
 
 
 @dataclass
