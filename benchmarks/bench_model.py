@@ -35,30 +35,31 @@ def rss_gb() -> float:
     return float("nan")
 
 
-def v2_lite_config(layers: int):
+def v2_lite_config(layers: int, **sizes):
+    """DeepSeek-V2-Lite's shape with `layers` layers; `sizes` override fields (the tiny
+    shape below)."""
     from transformers import DeepseekV2Config
 
-    return DeepseekV2Config(
+    shape = dict(
         vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, first_k_dense_replace=1,
-        n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, kv_lora_rank=512, q_lora_rank=None,
-        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=8192,
-        routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1, rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
+        num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6,
+        n_shared_experts=2, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        max_position_embeddings=8192,
+    )
+    shape.update(sizes)
+    return DeepseekV2Config(
+        num_hidden_layers=layers, first_k_dense_replace=1, q_lora_rank=None, routed_scaling_factor=1.0,
+        topk_method="greedy", n_group=1, topk_group=1, rms_norm_eps=1e-6, tie_word_embeddings=False, **shape,
     )
 
 
 def tiny_config(layers: int):
     """A small DeepSeek-V2 (same structure) to check the script end to end in seconds."""
-    from transformers import DeepseekV2Config
-
-    return DeepseekV2Config(
-        vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1,
-        n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, kv_lora_rank=64, q_lora_rank=None,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=4096,
-        routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1, rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
+    return v2_lite_config(
+        layers, vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4,
+        n_shared_experts=1, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        max_position_embeddings=4096,
     )
 
 
