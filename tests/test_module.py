@@ -190,3 +190,24 @@ def test_non_finite_guard_names_layer_and_experts():
     out = m(x, p.ids, p.weights)
     with pytest.raises(FloatingPointError, match=r"non-finite (input gradient|gradient of expert LoRA) in model\.layers\.3"):
         out.backward(torch.full_like(out, 3e38))  # finite, but overflows inside
+
+
+def test_finite_guard_flags_nan_and_inf_and_never_finite_overflow():
+    from ktrs.module import NonFiniteError, _all_finite, _guard_rows
+
+    ids = torch.zeros(4, 2, dtype=torch.int64)
+    ok = torch.randn(4, 8).bfloat16()
+    assert _all_finite(ok)
+    _guard_rows(ok, "layer", "output", ids)
+    huge = torch.full((4, 8), 3e38).bfloat16()  # finite; its float32 sum overflows
+    assert not _all_finite(huge)  # the quick test defers ...
+    _guard_rows(huge, "layer", "output", ids)  # ... and the exact one finds nothing
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = ok.clone()
+        t[2, 5] = bad
+        assert not _all_finite(t)
+        with pytest.raises(NonFiniteError, match=r"tokens \[2\]"):
+            _guard_rows(t, "layer", "output", ids)
+    both = ok.clone()
+    both[0, 0], both[3, 1] = float("inf"), -float("inf")  # opposite infinities: NaN sum
+    assert not _all_finite(both)

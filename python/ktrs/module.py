@@ -384,7 +384,7 @@ class _ExpertsFunction(torch.autograd.Function):
         grad_hidden, grad_w = _timed("backward", call.name, call.experts.backward, handle, grad_out, lora_grads=lora_grads, accumulate=False)
         if call.guard is not None:
             _guard_rows(grad_hidden, call.guard, "input gradient", entry.ids)
-            for name, g in zip(LORA_NAMES, lora_grads or ()):
+            for name, g in zip(LORA_NAMES, lora_grads if lora_grads and not _all_finite(*lora_grads) else ()):
                 bad = (~torch.isfinite(g)).flatten(1).any(1).nonzero().flatten().tolist()
                 if bad:
                     raise NonFiniteError(f"ktrs: non-finite gradient of expert LoRA {name} in {call.guard}, experts {bad[:8]}")
@@ -392,8 +392,19 @@ class _ExpertsFunction(torch.autograd.Function):
         return (None, grad_hidden, None, grad_w, *lora_out)
 
 
+def _all_finite(*ts: torch.Tensor) -> bool:
+    """Whether every element of `ts` is finite, in one float32 sum per tensor: a NaN or
+    an Inf makes the sum non-finite, so a finite sum clears the tensor (an overflowing
+    sum of finite values only sends the caller to its exact check). At T=2048 the masks
+    cost 32 ms per layer and step on the main thread, the sums 4.4 (output, input
+    gradient and LoRA gradients; development machine, 2 threads)."""
+    return bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in ts])).all())
+
+
 def _guard_rows(t: torch.Tensor, where: str, what: str, ids: torch.Tensor) -> None:
     """Raises, naming layer, tokens and their experts, if `t` holds NaN or Inf."""
+    if _all_finite(t):
+        return
     bad = (~torch.isfinite(t)).any(1).nonzero().flatten()
     if len(bad):
         toks = bad[:4].tolist()
