@@ -21,7 +21,7 @@ from torch import nn
 from . import decode
 from ._native import KtrsFileNotFoundError, KtrsTypeError, KtrsValueError
 from .experts import MoeExperts
-from .families import family_for, ignored_keys
+from .families import _PROJ, family_for, ignored_keys
 from .module import KtrsExperts
 
 __all__ = ["find_moe_blocks", "patch_model", "from_pretrained"]
@@ -301,15 +301,87 @@ def _detach(parts: Dict[str, torch.Tensor]) -> None:
         parts[proj] = t.clone()
 
 
-def _expert_order(per_expert: "re.Pattern[str]"):
-    """Sort key: per-expert tensors first, by (layer, expert), so an expert's three
-    tensors are read one after another."""
+def _expert_order(*per_expert: "re.Pattern[str]"):
+    """Sort key: per-expert tensors (weights and their fp8 scales) first, by (layer,
+    expert), so an expert's tensors are read one after another."""
 
     def key(k: str):
-        m = per_expert.match(k)
-        return (0, int(m.group(2)), int(m.group(3)), m.group(4)) if m else (1, 0, 0, k)
+        m = next((m for p in per_expert if (m := p.match(k))), None)
+        return (0, int(m.group(2)), int(m.group(3)), k) if m else (1, 0, 0, k)
 
     return key
+
+
+#: safetensors' float8 dtypes (block-wise fp8 checkpoints, see `_Fp8`).
+_FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+#: The per-block scale of float8 tensor ``X.weight`` is ``X.weight`` + this.
+_SCALE = "_scale_inv"
+
+
+class _Fp8:
+    """Block-wise fp8 checkpoints (``quantization_config.quant_method == "fp8"``:
+    DeepSeek-V3/R1 and the "-FP8" Qwen3/GLM releases). Each float8 ``X.weight`` [n, k]
+    comes with a float32 ``X.weight_scale_inv`` holding one multiplier per
+    ``weight_block_size`` block (the last block of a dimension that is not a multiple of
+    the block is partial); w = w8 * scale_inv[block].
+
+    ktrs dequantises everything on load: the routed experts to bf16 on their way into
+    packing, the rest to the model's dtype. transformers' own ways do not fit: its fp8
+    GPU kernels come from the `kernels` hub package (a download), and its
+    ``dequantize=True`` path (5.17 to 5.24) derives the block from the scale grid
+    (rows // grid rows), which mis-scales partial last blocks or refuses them (e.g.
+    DeepSeek-V3's kv_a_proj_with_mqa, 576 rows in 5 blocks of 128).
+    """
+
+    def __init__(self, block: Optional[Tuple[int, int]]) -> None:
+        self.block = block
+
+    @classmethod
+    def of(cls, config, what: str) -> Optional["_Fp8"]:
+        """The checkpoint's fp8 scheme from `config`, None when it is not quantised;
+        another quantisation raises `KtrsValueError`."""
+        q = getattr(config, "quantization_config", None)
+        if q is None:
+            return None
+        q = q if isinstance(q, dict) else q.to_dict()
+        method = q.get("quant_method")
+        if method != "fp8":
+            raise KtrsValueError(f"{what}: quantization_config.quant_method {method!r} is not supported; ktrs loads "
+                                 "bf16/fp16/fp32 checkpoints and block-wise fp8 ones (quant_method 'fp8')")
+        if q.get("scale_fmt", "float") != "float":
+            raise KtrsValueError(f"{what}: quantization_config.scale_fmt {q.get('scale_fmt')!r} is not supported; "
+                                 "ktrs reads float32 weight_scale_inv tensors (scale_fmt 'float')")
+        block = q.get("weight_block_size")
+        ok = block is None or (isinstance(block, (list, tuple)) and len(block) == 2
+                               and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block))
+        if not ok:
+            raise KtrsValueError(f"{what}: quantization_config.weight_block_size must be two positive integers "
+                                 f"(or null: one scale per tensor), got {block!r}")
+        return cls(tuple(block) if block is not None else None)
+
+    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, key: str) -> torch.Tensor:
+        """The float32 values of the float8 tensor `key` ([..., n, k]) and its scales."""
+        n, k = weight.shape[-2:]
+        bn, bk = self.block or (n, k)
+        grid = (*weight.shape[:-2], -(-n // bn), -(-k // bk))
+        if self.block is None and scale.numel() == 1:
+            scale = scale.reshape(grid)
+        if tuple(scale.shape) != grid:
+            raise KtrsValueError(
+                f"{key}{_SCALE}: shape {list(scale.shape)} does not fit weight {list(weight.shape)} in blocks of "
+                f"{[bn, bk]} (quantization_config.weight_block_size), which need scales {list(grid)}")
+        s = scale.float().repeat_interleave(bn, -2)[..., :n, :].repeat_interleave(bk, -1)[..., :k]
+        return weight.float() * s
+
+
+def _not_fp8(key: str, what: str) -> KtrsValueError:
+    return KtrsValueError(f"{what}: {key} is float8, but config.json has no quantization_config with "
+                          "quant_method 'fp8' (which gives its weight_block_size)")
 
 
 def _shards(path: str) -> List[str]:
@@ -329,7 +401,7 @@ class _ShardReader:
     no mmap (whose touched pages count as resident) and no allocation per expert tensor
     (which let the allocator's heap grow to several shards' worth)."""
 
-    _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, **_FP8_DTYPES}
 
     def __init__(self, path: str) -> None:
         self.file = open(path, "rb")
@@ -374,6 +446,23 @@ def _progress(total: int, desc: str):
         return None
 
 
+def _expert_ready(parts: Dict[str, torch.Tensor]) -> bool:
+    """Whether an expert's tensors are all read: three weights, and the scale of each
+    float8 one."""
+    return all(p in parts and (not _is_fp8(parts[p]) or p + _SCALE in parts) for p in _PROJ)
+
+
+def _expert_gap(parts: Dict[str, torch.Tensor], key_of) -> str:
+    """What an incomplete expert lacks, as checkpoint keys (`key_of(proj)` is a
+    projection's weight key)."""
+    missing = [key_of(p) for p in _PROJ if p not in parts]
+    missing += [key_of(p) + _SCALE for p in _PROJ if p in parts and _is_fp8(parts[p]) and p + _SCALE not in parts]
+    if missing:
+        return "missing " + ", ".join(missing)
+    stray = [key_of(p) + _SCALE for p in _PROJ if p + _SCALE in parts and not _is_fp8(parts[p])]
+    return "scales of weights that are not float8: " + ", ".join(stray)
+
+
 def from_pretrained(
     path: str,
     *,
@@ -393,11 +482,21 @@ def from_pretrained(
     safetensors shards (the family's per-expert keys, or transformers 5's fused names)
     straight into Rust, one expert at a time; everything else is loaded onto `device`
     in `dtype`. Host memory stays near the packed expert bytes plus one expert in flight.
+
+    Block-wise fp8 checkpoints (``quantization_config.quant_method == "fp8"``, e.g.
+    DeepSeek-V3/R1) are dequantised on load: routed experts to bf16, the rest to
+    `dtype`; the model (and its config) is then an unquantised one.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    what = f"ktrs.from_pretrained({path!r})"
     config = AutoConfig.from_pretrained(path)
-    family = family_for(getattr(config, "model_type", None), f"ktrs.from_pretrained({path!r})")
+    family = family_for(getattr(config, "model_type", None), what)
+    fp8 = _Fp8.of(config, what)
+    if fp8 is not None:
+        # The model holds dequantised weights: save_pretrained/export_merged must not
+        # describe it as fp8.
+        del config.quantization_config
     device = torch.device(device or _default_device())
     opts = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
     with torch.device("meta"):
@@ -408,37 +507,62 @@ def from_pretrained(
         e, h, i = _fused_expert_shapes(block.experts)
         rust = MoeExperts.empty(e, h, i, **opts)
         _install(block, rust, name)
-        blocks[layer] = (rust, i)
+        blocks[layer] = (rust, i, name)
     # HF keeps some weights in fp32 whatever the dtype (the router's, for DeepSeek-V2).
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    total = sum(r.num_experts for r, _ in blocks.values())
+    total = sum(r.num_experts for r, _, _ in blocks.values())
     bar = _progress(total, "ktrs: loading experts")
     pending: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
     state: Dict[str, torch.Tensor] = {}
     loaded = 0
     per_expert = family.expert_pattern()
+    expert_scale = family.expert_pattern(re.escape(".weight" + _SCALE))
     ignored = ignored_keys(model)
     from safetensors import safe_open
 
-    for shard in _shards(path):
+    shards = _shards(path)
+    # Where every tensor is: an fp8 weight's scale may sit in another shard.
+    where = {}
+    for shard in shards:
+        reader = _ShardReader(shard)
+        where.update({k: (shard, meta["dtype"]) for k, meta in reader.header.items()})
+        reader.close()
+
+    def expert_key(layer: int, x: int, proj: str) -> str:
+        return family.expert_key(blocks[layer][2], x, proj)
+
+    def bf16(parts: Dict[str, torch.Tensor], layer: int, x: int, proj: str) -> torch.Tensor:
+        w = parts[proj]
+        if not _is_fp8(w):
+            return w
+        if fp8 is None:
+            raise _not_fp8(expert_key(layer, x, proj), what)
+        return fp8.dequantize(w, parts[proj + _SCALE], expert_key(layer, x, proj)).to(torch.bfloat16)
+
+    for shard in shards:
         reader = _ShardReader(shard)
         rest = []
-        # An expert's tensors come one after another, so three reusable buffers suffice;
-        # an expert left incomplete (its other tensors are in another shard) gets copies.
+        # An expert's tensors come one after another, so reusable buffers (one per
+        # projection and scale) suffice; an expert left incomplete (its other tensors
+        # are in another shard) gets copies.
         current = None
-        for key in sorted(reader.keys(), key=_expert_order(per_expert)):
+        for key in sorted(reader.keys(), key=_expert_order(per_expert, expert_scale)):
             if any(p.search(key) for p in ignored):
                 continue  # never read: layers the model does not build
-            m = per_expert.match(key)
+            m, suffix = per_expert.match(key), ""
+            if m is None and (m := expert_scale.match(key)) is not None:
+                suffix = _SCALE
             if m and int(m.group(2)) in blocks:
-                layer, x, proj = int(m.group(2)), int(m.group(3)), family.proj(m.group(4))
+                layer, x = int(m.group(2)), int(m.group(3))
+                slot = family.proj(m.group(4)) + suffix
                 if current not in (None, (layer, x)) and current in pending:
                     _detach(pending[current])
                 current = (layer, x)
                 parts = pending.setdefault((layer, x), {})
-                parts[proj] = reader.read(key, proj)
-                if len(parts) == 3:
-                    blocks[layer][0].set_expert(x, parts["gate"], parts["up"], parts["down"])
+                parts[slot] = reader.read(key, slot)
+                if _expert_ready(parts):
+                    gate, up, down = (bf16(parts, layer, x, p) for p in _PROJ)
+                    blocks[layer][0].set_expert(x, gate, up, down)
                     del pending[(layer, x)]
                     loaded += 1
                     if bar is not None:
@@ -446,11 +570,14 @@ def from_pretrained(
                 continue
             m = _FUSED.match(family.to_model(key))
             if m and int(m.group(1)) in blocks:
+                if reader.header[key]["dtype"] in _FP8_DTYPES:
+                    raise KtrsValueError(f"{what}: {key} is a float8 fused expert tensor; ktrs streams float8 experts "
+                                         "under the original per-expert keys (experts.N.gate_proj.weight and its scale)")
                 layer, which = int(m.group(1)), m.group(2)
                 parts = pending.setdefault((layer, -1), {})
                 parts[which] = (shard, key)
                 if len(parts) == 2:
-                    rust, i = blocks[layer]
+                    rust, i, _ = blocks[layer]
                     (sg, kg), (sd, kd) = parts["gate_up_proj"], parts["down_proj"]
                     with safe_open(sg, framework="pt") as fg, safe_open(sd, framework="pt") as fd:
                         gu, dn = fg.get_slice(kg), fd.get_slice(kd)
@@ -468,20 +595,44 @@ def from_pretrained(
         if rest:
             with safe_open(shard, framework="pt", device="cpu") as f:
                 for key in rest:
-                    t = f.get_tensor(key)
+                    if fp8 is not None and key.endswith(_SCALE) and key[: -len(_SCALE)] in where:
+                        continue  # read with its weight
+                    if fp8 is not None and key.endswith(".activation_scale"):
+                        continue  # static activation scales: meaningless for dequantised weights
+                    t = _dequantized(f.get_tensor(key), key, where, fp8, what)
                     name = family.to_model(key)
                     if t.is_floating_point():
                         t = t.to(torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype)
                     state[name] = t.to(device)
     if bar is not None:
         bar.close()
-    if loaded != total or pending:
-        missing = sorted(pending)[:5]
-        raise KtrsValueError(f"{path!r}: loaded {loaded} of {total} routed experts; incomplete: {missing}")
+    if pending:
+        (layer, x), parts = min(pending.items())
+        gap = "missing its fused gate_up_proj or down_proj" if x < 0 else _expert_gap(parts, lambda p: expert_key(layer, x, p))
+        raise KtrsValueError(f"{what}: loaded {loaded} of {total} routed experts; {len(pending)} incomplete, "
+                             f"e.g. layer {layer} expert {x}: {gap}")
+    if loaded != total:
+        raise KtrsValueError(f"{what}: loaded {loaded} of {total} routed experts; the checkpoint lacks the others")
     _load_rest(model, state, device)
     model._ktrs_device = device
     decode.enable(model)
     return model
+
+
+def _dequantized(t: torch.Tensor, key: str, where: Dict[str, Tuple[str, str]], fp8: Optional[_Fp8], what: str) -> torch.Tensor:
+    """Tensor `key` of the rest of the model, float8 ones dequantised (to float32) with
+    their scale, read from whichever shard holds it."""
+    if not _is_fp8(t):
+        return t
+    if fp8 is None:
+        raise _not_fp8(key, what)
+    if key + _SCALE not in where:
+        raise KtrsValueError(f"{what}: {key} is float8 but the checkpoint has no {key + _SCALE}")
+    from safetensors import safe_open
+
+    with safe_open(where[key + _SCALE][0], framework="pt", device="cpu") as f:
+        scale = f.get_tensor(key + _SCALE)
+    return fp8.dequantize(t, scale, key)
 
 
 def _load_rest(model: nn.Module, state: Dict[str, torch.Tensor], device: torch.device) -> None:
