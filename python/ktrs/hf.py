@@ -13,6 +13,7 @@ import json
 import os
 import re
 import types
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -294,24 +295,6 @@ def patch_model(
 _FUSED = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
-def _detach(parts: Dict[str, torch.Tensor]) -> None:
-    """Copies an incomplete expert's tensors out of the reader's reusable buffers
-    (rare: only experts whose tensors straddle a shard boundary)."""
-    for proj, t in parts.items():
-        parts[proj] = t.clone()
-
-
-def _expert_order(*per_expert: "re.Pattern[str]"):
-    """Sort key: per-expert tensors (weights and their fp8 scales) first, by (layer,
-    expert), so an expert's tensors are read one after another."""
-
-    def key(k: str):
-        m = next((m for p in per_expert if (m := p.match(k))), None)
-        return (0, int(m.group(2)), int(m.group(3)), k) if m else (1, 0, 0, k)
-
-    return key
-
-
 #: safetensors' float8 dtypes (block-wise fp8 checkpoints, see `_Fp8`).
 _FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
@@ -404,6 +387,7 @@ class _ShardReader:
     _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, **_FP8_DTYPES}
 
     def __init__(self, path: str) -> None:
+        self.path = path
         self.file = open(path, "rb")
         n = int.from_bytes(self.file.read(8), "little")
         self.header = json.loads(self.file.read(n))
@@ -414,16 +398,19 @@ class _ShardReader:
     def keys(self) -> List[str]:
         return list(self.header)
 
-    def read(self, key: str, slot: str) -> torch.Tensor:
-        """The tensor `key`, in the reusable buffer `slot` (valid until the next read into it)."""
+    def read(self, key: str, slot: Optional[str]) -> torch.Tensor:
+        """The tensor `key`, in the reusable buffer `slot` (valid until the next read into
+        it), or in a tensor of its own when `slot` is None."""
         meta = self.header[key]
         dtype = self._DTYPES.get(meta["dtype"])
         if dtype is None:
             raise KtrsValueError(f"{key}: unsupported dtype {meta['dtype']} for routed experts")
         shape = tuple(meta["shape"])
-        buf = self.buffers.get((slot, shape))
+        buf = None if slot is None else self.buffers.get((slot, shape))
         if buf is None or buf.dtype != dtype:
-            buf = self.buffers[(slot, shape)] = torch.empty(shape, dtype=dtype)
+            buf = torch.empty(shape, dtype=dtype)
+            if slot is not None:
+                self.buffers[(slot, shape)] = buf
         start, end = meta["data_offsets"]
         view = buf.view(-1).view(torch.uint8).numpy()
         if end - start != view.nbytes:
@@ -437,6 +424,34 @@ class _ShardReader:
         self.file.close()
 
 
+class _Packer:
+    """Packs experts on a worker thread (Rust, which releases the GIL) while the caller
+    reads the next one from disk. At most one pack is in flight, so the caller reads into
+    one of two sets of reusable buffers, `parity`, which flips at each submit."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ktrs-load")
+        self.in_flight: Optional[Future] = None
+        self.parity = 0
+
+    def submit(self, rust: MoeExperts, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        self.wait()
+        self.in_flight = self.pool.submit(rust.set_expert, expert, gate, up, down)
+        self.parity ^= 1
+
+    def wait(self) -> None:
+        """Waits for the pack in flight; its error, if any, is raised here."""
+        job, self.in_flight = self.in_flight, None
+        if job is not None:
+            job.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
 def _progress(total: int, desc: str):
     try:
         from tqdm.auto import tqdm
@@ -444,23 +459,6 @@ def _progress(total: int, desc: str):
         return tqdm(total=total, desc=desc, unit="expert", disable=os.environ.get("KTRS_NO_PROGRESS") == "1")
     except ImportError:  # pragma: no cover - tqdm comes with transformers
         return None
-
-
-def _expert_ready(parts: Dict[str, torch.Tensor]) -> bool:
-    """Whether an expert's tensors are all read: three weights, and the scale of each
-    float8 one."""
-    return all(p in parts and (not _is_fp8(parts[p]) or p + _SCALE in parts) for p in _PROJ)
-
-
-def _expert_gap(parts: Dict[str, torch.Tensor], key_of) -> str:
-    """What an incomplete expert lacks, as checkpoint keys (`key_of(proj)` is a
-    projection's weight key)."""
-    missing = [key_of(p) for p in _PROJ if p not in parts]
-    missing += [key_of(p) + _SCALE for p in _PROJ if p in parts and _is_fp8(parts[p]) and p + _SCALE not in parts]
-    if missing:
-        return "missing " + ", ".join(missing)
-    stray = [key_of(p) + _SCALE for p in _PROJ if p + _SCALE in parts and not _is_fp8(parts[p])]
-    return "scales of weights that are not float8: " + ", ".join(stray)
 
 
 def from_pretrained(
@@ -512,114 +510,104 @@ def from_pretrained(
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     total = sum(r.num_experts for r, _, _ in blocks.values())
     bar = _progress(total, "ktrs: loading experts")
-    pending: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
     state: Dict[str, torch.Tensor] = {}
-    loaded = 0
     per_expert = family.expert_pattern()
     expert_scale = family.expert_pattern(re.escape(".weight" + _SCALE))
     ignored = ignored_keys(model)
     from safetensors import safe_open
 
-    shards = _shards(path)
-    # Where every tensor is: an fp8 weight's scale may sit in another shard.
-    where = {}
-    for shard in shards:
-        reader = _ShardReader(shard)
-        where.update({k: (shard, meta["dtype"]) for k, meta in reader.header.items()})
-        reader.close()
+    readers = {shard: _ShardReader(shard) for shard in _shards(path)}
+    try:
+        # Sort every tensor: routed-expert weights and scales by (layer, expert), fused
+        # expert tensors by layer, the rest by shard.
+        where: Dict[str, _ShardReader] = {}
+        experts: Dict[Tuple[int, int], Dict[str, str]] = {}
+        fused: Dict[int, Dict[str, Tuple[str, str]]] = {}
+        rest: Dict[str, List[str]] = {}
+        for shard, reader in readers.items():
+            for key in reader.keys():
+                if any(p.search(key) for p in ignored):
+                    continue  # never read: layers the model does not build
+                where[key] = reader
+                m, suffix = per_expert.match(key), ""
+                if m is None and (m := expert_scale.match(key)) is not None:
+                    suffix = _SCALE
+                if m and int(m.group(2)) in blocks:
+                    experts.setdefault((int(m.group(2)), int(m.group(3))), {})[family.proj(m.group(4)) + suffix] = key
+                elif (m := _FUSED.match(family.to_model(key))) and int(m.group(1)) in blocks:
+                    if reader.header[key]["dtype"] in _FP8_DTYPES:
+                        raise KtrsValueError(f"{what}: {key} is a float8 fused expert tensor; ktrs streams float8 experts "
+                                             "under the original per-expert keys (experts.N.gate_proj.weight and its scale)")
+                    fused.setdefault(int(m.group(1)), {})[m.group(2)] = (shard, key)
+                else:
+                    rest.setdefault(shard, []).append(key)
+        def expert_key(layer: int, x: int, proj: str) -> str:
+            return family.expert_key(blocks[layer][2], x, proj)
 
-    def expert_key(layer: int, x: int, proj: str) -> str:
-        return family.expert_key(blocks[layer][2], x, proj)
+        missing = [(layer, x) for layer, (rust, _, _) in sorted(blocks.items()) if layer not in fused
+                   for x in range(rust.num_experts) if (layer, x) not in experts]
+        if missing:
+            layer, x = missing[0]
+            raise KtrsValueError(f"{what}: the checkpoint lacks {len(missing)} of {total} routed experts, "
+                                 f"e.g. {expert_key(layer, x, 'gate')}")
 
-    def bf16(parts: Dict[str, torch.Tensor], layer: int, x: int, proj: str) -> torch.Tensor:
-        w = parts[proj]
-        if not _is_fp8(w):
-            return w
-        if fp8 is None:
-            raise _not_fp8(expert_key(layer, x, proj), what)
-        return fp8.dequantize(w, parts[proj + _SCALE], expert_key(layer, x, proj)).to(torch.bfloat16)
-
-    for shard in shards:
-        reader = _ShardReader(shard)
-        rest = []
-        # An expert's tensors come one after another, so reusable buffers (one per
-        # projection and scale) suffice; an expert left incomplete (its other tensors
-        # are in another shard) gets copies.
-        current = None
-        for key in sorted(reader.keys(), key=_expert_order(per_expert, expert_scale)):
-            if any(p.search(key) for p in ignored):
-                continue  # never read: layers the model does not build
-            m, suffix = per_expert.match(key), ""
-            if m is None and (m := expert_scale.match(key)) is not None:
-                suffix = _SCALE
-            if m and int(m.group(2)) in blocks:
-                layer, x = int(m.group(2)), int(m.group(3))
-                slot = family.proj(m.group(4)) + suffix
-                if current not in (None, (layer, x)) and current in pending:
-                    _detach(pending[current])
-                current = (layer, x)
-                parts = pending.setdefault((layer, x), {})
-                parts[slot] = reader.read(key, slot)
-                if _expert_ready(parts):
-                    gate, up, down = (bf16(parts, layer, x, p) for p in _PROJ)
-                    blocks[layer][0].set_expert(x, gate, up, down)
-                    del pending[(layer, x)]
-                    loaded += 1
-                    if bar is not None:
-                        bar.update(1)
-                continue
-            m = _FUSED.match(family.to_model(key))
-            if m and int(m.group(1)) in blocks:
-                if reader.header[key]["dtype"] in _FP8_DTYPES:
-                    raise KtrsValueError(f"{what}: {key} is a float8 fused expert tensor; ktrs streams float8 experts "
-                                         "under the original per-expert keys (experts.N.gate_proj.weight and its scale)")
-                layer, which = int(m.group(1)), m.group(2)
-                parts = pending.setdefault((layer, -1), {})
-                parts[which] = (shard, key)
-                if len(parts) == 2:
-                    rust, i, _ = blocks[layer]
-                    (sg, kg), (sd, kd) = parts["gate_up_proj"], parts["down_proj"]
-                    with safe_open(sg, framework="pt") as fg, safe_open(sd, framework="pt") as fd:
-                        gu, dn = fg.get_slice(kg), fd.get_slice(kd)
-                        for x in range(rust.num_experts):
-                            rust.set_expert(x, gu[x : x + 1, :i][0], gu[x : x + 1, i:][0], dn[x : x + 1][0])
-                            loaded += 1
-                            if bar is not None:
-                                bar.update(1)
-                    del pending[(layer, -1)]
-                continue
-            rest.append(key)
-        if current in pending:
-            _detach(pending[current])
-        reader.close()
-        if rest:
-            with safe_open(shard, framework="pt", device="cpu") as f:
-                for key in rest:
-                    if fp8 is not None and key.endswith(_SCALE) and key[: -len(_SCALE)] in where:
-                        continue  # read with its weight
-                    if fp8 is not None and key.endswith(".activation_scale"):
-                        continue  # static activation scales: meaningless for dequantised weights
-                    t = _dequantized(f.get_tensor(key), key, where, fp8, what)
-                    name = family.to_model(key)
-                    if t.is_floating_point():
-                        t = t.to(torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype)
-                    state[name] = t.to(device)
+        # Expert by expert, each tensor from whichever shard holds it (transformers'
+        # save_pretrained spreads an expert over shards) into reusable buffers: one per
+        # projection and scale, two sets (see _Packer).
+        packer = _Packer()
+        try:
+            for (layer, x), keys in sorted(experts.items()):
+                fp8_weights = [p for p in _PROJ if p in keys and where[keys[p]].header[keys[p]]["dtype"] in _FP8_DTYPES]
+                gap = [expert_key(layer, x, p) for p in _PROJ if p not in keys]
+                gap += [expert_key(layer, x, p) + _SCALE for p in fp8_weights if p + _SCALE not in keys]
+                if gap:
+                    raise KtrsValueError(f"{what}: routed expert {x} of layer {layer} is incomplete: missing {', '.join(gap)}")
+                if fp8_weights and fp8 is None:
+                    raise _not_fp8(keys[fp8_weights[0]], what)
+                parts = {slot: where[key].read(key, f"{slot}{packer.parity}") for slot, key in keys.items()}
+                weights = [parts[p] if p not in fp8_weights else
+                           fp8.dequantize(parts[p], parts[p + _SCALE], keys[p]).to(torch.bfloat16) for p in _PROJ]
+                packer.submit(blocks[layer][0], x, *weights)
+                if bar is not None:
+                    bar.update(1)
+            for layer, parts in sorted(fused.items()):
+                if len(parts) != 2:
+                    raise KtrsValueError(f"{what}: layer {layer} has fused experts {sorted(parts)} only; it needs gate_up_proj and down_proj")
+                rust, i, _ = blocks[layer]
+                (sg, kg), (sd, kd) = parts["gate_up_proj"], parts["down_proj"]
+                with safe_open(sg, framework="pt") as fg, safe_open(sd, framework="pt") as fd:
+                    gu, dn = fg.get_slice(kg), fd.get_slice(kd)
+                    for x in range(rust.num_experts):
+                        packer.submit(rust, x, gu[x : x + 1, :i][0], gu[x : x + 1, i:][0], dn[x : x + 1][0])
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            packer.close()
+    finally:
+        for reader in readers.values():
+            reader.close()
     if bar is not None:
         bar.close()
-    if pending:
-        (layer, x), parts = min(pending.items())
-        gap = "missing its fused gate_up_proj or down_proj" if x < 0 else _expert_gap(parts, lambda p: expert_key(layer, x, p))
-        raise KtrsValueError(f"{what}: loaded {loaded} of {total} routed experts; {len(pending)} incomplete, "
-                             f"e.g. layer {layer} expert {x}: {gap}")
-    if loaded != total:
-        raise KtrsValueError(f"{what}: loaded {loaded} of {total} routed experts; the checkpoint lacks the others")
+    scales = {k for k in where if k.endswith(_SCALE)} if fp8 is not None else set()
+    for shard, keys in rest.items():
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for key in keys:
+                if key in scales and key[: -len(_SCALE)] in where:
+                    continue  # read with its weight
+                if fp8 is not None and key.endswith(".activation_scale"):
+                    continue  # static activation scales: meaningless for dequantised weights
+                t = _dequantized(f.get_tensor(key), key, where, fp8, what)
+                name = family.to_model(key)
+                if t.is_floating_point():
+                    t = t.to(torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype)
+                state[name] = t.to(device)
     _load_rest(model, state, device)
     model._ktrs_device = device
     decode.enable(model)
     return model
 
 
-def _dequantized(t: torch.Tensor, key: str, where: Dict[str, Tuple[str, str]], fp8: Optional[_Fp8], what: str) -> torch.Tensor:
+def _dequantized(t: torch.Tensor, key: str, where: Dict[str, "_ShardReader"], fp8: Optional[_Fp8], what: str) -> torch.Tensor:
     """Tensor `key` of the rest of the model, float8 ones dequantised (to float32) with
     their scale, read from whichever shard holds it."""
     if not _is_fp8(t):
@@ -630,7 +618,7 @@ def _dequantized(t: torch.Tensor, key: str, where: Dict[str, Tuple[str, str]], f
         raise KtrsValueError(f"{what}: {key} is float8 but the checkpoint has no {key + _SCALE}")
     from safetensors import safe_open
 
-    with safe_open(where[key + _SCALE][0], framework="pt", device="cpu") as f:
+    with safe_open(where[key + _SCALE].path, framework="pt", device="cpu") as f:
         scale = f.get_tensor(key + _SCALE)
     return fp8.dequantize(t, scale, key)
 
