@@ -8,6 +8,7 @@ their weights stream from the safetensors shards straight into Rust packing.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -16,6 +17,7 @@ import types
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -359,7 +361,16 @@ class _Fp8:
                 f"{key}{_SCALE}: shape {list(scale.shape)} does not fit weight {list(weight.shape)} in blocks of "
                 f"{[bn, bk]} (quantization_config.weight_block_size), which need scales {list(grid)}")
         s = scale.float().repeat_interleave(bn, -2)[..., :n, :].repeat_interleave(bk, -1)[..., :k]
-        return weight.float() * s
+        # A 256-entry table (made by torch's own conversion, so the same values) indexed
+        # by numpy: 4x faster than torch's float8 -> float32 cast on the CPU.
+        table = _fp8_table(weight.dtype)
+        return torch.from_numpy(np.take(table, weight.contiguous().view(torch.uint8).numpy())).mul_(s)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_table(dtype: torch.dtype) -> "np.ndarray":
+    """float32 value of each of the 256 bit patterns of the float8 `dtype`."""
+    return torch.arange(256, dtype=torch.uint8).view(dtype).float().numpy()
 
 
 def _not_fp8(key: str, what: str) -> KtrsValueError:
@@ -386,31 +397,29 @@ class _ShardReader:
 
     _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, **_FP8_DTYPES}
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, buffers: Optional[Dict[tuple, torch.Tensor]] = None) -> None:
+        """`buffers`: reusable buffers by (slot, shape, dtype), shared by the readers of one load."""
         self.path = path
         self.file = open(path, "rb")
         n = int.from_bytes(self.file.read(8), "little")
         self.header = json.loads(self.file.read(n))
         self.header.pop("__metadata__", None)
         self.base = 8 + n
-        self.buffers: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}
+        self.buffers = {} if buffers is None else buffers
 
     def keys(self) -> List[str]:
         return list(self.header)
 
-    def read(self, key: str, slot: Optional[str]) -> torch.Tensor:
-        """The tensor `key`, in the reusable buffer `slot` (valid until the next read into
-        it), or in a tensor of its own when `slot` is None."""
+    def read(self, key: str, slot: str) -> torch.Tensor:
+        """The tensor `key`, in the reusable buffer `slot` (valid until the next read into it)."""
         meta = self.header[key]
         dtype = self._DTYPES.get(meta["dtype"])
         if dtype is None:
             raise KtrsValueError(f"{key}: unsupported dtype {meta['dtype']} for routed experts")
         shape = tuple(meta["shape"])
-        buf = None if slot is None else self.buffers.get((slot, shape))
-        if buf is None or buf.dtype != dtype:
-            buf = torch.empty(shape, dtype=dtype)
-            if slot is not None:
-                self.buffers[(slot, shape)] = buf
+        buf = self.buffers.get((slot, shape, dtype))
+        if buf is None:
+            buf = self.buffers[(slot, shape, dtype)] = torch.empty(shape, dtype=dtype)
         start, end = meta["data_offsets"]
         view = buf.view(-1).view(torch.uint8).numpy()
         if end - start != view.nbytes:
@@ -516,7 +525,8 @@ def from_pretrained(
     ignored = ignored_keys(model)
     from safetensors import safe_open
 
-    readers = {shard: _ShardReader(shard) for shard in _shards(path)}
+    buffers: Dict[tuple, torch.Tensor] = {}
+    readers = {shard: _ShardReader(shard, buffers) for shard in _shards(path)}
     try:
         # Sort every tensor: routed-expert weights and scales by (layer, expert), fused
         # expert tensors by layer, the rest by shard.

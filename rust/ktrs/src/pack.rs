@@ -240,13 +240,17 @@ mod tests {
         for (n, k) in [(16, 64), (13, 7), (5, 1), (16, 33), (3, 30)] {
             let shape = PackShape::new(n, k);
             let w: Vec<u16> = (0..n * k).map(|x| (x * 7 + 1) as u16).collect();
-            let one = PackShape { n: PANEL, n_pad: PANEL, ..shape };
-            let mut want = vec![0xffffu16; shape.panel_len()];
-            want.fill(0);
+            let one = PackShape {
+                n: PANEL,
+                n_pad: PANEL,
+                ..shape
+            };
+            let mut want = vec![0u16; shape.panel_len()];
             for r in 0..n.min(PANEL) {
                 pack_row(&w[r * k..(r + 1) * k], one, r, &mut want);
             }
-            let rows: [Option<&[u16]>; PANEL] = std::array::from_fn(|r| (r < n).then(|| &w[r * k..(r + 1) * k]));
+            let rows: [Option<&[u16]>; PANEL] =
+                std::array::from_fn(|r| (r < n).then(|| &w[r * k..(r + 1) * k]));
             let mut got = vec![0xffffu16; shape.panel_len()];
             pack_panel_rows(&rows, k, &mut got);
             assert_eq!(got, want, "n={n} k={k}");
