@@ -17,7 +17,6 @@ import types
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -349,8 +348,10 @@ class _Fp8:
                                  f"(or null: one scale per tensor), got {block!r}")
         return cls(tuple(block) if block is not None else None)
 
-    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, key: str) -> torch.Tensor:
-        """The float32 values of the float8 tensor `key` ([..., n, k]) and its scales."""
+    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, key: str,
+                   buffers: Optional[Dict[tuple, torch.Tensor]] = None) -> torch.Tensor:
+        """The float32 values of the float8 tensor `key` ([..., n, k]) and its scales; with
+        `buffers` (see `_buffer`) in a reusable tensor, valid until the next call."""
         n, k = weight.shape[-2:]
         bn, bk = self.block or (n, k)
         grid = (*weight.shape[:-2], -(-n // bn), -(-k // bk))
@@ -360,17 +361,28 @@ class _Fp8:
             raise KtrsValueError(
                 f"{key}{_SCALE}: shape {list(scale.shape)} does not fit weight {list(weight.shape)} in blocks of "
                 f"{[bn, bk]} (quantization_config.weight_block_size), which need scales {list(grid)}")
-        s = scale.float().repeat_interleave(bn, -2)[..., :n, :].repeat_interleave(bk, -1)[..., :k]
-        # A 256-entry table (made by torch's own conversion, so the same values) indexed
-        # by numpy: 4x faster than torch's float8 -> float32 cast on the CPU.
-        table = _fp8_table(weight.dtype)
-        return torch.from_numpy(np.take(table, weight.contiguous().view(torch.uint8).numpy())).mul_(s)
+        shape = tuple(weight.shape)
+        scratch = (lambda slot, dtype: torch.empty(shape, dtype=dtype)) if buffers is None else (
+            lambda slot, dtype: _buffer(buffers, slot, shape, dtype))
+        values = scratch("fp8-values", torch.float32)
+        # A lookup in a 256-entry table (made by torch's own conversion, so the same
+        # values) with int32 indices: 5x faster than torch's float8 -> float32 cast on the CPU.
+        index = scratch("fp8-index", torch.int32).copy_(weight.view(torch.uint8))
+        torch.index_select(_fp8_table(weight.dtype), 0, index.view(-1), out=values.view(-1))
+        # Scales expanded over rows only ([n, k / bk], small); columns broadcast.
+        rows = scale.float().repeat_interleave(bn, -2)[..., :n, :]
+        full = k // bk
+        if full:
+            values[..., : full * bk].unflatten(-1, (full, bk)).mul_(rows[..., :full, None])
+        if k % bk:
+            values[..., full * bk :].mul_(rows[..., full:])
+        return values
 
 
 @functools.lru_cache(maxsize=None)
-def _fp8_table(dtype: torch.dtype) -> "np.ndarray":
+def _fp8_table(dtype: torch.dtype) -> torch.Tensor:
     """float32 value of each of the 256 bit patterns of the float8 `dtype`."""
-    return torch.arange(256, dtype=torch.uint8).view(dtype).float().numpy()
+    return torch.arange(256, dtype=torch.uint8).view(dtype).float()
 
 
 def _not_fp8(key: str, what: str) -> KtrsValueError:
@@ -388,6 +400,15 @@ def _shards(path: str) -> List[str]:
     if os.path.exists(single):
         return [single]
     raise KtrsFileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+
+
+def _buffer(buffers: Dict[tuple, torch.Tensor], slot: str, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The reusable tensor `slot` of this shape and dtype: fresh memory costs page faults
+    (slow on VMs), so a load allocates each buffer once."""
+    buf = buffers.get((slot, shape, dtype))
+    if buf is None:
+        buf = buffers[(slot, shape, dtype)] = torch.empty(shape, dtype=dtype)
+    return buf
 
 
 class _ShardReader:
@@ -417,9 +438,7 @@ class _ShardReader:
         if dtype is None:
             raise KtrsValueError(f"{key}: unsupported dtype {meta['dtype']} for routed experts")
         shape = tuple(meta["shape"])
-        buf = self.buffers.get((slot, shape, dtype))
-        if buf is None:
-            buf = self.buffers[(slot, shape, dtype)] = torch.empty(shape, dtype=dtype)
+        buf = _buffer(self.buffers, slot, shape, dtype)
         start, end = meta["data_offsets"]
         view = buf.view(-1).view(torch.uint8).numpy()
         if end - start != view.nbytes:
@@ -575,8 +594,12 @@ def from_pretrained(
                 if fp8_weights and fp8 is None:
                     raise _not_fp8(keys[fp8_weights[0]], what)
                 parts = {slot: where[key].read(key, f"{slot}{packer.parity}") for slot, key in keys.items()}
-                weights = [parts[p] if p not in fp8_weights else
-                           fp8.dequantize(parts[p], parts[p + _SCALE], keys[p]).to(torch.bfloat16) for p in _PROJ]
+                weights = [parts[p] for p in _PROJ]
+                for j, p in enumerate(_PROJ):
+                    if p in fp8_weights:
+                        shape = tuple(parts[p].shape)
+                        f32 = fp8.dequantize(parts[p], parts[p + _SCALE], keys[p], buffers)
+                        weights[j] = _buffer(buffers, f"{p}{packer.parity}", shape, torch.bfloat16).copy_(f32)
                 packer.submit(blocks[layer][0], x, *weights)
                 if bar is not None:
                     bar.update(1)
