@@ -8,11 +8,13 @@ their weights stream from the safetensors shards straight into Rust packing.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
 import re
 import types
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -21,7 +23,7 @@ from torch import nn
 from . import decode
 from ._native import KtrsFileNotFoundError, KtrsTypeError, KtrsValueError
 from .experts import MoeExperts
-from .families import family_for, ignored_keys
+from .families import _PROJ, family_for, ignored_keys
 from .module import KtrsExperts
 
 __all__ = ["find_moe_blocks", "patch_model", "from_pretrained"]
@@ -294,22 +296,98 @@ def patch_model(
 _FUSED = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
-def _detach(parts: Dict[str, torch.Tensor]) -> None:
-    """Copies an incomplete expert's tensors out of the reader's reusable buffers
-    (rare: only experts whose tensors straddle a shard boundary)."""
-    for proj, t in parts.items():
-        parts[proj] = t.clone()
+#: safetensors' float8 dtypes (block-wise fp8 checkpoints, see `_Fp8`).
+_FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def _expert_order(per_expert: "re.Pattern[str]"):
-    """Sort key: per-expert tensors first, by (layer, expert), so an expert's three
-    tensors are read one after another."""
+def _is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
-    def key(k: str):
-        m = per_expert.match(k)
-        return (0, int(m.group(2)), int(m.group(3)), m.group(4)) if m else (1, 0, 0, k)
+#: The per-block scale of float8 tensor ``X.weight`` is ``X.weight`` + this.
+_SCALE = "_scale_inv"
 
-    return key
+
+class _Fp8:
+    """Block-wise fp8 checkpoints (``quantization_config.quant_method == "fp8"``:
+    DeepSeek-V3/R1 and the "-FP8" Qwen3/GLM releases). Each float8 ``X.weight`` [n, k]
+    comes with a float32 ``X.weight_scale_inv`` holding one multiplier per
+    ``weight_block_size`` block (the last block of a dimension that is not a multiple of
+    the block is partial); w = w8 * scale_inv[block].
+
+    ktrs dequantises everything on load: the routed experts to bf16 on their way into
+    packing, the rest to the model's dtype. transformers' own ways do not fit: its fp8
+    GPU kernels come from the `kernels` hub package (a download), and its
+    ``dequantize=True`` path (5.17 to 5.24) derives the block from the scale grid
+    (rows // grid rows), which mis-scales partial last blocks or refuses them (e.g.
+    DeepSeek-V3's kv_a_proj_with_mqa, 576 rows in 5 blocks of 128).
+    """
+
+    def __init__(self, block: Optional[Tuple[int, int]]) -> None:
+        self.block = block
+
+    @classmethod
+    def of(cls, config, what: str) -> Optional["_Fp8"]:
+        """The checkpoint's fp8 scheme from `config`, None when it is not quantised;
+        another quantisation raises `KtrsValueError`."""
+        q = getattr(config, "quantization_config", None)
+        if q is None:
+            return None
+        q = q if isinstance(q, dict) else q.to_dict()
+        method = q.get("quant_method")
+        if method != "fp8":
+            raise KtrsValueError(f"{what}: quantization_config.quant_method {method!r} is not supported; ktrs loads "
+                                 "bf16/fp16/fp32 checkpoints and block-wise fp8 ones (quant_method 'fp8')")
+        if q.get("scale_fmt", "float") != "float":
+            raise KtrsValueError(f"{what}: quantization_config.scale_fmt {q.get('scale_fmt')!r} is not supported; "
+                                 "ktrs reads float32 weight_scale_inv tensors (scale_fmt 'float')")
+        block = q.get("weight_block_size")
+        ok = block is None or (isinstance(block, (list, tuple)) and len(block) == 2
+                               and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block))
+        if not ok:
+            raise KtrsValueError(f"{what}: quantization_config.weight_block_size must be two positive integers "
+                                 f"(or null: one scale per tensor), got {block!r}")
+        return cls(tuple(block) if block is not None else None)
+
+    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, key: str,
+                   buffers: Optional[Dict[tuple, torch.Tensor]] = None) -> torch.Tensor:
+        """The float32 values of the float8 tensor `key` ([..., n, k]) and its scales; with
+        `buffers` (see `_buffer`) in a reusable tensor, valid until the next call."""
+        n, k = weight.shape[-2:]
+        bn, bk = self.block or (n, k)
+        grid = (*weight.shape[:-2], -(-n // bn), -(-k // bk))
+        if self.block is None and scale.numel() == 1:
+            scale = scale.reshape(grid)
+        if tuple(scale.shape) != grid:
+            raise KtrsValueError(
+                f"{key}{_SCALE}: shape {list(scale.shape)} does not fit weight {list(weight.shape)} in blocks of "
+                f"{[bn, bk]} (quantization_config.weight_block_size), which need scales {list(grid)}")
+        shape = tuple(weight.shape)
+        scratch = (lambda slot, dtype: torch.empty(shape, dtype=dtype)) if buffers is None else (
+            lambda slot, dtype: _buffer(buffers, slot, shape, dtype))
+        values = scratch("fp8-values", torch.float32)
+        # A lookup in a 256-entry table (made by torch's own conversion, so the same
+        # values) with int32 indices: 5x faster than torch's float8 -> float32 cast on the CPU.
+        index = scratch("fp8-index", torch.int32).copy_(weight.view(torch.uint8))
+        torch.index_select(_fp8_table(weight.dtype), 0, index.view(-1), out=values.view(-1))
+        # Scales expanded over rows only ([n, k / bk], small); columns broadcast.
+        rows = scale.float().repeat_interleave(bn, -2)[..., :n, :]
+        full = k // bk
+        if full:
+            values[..., : full * bk].unflatten(-1, (full, bk)).mul_(rows[..., :full, None])
+        if k % bk:
+            values[..., full * bk :].mul_(rows[..., full:])
+        return values
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_table(dtype: torch.dtype) -> torch.Tensor:
+    """float32 value of each of the 256 bit patterns of the float8 `dtype`."""
+    return torch.arange(256, dtype=torch.uint8).view(dtype).float()
+
+
+def _not_fp8(key: str, what: str) -> KtrsValueError:
+    return KtrsValueError(f"{what}: {key} is float8, but config.json has no quantization_config with "
+                          "quant_method 'fp8' (which gives its weight_block_size)")
 
 
 def _shards(path: str) -> List[str]:
@@ -324,20 +402,31 @@ def _shards(path: str) -> List[str]:
     raise KtrsFileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
 
 
+def _buffer(buffers: Dict[tuple, torch.Tensor], slot: str, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The reusable tensor `slot` of this shape and dtype: fresh memory costs page faults
+    (slow on VMs), so a load allocates each buffer once."""
+    buf = buffers.get((slot, shape, dtype))
+    if buf is None:
+        buf = buffers[(slot, shape, dtype)] = torch.empty(shape, dtype=dtype)
+    return buf
+
+
 class _ShardReader:
     """Reads tensors of one safetensors file with plain `readinto` into reusable buffers:
     no mmap (whose touched pages count as resident) and no allocation per expert tensor
     (which let the allocator's heap grow to several shards' worth)."""
 
-    _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, **_FP8_DTYPES}
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, buffers: Optional[Dict[tuple, torch.Tensor]] = None) -> None:
+        """`buffers`: reusable buffers by (slot, shape, dtype), shared by the readers of one load."""
+        self.path = path
         self.file = open(path, "rb")
         n = int.from_bytes(self.file.read(8), "little")
         self.header = json.loads(self.file.read(n))
         self.header.pop("__metadata__", None)
         self.base = 8 + n
-        self.buffers: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}
+        self.buffers = {} if buffers is None else buffers
 
     def keys(self) -> List[str]:
         return list(self.header)
@@ -349,9 +438,7 @@ class _ShardReader:
         if dtype is None:
             raise KtrsValueError(f"{key}: unsupported dtype {meta['dtype']} for routed experts")
         shape = tuple(meta["shape"])
-        buf = self.buffers.get((slot, shape))
-        if buf is None or buf.dtype != dtype:
-            buf = self.buffers[(slot, shape)] = torch.empty(shape, dtype=dtype)
+        buf = _buffer(self.buffers, slot, shape, dtype)
         start, end = meta["data_offsets"]
         view = buf.view(-1).view(torch.uint8).numpy()
         if end - start != view.nbytes:
@@ -363,6 +450,34 @@ class _ShardReader:
 
     def close(self) -> None:
         self.file.close()
+
+
+class _Packer:
+    """Packs experts on a worker thread (Rust, which releases the GIL) while the caller
+    reads the next one from disk. At most one pack is in flight, so the caller reads into
+    one of two sets of reusable buffers, `parity`, which flips at each submit."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ktrs-load")
+        self.in_flight: Optional[Future] = None
+        self.parity = 0
+
+    def submit(self, rust: MoeExperts, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        self.wait()
+        self.in_flight = self.pool.submit(rust.set_expert, expert, gate, up, down)
+        self.parity ^= 1
+
+    def wait(self) -> None:
+        """Waits for the pack in flight; its error, if any, is raised here."""
+        job, self.in_flight = self.in_flight, None
+        if job is not None:
+            job.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def _progress(total: int, desc: str):
@@ -393,11 +508,21 @@ def from_pretrained(
     safetensors shards (the family's per-expert keys, or transformers 5's fused names)
     straight into Rust, one expert at a time; everything else is loaded onto `device`
     in `dtype`. Host memory stays near the packed expert bytes plus one expert in flight.
+
+    Block-wise fp8 checkpoints (``quantization_config.quant_method == "fp8"``, e.g.
+    DeepSeek-V3/R1) are dequantised on load: routed experts to bf16, the rest to
+    `dtype`; the model (and its config) is then an unquantised one.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    what = f"ktrs.from_pretrained({path!r})"
     config = AutoConfig.from_pretrained(path)
-    family = family_for(getattr(config, "model_type", None), f"ktrs.from_pretrained({path!r})")
+    family = family_for(getattr(config, "model_type", None), what)
+    fp8 = _Fp8.of(config, what)
+    if fp8 is not None:
+        # The model holds dequantised weights: save_pretrained/export_merged must not
+        # describe it as fp8.
+        del config.quantization_config
     device = torch.device(device or _default_device())
     opts = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
     with torch.device("meta"):
@@ -408,80 +533,127 @@ def from_pretrained(
         e, h, i = _fused_expert_shapes(block.experts)
         rust = MoeExperts.empty(e, h, i, **opts)
         _install(block, rust, name)
-        blocks[layer] = (rust, i)
+        blocks[layer] = (rust, i, name)
     # HF keeps some weights in fp32 whatever the dtype (the router's, for DeepSeek-V2).
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    total = sum(r.num_experts for r, _ in blocks.values())
+    total = sum(r.num_experts for r, _, _ in blocks.values())
     bar = _progress(total, "ktrs: loading experts")
-    pending: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
     state: Dict[str, torch.Tensor] = {}
-    loaded = 0
     per_expert = family.expert_pattern()
+    expert_scale = family.expert_pattern(re.escape(".weight" + _SCALE))
     ignored = ignored_keys(model)
     from safetensors import safe_open
 
-    for shard in _shards(path):
-        reader = _ShardReader(shard)
-        rest = []
-        # An expert's tensors come one after another, so three reusable buffers suffice;
-        # an expert left incomplete (its other tensors are in another shard) gets copies.
-        current = None
-        for key in sorted(reader.keys(), key=_expert_order(per_expert)):
-            if any(p.search(key) for p in ignored):
-                continue  # never read: layers the model does not build
-            m = per_expert.match(key)
-            if m and int(m.group(2)) in blocks:
-                layer, x, proj = int(m.group(2)), int(m.group(3)), family.proj(m.group(4))
-                if current not in (None, (layer, x)) and current in pending:
-                    _detach(pending[current])
-                current = (layer, x)
-                parts = pending.setdefault((layer, x), {})
-                parts[proj] = reader.read(key, proj)
-                if len(parts) == 3:
-                    blocks[layer][0].set_expert(x, parts["gate"], parts["up"], parts["down"])
-                    del pending[(layer, x)]
-                    loaded += 1
-                    if bar is not None:
-                        bar.update(1)
-                continue
-            m = _FUSED.match(family.to_model(key))
-            if m and int(m.group(1)) in blocks:
-                layer, which = int(m.group(1)), m.group(2)
-                parts = pending.setdefault((layer, -1), {})
-                parts[which] = (shard, key)
-                if len(parts) == 2:
-                    rust, i = blocks[layer]
-                    (sg, kg), (sd, kd) = parts["gate_up_proj"], parts["down_proj"]
-                    with safe_open(sg, framework="pt") as fg, safe_open(sd, framework="pt") as fd:
-                        gu, dn = fg.get_slice(kg), fd.get_slice(kd)
-                        for x in range(rust.num_experts):
-                            rust.set_expert(x, gu[x : x + 1, :i][0], gu[x : x + 1, i:][0], dn[x : x + 1][0])
-                            loaded += 1
-                            if bar is not None:
-                                bar.update(1)
-                    del pending[(layer, -1)]
-                continue
-            rest.append(key)
-        if current in pending:
-            _detach(pending[current])
-        reader.close()
-        if rest:
-            with safe_open(shard, framework="pt", device="cpu") as f:
-                for key in rest:
-                    t = f.get_tensor(key)
-                    name = family.to_model(key)
-                    if t.is_floating_point():
-                        t = t.to(torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype)
-                    state[name] = t.to(device)
+    buffers: Dict[tuple, torch.Tensor] = {}
+    readers = {shard: _ShardReader(shard, buffers) for shard in _shards(path)}
+    try:
+        # Sort every tensor: routed-expert weights and scales by (layer, expert), fused
+        # expert tensors by layer, the rest by shard.
+        where: Dict[str, _ShardReader] = {}
+        experts: Dict[Tuple[int, int], Dict[str, str]] = {}
+        fused: Dict[int, Dict[str, Tuple[str, str]]] = {}
+        rest: Dict[str, List[str]] = {}
+        for shard, reader in readers.items():
+            for key in reader.keys():
+                if any(p.search(key) for p in ignored):
+                    continue  # never read: layers the model does not build
+                where[key] = reader
+                m, suffix = per_expert.match(key), ""
+                if m is None and (m := expert_scale.match(key)) is not None:
+                    suffix = _SCALE
+                if m and int(m.group(2)) in blocks:
+                    experts.setdefault((int(m.group(2)), int(m.group(3))), {})[family.proj(m.group(4)) + suffix] = key
+                elif (m := _FUSED.match(family.to_model(key))) and int(m.group(1)) in blocks:
+                    if reader.header[key]["dtype"] in _FP8_DTYPES:
+                        raise KtrsValueError(f"{what}: {key} is a float8 fused expert tensor; ktrs streams float8 experts "
+                                             "under the original per-expert keys (experts.N.gate_proj.weight and its scale)")
+                    fused.setdefault(int(m.group(1)), {})[m.group(2)] = (shard, key)
+                else:
+                    rest.setdefault(shard, []).append(key)
+        def expert_key(layer: int, x: int, proj: str) -> str:
+            return family.expert_key(blocks[layer][2], x, proj)
+
+        missing = [(layer, x) for layer, (rust, _, _) in sorted(blocks.items()) if layer not in fused
+                   for x in range(rust.num_experts) if (layer, x) not in experts]
+        if missing:
+            layer, x = missing[0]
+            raise KtrsValueError(f"{what}: the checkpoint lacks {len(missing)} of {total} routed experts, "
+                                 f"e.g. {expert_key(layer, x, 'gate')}")
+
+        # Expert by expert, each tensor from whichever shard holds it (transformers'
+        # save_pretrained spreads an expert over shards) into reusable buffers: one per
+        # projection and scale, two sets (see _Packer).
+        packer = _Packer()
+        try:
+            for (layer, x), keys in sorted(experts.items()):
+                fp8_weights = [p for p in _PROJ if p in keys and where[keys[p]].header[keys[p]]["dtype"] in _FP8_DTYPES]
+                gap = [expert_key(layer, x, p) for p in _PROJ if p not in keys]
+                gap += [expert_key(layer, x, p) + _SCALE for p in fp8_weights if p + _SCALE not in keys]
+                if gap:
+                    raise KtrsValueError(f"{what}: routed expert {x} of layer {layer} is incomplete: missing {', '.join(gap)}")
+                if fp8_weights and fp8 is None:
+                    raise _not_fp8(keys[fp8_weights[0]], what)
+                parts = {slot: where[key].read(key, f"{slot}{packer.parity}") for slot, key in keys.items()}
+                weights = [parts[p] for p in _PROJ]
+                for j, p in enumerate(_PROJ):
+                    if p in fp8_weights:
+                        shape = tuple(parts[p].shape)
+                        f32 = fp8.dequantize(parts[p], parts[p + _SCALE], keys[p], buffers)
+                        weights[j] = _buffer(buffers, f"{p}{packer.parity}", shape, torch.bfloat16).copy_(f32)
+                packer.submit(blocks[layer][0], x, *weights)
+                if bar is not None:
+                    bar.update(1)
+            for layer, parts in sorted(fused.items()):
+                if len(parts) != 2:
+                    raise KtrsValueError(f"{what}: layer {layer} has fused experts {sorted(parts)} only; it needs gate_up_proj and down_proj")
+                rust, i, _ = blocks[layer]
+                (sg, kg), (sd, kd) = parts["gate_up_proj"], parts["down_proj"]
+                with safe_open(sg, framework="pt") as fg, safe_open(sd, framework="pt") as fd:
+                    gu, dn = fg.get_slice(kg), fd.get_slice(kd)
+                    for x in range(rust.num_experts):
+                        packer.submit(rust, x, gu[x : x + 1, :i][0], gu[x : x + 1, i:][0], dn[x : x + 1][0])
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            packer.close()
+    finally:
+        for reader in readers.values():
+            reader.close()
     if bar is not None:
         bar.close()
-    if loaded != total or pending:
-        missing = sorted(pending)[:5]
-        raise KtrsValueError(f"{path!r}: loaded {loaded} of {total} routed experts; incomplete: {missing}")
+    scales = {k for k in where if k.endswith(_SCALE)} if fp8 is not None else set()
+    for shard, keys in rest.items():
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for key in keys:
+                if key in scales and key[: -len(_SCALE)] in where:
+                    continue  # read with its weight
+                if fp8 is not None and key.endswith(".activation_scale"):
+                    continue  # static activation scales: meaningless for dequantised weights
+                t = _dequantized(f.get_tensor(key), key, where, fp8, what)
+                name = family.to_model(key)
+                if t.is_floating_point():
+                    t = t.to(torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype)
+                state[name] = t.to(device)
     _load_rest(model, state, device)
     model._ktrs_device = device
     decode.enable(model)
     return model
+
+
+def _dequantized(t: torch.Tensor, key: str, where: Dict[str, "_ShardReader"], fp8: Optional[_Fp8], what: str) -> torch.Tensor:
+    """Tensor `key` of the rest of the model, float8 ones dequantised (to float32) with
+    their scale, read from whichever shard holds it."""
+    if not _is_fp8(t):
+        return t
+    if fp8 is None:
+        raise _not_fp8(key, what)
+    if key + _SCALE not in where:
+        raise KtrsValueError(f"{what}: {key} is float8 but the checkpoint has no {key + _SCALE}")
+    from safetensors import safe_open
+
+    with safe_open(where[key + _SCALE].path, framework="pt", device="cpu") as f:
+        scale = f.get_tensor(key + _SCALE)
+    return fp8.dequantize(t, scale, key)
 
 
 def _load_rest(model: nn.Module, state: Dict[str, torch.Tensor], device: torch.device) -> None:

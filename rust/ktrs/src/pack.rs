@@ -92,6 +92,46 @@ pub fn pack_row(row: &[u16], shape: PackShape, r: usize, dst: &mut [u16]) {
     }
 }
 
+/// Packs one panel from its 16 source rows (each `k` long; `None`: a padding row) into
+/// `dst` (`k_pad * PANEL` u16), padding included: the layout [`pack_row`] writes row by
+/// row, but produced pair row by pair row, so the stores stream instead of striding 64
+/// bytes apart (loading a model is bound by this loop).
+pub fn pack_panel_rows(rows: &[Option<&[u16]>; PANEL], k: usize, dst: &mut [u16]) {
+    debug_assert!(dst.len() % (2 * PANEL) == 0 && dst.len() / PANEL >= k);
+    static ZEROS: [u16; 2] = [0; 2];
+    let full = k / 2;
+    assert!(dst.len() >= full * 2 * PANEL && rows.iter().flatten().all(|r| r.len() >= k));
+    // A padding row reads the same zero pair at every j (stride 0).
+    let src: [(*const u16, usize); PANEL] = std::array::from_fn(|l| match rows[l] {
+        Some(r) => (r.as_ptr(), 2),
+        None => (ZEROS.as_ptr(), 0),
+    });
+    let base = dst.as_mut_ptr();
+    for j in 0..full {
+        for (l, &(p, step)) in src.iter().enumerate() {
+            // SAFETY: j < k/2 and every row holds k elements (asserted), so the pair at
+            // 2j is in bounds (the zero row is read at offset 0); dst holds `full` pair
+            // rows of 2·PANEL u16. Unaligned u32 accesses copy the (even, odd) pair at once.
+            unsafe {
+                let pair = (p.add(j * step) as *const u32).read_unaligned();
+                (base.add((j * PANEL + l) * 2) as *mut u32).write_unaligned(pair);
+            }
+        }
+    }
+    let mut out = dst.chunks_exact_mut(2 * PANEL).skip(full);
+    if k % 2 == 1 {
+        if let Some(o) = out.next() {
+            for (l, row) in rows.iter().enumerate() {
+                o[2 * l] = row.map_or(0, |r| r[k - 1]);
+                o[2 * l + 1] = 0;
+            }
+        }
+    }
+    for o in out {
+        o.fill(0);
+    }
+}
+
 /// Inverse of [`pack_into`].
 pub fn unpack(src: &[u16], shape: PackShape) -> Vec<u16> {
     let mut w = vec![0u16; shape.n * shape.k];
@@ -193,6 +233,28 @@ mod tests {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         (*seed >> 48) as u16
+    }
+
+    #[test]
+    fn pack_panel_rows_matches_pack_row() {
+        for (n, k) in [(16, 64), (13, 7), (5, 1), (16, 33), (3, 30)] {
+            let shape = PackShape::new(n, k);
+            let w: Vec<u16> = (0..n * k).map(|x| (x * 7 + 1) as u16).collect();
+            let one = PackShape {
+                n: PANEL,
+                n_pad: PANEL,
+                ..shape
+            };
+            let mut want = vec![0u16; shape.panel_len()];
+            for r in 0..n.min(PANEL) {
+                pack_row(&w[r * k..(r + 1) * k], one, r, &mut want);
+            }
+            let rows: [Option<&[u16]>; PANEL] =
+                std::array::from_fn(|r| (r < n).then(|| &w[r * k..(r + 1) * k]));
+            let mut got = vec![0xffffu16; shape.panel_len()];
+            pack_panel_rows(&rows, k, &mut got);
+            assert_eq!(got, want, "n={n} k={k}");
+        }
     }
 
     #[test]

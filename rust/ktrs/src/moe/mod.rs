@@ -372,15 +372,9 @@ fn pack_panel(
     } else {
         (ds, t - gs.panels())
     };
-    panel.fill(0);
-    let one = PackShape {
-        n: PANEL,
-        n_pad: PANEL,
-        ..shape
-    };
-    for l in 0..PANEL {
+    let rows: [Option<&[u16]>; PANEL] = std::array::from_fn(|l| {
         let r = p * PANEL + l;
-        let row = if fused {
+        if fused {
             // Fused rows interleave 16 gate rows and 16 up rows (`fused_row`).
             let (q, rem) = (r / (2 * PANEL), r % (2 * PANEL));
             let x = q * PANEL + rem % PANEL;
@@ -393,11 +387,9 @@ fn pack_panel(
             })
         } else {
             (r < h).then(|| &src.down[r * i..(r + 1) * i])
-        };
-        if let Some(row) = row {
-            pack::pack_row(row, one, l, panel);
         }
-    }
+    });
+    pack::pack_panel_rows(&rows, shape.k, panel);
 }
 
 #[cfg(test)]
