@@ -29,7 +29,7 @@ import torch
 
 from ._native import KtrsValueError
 from .experts import LORA_NAMES
-from .families import FAMILIES, Family
+from .families import Family, known_family
 from .hf import find_moe_blocks
 from .module import KtrsExperts
 
@@ -56,13 +56,6 @@ def _expert_blocks(model) -> Dict[int, Tuple[str, KtrsExperts]]:
             path = name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
             out[int(m.group(1))] = (f"{_PEFT_PREFIX}{path}.experts", block.experts)
     return out
-
-
-def _family(model) -> Optional[Family]:
-    """The model's family, whose names transformers-4 per-expert LoRA keys use
-    (`...experts.E.gate_proj.lora_A.weight`, Mixtral's `...block_sparse_moe.experts.E.w1...`);
-    None for a model of a family ktrs has no names for."""
-    return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None) or "")
 
 
 def _v4_pattern(family: Optional[Family]) -> Optional["re.Pattern[str]"]:
@@ -200,7 +193,7 @@ def restore_expert_lora(model, adapter_dir: str, adapter_name: Optional[str] = N
     them, stay the same objects): what resuming a Trainer checkpoint needs. Returns the
     number of layers restored."""
     raw, weights = _read(adapter_dir)
-    mats_by_layer = _expert_mats(raw, weights, _expert_blocks(model), _family(model))
+    mats_by_layer = _expert_mats(raw, weights, _expert_blocks(model), known_family(model))
     for layer, (ex, mats, scale) in mats_by_layer.items():
         if adapter_name is not None and adapter_name != ex.expert_adapter and adapter_name in ex._stash:
             (rank, alpha, rslora), _ = ex._stash[adapter_name]
@@ -289,7 +282,7 @@ def _load_peft_tensors(pm, rest: Dict[str, torch.Tensor], adapter_name: str, ada
 def _split(adapter_dir: str, model, blocks):
     """(adapter config, PEFT's tensors, the expert LoRA by layer) of an adapter for `model`."""
     raw, weights = _read(adapter_dir)
-    family = _family(model)
+    family = known_family(model)
     v4 = _v4_pattern(family)
     rest = {k: v for k, v in weights.items() if not (_GU.match(k) or _DN.match(k) or (v4 is not None and v4.match(k)))}
     return raw, rest, _expert_mats(raw, weights, blocks, family)
@@ -314,7 +307,7 @@ def load_adapter(model, adapter_dir: str, *, adapter_name: str = "default", is_t
         for n in LORA_NAMES:
             ex.experts.set_lora_weight(n, mats[n])
     with _no_moe_target_rewrite():
-        pm = peft.get_peft_model(model, _peft_config(raw, is_trainable, _family(model)), adapter_name=adapter_name)
+        pm = peft.get_peft_model(model, _peft_config(raw, is_trainable, known_family(model)), adapter_name=adapter_name)
     _load_peft_tensors(pm, rest, adapter_name, adapter_dir)
     _attach_save(pm)
     _attach_adapter_controls(pm, adapter_name)
@@ -331,7 +324,7 @@ def add_adapter_from_dir(pm, adapter_dir: str, adapter_name: str, *, is_trainabl
 
     raw, rest, expert = _split(adapter_dir, pm, _expert_blocks(pm))
     with _no_moe_target_rewrite():
-        pm.add_adapter(adapter_name, _peft_config(raw, is_trainable, _family(pm)))
+        pm.add_adapter(adapter_name, _peft_config(raw, is_trainable, known_family(pm)))
     _load_peft_tensors(pm, rest, adapter_name, adapter_dir)
     for ex, mats, scale in expert.values():
         rank = mats["gate_A"].shape[1]

@@ -108,6 +108,12 @@ def family_for(model_type: Optional[str], what: str = "ktrs") -> Family:
     return fam
 
 
+def known_family(model) -> Optional[Family]:
+    """The :class:`Family` of a (possibly PEFT-wrapped) transformers model, or None for a
+    type ktrs has no names for (such a model can still be patched)."""
+    return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None) or "")
+
+
 def family_of(model, what: str = "ktrs") -> Family:
     """The :class:`Family` of a (possibly PEFT-wrapped) transformers model."""
     config = getattr(model, "config", None)

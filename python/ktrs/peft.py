@@ -10,7 +10,7 @@ from typing import Iterator, List, Optional, Tuple
 from torch import nn
 
 from ._native import KtrsValueError
-from .families import FAMILIES
+from .families import known_family
 from .hf import find_moe_blocks
 from .module import KtrsExperts
 
@@ -88,7 +88,7 @@ def get_peft_model(model: nn.Module, config, *, expert_lora: Optional[bool] = No
         raise KtrsValueError("ktrs.get_peft_model needs a model patched by ktrs.patch_model (or loaded by ktrs.from_pretrained)")
     if getattr(config, "lora_dropout", 0.0) and expert_lora is not False:
         raise KtrsValueError("expert LoRA in ktrs has no dropout; set lora_dropout=0.0 (or expert_lora=False)")
-    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None) or "")
+    family = known_family(model)
     cfg, wants = _split_config(config, expert_lora, family.routed_only_names if family else ())
     if not cfg.target_modules and not cfg.target_parameters:
         # PEFT refuses a config that adapts nothing of its own, with an error about
