@@ -283,6 +283,14 @@ def forward_without_lora(ex: "ktrs.MoeExperts", hidden, topk_ids, topk_weights) 
 # ----------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------
+#: Routed-expert layer shapes (E, H, I, top-k) of the models the issue tracks.
+SHAPES = {
+    "v2-lite": (64, 2048, 1408, 6),  # DeepSeek-V2-Lite
+    "v3": (256, 7168, 2048, 8),  # DeepSeek-V3/R1 (21 GiB of bf16 weights per layer)
+    "qwen3-30b-a3b": (128, 2048, 768, 8),  # Qwen3-30B-A3B
+}
+
+
 def fmt(v, spec: str) -> str:
     if v is None:
         return "-"
@@ -303,10 +311,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--kt", choices=["auto", "on", "off"], default="auto",
                    help="also run kt-kernel's AMXBF16_SFT MoE and its BF16 inference MoE when importable")
     p.add_argument("--kt-threads", type=int, default=None, help="kt-kernel worker threads (default: threads - 1, its best)")
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--topk", type=int, default=6)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="v2-lite",
+                   help="layer shape preset (E, H, I, top-k); --experts etc. override its fields")
+    p.add_argument("--experts", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--topk", type=int, default=None)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--seed", type=int, default=0)
@@ -318,7 +328,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.quick:
         args.tokens = [1, 32]
         args.repeats = 2
-    E, H, I, k, r = args.experts, args.hidden, args.intermediate, args.topk, args.rank
+    preset = SHAPES[args.shape]
+    E, H, I, k = (given if given is not None else default for given, default in
+                  zip((args.experts, args.hidden, args.intermediate, args.topk), preset))
+    r = args.rank
     if k > E:
         p.error("--topk must be <= --experts")
 

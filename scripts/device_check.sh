@@ -7,7 +7,8 @@
 # PYTEST_ARGS (default "tests"; a full suite takes ~4 minutes per ISA there, so run
 # the three ISAs in separate calls),
 # PROBE=1 (single-thread GEMM probe), SWEEP_ARGS (run benchmarks/sweep_knobs.py with
-# these arguments), SKIP_BENCH=1 (no bench_layer.py).
+# these arguments), SKIP_BENCH=1 (no bench_layer.py), SHAPES (bench_layer shapes, default
+# "v2-lite"; also "v3", "qwen3-30b-a3b").
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ktrs-out}; mkdir -p "$OUT"
@@ -49,7 +50,13 @@ if [ -n "${SWEEP_ARGS:-}" ]; then
   python3 benchmarks/sweep_knobs.py --json "$OUT/sweep.json" $SWEEP_ARGS || status=1
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  echo "== benchmark"
-  python3 benchmarks/bench_layer.py --json "$OUT/bench_layer.json" "$@" || status=1
+  # One layer benchmark per shape (SHAPES, default v2-lite; "v2-lite v3 qwen3-30b-a3b" for
+  # the issue-12 table). torch's baseline is skipped at V3 shape (minutes per T).
+  for shape in ${SHAPES:-v2-lite}; do
+    echo "== benchmark $shape"
+    extra=""; [ "$shape" = v3 ] && extra="--no-torch"
+    # shellcheck disable=SC2086
+    python3 benchmarks/bench_layer.py --shape "$shape" $extra --json "$OUT/bench_layer-$shape.json" "$@" || status=1
+  done
 fi
 exit $status

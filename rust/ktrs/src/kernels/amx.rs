@@ -442,3 +442,28 @@ pub(crate) unsafe fn products_only(src: *const u16, iters: usize) {
     );
     Hardware::end();
 }
+
+/// `iters` rounds of four tile loads from the same 4 KiB (L1), no products: the load
+/// side's ceiling for `kernels::tests::amx_ceilings`.
+///
+/// # Safety
+/// AMX must be usable on this thread; `src` readable for 4 KiB.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) unsafe fn loads_only(src: *const u16, iters: usize) {
+    Hardware::begin();
+    std::arch::asm!(
+        "2:",
+        "tileloadd tmm4, [{s} + {st}*1]",
+        "tileloadd tmm5, [{s} + {st}*1 + 1024]",
+        "tileloadd tmm6, [{s} + {st}*1 + 2048]",
+        "tileloadd tmm7, [{s} + {st}*1 + 3072]",
+        "dec {n}",
+        "jnz 2b",
+        s = in(reg) src,
+        st = in(reg) 64usize,
+        n = inout(reg) iters => _,
+        out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+        options(nostack, readonly),
+    );
+    Hardware::end();
+}

@@ -221,89 +221,136 @@ fn gemm_throughput() {
     }
 }
 
+/// What one AMX run gives on a set of pinned CPUs at once, in FLOPs (products) or
+/// bytes (loads), summed over the threads, per second.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum AmxWork {
+    /// The 2×2 block's four products, no memory access.
+    ProductsOnly,
+    /// Four tile loads per round from 4 KiB of L1, no products.
+    LoadsOnly,
+    /// The 2×2 micro-kernel (`AmxPipeline` as set) on contiguous operands, `kb` K
+    /// blocks per call: 8 = 32 KiB (L1), 64 = 256 KiB (L2).
+    Kernel { kb: usize },
+}
+
+#[cfg(target_arch = "x86_64")]
+fn amx_rate(work: AmxWork, cpus: &[usize], seed: &mut u64) -> f64 {
+    use amx::TileKernel;
+    let th = cpus.len();
+    // A tiles (2 × 64 KiB at most) then the two B panels, contiguous, per thread.
+    let data: Vec<Vec<u16>> = (0..th).map(|_| rand_bf16(4 * 64 * 512 + 64, seed)).collect();
+    let start = std::sync::Barrier::new(th);
+    let t0 = std::sync::Mutex::new(None::<Instant>);
+    let amount: f64 = std::thread::scope(|sc| {
+        let hs: Vec<_> = data
+            .iter()
+            .zip(cpus)
+            .map(|(d, &cpu)| {
+                let (start, t0) = (&start, &t0);
+                sc.spawn(move || unsafe {
+                    crate::pool::pin_current_thread(cpu);
+                    start.wait();
+                    t0.lock().unwrap().get_or_insert_with(Instant::now);
+                    let base = d.as_ptr().add(d.as_ptr().align_offset(64));
+                    match work {
+                        AmxWork::ProductsOnly => {
+                            let iters = 200_000;
+                            amx::products_only(d.as_ptr(), iters);
+                            4.0 * 16.0 * 16.0 * 32.0 * 2.0 * iters as f64
+                        }
+                        AmxWork::LoadsOnly => {
+                            let iters = 200_000;
+                            amx::loads_only(base, iters);
+                            4.0 * 1024.0 * iters as f64
+                        }
+                        AmxWork::Kernel { kb } => {
+                            let reps = 320_000 / kb;
+                            let a = amx::ATile {
+                                a: base,
+                                a1: base.add(kb * 512),
+                                lda: 32,
+                                step: 512,
+                            };
+                            let (b0, b1) = (base.add(2 * kb * 512), base.add(3 * kb * 512));
+                            let mut c = vec![0f32; 32 * 32];
+                            amx::Hardware::begin();
+                            for _ in 0..reps {
+                                amx::Hardware::run_gen(a, b0, b1, kb, c.as_mut_ptr(), 32, false);
+                            }
+                            amx::Hardware::end();
+                            2.0 * (32 * 32 * 32 * kb * reps) as f64
+                        }
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    let secs = t0.lock().unwrap().unwrap().elapsed().as_secs_f64();
+    amount / secs
+}
+
 /// `cargo test -- --ignored --nocapture amx_ceilings`: what the tile unit gives on
-/// this machine, 1 and N pinned threads at once: products only (no memory), and the
-/// 2×2 micro-kernel (both loop variants) on contiguous operands in L1 or in L2.
+/// this machine on 1 … N pinned threads at once: products only (no memory), tile loads
+/// only, and the 2×2 micro-kernel (both loop variants) on contiguous operands in L1 or
+/// L2. First, which CPUs share a tile unit: products only on CPU 0 and CPU j together
+/// (about 1× one CPU's rate where they share, 2× where they do not).
 #[test]
 #[ignore]
 #[cfg(target_arch = "x86_64")]
 fn amx_ceilings() {
-    use amx::TileKernel;
     if Isa::Amx.check_available().is_err() {
         println!("amx ceilings: no AMX here");
         return;
     }
     let mut seed = 5u64;
     use crate::tuning::{set, Knob};
-    // (label, FLOPs per products-only iteration or 0 for the kernel, pipelined, CPUs
-    // the threads are pinned to)
     let ncpu = crate::cpu::physical_cores().max(1);
-    // (label, K blocks per call (0 = products only), pipelined, pinned CPUs). Operands
-    // are contiguous tiles: 8 K blocks = 32 KiB (L1), 64 K blocks = 256 KiB (L2).
-    let mut runs: Vec<(&str, usize, usize, Vec<usize>)> = Vec::new();
+    let one = amx_rate(AmxWork::ProductsOnly, &[0], &mut seed);
+    let pairs: Vec<String> = (1..ncpu)
+        .map(|j| {
+            let r = amx_rate(AmxWork::ProductsOnly, &[0, j], &mut seed);
+            format!("0+{j}:{:.2}", r / one)
+        })
+        .collect();
+    println!(
+        "amx ceiling pairs (products only on two CPUs / one CPU alone, {:.2} TFLOPS): {}",
+        one / 1e12,
+        pairs.join(" ")
+    );
+    let mut sets: Vec<(String, Vec<usize>)> = Vec::new();
     for th in [1usize, 2, 8, 16].into_iter().filter(|&t| t <= ncpu) {
-        let cpus: Vec<usize> = (0..th).map(|i| (i + 1) % ncpu).collect();
-        runs.push(("products only", 0, 0, cpus.clone()));
-        runs.push(("2x2, L1 operands", 8, 0, cpus.clone()));
-        runs.push(("2x2 pipelined, L1 operands", 8, 1, cpus.clone()));
-        runs.push(("2x2, L2 operands", 64, 0, cpus.clone()));
-        runs.push(("2x2 pipelined, L2 operands", 64, 1, cpus));
+        sets.push((format!("{th:2} threads"), (0..th).collect()));
+    }
+    if ncpu >= 16 {
+        sets.push((" 8 even CPUs".into(), (0..8).map(|i| 2 * i).collect()));
     }
     let _guard = crate::tuning::test_override_guard();
-    for (label, kb, pipe, cpus) in runs {
-        set(Knob::AmxPipeline, Some(pipe));
-        let th = cpus.len();
-        // A tiles (2 × kb KiB) then the two B panels (kb KiB each), contiguous.
-        let data: Vec<Vec<u16>> = (0..th)
-            .map(|_| rand_bf16(4 * 64 * 512 + 64, &mut seed))
-            .collect();
-        let start = std::sync::Barrier::new(th);
-        let t0 = std::sync::Mutex::new(None::<std::time::Instant>);
-        let flops: f64 = std::thread::scope(|sc| {
-            let hs: Vec<_> = data
-                .iter()
-                .zip(&cpus)
-                .map(|(d, &cpu)| {
-                    let (start, t0) = (&start, &t0);
-                    sc.spawn(move || unsafe {
-                        crate::pool::pin_current_thread(cpu);
-                        start.wait();
-                        t0.lock()
-                            .unwrap()
-                            .get_or_insert_with(std::time::Instant::now);
-                        if kb == 0 {
-                            let iters = 200_000;
-                            amx::products_only(d.as_ptr(), iters);
-                            return 4.0 * 16.0 * 16.0 * 32.0 * 2.0 * iters as f64;
-                        }
-                        let reps = 320_000 / kb;
-                        let base = d.as_ptr().add(d.as_ptr().align_offset(64));
-                        let a = amx::ATile {
-                            a: base,
-                            a1: base.add(kb * 512),
-                            lda: 32,
-                            step: 512,
-                        };
-                        let (b0, b1) = (base.add(2 * kb * 512), base.add(3 * kb * 512));
-                        let mut c = vec![0f32; 32 * 32];
-                        amx::Hardware::begin();
-                        for _ in 0..reps {
-                            amx::Hardware::run_gen(a, b0, b1, kb, c.as_mut_ptr(), 32, false);
-                        }
-                        amx::Hardware::end();
-                        2.0 * (32 * 32 * 32 * kb * reps) as f64
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).sum()
-        });
-        let s = t0.lock().unwrap().unwrap().elapsed().as_secs_f64();
-        println!(
-            "amx ceiling {label}: {th:2} threads {:7.2} TFLOPS ({:.0} GFLOPS/thread)",
-            flops / s / 1e12,
-            flops / s / 1e9 / th as f64
+    for (what, cpus) in &sets {
+        let th = cpus.len() as f64;
+        let p = amx_rate(AmxWork::ProductsOnly, cpus, &mut seed);
+        let l = amx_rate(AmxWork::LoadsOnly, cpus, &mut seed);
+        let mut line = format!(
+            "amx ceiling {what}: products only {:6.2} TFLOPS, loads only {:6.0} GB/s ({:.0}/thread)",
+            p / 1e12,
+            l / 1e9,
+            l / 1e9 / th
         );
+        for (label, kb) in [("L1", 8usize), ("L2", 64)] {
+            for pipe in [0usize, 1] {
+                set(Knob::AmxPipeline, Some(pipe));
+                let r = amx_rate(AmxWork::Kernel { kb }, cpus, &mut seed);
+                line += &format!(
+                    ", 2x2{} {label} {:5.2}",
+                    if pipe == 1 { " pipelined" } else { "" },
+                    r / 1e12
+                );
+            }
+        }
         set(Knob::AmxPipeline, None);
+        println!("{line} TFLOPS");
     }
 }
 
