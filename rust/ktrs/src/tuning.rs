@@ -33,9 +33,13 @@ pub enum Knob {
     /// Microseconds an idle worker spins before it sleeps: a wake-up from sleep costs
     /// more than a short spin, and decode leaves gaps of a few hundred µs between layers.
     SpinUs,
+    /// Software prefetch of the AMX A rows (activations), K blocks ahead; 0 = none.
+    /// A tile's 16 rows lie a row stride apart, a pattern the hardware prefetchers do
+    /// not follow for tile loads.
+    AmxPrefetchA,
 }
 
-const ALL: [(Knob, &str, usize); 10] = [
+const ALL: [(Knob, &str, usize); 11] = [
     (Knob::TaskPanels, "KTRS_NB", 0),
     (Knob::AmxMinRows, "KTRS_AMX_MIN_ROWS", 8),
     (Knob::AmxKBlock, "KTRS_AMX_KBLOCK", 0),
@@ -46,6 +50,7 @@ const ALL: [(Knob, &str, usize); 10] = [
     (Knob::AmxPipeline, "KTRS_AMX_PIPELINE", 1),
     (Knob::BwdDirectRows, "KTRS_BWD_DIRECT_ROWS", 8),
     (Knob::SpinUs, "KTRS_SPIN_US", 200),
+    (Knob::AmxPrefetchA, "KTRS_AMX_PF_A", 0),
 ];
 
 const UNSET: usize = usize::MAX;
