@@ -54,8 +54,8 @@ def batch(device, n=2, t=9, seed=1):
 
 
 def train(base, device, asynchronous, monkeypatch, opt="ktrs", steps=2, accum=2, checkpointing=None):
-    """`steps` AdamW steps of `accum` micro-batches; returns losses, the gradients before
-    each step and the final trainable weights."""
+    """`steps` AdamW steps of `accum` micro-batches; returns losses and input-embedding
+    gradients, the parameter gradients before each step and the final trainable weights."""
     monkeypatch.setenv("KTRS_ASYNC_EXPERTS", "1" if asynchronous else "0")
     pm = fresh(base, device)
     if checkpointing is not None:
@@ -65,13 +65,18 @@ def train(base, device, asynchronous, monkeypatch, opt="ktrs", steps=2, accum=2,
     params = [p for p in pm.parameters() if p.requires_grad]
     optim = AdamW(params, lr=1e-2, weight_decay=0.01) if opt == "ktrs" else torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
     losses, grads = [], []
+    embed = pm.get_input_embeddings()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in range(steps):
             for micro in range(accum):
-                loss = pm(**batch(device, seed=10 * step + micro)).loss / accum
+                b = batch(device, seed=10 * step + micro)
+                # Hidden states as a leaf: their gradient went through every expert backward.
+                emb = embed(b["input_ids"]).detach().requires_grad_()
+                loss = pm(inputs_embeds=emb, labels=b["labels"]).loss / accum
                 loss.backward()
                 losses.append(loss.detach().cpu())
+                losses.append(emb.grad.cpu())
             torch.nn.utils.clip_grad_norm_(params, 1e9)  # reads every gradient (mixed devices)
             grads.append({n: p.grad.detach().cpu().clone() for n, p in pm.named_parameters() if p.requires_grad})
             optim.step()

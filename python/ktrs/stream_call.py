@@ -140,7 +140,7 @@ def _acquire(module, tokens: int, top_k: int, pinned: bool) -> _Stage:
         st = free.pop() if free else None
     if st is None:
         if pinned:
-            torch.cuda.current_stream()  # pinning needs this thread's CUDA context current
+            torch.cuda.synchronize()  # pinning needs this thread's CUDA context current (once per stage)
         return _Stage(module, tokens, top_k, pinned)
     # An error of an earlier forward whose backward never came.
     st.native.raise_error()
