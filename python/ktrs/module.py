@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._native import KtrsValueError, NonFiniteError, StaleHandleError
+from . import stream_call
 from .experts import LORA_NAMES, MoeExperts
 
 
@@ -49,14 +50,18 @@ class Timer:
         self.backwards = 0
         self.reused = 0
         #: Seconds moving inputs, outputs and output gradients between the caller's
-        #: device and the host (including waiting for the GPU to produce them).
+        #: device and the host (including waiting for the GPU to produce them); on the
+        #: stream path (`stream_call`), only the Python time enqueuing the copies.
         self.copy_seconds = 0.0
+        #: Seconds Python waited for expert calls in flight on the stream path (at the
+        #: end of each backward): the CPU experts' time that nothing overlapped.
+        self.wait_seconds = 0.0
         #: Per layer name: {"forward_s", "backward_s", "forwards", "backwards", "reused", "copy_s"}.
         self.layers: Dict[str, Dict[str, float]] = {}
 
     def snapshot(self) -> Dict[str, Any]:
         """The figures as a plain dict (for JSON)."""
-        keys = ("seconds", "forward_seconds", "backward_seconds", "forwards", "backwards", "reused", "copy_seconds")
+        keys = ("seconds", "forward_seconds", "backward_seconds", "forwards", "backwards", "reused", "copy_seconds", "wait_seconds")
         snap: Dict[str, Any] = {k: getattr(self, k) for k in keys}
         snap["layers"] = {n: dict(v) for n, v in self.layers.items()}
         return snap
@@ -70,7 +75,10 @@ class Timer:
         return rec
 
     def add(self, kind: str, seconds: float, name: Optional[str] = None) -> None:
-        """Records one event: ``kind`` is "forward", "backward", "reused" or "copy"."""
+        """Records one event: ``kind`` is "forward", "backward", "reused", "copy" or "wait"."""
+        if kind == "wait":
+            self.wait_seconds += seconds
+            return
         rec = self._layer(name)
         if kind == "copy":
             self.copy_seconds += seconds
@@ -108,7 +116,7 @@ _LIVE_HANDLES: "weakref.WeakSet" = weakref.WeakSet()
 
 def live_forward_caches() -> int:
     """How many expert forward caches (Rust memory) are alive."""
-    return len(_LIVE_HANDLES)
+    return len(_LIVE_HANDLES) + stream_call.live_caches()
 
 
 # -- forwards kept for the recompute of activation checkpointing -----------------------------
@@ -637,6 +645,10 @@ class KtrsExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         self._ensure_views()
+        check = torch.is_grad_enabled() if self.check_finite is None else self.check_finite
+        if stream_call.eligible(hidden_states):
+            # Training on CUDA: enqueued on the stream, Python does not wait (stream_call.py).
+            return stream_call.experts_call(self, hidden_states, top_k_index, top_k_weights, guard=bool(check))
         device, dtype = hidden_states.device, hidden_states.dtype
         timer = Timer.global_()
         t0 = time.perf_counter()
@@ -644,7 +656,6 @@ class KtrsExperts(nn.Module):
         ids = top_k_index.to("cpu", torch.int64).contiguous()
         w = top_k_weights.to("cpu", torch.float32).contiguous()
         t1 = time.perf_counter()
-        check = torch.is_grad_enabled() if self.check_finite is None else self.check_finite
         out = experts_function(self.experts, x, ids, w, *self.lora_params(), guard=self.where if check else None, name=self.where)
         t2 = time.perf_counter()
         out = out.to(device=device, dtype=dtype)

@@ -7,6 +7,7 @@ mod experts;
 mod info;
 mod optim;
 mod stage;
+mod train_stage;
 
 use pyo3::prelude::*;
 
@@ -20,6 +21,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<experts::ForwardHandle>()?;
     m.add_class::<stage::HostStage>()?;
     m.add_class::<stage::PyStreamChannel>()?;
+    m.add_class::<train_stage::TrainStage>()?;
     m.add_function(wrap_pyfunction!(error::_panic_for_test, m)?)?;
     m.add_function(wrap_pyfunction!(experts::py_resolve_threads, m)?)?;
     m.add_function(wrap_pyfunction!(info::cpu_info, m)?)?;
