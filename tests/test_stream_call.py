@@ -157,10 +157,12 @@ def test_two_forwards_before_one_backward_and_retain_graph(base, device, monkeyp
 def test_non_finite_lora_raises_at_the_end_of_backward_naming_the_layer(base, device, monkeypatch):
     monkeypatch.setenv("KTRS_ASYNC_EXPERTS", "1")
     pm = fresh(base, device).train()
+    Timer.global_().reset()
     ex = experts_of(pm, 2)
     with torch.no_grad():
         ex.lora["down_B"][3].fill_(float("nan"))
     loss = pm(**batch(device)).loss  # no error yet: the forward is in flight
+    assert Timer.global_().forwards == len(MOE_LAYERS)  # counted at launch
     with pytest.raises(ktrs.NonFiniteError, match=r"non-finite expert output in model\.layers\.2\.mlp\.experts: tokens \[.*experts \[.*rows affected"):
         loss.backward()
     del loss

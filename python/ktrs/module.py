@@ -74,8 +74,10 @@ class Timer:
             rec = self.layers[name] = dict(forward_s=0.0, backward_s=0.0, forwards=0, backwards=0, reused=0, copy_s=0.0)
         return rec
 
-    def add(self, kind: str, seconds: float, name: Optional[str] = None) -> None:
-        """Records one event: ``kind`` is "forward", "backward", "reused", "copy" or "wait"."""
+    def add(self, kind: str, seconds: float, name: Optional[str] = None, count: bool = True) -> None:
+        """Records one event: ``kind`` is "forward", "backward", "reused", "copy" or "wait".
+        ``count=False`` adds a kernel's seconds without counting a run (the stream path
+        counts a run when it is launched and learns its time later)."""
         if kind == "wait":
             self.wait_seconds += seconds
             return
@@ -93,13 +95,13 @@ class Timer:
         self.seconds += seconds
         if kind == "forward":
             self.forward_seconds += seconds
-            self.forwards += 1
+            self.forwards += count
         else:
             self.backward_seconds += seconds
-            self.backwards += 1
+            self.backwards += count
         if rec is not None:
             rec[f"{kind}_s"] += seconds
-            rec[f"{kind}s"] += 1
+            rec[f"{kind}s"] += count
 
 
 def _timed(kind: str, name: Optional[str], fn, *args, **kwargs):

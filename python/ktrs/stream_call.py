@@ -162,10 +162,11 @@ def _harvest(st: _Stage) -> None:
 
     fr, fs, br, bs = st.native.take_times()
     timer = Timer.global_()
-    for _ in range(fr):
-        timer.add("forward", fs / fr, st.name)
-    for _ in range(br):
-        timer.add("backward", bs / br, st.name)
+    # Runs were counted at launch (so counts are right before any sync).
+    if fr:
+        timer.add("forward", fs, st.name, count=False)
+    if br:
+        timer.add("backward", bs, st.name, count=False)
 
 
 class _Binding:
@@ -223,6 +224,7 @@ class _StreamExpertsFunction(torch.autograd.Function):
         needs = any(ctx.needs_input_grad[1:])
         binding = _Binding(module, st)
         st.native.forward(_handle(stream), save=needs, use_lora=len(lora_params) > 0, guard=call.guard)
+        Timer.global_().add("forward", 0.0, module.where)  # counted now, timed at the sync
         out = torch.empty(hidden.shape, dtype=torch.bfloat16, device=hidden.device)
         out.copy_(st.out, non_blocking=nb)
         st.mark(stream)
@@ -254,6 +256,7 @@ class _StreamExpertsFunction(torch.autograd.Function):
         overwrite = _bind_grads(call.module, call.lora) if want_lora else False
         st.gout.copy_(grad_out.detach().to(torch.bfloat16), non_blocking=nb)
         st.native.backward(_handle(stream), lora=want_lora, overwrite=overwrite, guard=call.guard)
+        Timer.global_().add("backward", 0.0, call.module.where)
         hidden_dtype, w_dtype = ctx.dtypes
         gh = gw = None
         if ctx.needs_input_grad[1]:
