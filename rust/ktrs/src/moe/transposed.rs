@@ -93,11 +93,29 @@ fn repacked_rows(
     e: usize,
     c0: usize,
     np: usize,
+    epi: impl FnMut(usize, &mut [f32]),
+) {
+    let group = group_panels(gemm_isa(isa, rows.len()));
+    repacked_in_groups(group, isa, a, lda, rows, pack, e, c0, np, epi)
+}
+
+/// [`repacked_rows`] with `group` panels per repack.
+#[allow(clippy::too_many_arguments)]
+fn repacked_in_groups(
+    group: usize,
+    isa: Isa,
+    a: &[u16],
+    lda: usize,
+    rows: Range<usize>,
+    pack: &ExpertPack,
+    e: usize,
+    c0: usize,
+    np: usize,
     mut epi: impl FnMut(usize, &mut [f32]),
 ) {
     let isa_rows = gemm_isa(isa, rows.len());
     let (w, shape) = (pack.expert(e), pack.shape);
-    let group = group_panels(isa_rows).min(np);
+    let group = group.min(np);
     let ldc = np * PANEL;
     GROUP.with(|gcell| {
         ROWS.with(|rcell| {
@@ -222,8 +240,8 @@ mod tests {
 /// Speed probe (`cargo test -p ktrs --release --lib -- --ignored --nocapture
 /// repack_probe`; `PROBE_THREADS`, `PROBE_EXPERTS`, `KTRS_ISA`): one backward GEMM
 /// phase's work at DeepSeek-V3 sizes over weights that do not fit in cache, against the
-/// forward GEMM over the same weights: the repack alone, the whole task block repacked
-/// then multiplied, and the grouped repack `gemm_t_rows` uses.
+/// forward GEMM over the same weights: the repack alone, and the repack with the GEMM in
+/// groups of 8 panels (the whole task block), 4 and 2.
 #[cfg(test)]
 mod probe {
     use super::*;
@@ -260,66 +278,45 @@ mod probe {
                 let (lda_f, lda_t) = (shape.k_pad + 32, shape.n_pad + 32);
                 let a_f = vec![0x3c00u16; (m + 32) * lda_f];
                 let a_t = vec![0x3c00u16; (m + 32) * lda_t];
-                for label in ["forward gemm", "repack only", "whole block", "grouped"] {
+                for label in [
+                    "forward gemm",
+                    "repack only",
+                    "groups of 8",
+                    "groups of 4",
+                    "groups of 2",
+                ] {
                     let run = |e: usize| {
                         let w = pack.expert(e);
                         let mut sink = 0f32;
-                        match label {
-                            "forward gemm" => {
-                                for b in 0..shape.panels() / np {
-                                    let bw = &w[b * np * shape.panel_len()..];
-                                    gemm_rows(
-                                        isa,
-                                        &a_f,
-                                        lda_f,
-                                        shape.k_pad,
-                                        0..m,
-                                        bw,
-                                        np,
-                                        |_, c| sink += c[0],
-                                    );
-                                }
+                        if label == "forward gemm" {
+                            for b in 0..shape.panels() / np {
+                                let bw = &w[b * np * shape.panel_len()..];
+                                gemm_rows(isa, &a_f, lda_f, shape.k_pad, 0..m, bw, np, |_, c| {
+                                    sink += c[0]
+                                });
                             }
-                            "repack only" | "whole block" => {
-                                let mut t = vec![0u16; np * PANEL * shape.n_pad];
-                                for b in 0..shape.k_pad / PANEL / np {
-                                    kernels::transpose_block(
-                                        isa,
-                                        w,
-                                        shape,
-                                        b * np * PANEL,
-                                        np,
-                                        &mut t,
-                                    );
-                                    if label == "whole block" {
-                                        gemm_rows(
-                                            isa,
-                                            &a_t,
-                                            lda_t,
-                                            shape.n_pad,
-                                            0..m,
-                                            &t,
-                                            np,
-                                            |_, c| sink += c[0],
-                                        );
-                                    }
-                                    sink += t[0] as f32;
-                                }
+                        } else if label == "repack only" {
+                            let mut t = vec![0u16; np * PANEL * shape.n_pad];
+                            for b in 0..shape.k_pad / PANEL / np {
+                                kernels::transpose_block(isa, w, shape, b * np * PANEL, np, &mut t);
+                                sink += t[0] as f32;
                             }
-                            _ => {
-                                for b in 0..shape.k_pad / PANEL / np {
-                                    repacked_rows(
-                                        isa,
-                                        &a_t,
-                                        lda_t,
-                                        0..m,
-                                        &pack,
-                                        e,
-                                        b * np * PANEL,
-                                        np,
-                                        |_, c| sink += c[0],
-                                    );
-                                }
+                        } else {
+                            let group = label[10..].parse().unwrap();
+                            for b in 0..shape.k_pad / PANEL / np {
+                                let c0 = b * np * PANEL;
+                                repacked_in_groups(
+                                    group,
+                                    isa,
+                                    &a_t,
+                                    lda_t,
+                                    0..m,
+                                    &pack,
+                                    e,
+                                    c0,
+                                    np,
+                                    |_, c| sink += c[0],
+                                );
                             }
                         }
                         sink
