@@ -338,14 +338,9 @@ pub(crate) unsafe fn pack_transposed_block(
     let l = _mm_loadu_si128(lane.as_ptr() as *const __m128i);
     let swap = _mm256_set_m128i(l, l);
     let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
-    let panels = shape.panels();
-    let ahead = super::transpose_prefetch_panels(np);
-    for p in 0..panels {
-        if p + ahead < panels {
-            super::prefetch_lines(s.add(((p + ahead) * kp2 + c0 / 2) * 2 * PANEL), 8 * np);
-        }
-        for q in 0..np {
-            let j0 = (c0 + q * PANEL) / 2;
+    for q in 0..np {
+        let j0 = (c0 + q * PANEL) / 2;
+        for p in 0..shape.panels() {
             let sp = s.add((p * kp2 + j0) * 2 * PANEL);
             let dp = d.add(q * PANEL * shape.n_pad + 8 * p * 2 * PANEL);
             // Source row jj (u64 columns 4h .. 4h+4) of the block.

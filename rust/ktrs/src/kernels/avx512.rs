@@ -114,14 +114,9 @@ pub(crate) unsafe fn pack_transposed_block(
     let swap = _mm512_broadcast_i32x4(_mm_loadu_si128(lane.as_ptr() as *const _));
     let s = src.as_ptr();
     let d = dst.as_mut_ptr();
-    let panels = shape.panels();
-    let ahead = super::transpose_prefetch_panels(np);
-    for p in 0..panels {
-        if p + ahead < panels {
-            super::prefetch_lines(s.add(((p + ahead) * kp2 + c0 / 2) * 2 * PANEL), 8 * np);
-        }
-        for q in 0..np {
-            let j0 = (c0 + q * PANEL) / 2;
+    for q in 0..np {
+        let j0 = (c0 + q * PANEL) / 2;
+        for p in 0..shape.panels() {
             let mut r = [_mm512_setzero_si512(); 8];
             for (jj, v) in r.iter_mut().enumerate() {
                 *v = _mm512_loadu_si512(s.add((p * kp2 + j0 + jj) * 2 * PANEL) as *const _);

@@ -218,24 +218,6 @@ pub(crate) fn gemm_transposed(isa: Isa, g: TransposedGemm<'_>) {
 
 const PANEL_U: usize = crate::pack::PANEL;
 
-/// How many source panels ahead the SIMD repacks prefetch. Each source panel contributes
-/// one contiguous run of `np · 512` bytes, every run in another 4 KiB page (panels are
-/// `k_pad · 32` bytes apart), where the hardware prefetcher does not follow; about 4 KiB
-/// in flight covers DRAM latency.
-#[inline(always)]
-fn transpose_prefetch_panels(np: usize) -> usize {
-    (8 / np.max(1)).max(1)
-}
-
-/// Prefetches `lines` consecutive 64-byte lines from `p` into L1 (a hint: any address).
-#[inline(always)]
-unsafe fn prefetch_lines(p: *const u16, lines: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    for l in 0..lines {
-        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(l * 64));
-    }
-}
-
 /// Packs the transposed block of one expert's weights (see
 /// [`crate::pack::pack_transposed_block`]) with the fastest code `isa` allows.
 pub(crate) fn transpose_block(

@@ -156,9 +156,9 @@ pub(crate) fn pack_transposed_block(
     let u64_at = |s: &[u16], i: usize| -> u64 {
         (s[i] as u64) | (s[i + 2] as u64) << 16 | (s[i + 1] as u64) << 32 | (s[i + 3] as u64) << 48
     };
-    for p in 0..shape.panels() {
-        for q in 0..np {
-            let j0 = (c0 + q * PANEL) / 2;
+    for q in 0..np {
+        let j0 = (c0 + q * PANEL) / 2;
+        for p in 0..shape.panels() {
             let s = &src[(p * kp2 + j0) * 2 * PANEL..][..BLK];
             let d = &mut dst[q * PANEL * shape.n_pad + 8 * p * 2 * PANEL..][..BLK];
             for m in 0..8 {
