@@ -32,13 +32,15 @@ thread_local! {
 /// the GEMM calls cover the same rows as one `gemm_rows` over all of them would.
 const SPAN_ROWS: usize = 5 * MC;
 
-/// Panels repacked and multiplied at a time on `isa`: the panels one pass of its kernel
-/// holds (AMX: a panel pair; AVX-512: a 4-panel register block), so A is read as often
-/// as with the whole block repacked.
+/// Panels repacked and multiplied at a time on `isa`. AMX: a panel pair, the panels one
+/// pass of its kernel holds, so A is read as often as with the whole block; its kernel
+/// needs operands in L2 (from L3 it would wait on loads). The AVX-512 and AVX2 kernels
+/// are slower than L3 and take the whole block: 4-panel groups (their register block)
+/// measured 3-9% slower than the whole 8-panel block on the dev VM (`repack_probe`).
 fn group_panels(isa: Isa) -> usize {
     match isa {
         Isa::Amx => 2,
-        _ => 4,
+        _ => NB_MAX,
     }
 }
 
@@ -116,6 +118,17 @@ fn repacked_in_groups(
     let isa_rows = gemm_isa(isa, rows.len());
     let (w, shape) = (pack.expert(e), pack.shape);
     let group = group.min(np);
+    if group == np {
+        return GROUP.with(|gcell| {
+            let mut buf = gcell.borrow_mut();
+            let len = np * PANEL * shape.n_pad;
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            kernels::transpose_block(isa, w, shape, c0, np, &mut buf[..len]);
+            gemm_rows_on(isa_rows, a, lda, shape.n_pad, rows, &buf[..len], np, epi)
+        });
+    }
     let ldc = np * PANEL;
     GROUP.with(|gcell| {
         ROWS.with(|rcell| {
@@ -183,7 +196,8 @@ mod tests {
     }
 
     /// Panel groups and row spans give, bit for bit, what one repack of the whole block
-    /// and one `gemm_rows` over all rows give, on every ISA (AMX emulated if absent).
+    /// and one `gemm_rows` over all rows give, on every ISA (AMX emulated if absent) and
+    /// group size.
     #[test]
     fn grouped_repack_matches_whole_block() {
         let mut isas = Isa::available();
@@ -223,15 +237,28 @@ mod tests {
                 gemm_rows(isa, &a, lda, shape.n_pad, rows.clone(), &blk, np, |p, c| {
                     want[(p - rows.start) * ldc..][..ldc].copy_from_slice(c)
                 });
-                let mut got = vec![f32::NAN; rows.len() * ldc];
-                repacked_rows(isa, &a, lda, rows.clone(), &pack, 1, c0, np, |p, c| {
-                    got[(p - rows.start) * ldc..][..ldc].copy_from_slice(c)
-                });
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(x, y)| x.to_bits() == y.to_bits());
-                assert!(same, "{isa:?} rows {rows:?} c0 {c0} np {np}");
+                for group in [2, 4, NB_MAX] {
+                    let mut got = vec![f32::NAN; rows.len() * ldc];
+                    let r0 = rows.start;
+                    let (a, lda) = (&a[..], lda);
+                    repacked_in_groups(
+                        group,
+                        isa,
+                        a,
+                        lda,
+                        rows.clone(),
+                        &pack,
+                        1,
+                        c0,
+                        np,
+                        |p, c| got[(p - r0) * ldc..][..ldc].copy_from_slice(c),
+                    );
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{isa:?} rows {rows:?} c0 {c0} np {np} group {group}");
+                }
             }
         }
     }
