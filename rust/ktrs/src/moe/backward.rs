@@ -1,100 +1,20 @@
 //! The backward pass: input gradient, routing-weight gradient and LoRA gradients.
 //!
-//! The transposed weights the input gradient needs are not stored, so expert memory
-//! stays at one copy: experts with few rows read the forward panels directly
-//! (`kernels::gemm_transposed`); the others repack each block they multiply by (see
-//! `pack::pack_transposed_block`) into their thread's scratch.
+//! The input gradient multiplies by the transposed expert weights, which are not
+//! stored (see `transposed.rs`).
 
+use super::transposed::gemm_t_rows;
 use super::{
-    expert_blocks, expert_runs, gather_pairs, gemm_rows, sum_pairs_into, ForwardCache, GradTarget,
-    MoeLayer, NB_MAX, ROW_PAD,
+    expert_blocks, expert_runs, gather_pairs, sum_pairs_into, ForwardCache, GradTarget, MoeLayer,
+    ROW_PAD,
 };
 use crate::bf16;
 use crate::buffer::SendPtr;
-use crate::cpu::Isa;
 use crate::error::{check_len, KtrsError, Result};
 use crate::kernels::lora_grad::{self, Cols};
-use crate::kernels::{self, transpose_block};
 use crate::kernels::{epilogue, vec};
 use crate::lora::LoraMatrix as M;
-use crate::pack::{fused_row, ExpertPack, PANEL};
-use std::cell::RefCell;
-
-thread_local! {
-    /// Per-thread block of transposed weights; its only user is `with_transposed_block`.
-    static TRANSPOSED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on the transposed block (new outputs `c0 .. c0 + 16·np`) of expert e of `pack`.
-fn with_transposed_block<R>(
-    isa: Isa,
-    pack: &ExpertPack,
-    e: usize,
-    c0: usize,
-    np: usize,
-    f: impl FnOnce(&[u16]) -> R,
-) -> R {
-    TRANSPOSED.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        let len = np * PANEL * pack.shape.n_pad;
-        if buf.len() < len {
-            buf.resize(len, 0);
-        }
-        transpose_block(isa, pack.expert(e), pack.shape, c0, np, &mut buf[..len]);
-        f(&buf[..len])
-    })
-}
-
-/// `A[rows] · W` for the 16·np columns from `c0` of expert e's weights (given by their
-/// forward packing); `epi(pair, row)` gets each finished row. Experts with few rows
-/// (`KTRS_BWD_DIRECT_ROWS`) read the forward panels directly (`gemm_transposed`): their
-/// product is a weight stream, and repacking a block costs more than using it a few
-/// times. Others repack the block into the transposed layout once and run the GEMM
-/// kernels on it.
-#[allow(clippy::too_many_arguments)]
-fn gemm_t_rows(
-    isa: Isa,
-    a: &[u16],
-    lda: usize,
-    rows: std::ops::Range<usize>,
-    pack: &ExpertPack,
-    e: usize,
-    c0: usize,
-    np: usize,
-    mut epi: impl FnMut(usize, &mut [f32]),
-) {
-    let m = rows.len();
-    if m <= direct_rows() {
-        let ldc = np * PANEL;
-        let mut c = [0f32; DIRECT_ROWS_MAX * NB_MAX * PANEL];
-        let g = kernels::TransposedGemm {
-            m,
-            a: &a[rows.start * lda..],
-            lda,
-            w: pack.expert(e),
-            shape: pack.shape,
-            c0,
-            np,
-            c: &mut c,
-            ldc,
-        };
-        kernels::gemm_transposed(isa, g);
-        for (r, p) in rows.enumerate() {
-            epi(p, &mut c[r * ldc..(r + 1) * ldc]);
-        }
-        return;
-    }
-    with_transposed_block(isa, pack, e, c0, np, |b| {
-        gemm_rows(isa, a, lda, pack.shape.n_pad, rows, b, np, epi)
-    })
-}
-
-/// Most rows for which `gemm_t_rows` reads the forward panels directly.
-const DIRECT_ROWS_MAX: usize = 16;
-
-fn direct_rows() -> usize {
-    crate::tuning::get(crate::tuning::Knob::BwdDirectRows).min(DIRECT_ROWS_MAX)
-}
+use crate::pack::{fused_row, PANEL};
 
 impl MoeLayer {
     /// Refuses a cache of another layer, or one made before `set_lora` replaced the

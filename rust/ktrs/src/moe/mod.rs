@@ -14,6 +14,7 @@ mod forward;
 mod lora_b;
 pub mod routing;
 mod schedule;
+mod transposed;
 
 pub use cache::ForwardCache;
 
