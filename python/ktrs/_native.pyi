@@ -1,7 +1,7 @@
 """Type stub of ``ktrs._native``, the PyO3 layer (rust/python/src). Kept in step with the
 module by tests/test_stub.py: every public name, every method and its parameters."""
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 __version__: str
 MAX_THREADS: int
@@ -178,6 +178,12 @@ def adamw_step(
     threads: Optional[int] = None,
 ) -> None: ...
 def resolve_threads(threads: Optional[int] = None) -> int: ...
+def dequantize_fp8(
+    weight: Tensor, scale: Tensor, out: Tensor, block: Tuple[int, int], *, threads: Optional[int] = None
+) -> None:
+    """Writes float8 `weight` [n, k] (e4m3fn or e5m2) times its float32 block scales
+    `scale` [ceil(n/bn), ceil(k/bk)] into bf16 `out` [n, k], rounded as
+    ``(weight.float() * scale).to(torch.bfloat16)`` rounds."""
 def cpu_info() -> Dict[str, Any]: ...
 def tuning() -> Dict[str, Any]: ...
 def set_tuning(name: str, value: Union[int, str]) -> None: ...
