@@ -161,19 +161,20 @@ def load(path: str, repeat: int, phases: bool) -> None:
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]  # imports the model code: not timed
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
     read_s = plain_read(files)
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
         model = None
         gc.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model = ktrs.from_pretrained(path, device="cpu", dtype=torch.bfloat16)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     secs = times[0]
     packed = sum(b.experts.experts.weight_bytes for _, b in ktrs.find_moe_blocks(model))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sizes = [os.path.getsize(f) for f in files]
     took = breakdown(path) if phases else None
-    print(json.dumps({"phases": took, "load_s": secs, "again_s": times[1:], "read_s": read_s, "expert_gb": expert_bytes(files) / 1e9,
+    print(json.dumps({"phases": took, "load_s": secs, "again_s": times[1:], "cpu_s": cpu, "read_s": read_s, "expert_gb": expert_bytes(files) / 1e9,
                       "peak_rss_gb": peak / 2**30, "packed_experts_gb": packed / 2**30,
                       "largest_shard_gb": max(sizes) / 2**30, "checkpoint_gb": sum(sizes) / 2**30,
                       "checkpoint_bytes": sum(sizes), "threads": ktrs.info()["default_threads"],
@@ -213,6 +214,8 @@ def main() -> int:
     for secs in res["again_s"]:
         print(f"  again in the same process: {secs:.2f} s, {res['expert_gb'] / secs:.2f} GB/s of experts, "
               f"{gb / secs:.2f} GB/s of checkpoint ({gb / secs / (gb / res['read_s']):.0%} of the plain read)")
+    # CPU seconds of all threads: on a shared machine, steadier than the wall clock.
+    print("CPU time of each load (all threads): " + ", ".join(f"{c:.2f} s" for c in res["cpu_s"]))
     print(f"packed experts {res['packed_experts_gb']:.2f} GiB; peak RSS while loading {res['peak_rss_gb']:.2f} GiB "
           f"(includes torch and the non-expert weights)")
     if res["phases"]:
