@@ -13,6 +13,8 @@ to what ktrs must hold (packed experts) and one shard. Imports are not timed.
 `--fp8` writes the checkpoint block-wise fp8 (float8_e4m3fn projections with float32
 scales per 128x128 block, as DeepSeek-V3/R1 ship). `--breakdown` also times the load's
 phases one by one over every routed expert: reading into buffers, dequantising, packing.
+`--cold` evicts the checkpoint's files from the page cache (posix_fadvise DONTNEED, those
+files only) before the plain read and before each load, so both read from the disk.
 """
 
 from __future__ import annotations
@@ -77,6 +79,17 @@ def quantize_checkpoint(path: str, block=(128, 128)) -> None:
                                      "weight_block_size": list(block)}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
+
+
+def evict(files) -> None:
+    """Drops `files` from the page cache (clean pages only: they were written long ago)."""
+    for name in files:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def plain_read(files) -> float:
@@ -151,7 +164,7 @@ def breakdown(path: str) -> dict:
     return took
 
 
-def load(path: str, repeat: int, phases: bool) -> None:
+def load(path: str, repeat: int, phases: bool, cold: bool) -> None:
     import torch
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -160,11 +173,19 @@ def load(path: str, repeat: int, phases: bool) -> None:
 
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]  # imports the model code: not timed
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if cold:
+        evict(files)
     read_s = plain_read(files)
-    times, cpu = [], []
+    times, cpu, reads = [], [], []
     for _ in range(repeat):
         model = None
         gc.collect()
+        if cold:
+            # The disk's speed drifts (a VM's disk is a file in the host's cache):
+            # each load is compared with a cold read just before it.
+            evict(files)
+            reads.append(plain_read(files))
+            evict(files)
         t0, c0 = time.perf_counter(), time.process_time()
         model = ktrs.from_pretrained(path, device="cpu", dtype=torch.bfloat16)
         times.append(time.perf_counter() - t0)
@@ -174,7 +195,7 @@ def load(path: str, repeat: int, phases: bool) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sizes = [os.path.getsize(f) for f in files]
     took = breakdown(path) if phases else None
-    print(json.dumps({"phases": took, "load_s": secs, "again_s": times[1:], "cpu_s": cpu, "read_s": read_s, "expert_gb": expert_bytes(files) / 1e9,
+    print(json.dumps({"phases": took, "load_s": secs, "again_s": times[1:], "cpu_s": cpu, "cold": cold, "read_s": read_s, "reads_s": reads or [read_s] * repeat, "expert_gb": expert_bytes(files) / 1e9,
                       "peak_rss_gb": peak / 2**30, "packed_experts_gb": packed / 2**30,
                       "largest_shard_gb": max(sizes) / 2**30, "checkpoint_gb": sum(sizes) / 2**30,
                       "checkpoint_bytes": sum(sizes), "threads": ktrs.info()["default_threads"],
@@ -188,18 +209,19 @@ def main() -> int:
     ap.add_argument("--load-only", action="store_true")
     ap.add_argument("--fp8", action="store_true", help="write the checkpoint block-wise fp8 (128x128 blocks)")
     ap.add_argument("--breakdown", action="store_true", help="also time read, dequantise and pack one after another")
+    ap.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each read")
     ap.add_argument("--repeat", type=int, default=2,
                     help="loads in the same process; the later ones reuse memory the process already touched, "
                          "which shows ktrs' own rate where first-touching fresh memory is slow (VMs)")
     args = ap.parse_args()
     if args.load_only:
-        load(args.dir, args.repeat, args.breakdown)
+        load(args.dir, args.repeat, args.breakdown, args.cold)
         return 0
     if not os.path.exists(os.path.join(args.dir, "config.json")):
         write_checkpoint(args.dir, args.layers)
         if args.fp8:
             quantize_checkpoint(args.dir)
-    extra = ["--breakdown"] if args.breakdown else []
+    extra = ["--breakdown"] * args.breakdown + ["--cold"] * args.cold
     r = subprocess.run([sys.executable, __file__, "--load-only", "--dir", args.dir, "--repeat", str(args.repeat), *extra], capture_output=True, text=True, env={**os.environ, "KTRS_NO_PROGRESS": "1"})
     if r.returncode:
         print(r.stderr)
@@ -208,12 +230,12 @@ def main() -> int:
     gb = res["checkpoint_bytes"] / 1e9
     print(f"checkpoint {res['checkpoint_gb']:.2f} GiB ({res['expert_gb']:.2f} GB routed experts), largest shard "
           f"{res['largest_shard_gb']:.2f} GiB; {res['cpus']} CPUs, {res['threads']} ktrs threads")
-    print(f"plain sequential read {gb / res['read_s']:.2f} GB/s; ktrs.from_pretrained {res['load_s']:.2f} s: "
-          f"{res['expert_gb'] / res['load_s']:.2f} GB/s of experts, {gb / res['load_s']:.2f} GB/s of checkpoint "
-          f"({gb / res['load_s'] / (gb / res['read_s']):.0%} of the plain read)")
-    for secs in res["again_s"]:
-        print(f"  again in the same process: {secs:.2f} s, {res['expert_gb'] / secs:.2f} GB/s of experts, "
-              f"{gb / secs:.2f} GB/s of checkpoint ({gb / secs / (gb / res['read_s']):.0%} of the plain read)")
+    where = "cold: from the disk" if res["cold"] else "page cache"
+    print(f"plain sequential read ({where}) {gb / res['read_s']:.2f} GB/s")
+    for n, (secs, read) in enumerate(zip([res["load_s"], *res["again_s"]], res["reads_s"])):
+        print(f"{'ktrs.from_pretrained' if n == 0 else '  again in the same process:'} {secs:.2f} s, "
+              f"{res['expert_gb'] / secs:.2f} GB/s of experts, {gb / secs:.2f} GB/s of checkpoint "
+              f"({read / secs:.0%} of the plain read at {gb / read:.2f} GB/s)")
     # CPU seconds of all threads: on a shared machine, steadier than the wall clock.
     print("CPU time of each load (all threads): " + ", ".join(f"{c:.2f} s" for c in res["cpu_s"]))
     print(f"packed experts {res['packed_experts_gb']:.2f} GiB; peak RSS while loading {res['peak_rss_gb']:.2f} GiB "

@@ -84,7 +84,10 @@ def test_bad_arguments_name_the_argument():
         _native.dequantize_fp8(w, scale, out[:3], (2, 3))
     with pytest.raises(KtrsTypeError, match="`out` must have dtype torch.bfloat16"):
         _native.dequantize_fp8(w, scale, out.float(), (2, 3))
-    with pytest.raises(KtrsValueError, match="`block` must be two positive sizes"):
-        _native.dequantize_fp8(w, scale, out, (0, 3))
-    with pytest.raises(KtrsValueError, match="`threads`"):
-        _native.dequantize_fp8(w, scale, out, (2, 3), threads=0)
+    for block in [(0, 3), (-2, 3), (2, 3, 1), "23", (2, 3.0)]:
+        with pytest.raises((KtrsValueError, KtrsTypeError), match="`block` must be"):
+            _native.dequantize_fp8(w, scale, out, block)
+    for threads in (0, -1, 10**6):
+        with pytest.raises(KtrsValueError, match="`threads` must be an integer from 1"):
+            _native.dequantize_fp8(w, scale, out, (2, 3), threads=threads)
+    _native.dequantize_fp8(w, torch.ones(1, 1), out, [2**64 - 1, 2**64 - 1])  # one scale per tensor

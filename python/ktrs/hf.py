@@ -645,7 +645,7 @@ def from_pretrained(
                     continue  # static activation scales: meaningless for dequantised weights
                 name = family.to_model(key)
                 want = torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype
-                t = _dequantized(f.get_tensor(key), key, where, fp8, what, want)
+                t = _dequantized(f.get_tensor(key), key, where, fp8, what, want, threads)
                 if t.is_floating_point():
                     t = t.to(want)
                 state[name] = t.to(device)
@@ -656,10 +656,10 @@ def from_pretrained(
 
 
 def _dequantized(t: torch.Tensor, key: str, where: Dict[str, "_ShardReader"], fp8: Optional[_Fp8], what: str,
-                 dtype: torch.dtype) -> torch.Tensor:
+                 dtype: torch.dtype, threads: Optional[int] = None) -> torch.Tensor:
     """Tensor `key` of the rest of the model, float8 ones dequantised with their scale
-    (read from whichever shard holds it): to bf16 in Rust when `dtype` is bf16, else to
-    float32."""
+    (read from whichever shard holds it): to bf16 in Rust (on `threads` threads) when
+    `dtype` is bf16, else to float32."""
     if not _is_fp8(t):
         return t
     if fp8 is None:
@@ -673,7 +673,7 @@ def _dequantized(t: torch.Tensor, key: str, where: Dict[str, "_ShardReader"], fp
     if dtype == torch.bfloat16 and t.dim() == 2:
         scale, block = fp8.grid(t, scale.float(), key)
         out = torch.empty(t.shape, dtype=torch.bfloat16)
-        _native.dequantize_fp8(t.contiguous(), scale.contiguous(), out, block)
+        _native.dequantize_fp8(t.contiguous(), scale.contiguous(), out, block, threads=threads)
         return out
     return fp8.dequantize(t, scale, key)
 

@@ -57,9 +57,9 @@ impl Fp8Format {
     }
 }
 
-/// Rows per task: a multiple of no block size in particular, small enough that an
-/// expert's few block rows still spread over every thread, large enough that the 256
-/// products per block and task stay a few percent of the work (64 × 128 columns: 3%).
+/// Rows per task at most: small enough that an expert's few block rows still spread over
+/// every thread, large enough that the 256 products per block and task stay a few
+/// percent of the work (64 × 128 columns: 3%).
 const ROWS_PER_TASK: usize = 64;
 
 /// Dequantises `weight` ([n, k] row-major float8 bits in `format`) with `scale`
@@ -127,9 +127,10 @@ fn dequantize_with(
         return Ok(());
     }
     let values = format.table();
-    // Tasks never straddle a block row, so each sees one row of scales.
-    let per_block_row = bn.div_ceil(ROWS_PER_TASK);
-    let chunk = bn.div_ceil(per_block_row);
+    // Tasks never straddle a block row, so each sees one row of scales. A block taller
+    // than the matrix (one scale per tensor) counts as n rows, not as bn / 64 tasks.
+    let per_block_row = bn.min(n).div_ceil(ROWS_PER_TASK);
+    let chunk = bn.min(n).div_ceil(per_block_row);
     let tasks = gn * per_block_row;
     let dst = crate::buffer::SendPtr(out.as_mut_ptr());
     let task = |t: usize, _: usize| {
@@ -328,6 +329,7 @@ mod tests {
             (130, 1, 64, 4),
             (3, 200, 2, 100),
             (2, 129, 2, 129),
+            (70, 9, usize::MAX, usize::MAX),
             (0, 8, 4, 4),
         ] {
             for f in [Fp8Format::E4M3Fn, Fp8Format::E5M2] {

@@ -3,6 +3,7 @@
 
 use crate::dlpack::{DType, TensorArg};
 use crate::error::{guard, value_err, IntoPy};
+use crate::experts::{int_arg, opt_int_arg};
 use ktrs::fp8::{self, Fp8Format};
 use pyo3::prelude::*;
 
@@ -16,8 +17,8 @@ pub fn dequantize_fp8(
     weight: &Bound<'_, PyAny>,
     scale: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
-    block: (usize, usize),
-    threads: Option<usize>,
+    block: &Bound<'_, PyAny>,
+    threads: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     guard(|| {
         let w = TensorArg::new_of(
@@ -27,12 +28,18 @@ pub fn dequantize_fp8(
             &[None, None],
         )?;
         let (n, k) = (w.shape[0], w.shape[1]);
-        let (bn, bk) = block;
-        if bn == 0 || bk == 0 {
+        // Taken as an object so that a wrong one gets an error naming `block`, not
+        // pyo3's bare OverflowError or tuple-length message.
+        let sizes: Vec<Bound<'_, PyAny>> = block.extract().unwrap_or_default();
+        if sizes.len() != 2 {
             return Err(value_err(format!(
-                "`block` must be two positive sizes, got ({bn}, {bk})"
+                "`block` must be two positive integers (rows, columns), got {}",
+                block.repr()?
             )));
         }
+        let bn = int_arg("block", &sizes[0], 1, usize::MAX)?;
+        let bk = int_arg("block", &sizes[1], 1, usize::MAX)?;
+        let threads = opt_int_arg("threads", threads, 1, ktrs::pool::MAX_THREADS)?;
         let grid = [n.div_ceil(bn), k.div_ceil(bk)];
         let s = TensorArg::new("scale", scale, DType::F32, &[None, None])?;
         if s.shape != grid {
