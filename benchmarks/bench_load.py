@@ -29,16 +29,16 @@ import sys
 import time
 
 
-def write_checkpoint(path: str, layers: int) -> None:
+def write_checkpoint(path: str, layers: int, tiny: bool = False) -> None:
     import torch
     from transformers import DeepseekV2ForCausalLM
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_model import v2_lite_config
+    from bench_model import tiny_config, v2_lite_config
 
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = DeepseekV2ForCausalLM(v2_lite_config(layers)).to(torch.bfloat16)
+        model = DeepseekV2ForCausalLM((tiny_config if tiny else v2_lite_config)(layers)).to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size="1GB")
 
 
@@ -49,11 +49,14 @@ def quantize_checkpoint(path: str, block=(128, 128)) -> None:
     from safetensors.torch import load_file, save_file
 
     index_file = os.path.join(path, "model.safetensors.index.json")
-    with open(index_file) as f:
-        index = json.load(f)
+    index = {"weight_map": {}}
+    if os.path.exists(index_file):
+        with open(index_file) as f:
+            index = json.load(f)
     weight_map = index["weight_map"]
+    shards = sorted(set(weight_map.values())) or ["model.safetensors"]
     bn, bk = block
-    for shard in sorted(set(weight_map.values())):
+    for shard in shards:
         tensors = load_file(os.path.join(path, shard))
         out = {}
         for key, t in tensors.items():
@@ -71,8 +74,9 @@ def quantize_checkpoint(path: str, block=(128, 128)) -> None:
             out[key + "_scale_inv"] = scale
             weight_map[key + "_scale_inv"] = shard
         save_file(out, os.path.join(path, shard), metadata={"format": "pt"})
-    with open(index_file, "w") as f:
-        json.dump(index, f)
+    if weight_map:
+        with open(index_file, "w") as f:
+            json.dump(index, f)
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
@@ -207,6 +211,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dir", default="/tmp/ktrs-v2lite-ckpt")
     ap.add_argument("--load-only", action="store_true")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the tiny DeepSeek-V2 shape (16 experts of 256x128): per-expert overhead, not bytes")
     ap.add_argument("--fp8", action="store_true", help="write the checkpoint block-wise fp8 (128x128 blocks)")
     ap.add_argument("--breakdown", action="store_true", help="also time read, dequantise and pack one after another")
     ap.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each read")
@@ -218,7 +224,7 @@ def main() -> int:
         load(args.dir, args.repeat, args.breakdown, args.cold)
         return 0
     if not os.path.exists(os.path.join(args.dir, "config.json")):
-        write_checkpoint(args.dir, args.layers)
+        write_checkpoint(args.dir, args.layers, args.tiny)
         if args.fp8:
             quantize_checkpoint(args.dir)
     extra = ["--breakdown"] * args.breakdown + ["--cold"] * args.cold

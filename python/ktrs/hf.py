@@ -8,6 +8,7 @@ their weights stream from the safetensors shards straight into Rust packing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -15,7 +16,7 @@ import os
 import re
 import types
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -636,19 +637,35 @@ def from_pretrained(
     if bar is not None:
         bar.close()
     scales = {k for k in where if k.endswith(_SCALE)} if fp8 is not None else set()
-    for shard, keys in rest.items():
-        with safe_open(shard, framework="pt", device="cpu") as f:
-            for key in keys:
-                if key in scales and key[: -len(_SCALE)] in where:
-                    continue  # read with its weight
-                if fp8 is not None and key.endswith(".activation_scale"):
-                    continue  # static activation scales: meaningless for dequantised weights
-                name = family.to_model(key)
-                want = torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype
-                t = _dequantized(f.get_tensor(key), key, where, fp8, what, want, threads)
-                if t.is_floating_point():
-                    t = t.to(want)
-                state[name] = t.to(device)
+    with contextlib.ExitStack() as scale_shards:
+        # Opening a shard parses its whole header (milliseconds for a real checkpoint),
+        # too slow once per scale: a scale in another shard than its weight is read
+        # through a handle kept open. Only scale bytes of those get mapped; the shard
+        # being loaded is closed after it, so one shard is mapped at a time.
+        opened: Dict[str, object] = {}
+
+        def scale_of(key: str, shard: str, f) -> torch.Tensor:
+            path = where[key].path
+            if path == shard:
+                return f.get_tensor(key)
+            if path not in opened:
+                opened[path] = scale_shards.enter_context(safe_open(path, framework="pt", device="cpu"))
+            return opened[path].get_tensor(key)
+
+        for shard, keys in rest.items():
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                for key in keys:
+                    if key in scales and key[: -len(_SCALE)] in where:
+                        continue  # read with its weight
+                    if fp8 is not None and key.endswith(".activation_scale"):
+                        continue  # static activation scales: meaningless for dequantised weights
+                    name = family.to_model(key)
+                    want = torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype
+                    t = _dequantized(f.get_tensor(key), key, where, fp8, what, want, threads,
+                                     functools.partial(scale_of, shard=shard, f=f))
+                    if t.is_floating_point():
+                        t = t.to(want)
+                    state[name] = t.to(device)
     _load_rest(model, state, device)
     model._ktrs_device = device
     decode.enable(model)
@@ -656,20 +673,17 @@ def from_pretrained(
 
 
 def _dequantized(t: torch.Tensor, key: str, where: Dict[str, "_ShardReader"], fp8: Optional[_Fp8], what: str,
-                 dtype: torch.dtype, threads: Optional[int] = None) -> torch.Tensor:
+                 dtype: torch.dtype, threads: Optional[int], scale_of: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """Tensor `key` of the rest of the model, float8 ones dequantised with their scale
-    (read from whichever shard holds it): to bf16 in Rust (on `threads` threads) when
-    `dtype` is bf16, else to float32."""
+    (`scale_of` reads it from whichever shard holds it): to bf16 in Rust (on `threads`
+    threads) when `dtype` is bf16, else to float32."""
     if not _is_fp8(t):
         return t
     if fp8 is None:
         raise _not_fp8(key, what)
     if key + _SCALE not in where:
         raise KtrsValueError(f"{what}: {key} is float8 but the checkpoint has no {key + _SCALE}")
-    from safetensors import safe_open
-
-    with safe_open(where[key + _SCALE].path, framework="pt", device="cpu") as f:
-        scale = f.get_tensor(key + _SCALE)
+    scale = scale_of(key + _SCALE)
     if dtype == torch.bfloat16 and t.dim() == 2:
         scale, block = fp8.grid(t, scale.float(), key)
         out = torch.empty(t.shape, dtype=torch.bfloat16)
