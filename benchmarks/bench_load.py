@@ -163,6 +163,8 @@ def breakdown(path: str) -> dict:
         took["read"] += t1 - t0
         took["dequant"] += t2 - t1
         took["pack"] += t3 - t2
+    if fp8 is None:
+        del took["dequant"]
     for r in readers:
         r.close()
     return took
@@ -248,7 +250,7 @@ def main() -> int:
           f"(includes torch and the non-expert weights)")
     if res["phases"]:
         print("phases over all routed experts, one after another: " + ", ".join(
-            f"{k} {v:.2f} s ({res['expert_gb'] / v:.2f} GB/s)" for k, v in res["phases"].items() if v))
+            f"{k} {v:.2f} s ({res['expert_gb'] / v:.2f} GB/s)" for k, v in res["phases"].items()))
     return 0
 
 

@@ -364,8 +364,9 @@ class _Fp8:
         return scale, (bn, bk)
 
     def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, key: str) -> torch.Tensor:
-        """The float32 values of the float8 tensor `key` ([..., n, k]) and its scales (the
-        non-expert weights; routed experts go through `_native.dequantize_fp8`)."""
+        """The float32 values of the float8 tensor `key` ([..., n, k]) and its scales: for
+        weights outside the experts of a model not in bf16 (rounding to bf16 on the way
+        would lose precision); bf16 results come from `_native.dequantize_fp8`."""
         scale, (bn, bk) = self.grid(weight, scale, key)
         n, k = weight.shape[-2:]
         values = torch.empty(weight.shape, dtype=torch.float32)
