@@ -8,6 +8,13 @@ bytes and of the whole checkpoint next to the plain read, and peak resident memo
 to what ktrs must hold (packed experts) and one shard. Imports are not timed.
 
     python benchmarks/bench_load.py --layers 4 --dir /tmp/v2lite-4l
+    python benchmarks/bench_load.py --layers 4 --fp8 --dir /tmp/v2lite-4l-fp8
+
+`--fp8` writes the checkpoint block-wise fp8 (float8_e4m3fn projections with float32
+scales per 128x128 block, as DeepSeek-V3/R1 ship). `--breakdown` also times the load's
+phases one by one over every routed expert: reading into buffers, dequantising, packing.
+`--cold` evicts the checkpoint's files from the page cache (posix_fadvise DONTNEED, those
+files only) before the plain read and before each load, so both read from the disk.
 """
 
 from __future__ import annotations
@@ -22,17 +29,71 @@ import sys
 import time
 
 
-def write_checkpoint(path: str, layers: int) -> None:
+def write_checkpoint(path: str, layers: int, tiny: bool = False) -> None:
     import torch
     from transformers import DeepseekV2ForCausalLM
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_model import v2_lite_config
+    from bench_model import tiny_config, v2_lite_config
 
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = DeepseekV2ForCausalLM(v2_lite_config(layers)).to(torch.bfloat16)
+        model = DeepseekV2ForCausalLM((tiny_config if tiny else v2_lite_config)(layers)).to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size="1GB")
+
+
+def quantize_checkpoint(path: str, block=(128, 128)) -> None:
+    """Rewrites the checkpoint at `path` block-wise fp8, as DeepSeek's quantiser does:
+    per block scale = amax / 448, w8 = w / scale; every 2-D projection weight."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    index = {"weight_map": {}}
+    if os.path.exists(index_file):
+        with open(index_file) as f:
+            index = json.load(f)
+    weight_map = index["weight_map"]
+    shards = sorted(set(weight_map.values())) or ["model.safetensors"]
+    bn, bk = block
+    for shard in shards:
+        tensors = load_file(os.path.join(path, shard))
+        out = {}
+        for key, t in tensors.items():
+            if t.dim() != 2 or not (key.endswith("_proj.weight") or key.endswith("_proj_with_mqa.weight")):
+                out[key] = t
+                continue
+            n, k = t.shape
+            gn, gk = -(-n // bn), -(-k // bk)
+            padded = torch.zeros(gn * bn, gk * bk)
+            padded[:n, :k] = t.float()
+            blocks = padded.view(gn, bn, gk, bk)
+            scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp_min(1e-12)
+            q = (blocks / scale[:, None, :, None]).view(gn * bn, gk * bk)[:n, :k]
+            out[key] = q.to(torch.float8_e4m3fn).contiguous()
+            out[key + "_scale_inv"] = scale
+            weight_map[key + "_scale_inv"] = shard
+        save_file(out, os.path.join(path, shard), metadata={"format": "pt"})
+    if weight_map:
+        with open(index_file, "w") as f:
+            json.dump(index, f)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": list(block)}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def evict(files) -> None:
+    """Drops `files` from the page cache (clean pages only: they were written long ago)."""
+    for name in files:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def plain_read(files) -> float:
@@ -56,7 +117,60 @@ def expert_bytes(files) -> int:
     return total
 
 
-def load(path: str, repeat: int) -> None:
+def breakdown(path: str) -> dict:
+    """Seconds of each phase of an expert load, run one after another over every routed
+    expert (no overlap, unlike from_pretrained): `read` (from the shards into reusable
+    buffers), `dequant` (fp8 only: to bf16), `pack` (set_expert into Rust)."""
+    import torch
+
+    import ktrs
+    from ktrs import hf
+    from ktrs.families import _PROJ, family_for
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    fp8 = hf._Fp8.of(config, path)
+    family = family_for(config.model_type, path)
+    pattern = family.expert_pattern()
+    buffers = {}
+    readers = [hf._ShardReader(s, buffers) for s in hf._shards(path)]
+    experts = {}
+    for r in readers:
+        for key in r.keys():
+            if (m := pattern.match(key)) is not None:
+                experts.setdefault((int(m.group(2)), int(m.group(3))), {})[family.proj(m.group(4))] = (r, key)
+    e = 1 + max(x for _, x in experts)
+    i, h = experts[min(experts)]["gate"][0].header[experts[min(experts)]["gate"][1]]["shape"]
+    rust = ktrs.MoeExperts.empty(e, h, i)
+    took = {"read": 0.0, "dequant": 0.0, "pack": 0.0}
+    for (_, x), keys in sorted(experts.items()):
+        t0 = time.perf_counter()
+        parts = {p: r.read(key, p) for p, (r, key) in keys.items()}
+        scales = {p: r.read(key + hf._SCALE, p + "s") for p, (r, key) in keys.items() if hf._is_fp8(parts[p])}
+        t1 = time.perf_counter()
+        weights = []
+        for p in _PROJ:
+            w = parts[p]
+            if p in scales:
+                scale, block = fp8.grid(w, scales[p], keys[p][1])
+                out = hf._buffer(buffers, p + "bf16", tuple(w.shape), torch.bfloat16)
+                ktrs._native.dequantize_fp8(w, scale, out, block, threads=rust.threads)
+                w = out
+            weights.append(w)
+        t2 = time.perf_counter()
+        rust.set_expert(x, *weights)
+        t3 = time.perf_counter()
+        took["read"] += t1 - t0
+        took["dequant"] += t2 - t1
+        took["pack"] += t3 - t2
+    if fp8 is None:
+        del took["dequant"]
+    for r in readers:
+        r.close()
+    return took
+
+
+def load(path: str, repeat: int, phases: bool, cold: bool) -> None:
     import torch
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -65,19 +179,29 @@ def load(path: str, repeat: int) -> None:
 
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]  # imports the model code: not timed
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if cold:
+        evict(files)
     read_s = plain_read(files)
-    times = []
+    times, cpu, reads = [], [], []
     for _ in range(repeat):
         model = None
         gc.collect()
-        t0 = time.perf_counter()
+        if cold:
+            # The disk's speed drifts (a VM's disk is a file in the host's cache):
+            # each load is compared with a cold read just before it.
+            evict(files)
+            reads.append(plain_read(files))
+            evict(files)
+        t0, c0 = time.perf_counter(), time.process_time()
         model = ktrs.from_pretrained(path, device="cpu", dtype=torch.bfloat16)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     secs = times[0]
     packed = sum(b.experts.experts.weight_bytes for _, b in ktrs.find_moe_blocks(model))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sizes = [os.path.getsize(f) for f in files]
-    print(json.dumps({"load_s": secs, "again_s": times[1:], "read_s": read_s, "expert_gb": expert_bytes(files) / 1e9,
+    took = breakdown(path) if phases else None
+    print(json.dumps({"phases": took, "load_s": secs, "again_s": times[1:], "cpu_s": cpu, "cold": cold, "read_s": read_s, "reads_s": reads or [read_s] * repeat, "expert_gb": expert_bytes(files) / 1e9,
                       "peak_rss_gb": peak / 2**30, "packed_experts_gb": packed / 2**30,
                       "largest_shard_gb": max(sizes) / 2**30, "checkpoint_gb": sum(sizes) / 2**30,
                       "checkpoint_bytes": sum(sizes), "threads": ktrs.info()["default_threads"],
@@ -89,16 +213,24 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dir", default="/tmp/ktrs-v2lite-ckpt")
     ap.add_argument("--load-only", action="store_true")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the tiny DeepSeek-V2 shape (16 experts of 256x128): per-expert overhead, not bytes")
+    ap.add_argument("--fp8", action="store_true", help="write the checkpoint block-wise fp8 (128x128 blocks)")
+    ap.add_argument("--breakdown", action="store_true", help="also time read, dequantise and pack one after another")
+    ap.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each read")
     ap.add_argument("--repeat", type=int, default=2,
                     help="loads in the same process; the later ones reuse memory the process already touched, "
                          "which shows ktrs' own rate where first-touching fresh memory is slow (VMs)")
     args = ap.parse_args()
     if args.load_only:
-        load(args.dir, args.repeat)
+        load(args.dir, args.repeat, args.breakdown, args.cold)
         return 0
     if not os.path.exists(os.path.join(args.dir, "config.json")):
-        write_checkpoint(args.dir, args.layers)
-    r = subprocess.run([sys.executable, __file__, "--load-only", "--dir", args.dir, "--repeat", str(args.repeat)], capture_output=True, text=True, env={**os.environ, "KTRS_NO_PROGRESS": "1"})
+        write_checkpoint(args.dir, args.layers, args.tiny)
+        if args.fp8:
+            quantize_checkpoint(args.dir)
+    extra = ["--breakdown"] * args.breakdown + ["--cold"] * args.cold
+    r = subprocess.run([sys.executable, __file__, "--load-only", "--dir", args.dir, "--repeat", str(args.repeat), *extra], capture_output=True, text=True, env={**os.environ, "KTRS_NO_PROGRESS": "1"})
     if r.returncode:
         print(r.stderr)
         return r.returncode
@@ -106,14 +238,19 @@ def main() -> int:
     gb = res["checkpoint_bytes"] / 1e9
     print(f"checkpoint {res['checkpoint_gb']:.2f} GiB ({res['expert_gb']:.2f} GB routed experts), largest shard "
           f"{res['largest_shard_gb']:.2f} GiB; {res['cpus']} CPUs, {res['threads']} ktrs threads")
-    print(f"plain sequential read {gb / res['read_s']:.2f} GB/s; ktrs.from_pretrained {res['load_s']:.2f} s: "
-          f"{res['expert_gb'] / res['load_s']:.2f} GB/s of experts, {gb / res['load_s']:.2f} GB/s of checkpoint "
-          f"({gb / res['load_s'] / (gb / res['read_s']):.0%} of the plain read)")
-    for secs in res["again_s"]:
-        print(f"  again in the same process: {secs:.2f} s, {res['expert_gb'] / secs:.2f} GB/s of experts, "
-              f"{gb / secs:.2f} GB/s of checkpoint ({gb / secs / (gb / res['read_s']):.0%} of the plain read)")
+    where = "cold: from the disk" if res["cold"] else "page cache"
+    print(f"plain sequential read ({where}) {gb / res['read_s']:.2f} GB/s")
+    for n, (secs, read) in enumerate(zip([res["load_s"], *res["again_s"]], res["reads_s"])):
+        print(f"{'ktrs.from_pretrained' if n == 0 else '  again in the same process:'} {secs:.2f} s, "
+              f"{res['expert_gb'] / secs:.2f} GB/s of experts, {gb / secs:.2f} GB/s of checkpoint "
+              f"({read / secs:.0%} of the plain read at {gb / read:.2f} GB/s)")
+    # CPU seconds of all threads: on a shared machine, steadier than the wall clock.
+    print("CPU time of each load (all threads): " + ", ".join(f"{c:.2f} s" for c in res["cpu_s"]))
     print(f"packed experts {res['packed_experts_gb']:.2f} GiB; peak RSS while loading {res['peak_rss_gb']:.2f} GiB "
           f"(includes torch and the non-expert weights)")
+    if res["phases"]:
+        print("phases over all routed experts, one after another: " + ", ".join(
+            f"{k} {v:.2f} s ({res['expert_gb'] / v:.2f} GB/s)" for k, v in res["phases"].items()))
     return 0
 
 

@@ -147,6 +147,19 @@ def test_fp8_checkpoint_loads_dequantised(family, block, apart, tmp_path):
         assert rel_l2(loaded(ids).logits, want_model(ids).logits) < 2e-2
 
 
+def test_fp8_in_bf16_rounds_once(tmp_path):
+    # In a bf16 model every dequantised weight (experts and the rest: Rust) is the f32
+    # product rounded once to bf16, as `(w.float() * scale).to(torch.bfloat16)` gives it.
+    stock = stock_model("qwen3_moe")
+    reference = write_fp8_checkpoint(stock, tmp_path, (32, 24))
+    loaded = ktrs.from_pretrained(str(tmp_path), device="cpu", dtype=torch.bfloat16, threads=2)
+    params = dict(loaded.named_parameters())
+    rest = [key for key in reference if ".experts." not in key]
+    assert len(rest) >= 8
+    for key in rest:
+        assert params[key].dtype == torch.bfloat16 and torch.equal(params[key], reference[key].to(torch.bfloat16)), key
+
+
 def test_fp8_matches_transformers_dequantising_loader(tmp_path):
     # Where the blocks divide every dim, transformers' own fp8 loader (dequantize=True)
     # is an independent reference for the whole model. (With partial blocks it derives

@@ -8,6 +8,7 @@ their weights stream from the safetensors shards straight into Rust packing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -15,12 +16,12 @@ import os
 import re
 import types
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from . import decode
+from . import _native, decode
 from ._native import KtrsFileNotFoundError, KtrsTypeError, KtrsValueError
 from .experts import MoeExperts
 from .families import _PROJ, family_for, ignored_keys
@@ -348,10 +349,9 @@ class _Fp8:
                                  f"(or null: one scale per tensor), got {block!r}")
         return cls(tuple(block) if block is not None else None)
 
-    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, key: str,
-                   buffers: Optional[Dict[tuple, torch.Tensor]] = None) -> torch.Tensor:
-        """The float32 values of the float8 tensor `key` ([..., n, k]) and its scales; with
-        `buffers` (see `_buffer`) in a reusable tensor, valid until the next call."""
+    def grid(self, weight: torch.Tensor, scale: torch.Tensor, key: str) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """`scale` shaped as its blocks' grid over `weight` ([..., n, k]) and the block
+        size; a scale that does not fit raises, naming `key`."""
         n, k = weight.shape[-2:]
         bn, bk = self.block or (n, k)
         grid = (*weight.shape[:-2], -(-n // bn), -(-k // bk))
@@ -361,13 +361,18 @@ class _Fp8:
             raise KtrsValueError(
                 f"{key}{_SCALE}: shape {list(scale.shape)} does not fit weight {list(weight.shape)} in blocks of "
                 f"{[bn, bk]} (quantization_config.weight_block_size), which need scales {list(grid)}")
-        shape = tuple(weight.shape)
-        scratch = (lambda slot, dtype: torch.empty(shape, dtype=dtype)) if buffers is None else (
-            lambda slot, dtype: _buffer(buffers, slot, shape, dtype))
-        values = scratch("fp8-values", torch.float32)
+        return scale, (bn, bk)
+
+    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, key: str) -> torch.Tensor:
+        """The float32 values of the float8 tensor `key` ([..., n, k]) and its scales: for
+        weights outside the experts of a model not in bf16 (rounding to bf16 on the way
+        would lose precision); bf16 results come from `_native.dequantize_fp8`."""
+        scale, (bn, bk) = self.grid(weight, scale, key)
+        n, k = weight.shape[-2:]
+        values = torch.empty(weight.shape, dtype=torch.float32)
         # A lookup in a 256-entry table (made by torch's own conversion, so the same
         # values) with int32 indices: 5x faster than torch's float8 -> float32 cast on the CPU.
-        index = scratch("fp8-index", torch.int32).copy_(weight.view(torch.uint8))
+        index = weight.view(torch.uint8).to(torch.int32)
         torch.index_select(_fp8_table(weight.dtype), 0, index.view(-1), out=values.view(-1))
         # Scales expanded over rows only ([n, k / bk], small); columns broadcast.
         rows = scale.float().repeat_interleave(bn, -2)[..., :n, :]
@@ -453,19 +458,29 @@ class _ShardReader:
 
 
 class _Packer:
-    """Packs experts on a worker thread (Rust, which releases the GIL) while the caller
-    reads the next one from disk. At most one pack is in flight, so the caller reads into
-    one of two sets of reusable buffers, `parity`, which flips at each submit."""
+    """Dequantises (fp8) and packs experts on a worker thread (Rust, which releases the
+    GIL) while the caller reads the next one from disk. At most one pack is in flight, so
+    the caller reads into one of two sets of reusable buffers, `parity`, which flips at
+    each submit."""
 
     def __init__(self) -> None:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ktrs-load")
         self.in_flight: Optional[Future] = None
         self.parity = 0
 
-    def submit(self, rust: MoeExperts, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+    def submit(self, rust: MoeExperts, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+               dequantize: Tuple[tuple, ...] = ()) -> None:
+        """`dequantize`: (float8 weight, scale, bf16 out, block) for each float8 projection,
+        whose `out` is among gate, up, down."""
         self.wait()
-        self.in_flight = self.pool.submit(rust.set_expert, expert, gate, up, down)
+        self.in_flight = self.pool.submit(self._pack, rust, expert, (gate, up, down), dequantize)
         self.parity ^= 1
+
+    @staticmethod
+    def _pack(rust: MoeExperts, expert: int, weights: Tuple[torch.Tensor, ...], dequantize: Tuple[tuple, ...]) -> None:
+        for weight, scale, out, block in dequantize:
+            _native.dequantize_fp8(weight, scale, out, block, threads=rust.threads)
+        rust.set_expert(expert, *weights)
 
     def wait(self) -> None:
         """Waits for the pack in flight; its error, if any, is raised here."""
@@ -595,12 +610,13 @@ def from_pretrained(
                     raise _not_fp8(keys[fp8_weights[0]], what)
                 parts = {slot: where[key].read(key, f"{slot}{packer.parity}") for slot, key in keys.items()}
                 weights = [parts[p] for p in _PROJ]
+                jobs = []
                 for j, p in enumerate(_PROJ):
                     if p in fp8_weights:
-                        shape = tuple(parts[p].shape)
-                        f32 = fp8.dequantize(parts[p], parts[p + _SCALE], keys[p], buffers)
-                        weights[j] = _buffer(buffers, f"{p}{packer.parity}", shape, torch.bfloat16).copy_(f32)
-                packer.submit(blocks[layer][0], x, *weights)
+                        scale, block = fp8.grid(parts[p], parts[p + _SCALE].float(), keys[p])
+                        weights[j] = _buffer(buffers, f"{p}{packer.parity}", tuple(parts[p].shape), torch.bfloat16)
+                        jobs.append((parts[p], scale, weights[j], block))
+                packer.submit(blocks[layer][0], x, *weights, dequantize=tuple(jobs))
                 if bar is not None:
                     bar.update(1)
             for layer, parts in sorted(fused.items()):
@@ -622,37 +638,58 @@ def from_pretrained(
     if bar is not None:
         bar.close()
     scales = {k for k in where if k.endswith(_SCALE)} if fp8 is not None else set()
-    for shard, keys in rest.items():
-        with safe_open(shard, framework="pt", device="cpu") as f:
-            for key in keys:
-                if key in scales and key[: -len(_SCALE)] in where:
-                    continue  # read with its weight
-                if fp8 is not None and key.endswith(".activation_scale"):
-                    continue  # static activation scales: meaningless for dequantised weights
-                t = _dequantized(f.get_tensor(key), key, where, fp8, what)
-                name = family.to_model(key)
-                if t.is_floating_point():
-                    t = t.to(torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype)
-                state[name] = t.to(device)
+    with contextlib.ExitStack() as scale_shards:
+        # Opening a shard parses its whole header (milliseconds for a real checkpoint),
+        # too slow once per scale: a scale in another shard than its weight is read
+        # through a handle kept open. Only scale bytes of those get mapped; the shard
+        # being loaded is closed after it, so one shard is mapped at a time.
+        opened: Dict[str, object] = {}
+
+        def scale_of(key: str, shard: str, f) -> torch.Tensor:
+            path = where[key].path
+            if path == shard:
+                return f.get_tensor(key)
+            if path not in opened:
+                opened[path] = scale_shards.enter_context(safe_open(path, framework="pt", device="cpu"))
+            return opened[path].get_tensor(key)
+
+        for shard, keys in rest.items():
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                for key in keys:
+                    if key in scales and key[: -len(_SCALE)] in where:
+                        continue  # read with its weight
+                    if fp8 is not None and key.endswith(".activation_scale"):
+                        continue  # static activation scales: meaningless for dequantised weights
+                    name = family.to_model(key)
+                    want = torch.float32 if any(name.endswith(k) for k in keep_fp32) else dtype
+                    t = _dequantized(f.get_tensor(key), key, where, fp8, what, want, threads,
+                                     functools.partial(scale_of, shard=shard, f=f))
+                    if t.is_floating_point():
+                        t = t.to(want)
+                    state[name] = t.to(device)
     _load_rest(model, state, device)
     model._ktrs_device = device
     decode.enable(model)
     return model
 
 
-def _dequantized(t: torch.Tensor, key: str, where: Dict[str, "_ShardReader"], fp8: Optional[_Fp8], what: str) -> torch.Tensor:
-    """Tensor `key` of the rest of the model, float8 ones dequantised (to float32) with
-    their scale, read from whichever shard holds it."""
+def _dequantized(t: torch.Tensor, key: str, where: Dict[str, "_ShardReader"], fp8: Optional[_Fp8], what: str,
+                 dtype: torch.dtype, threads: Optional[int], scale_of: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """Tensor `key` of the rest of the model, float8 ones dequantised with their scale
+    (`scale_of` reads it from whichever shard holds it): to bf16 in Rust (on `threads`
+    threads) when `dtype` is bf16, else to float32."""
     if not _is_fp8(t):
         return t
     if fp8 is None:
         raise _not_fp8(key, what)
     if key + _SCALE not in where:
         raise KtrsValueError(f"{what}: {key} is float8 but the checkpoint has no {key + _SCALE}")
-    from safetensors import safe_open
-
-    with safe_open(where[key + _SCALE].path, framework="pt", device="cpu") as f:
-        scale = f.get_tensor(key + _SCALE)
+    scale = scale_of(key + _SCALE)
+    if dtype == torch.bfloat16 and t.dim() == 2:
+        scale, block = fp8.grid(t, scale.float(), key)
+        out = torch.empty(t.shape, dtype=torch.bfloat16)
+        _native.dequantize_fp8(t.contiguous(), scale.contiguous(), out, block, threads=threads)
+        return out
     return fp8.dequantize(t, scale, key)
 
 

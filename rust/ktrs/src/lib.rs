@@ -8,6 +8,7 @@
 //! Layout of the crate:
 //! - [`cpu`]: CPUID/XCR0 detection and the [`Isa`] choice.
 //! - [`pool`]: the persistent worker pool every layer call runs on.
+//! - [`fp8`]: block-wise fp8 → bf16 dequantisation of quantised checkpoints.
 //! - [`pack`]: the VNNI panel layout the GEMM kernels read (shared by AVX-512 and AMX).
 //! - [`kernels`]: GEMM micro-kernels per ISA behind one dispatch function.
 //! - [`lora`]: Rust-owned LoRA weights and gradients.
@@ -22,6 +23,7 @@ pub mod buffer;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod fp8;
 pub mod kernels;
 pub mod lora;
 pub mod moe;

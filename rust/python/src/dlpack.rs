@@ -61,6 +61,9 @@ pub enum DType {
     BF16,
     F32,
     I64,
+    /// float8 checkpoint weights, under DLPack 1.1's codes (as torch exports them).
+    F8E4M3Fn,
+    F8E5M2,
 }
 
 impl DType {
@@ -81,6 +84,16 @@ impl DType {
                 bits: 64,
                 lanes: 1,
             },
+            DType::F8E4M3Fn => DLDataType {
+                code: 10,
+                bits: 8,
+                lanes: 1,
+            },
+            DType::F8E5M2 => DLDataType {
+                code: 12,
+                bits: 8,
+                lanes: 1,
+            },
         }
     }
     fn torch_name(self) -> &'static str {
@@ -88,6 +101,8 @@ impl DType {
             DType::BF16 => "torch.bfloat16",
             DType::F32 => "torch.float32",
             DType::I64 => "torch.int64",
+            DType::F8E4M3Fn => "torch.float8_e4m3fn",
+            DType::F8E5M2 => "torch.float8_e5m2",
         }
     }
 }
@@ -100,6 +115,8 @@ fn dtype_name(d: DLDataType) -> String {
         (2, b) => format!("float{b}"),
         (4, 16) => "torch.bfloat16".into(),
         (6, _) => "bool".into(),
+        (10, 8) => "torch.float8_e4m3fn".into(),
+        (12, 8) => "torch.float8_e5m2".into(),
         (c, b) => format!("dtype(code={c}, bits={b})"),
     }
 }
@@ -110,6 +127,7 @@ pub struct TensorArg<'py> {
     data: *mut u8,
     numel: usize,
     pub shape: Vec<usize>,
+    pub dtype: DType,
 }
 
 impl<'py> TensorArg<'py> {
@@ -119,6 +137,16 @@ impl<'py> TensorArg<'py> {
         name: &str,
         obj: &Bound<'py, PyAny>,
         dtype: DType,
+        shape: &[Option<usize>],
+    ) -> PyResult<TensorArg<'py>> {
+        Self::new_of(name, obj, &[dtype], shape)
+    }
+
+    /// [`Self::new`] accepting any of `dtypes` (the one found is `self.dtype`).
+    pub fn new_of(
+        name: &str,
+        obj: &Bound<'py, PyAny>,
+        dtypes: &[DType],
         shape: &[Option<usize>],
     ) -> PyResult<TensorArg<'py>> {
         if !obj.hasattr("__dlpack__")? {
@@ -183,13 +211,14 @@ impl<'py> TensorArg<'py> {
             )));
         }
         let t = unsafe { &(*managed).dl_tensor };
-        if t.dtype != dtype.dl() {
+        let Some(&dtype) = dtypes.iter().find(|d| d.dl() == t.dtype) else {
+            let names: Vec<&str> = dtypes.iter().map(|d| d.torch_name()).collect();
             return Err(crate::error::type_err(format!(
                 "`{name}` must have dtype {}, got {}",
-                dtype.torch_name(),
+                names.join(" or "),
                 dtype_name(t.dtype)
             )));
-        }
+        };
         let ndim = t.ndim.max(0) as usize;
         // SAFETY: shape has ndim entries; strides is null or has ndim entries (DLPack).
         let dims: Vec<i64> = (0..ndim).map(|i| unsafe { *t.shape.add(i) }).collect();
@@ -235,6 +264,7 @@ impl<'py> TensorArg<'py> {
             DType::BF16 => 2,
             DType::F32 => 4,
             DType::I64 => 8,
+            DType::F8E4M3Fn | DType::F8E5M2 => 1,
         };
         if numel > 0 && !(data as usize).is_multiple_of(align) {
             return Err(crate::error::value_err(format!(
@@ -246,6 +276,7 @@ impl<'py> TensorArg<'py> {
             data,
             numel,
             shape: got,
+            dtype,
         })
     }
 
@@ -256,6 +287,9 @@ impl<'py> TensorArg<'py> {
         self.slice()
     }
     pub fn i64s(&self) -> &[i64] {
+        self.slice()
+    }
+    pub fn bytes(&self) -> &[u8] {
         self.slice()
     }
 

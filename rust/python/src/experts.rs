@@ -37,7 +37,12 @@ fn parse_isa(isa: Option<&str>) -> PyResult<Isa> {
 /// A Python int in `min..=max` as usize; anything else names `arg` and the range. Integer
 /// arguments are taken as objects so that a negative or huge value gets a ktrs error
 /// with the argument's name rather than pyo3's bare `OverflowError`.
-fn int_arg(arg: &str, obj: &Bound<'_, PyAny>, min: usize, max: usize) -> PyResult<usize> {
+pub(crate) fn int_arg(
+    arg: &str,
+    obj: &Bound<'_, PyAny>,
+    min: usize,
+    max: usize,
+) -> PyResult<usize> {
     let index = if obj.is_instance_of::<PyBool>() {
         None
     } else {
@@ -59,7 +64,7 @@ fn int_arg(arg: &str, obj: &Bound<'_, PyAny>, min: usize, max: usize) -> PyResul
         })
 }
 
-fn opt_int_arg(
+pub(crate) fn opt_int_arg(
     arg: &str,
     obj: Option<&Bound<'_, PyAny>>,
     min: usize,

@@ -4,6 +4,7 @@
 mod dlpack;
 mod error;
 mod experts;
+mod fp8;
 mod info;
 mod optim;
 mod stage;
@@ -24,6 +25,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<train_stage::TrainStage>()?;
     m.add_function(wrap_pyfunction!(error::_panic_for_test, m)?)?;
     m.add_function(wrap_pyfunction!(experts::py_resolve_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(fp8::dequantize_fp8, m)?)?;
     m.add_function(wrap_pyfunction!(info::cpu_info, m)?)?;
     m.add_function(wrap_pyfunction!(info::tuning, m)?)?;
     m.add_function(wrap_pyfunction!(info::set_tuning, m)?)?;
