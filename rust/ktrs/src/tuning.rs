@@ -37,9 +37,12 @@ pub enum Knob {
     /// A tile's 16 rows lie a row stride apart, a pattern the hardware prefetchers do
     /// not follow for tile loads.
     AmxPrefetchA,
+    /// Panels of the transposed weights the AMX backward repacks and multiplies at a
+    /// time (`moe::transposed`); 0 = the task's whole block at once.
+    AmxBwdGroup,
 }
 
-const ALL: [(Knob, &str, usize); 11] = [
+const ALL: [(Knob, &str, usize); 12] = [
     (Knob::TaskPanels, "KTRS_NB", 0),
     (Knob::AmxMinRows, "KTRS_AMX_MIN_ROWS", 8),
     (Knob::AmxKBlock, "KTRS_AMX_KBLOCK", 0),
@@ -51,6 +54,7 @@ const ALL: [(Knob, &str, usize); 11] = [
     (Knob::BwdDirectRows, "KTRS_BWD_DIRECT_ROWS", 8),
     (Knob::SpinUs, "KTRS_SPIN_US", 200),
     (Knob::AmxPrefetchA, "KTRS_AMX_PF_A", 0),
+    (Knob::AmxBwdGroup, "KTRS_AMX_BWD_GROUP", 0),
 ];
 
 const UNSET: usize = usize::MAX;

@@ -32,14 +32,17 @@ thread_local! {
 /// the GEMM calls cover the same rows as one `gemm_rows` over all of them would.
 const SPAN_ROWS: usize = 5 * MC;
 
-/// Panels repacked and multiplied at a time on `isa`. AMX: a panel pair, the panels one
-/// pass of its kernel holds, so A is read as often as with the whole block; its kernel
-/// needs operands in L2 (from L3 it would wait on loads). The AVX-512 and AVX2 kernels
-/// are slower than L3 and take the whole block: 4-panel groups (their register block)
-/// measured 3-9% slower than the whole 8-panel block on the dev VM (`repack_probe`).
+/// Panels repacked and multiplied at a time on `isa`. AMX (`KTRS_AMX_BWD_GROUP`, 0 =
+/// whole block): groups of a panel pair, the panels one pass of its kernel holds, keep
+/// the repacked panels in L2 while they are used (at H=7168 an 8-panel block is 1.75 MB
+/// and crowds L2 out with the rows); A is read as often as with the whole block. Not
+/// yet measured on AMX hardware, so the whole block stays the default. The AVX-512 and
+/// AVX2 kernels are slower than L3 and take the whole block: 4-panel groups (their
+/// register block) measured 3-9% slower than the whole 8-panel block on the dev VM
+/// (`repack_probe`).
 fn group_panels(isa: Isa) -> usize {
-    match isa {
-        Isa::Amx => 2,
+    match (isa, crate::tuning::get(crate::tuning::Knob::AmxBwdGroup)) {
+        (Isa::Amx, g) if g > 0 => g.next_multiple_of(2),
         _ => NB_MAX,
     }
 }
