@@ -35,8 +35,9 @@ const SPAN_ROWS: usize = 5 * MC;
 /// Panels repacked and multiplied at a time on `isa`. AMX (`KTRS_AMX_BWD_GROUP`, 0 =
 /// whole block): groups of a panel pair, the panels one pass of its kernel holds, keep
 /// the repacked panels in L2 while they are used (at H=7168 an 8-panel block is 1.75 MB
-/// and crowds L2 out with the rows); A is read as often as with the whole block. Not
-/// yet measured on AMX hardware, so the whole block stays the default. The AVX-512 and
+/// and crowds L2 out with the rows); A is read as often as with the whole block. On the
+/// AMX machine it was slower (V3 shape T=512 backward 224 vs 211 ms), so the whole
+/// block stays the default. The AVX-512 and
 /// AVX2 kernels are slower than L3 and take the whole block: 4-panel groups (their
 /// register block) measured 3-9% slower than the whole 8-panel block on the dev VM
 /// (`repack_probe`).
