@@ -324,35 +324,34 @@ def _raise_earliest(stages: List[_Stage]) -> None:
 
 
 def _end_of_backward(gid: int) -> None:
-    from .module import Timer
-
     with _LOCK:
         bindings = _TASKS.pop(gid, [])
     stages = [b.stage for b in bindings if b.stage is not None]
-    t0 = time.perf_counter()
-    for st in stages:
-        st.native.wait()
-    Timer.global_().add("wait", time.perf_counter() - t0)
-    for st in stages:
-        _harvest(st)
+    _wait_and_harvest(stages)
     for b in bindings:
         if b.token is None or b.token() is None:
             b.release()  # no retain_graph: nothing will use the cache again
     _raise_earliest(stages)
 
 
-def synchronize() -> None:
-    """Waits for every expert call in flight, moves their times into the Timer and raises
-    the earliest error any recorded (e.g. of a forward whose backward never came)."""
+def _wait_and_harvest(stages: List["_Stage"]) -> None:
+    """Waits for `stages`' runs (the time counts as "wait") and moves their kernel times
+    into the Timer."""
     from .module import Timer
 
-    stages = list(_ALL)
     t0 = time.perf_counter()
     for st in stages:
         st.native.wait()
     Timer.global_().add("wait", time.perf_counter() - t0)
     for st in stages:
         _harvest(st)
+
+
+def synchronize() -> None:
+    """Waits for every expert call in flight, moves their times into the Timer and raises
+    the earliest error any recorded (e.g. of a forward whose backward never came)."""
+    stages = list(_ALL)
+    _wait_and_harvest(stages)
     _raise_earliest(stages)
 
 

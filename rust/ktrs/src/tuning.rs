@@ -33,16 +33,9 @@ pub enum Knob {
     /// Microseconds an idle worker spins before it sleeps: a wake-up from sleep costs
     /// more than a short spin, and decode leaves gaps of a few hundred µs between layers.
     SpinUs,
-    /// Software prefetch of the AMX A rows (activations), K blocks ahead; 0 = none.
-    /// A tile's 16 rows lie a row stride apart, a pattern the hardware prefetchers do
-    /// not follow for tile loads.
-    AmxPrefetchA,
-    /// Panels of the transposed weights the AMX backward repacks and multiplies at a
-    /// time (`moe::transposed`); 0 = the task's whole block at once.
-    AmxBwdGroup,
 }
 
-const ALL: [(Knob, &str, usize); 12] = [
+const ALL: [(Knob, &str, usize); 10] = [
     (Knob::TaskPanels, "KTRS_NB", 0),
     (Knob::AmxMinRows, "KTRS_AMX_MIN_ROWS", 8),
     (Knob::AmxKBlock, "KTRS_AMX_KBLOCK", 0),
@@ -53,8 +46,6 @@ const ALL: [(Knob, &str, usize); 12] = [
     (Knob::AmxPipeline, "KTRS_AMX_PIPELINE", 1),
     (Knob::BwdDirectRows, "KTRS_BWD_DIRECT_ROWS", 8),
     (Knob::SpinUs, "KTRS_SPIN_US", 200),
-    (Knob::AmxPrefetchA, "KTRS_AMX_PF_A", 0),
-    (Knob::AmxBwdGroup, "KTRS_AMX_BWD_GROUP", 0),
 ];
 
 const UNSET: usize = usize::MAX;

@@ -102,30 +102,6 @@ fn b_prefetch() -> (usize, bool) {
     )
 }
 
-/// Software prefetch of the A rows, in bytes ahead of the current K block (one K block
-/// is one 64-byte line per row); 0 = none.
-fn a_prefetch() -> usize {
-    crate::tuning::get(crate::tuning::Knob::AmxPrefetchA) * 64
-}
-
-/// The 16 row lines of the A tile `pfa` bytes past `a` (row stride `lda` bytes), into L1.
-#[rustfmt::skip]
-macro_rules! pf_a_tile {
-    ($a:literal) => {
-        concat!(
-            "lea {t}, [{", $a, "} + {pfa}]\n",
-            "prefetcht0 [{t}]\n", "add {t}, {lda}\n", "prefetcht0 [{t}]\n", "add {t}, {lda}\n",
-            "prefetcht0 [{t}]\n", "add {t}, {lda}\n", "prefetcht0 [{t}]\n", "add {t}, {lda}\n",
-            "prefetcht0 [{t}]\n", "add {t}, {lda}\n", "prefetcht0 [{t}]\n", "add {t}, {lda}\n",
-            "prefetcht0 [{t}]\n", "add {t}, {lda}\n", "prefetcht0 [{t}]\n", "add {t}, {lda}\n",
-            "prefetcht0 [{t}]\n", "add {t}, {lda}\n", "prefetcht0 [{t}]\n", "add {t}, {lda}\n",
-            "prefetcht0 [{t}]\n", "add {t}, {lda}\n", "prefetcht0 [{t}]\n", "add {t}, {lda}\n",
-            "prefetcht0 [{t}]\n", "add {t}, {lda}\n", "prefetcht0 [{t}]\n", "add {t}, {lda}\n",
-            "prefetcht0 [{t}]\n", "add {t}, {lda}\n", "prefetcht0 [{t}]\n",
-        )
-    };
-}
-
 /// The 16 cache lines of the B tile `pf` bytes past `b` (`$ins` = prefetch instruction).
 #[rustfmt::skip]
 macro_rules! pf_tile {
@@ -149,17 +125,10 @@ macro_rules! tile_asm {
     ([$($t:expr),* $(,)?], $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr; $($op:tt)*) => {
         std::arch::asm!(
             $($t,)*
-            // The C addresses are formed here, in registers the loop is done with: the
-            // prefetching variants need every register they can get.
             "tilestored [{c0} + {ldc}*1], tmm0",
-            "lea {b0}, [{c0} + 64]",
-            "tilestored [{b0} + {ldc}*1], tmm1",
-            "mov {b1}, {ldc}",
-            "shl {b1}, 4",
-            "add {b1}, {c0}",
-            "tilestored [{b1} + {ldc}*1], tmm2",
-            "add {b1}, 64",
-            "tilestored [{b1} + {ldc}*1], tmm3",
+            "tilestored [{c1} + {ldc}*1], tmm1",
+            "tilestored [{c2} + {ldc}*1], tmm2",
+            "tilestored [{c3} + {ldc}*1], tmm3",
             a0 = inout(reg) $a.a => _,
             a1 = inout(reg) $a.a1 => _,
             b0 = inout(reg) $b0 => _,
@@ -170,6 +139,9 @@ macro_rules! tile_asm {
             ldb = in(reg) 64usize,
             ldc = in(reg) $ldc * 4,
             c0 = in(reg) $c,
+            c1 = in(reg) $c.add(16),
+            c2 = in(reg) $c.add(16 * $ldc),
+            c3 = in(reg) $c.add(16 * $ldc + 16),
             $($op)*
             out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
             out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
@@ -241,25 +213,15 @@ macro_rules! k_loop {
     };
 }
 
-/// `k_loop!` of variant `$v` with the A and B prefetch this process is tuned for.
+/// `k_loop!` of variant `$v` with the B prefetch this process is tuned for.
 macro_rules! k_loop_prefetched {
     ($v:ident, $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr) => {
-        match (b_prefetch(), a_prefetch()) {
-            ((0, _), 0) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc; ; ),
-            ((pf, true), 0) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc;
+        match b_prefetch() {
+            (0, _) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc; ; ),
+            (pf, true) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc;
                 pf_tile!("prefetcht0", "b0"), pf_tile!("prefetcht0", "b1"); pf = in(reg) pf,),
-            ((pf, false), 0) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc;
+            (pf, false) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc;
                 pf_tile!("prefetcht1", "b0"), pf_tile!("prefetcht1", "b1"); pf = in(reg) pf,),
-            ((0, _), pfa) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc;
-                pf_a_tile!("a0"), pf_a_tile!("a1"); pfa = in(reg) pfa, t = out(reg) _,),
-            ((pf, true), pfa) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc;
-                pf_tile!("prefetcht0", "b0"), pf_tile!("prefetcht0", "b1"),
-                pf_a_tile!("a0"), pf_a_tile!("a1");
-                pf = in(reg) pf, pfa = in(reg) pfa, t = out(reg) _,),
-            ((pf, false), pfa) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc;
-                pf_tile!("prefetcht1", "b0"), pf_tile!("prefetcht1", "b1"),
-                pf_a_tile!("a0"), pf_a_tile!("a1");
-                pf = in(reg) pf, pfa = in(reg) pfa, t = out(reg) _,),
         }
     };
 }

@@ -20,38 +20,18 @@ pub(super) fn gemm_rows(
     rows: Range<usize>,
     b: &[u16],
     np: usize,
-    epi: impl FnMut(usize, &mut [f32]),
-) {
-    gemm_rows_on(gemm_isa(isa, rows.len()), a, lda, k_pad, rows, b, np, epi)
-}
-
-/// The ISA of the GEMM over an expert's `rows` rows: AMX falls back to AVX-512 for few rows.
-pub(super) fn gemm_isa(isa: Isa, rows: usize) -> Isa {
-    if isa == Isa::Amx && rows < amx_min_rows() {
-        Isa::Avx512
-    } else {
-        isa
-    }
-}
-
-/// [`gemm_rows`] on `isa` as given, for callers that split an expert's rows and must keep
-/// the ISA (and so the rounding) [`gemm_isa`] chose for all of them.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemm_rows_on(
-    isa: Isa,
-    a: &[u16],
-    lda: usize,
-    k_pad: usize,
-    rows: Range<usize>,
-    b: &[u16],
-    np: usize,
     mut epi: impl FnMut(usize, &mut [f32]),
 ) {
     thread_local! {
-        /// The C block of this thread's GEMM calls (only `gemm_rows_on` touches it).
+        /// The C block of this thread's GEMM calls (only `gemm_rows` touches it).
         static C: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     assert!(np <= NB_MAX, "at most NB_MAX panels per call");
+    let isa = if isa == Isa::Amx && rows.len() < amx_min_rows() {
+        Isa::Avx512
+    } else {
+        isa
+    };
     C.with(|cell| {
         let mut c = cell.borrow_mut();
         if c.is_empty() {
