@@ -26,6 +26,9 @@ import ktrs  # noqa: E402
 from ktrs.hf import find_moe_blocks  # noqa: E402
 from ktrs import decode as kdecode  # noqa: E402
 
+#: Kernels listed per setup (by GPU time per step).
+TOP = int(os.environ.get("PROFILE_TOP", "12"))
+
 
 def _kernels(model, ids, kw) -> Dict[str, list]:
     from torch.profiler import ProfilerActivity, profile
@@ -41,9 +44,9 @@ def _kernels(model, ids, kw) -> Dict[str, list]:
     return by_name
 
 
-def per_step(model, ids, decode: int) -> Dict:
+def per_step(model, ids, decode: int, **sampling) -> Dict:
     """Per decode step: wall ms, ktrs's breakdown, GPU kernel µs and launches, top kernels."""
-    kw = {"do_sample": False, "pad_token_id": 0, "min_new_tokens": decode, "max_new_tokens": decode}
+    kw = {"do_sample": False, "pad_token_id": 0, "min_new_tokens": decode, "max_new_tokens": decode, **sampling}
     one = {**kw, "min_new_tokens": 1, "max_new_tokens": 1}
     model.generate(ids, **kw)
     torch.cuda.synchronize()
@@ -67,9 +70,10 @@ def per_step(model, ids, decode: int) -> Dict:
     expert = (after["host_node_seconds"] - before["host_node_seconds"]) / replays
     full, short = _kernels(model, ids, kw), _kernels(model, ids, one)
     diff = {k: (v[0] - short.get(k, [0, 0])[0], v[1] - short.get(k, [0, 0])[1]) for k, v in full.items()}
-    top = sorted(diff.items(), key=lambda kv: -kv[1][0])[:12]
+    top = sorted(diff.items(), key=lambda kv: -kv[1][0])[:TOP]
     return {
-        "step_ms": step * 1e3, "graph_ms": graph * 1e3, "cpu_experts_ms": expert * 1e3,
+        "step_ms": step * 1e3, "step_wall_median_ms": after.get("step_wall_median_seconds", float("nan")) * 1e3,
+        "step_wall_max_ms": after.get("step_wall_max_seconds", float("nan")) * 1e3, "graph_ms": graph * 1e3, "cpu_experts_ms": expert * 1e3,
         "gpu_and_handoffs_ms": (graph - expert) * 1e3, "outside_graph_ms": (step - graph) * 1e3,
         "replays": after.get("replays", 0), "captures": after.get("captures", 0), "eager_steps": after.get("eager_steps", 0),
         "gpu_kernel_us": sum(v[0] for v in diff.values()) / steps,
@@ -84,6 +88,9 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--setups", nargs="*", default=["no adapter", "expert LoRA", "attention LoRA", "both"],
+                    choices=["no adapter", "expert LoRA", "attention LoRA", "both"])
+    ap.add_argument("--sample", action="store_true", help="also sampling (top_p 0.9, temperature 0.7), as bench_model")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("profile_decode: needs CUDA")
@@ -97,7 +104,8 @@ def main() -> int:
     experts = [b.experts for _, b in find_moe_blocks(model)]
     out = {}
     # Expert LoRA alone goes straight to ktrs (PEFT wants a target of its own).
-    for name in ("no adapter", "expert LoRA", "attention LoRA", "both"):
+    modes = [("greedy", {})] + ([("sampling", {"do_sample": True, "top_p": 0.9, "temperature": 0.7})] if args.sample else [])
+    for name in args.setups:
         m = model
         if name == "expert LoRA":
             for ex in experts:
@@ -107,24 +115,30 @@ def main() -> int:
                 ex.experts.set_lora(0)
             m = ktrs.get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, **(attn if name == "attention LoRA" else both))).eval()
         try:
-            res = per_step(m, ids, args.decode)
+            results = {mode: per_step(m, ids, args.decode, **kw) for mode, kw in modes}
         except Exception as exc:  # noqa: BLE001 - report and go on to the next setup
             print(f"== {name}: failed: {exc!r}", flush=True)
             continue
         finally:
             if m is not model:
                 model = m.unload()  # the bare model again for the next setup
-        out[name] = res
-        print(f"== {name}: step {res['step_ms']:.2f} ms = graph {res['graph_ms']:.2f} (CPU experts {res['cpu_experts_ms']:.2f}, "
-              f"GPU + hand-offs {res['gpu_and_handoffs_ms']:.2f}) + outside {res['outside_graph_ms']:.2f}; GPU kernels "
-              f"{res['gpu_kernel_us']:.0f} µs in {res['launches']:.0f} launches; replays {res['replays']}, captures "
-              f"{res['captures']}, eager steps {res['eager_steps']}", flush=True)
-        for kname, us, n in res["top"]:
-            print(f"   {us:9.1f} µs {n:6.1f}x  {kname}")
+        for mode, res in results.items():
+            report(f"{name}, {mode}", res)
+            out[f"{name}, {mode}"] = res
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
+
+
+def report(name: str, res: Dict) -> None:
+    print(f"== {name}: step {res['step_ms']:.2f} ms (directly: median {res['step_wall_median_ms']:.2f}, max "
+          f"{res['step_wall_max_ms']:.2f}) = graph {res['graph_ms']:.2f} (CPU experts {res['cpu_experts_ms']:.2f}, "
+          f"GPU + hand-offs {res['gpu_and_handoffs_ms']:.2f}) + outside {res['outside_graph_ms']:.2f}; GPU kernels "
+          f"{res['gpu_kernel_us']:.0f} µs in {res['launches']:.0f} launches; replays {res['replays']}, captures "
+          f"{res['captures']}, eager steps {res['eager_steps']}", flush=True)
+    for kname, us, n in res["top"]:
+        print(f"   {us:9.1f} µs {n:6.1f}x  {kname}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import functools
 import inspect
 import os
 import threading
+import time
 import traceback
 import warnings
 from collections import OrderedDict
@@ -39,7 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import _native, fused_lora
+from . import _native, fused_lora, fused_norm
 
 __all__ = ["enable", "disable", "stats", "reset_stats", "experts_on_stream", "submit_on_stream", "host_node_mode"]
 
@@ -194,6 +195,9 @@ class DecodeGraphs:
         #: With `profile`, each replay is timed on the GPU (events; read by `stats`).
         self.profile = False
         self.events: List[Tuple[Any, Any]] = []
+        #: With `profile`, the wall clock after each in-graph-loop step's wait: the step's
+        #: time measured directly (not derived from two calls).
+        self.walls: List[float] = []
 
     # -- eligibility and keys ------------------------------------------------------------
     def _cache_of(self, kwargs: Dict[str, Any]):
@@ -332,6 +336,7 @@ class DecodeGraphs:
             self.drop()
             self.fingerprint = fp
             fused_lora.install(self.model)  # before capture: PEFT's LoRA as one kernel each
+            fused_norm.install(self.model)  # and each RMSNorm
         for m in _ktrs_experts(self.model):
             m._ensure_views()
         _raise_stage_errors(self.model, synchronize=False)
@@ -500,6 +505,10 @@ def stats(model: nn.Module) -> Dict[str, Any]:
         if graphs.events:
             torch.cuda.synchronize()
             res["replay_gpu_seconds"] = sum(a.elapsed_time(b) for a, b in graphs.events) / 1e3
+        steps = sorted(b - a for a, b in zip(graphs.walls, graphs.walls[1:]))
+        if steps:
+            res["step_wall_median_seconds"] = steps[len(steps) // 2]
+            res["step_wall_max_seconds"] = steps[-1]
     return res
 
 
@@ -509,6 +518,7 @@ def reset_stats(model: nn.Module) -> None:
     if graphs is not None:
         graphs.counts = dict.fromkeys(graphs.counts, 0)
         graphs.events.clear()
+        graphs.walls.clear()
 
 
 # -- the decode loop itself in the graph ---------------------------------------------------
@@ -722,6 +732,8 @@ def generate_in_graph(graphs: "DecodeGraphs", plan: _LoopPlan) -> torch.Tensor:
     while True:
         if device.type == "cuda":
             graphs.wait()  # the pinned token and "all finished" flag are then written
+        if graphs.profile:
+            graphs.walls.append(time.perf_counter())
         if plan.streamer is not None:
             plan.streamer.put(loop.host_tok.clone() if device.type == "cuda" else loop.tok[:, 0].cpu())
         done = bool(loop.host_done[0]) if device.type == "cuda" else not bool(loop.unfinished.any())

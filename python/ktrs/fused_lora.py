@@ -9,8 +9,14 @@ arithmetic — float32 products of the input with ``A`` and ``B``, times ``scali
 to the float32 value of the base output, rounded once to its dtype — runs as one Triton
 kernel that writes into the base layer's output.
 
+Up to :data:`MAX_ROWS` rows (a decode step's tokens) a program takes one row; above, up
+to :data:`MAX_BLOCK_ROWS`, a program takes a block of rows and the two products are
+float32 dot products (``ieee``: no TF32). The second kind matters at decode too: the MLA
+attention of DeepSeek-V2/V3 runs ``kv_b_proj`` over every cached position at every step,
+so its LoRA sees as many rows as the cache holds.
+
 It applies only where it computes what PEFT computes: no autograd, CUDA, at most
-:data:`MAX_ROWS` rows, one active vanilla LoRA adapter with float32 weights (PEFT's
+:data:`MAX_BLOCK_ROWS` rows, one active vanilla LoRA adapter with float32 weights (PEFT's
 default ``autocast_adapter_dtype``), no dropout in effect, not merged, no LoRA bias; any
 other call runs PEFT's own forward. :func:`install` wraps the layers of a model (decode
 does this at every ``generate``); ``KTRS_FUSED_LORA=0`` turns it off.
@@ -25,14 +31,19 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["available", "install", "lora_add", "MAX_ROWS"]
+__all__ = ["available", "install", "lora_add", "MAX_ROWS", "MAX_BLOCK_ROWS"]
 
 #: Python-side calls of the fused path (a captured graph replays without counting).
 calls = 0
 
-#: Rows (tokens × batch) up to which the fused kernel runs; larger inputs (prefill) are
-#: GEMMs that cuBLAS does better.
+#: Rows (tokens × batch) up to which a program takes one row.
 MAX_ROWS = 16
+
+#: Rows up to which the row-block kernel runs; larger inputs (long prefills) are GEMMs
+#: that cuBLAS does better.
+MAX_BLOCK_ROWS = 8192
+
+_BLOCK_M = 32
 
 _BLOCK_N = 128
 _BLOCK_K = 512
@@ -44,6 +55,24 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
     triton = None
 
 if triton is not None:
+
+    @triton.jit
+    def rounded(y, ptr):
+        """Float32 `y` rounded once to the dtype `ptr` points to."""
+        if ptr.dtype.element_ty == tl.bfloat16:
+            # Round to nearest even by hand, as torch's cast does: a plain cast's rounding
+            # is the backend's choice (Triton's interpreter truncates).
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            out = tl.where(y == y, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), y.to(tl.bfloat16))
+        else:
+            out = y.to(ptr.dtype.element_ty)
+        return out
+
+    @triton.jit
+    def store_rounded(ptr, offs, y, mask):
+        """Stores float32 `y` at `ptr + offs` rounded once to the pointer's dtype."""
+        tl.store(ptr + offs, rounded(y, ptr), mask=mask)
 
     @triton.jit
     def _lora_add_kernel(x_ptr, a_ptr, b_ptr, y_ptr, scaling, n_out, rank, x_stride, y_stride, n_in: tl.constexpr,
@@ -65,15 +94,29 @@ if triton is not None:
         b = tl.load(b_ptr + cols[:, None] * rank + r[None, :], mask=(cols[:, None] < n_out) & (r[None, :] < rank), other=0.0)
         delta = tl.sum(b * xa[None, :], axis=1) * scaling
         y = tl.load(y_ptr + row * y_stride + cols, mask=cols < n_out, other=0.0).to(tl.float32) + delta
-        if y_ptr.dtype.element_ty == tl.bfloat16:
-            # Round to nearest even by hand, as torch's cast does: a plain cast's rounding
-            # is the backend's choice (Triton's interpreter truncates).
-            bits = y.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            out = tl.where(y == y, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), y.to(tl.bfloat16))
-        else:
-            out = y.to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + row * y_stride + cols, out, mask=cols < n_out)
+        store_rounded(y_ptr, row * y_stride + cols, y, cols < n_out)
+
+    @triton.jit
+    def _lora_add_rows_kernel(x_ptr, a_ptr, b_ptr, y_ptr, scaling, rows, n_out, rank, x_stride, y_stride,
+                              n_in: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r = tl.arange(0, R_PAD)
+        # x·Aᵀ for this row block, recomputed by every column block (as in the row kernel).
+        xa = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=(m[:, None] < rows) & (k[None, :] < n_in),
+                         other=0.0).to(tl.float32)
+            at = tl.load(a_ptr + r[None, :] * n_in + k[:, None], mask=(r[None, :] < rank) & (k[:, None] < n_in), other=0.0)
+            xa += tl.dot(xk, at, input_precision="ieee")
+        bt = tl.load(b_ptr + cols[None, :] * rank + r[:, None], mask=(cols[None, :] < n_out) & (r[:, None] < rank), other=0.0)
+        delta = tl.dot(xa, bt, input_precision="ieee") * scaling
+        where = (m[:, None] < rows) & (cols[None, :] < n_out)
+        offs = m[:, None] * y_stride + cols[None, :]
+        y = tl.load(y_ptr + offs, mask=where, other=0.0).to(tl.float32) + delta
+        store_rounded(y_ptr, offs, y, where)
 
 
 def available() -> bool:
@@ -93,10 +136,16 @@ def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, 
         x2 = x2.contiguous()
     y2 = out.view(-1, n_out)
     rows = x2.shape[0]
-    r_pad = max(1, triton.next_power_of_2(rank))
-    grid = (rows, triton.cdiv(n_out, _BLOCK_N))
-    _lora_add_kernel[grid](x2, a, b, y2, float(scaling), n_out, rank, x2.stride(0), y2.stride(0), n_in=n_in,
-                           R_PAD=r_pad, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N)
+    if rows <= MAX_ROWS:
+        r_pad = max(1, triton.next_power_of_2(rank))
+        grid = (rows, triton.cdiv(n_out, _BLOCK_N))
+        _lora_add_kernel[grid](x2, a, b, y2, float(scaling), n_out, rank, x2.stride(0), y2.stride(0), n_in=n_in,
+                               R_PAD=r_pad, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N)
+    else:
+        r_pad = max(16, triton.next_power_of_2(rank))  # tl.dot's smallest side
+        grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(n_out, _BLOCK_N))
+        _lora_add_rows_kernel[grid](x2, a, b, y2, float(scaling), rows, n_out, rank, x2.stride(0), y2.stride(0),
+                                    n_in=n_in, R_PAD=r_pad, BLOCK_M=_BLOCK_M, BLOCK_K=64, BLOCK_N=_BLOCK_N)
     return out
 
 
@@ -105,7 +154,7 @@ def _plan(layer: nn.Module, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, tor
     computes, else None."""
     if torch.is_grad_enabled() or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return None
-    if layer.disable_adapters or layer.merged or x.numel() > MAX_ROWS * x.shape[-1]:
+    if layer.disable_adapters or layer.merged or x.numel() > MAX_BLOCK_ROWS * x.shape[-1]:
         return None
     active = [n for n in layer.active_adapters if n in layer.lora_A]
     if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
