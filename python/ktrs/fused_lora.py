@@ -9,9 +9,9 @@ arithmetic — float32 products of the input with ``A`` and ``B``, times ``scali
 to the float32 value of the base output, rounded once to its dtype — runs as one Triton
 kernel that writes into the base layer's output.
 
-Up to :data:`MAX_ROWS` rows (a decode step's tokens) a program takes one row; above, up
-to :data:`MAX_BLOCK_ROWS`, a program takes a block of rows and the two products are
-float32 dot products (``ieee``: no TF32). The second kind matters at decode too: the MLA
+Up to :data:`MAX_ROWS` rows (a decode step's tokens) one kernel does it all, a program
+per row and column tile; above, up to :data:`MAX_BLOCK_ROWS`, one kernel computes x·Aᵀ
+per row block into a float32 scratch and a second adds its product with B per tile. The second kind matters at decode too: the MLA
 attention of DeepSeek-V2/V3 runs ``kv_b_proj`` over every cached position at every step,
 so its LoRA sees as many rows as the cache holds.
 
@@ -43,10 +43,11 @@ MAX_ROWS = 16
 #: that cuBLAS does better.
 MAX_BLOCK_ROWS = 8192
 
-_BLOCK_M = 32
-
+# Launch parameters (benchmarks/bench_fused_kernels.py sweeps them on the GPU machine).
+_BLOCK_M = 4
 _BLOCK_N = 128
 _BLOCK_K = 512
+_WARPS = 8
 
 try:  # Triton ships with torch's CUDA wheels on Linux; without it PEFT's forward runs.
     import triton
@@ -97,22 +98,30 @@ if triton is not None:
         store_rounded(y_ptr, row * y_stride + cols, y, cols < n_out)
 
     @triton.jit
-    def _lora_add_rows_kernel(x_ptr, a_ptr, b_ptr, y_ptr, scaling, rows, n_out, rank, x_stride, y_stride,
-                              n_in: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                              BLOCK_N: tl.constexpr):
+    def _lora_xa_kernel(x_ptr, a_ptr, xa_ptr, rows, rank, x_stride, n_in: tl.constexpr, R_PAD: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # x·Aᵀ for a block of rows, float32, into a [rows, R_PAD] scratch.
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         r = tl.arange(0, R_PAD)
-        # x·Aᵀ for this row block, recomputed by every column block (as in the row kernel).
-        xa = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, R_PAD, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, n_in, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=(m[:, None] < rows) & (k[None, :] < n_in),
                          other=0.0).to(tl.float32)
-            at = tl.load(a_ptr + r[None, :] * n_in + k[:, None], mask=(r[None, :] < rank) & (k[:, None] < n_in), other=0.0)
-            xa += tl.dot(xk, at, input_precision="ieee")
-        bt = tl.load(b_ptr + cols[None, :] * rank + r[:, None], mask=(cols[None, :] < n_out) & (r[:, None] < rank), other=0.0)
-        delta = tl.dot(xa, bt, input_precision="ieee") * scaling
+            a = tl.load(a_ptr + r[:, None] * n_in + k[None, :], mask=(r[:, None] < rank) & (k[None, :] < n_in), other=0.0)
+            acc += xk[:, None, :] * a[None, :, :]
+        tl.store(xa_ptr + m[:, None] * R_PAD + r[None, :], tl.sum(acc, axis=2), mask=m[:, None] < rows)
+
+    @triton.jit
+    def _lora_b_add_kernel(xa_ptr, b_ptr, y_ptr, scaling, rows, n_out, rank, y_stride, R_PAD: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # y += (xa·Bᵀ)·scaling for a tile, rounded once.
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r = tl.arange(0, R_PAD)
+        xa = tl.load(xa_ptr + m[:, None] * R_PAD + r[None, :], mask=m[:, None] < rows, other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * rank + r[:, None], mask=(cols[None, :] < n_out) & (r[:, None] < rank), other=0.0)
+        delta = tl.sum(xa[:, :, None] * b[None, :, :], axis=1) * scaling
         where = (m[:, None] < rows) & (cols[None, :] < n_out)
         offs = m[:, None] * y_stride + cols[None, :]
         y = tl.load(y_ptr + offs, mask=where, other=0.0).to(tl.float32) + delta
@@ -140,12 +149,21 @@ def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, 
         r_pad = max(1, triton.next_power_of_2(rank))
         grid = (rows, triton.cdiv(n_out, _BLOCK_N))
         _lora_add_kernel[grid](x2, a, b, y2, float(scaling), n_out, rank, x2.stride(0), y2.stride(0), n_in=n_in,
-                               R_PAD=r_pad, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N)
+                               R_PAD=r_pad, BLOCK_K=min(_BLOCK_K, triton.next_power_of_2(n_in)), BLOCK_N=_BLOCK_N,
+                               num_warps=_WARPS)
     else:
-        r_pad = max(16, triton.next_power_of_2(rank))  # tl.dot's smallest side
-        grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(n_out, _BLOCK_N))
-        _lora_add_rows_kernel[grid](x2, a, b, y2, float(scaling), rows, n_out, rank, x2.stride(0), y2.stride(0),
-                                    n_in=n_in, R_PAD=r_pad, BLOCK_M=_BLOCK_M, BLOCK_K=64, BLOCK_N=_BLOCK_N)
+        # Two kernels: x·Aᵀ once per row, then the tile-wise update (recomputing x·Aᵀ
+        # per column tile, as the row kernel does, costs more than a launch here).
+        r_pad = max(1, triton.next_power_of_2(rank))
+        xa = torch.empty(rows, r_pad, dtype=torch.float32, device=x.device)
+        # Tiles of at most 8K / 32K float32 products in registers, whatever the rank.
+        block_k = max(4, min(64, 8192 // (_BLOCK_M * r_pad)))
+        _lora_xa_kernel[(triton.cdiv(rows, _BLOCK_M),)](x2, a, xa, rows, rank, x2.stride(0), n_in=n_in, R_PAD=r_pad,
+                                                         BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
+        block_n = max(16, min(128, 32768 // (16 * r_pad)))
+        grid = (triton.cdiv(rows, 16), triton.cdiv(n_out, block_n))
+        _lora_b_add_kernel[grid](xa, b, y2, float(scaling), rows, n_out, rank, y2.stride(0), R_PAD=r_pad, BLOCK_M=16,
+                                 BLOCK_N=block_n, num_warps=_WARPS)
     return out
 
 
