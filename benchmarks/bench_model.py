@@ -167,7 +167,7 @@ def measure_decode(model, device: str, batch: int, decode: int, g, key: str, **s
     res = {key: batch / step_s}
     line = f"    decode batch {batch}{' (sampling)' if sampling.get('do_sample') else ''}: {res[key]:.2f} tok/s ({step_s * 1e3:.1f} ms/step)"
     if graphs is not None:
-        replays = max(after.get("replays", 0), 1)
+        replays = max(after.get("replayed_steps", after.get("replays", 0)), 1)  # decode steps run by replays
         expert = (after["host_node_seconds"] - before["host_node_seconds"]) / replays
         graph = after.get("replay_gpu_seconds", float("nan")) / replays
         res[key.replace("tok_s", "breakdown_ms")] = {

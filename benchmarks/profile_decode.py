@@ -65,7 +65,7 @@ def per_step(model, ids, decode: int, **sampling) -> Dict:
     t2 = time.perf_counter()
     steps = decode - 1
     step = ((t1 - t0) - (t2 - t1)) / steps
-    replays = max(after.get("replays", 0), 1)
+    replays = max(after.get("replayed_steps", after.get("replays", 0)), 1)  # decode steps run by replays
     graph = after.get("replay_gpu_seconds", float("nan")) / replays
     expert = (after["host_node_seconds"] - before["host_node_seconds"]) / replays
     full, short = _kernels(model, ids, kw), _kernels(model, ids, one)

@@ -264,6 +264,47 @@ def test_in_graph_loop_on_cuda_gives_the_eager_tokens(reference, batch, kw):
 
 
 @cuda
+@pytest.mark.parametrize("batch,kw", LOOP_CASES)
+def test_chunked_graph_launches_give_the_one_step_tokens(reference, batch, kw):
+    """KTRS_DECODE_CHUNK: several decode steps per graph launch give the tokens of one
+    step per launch — early stops inside a launch, padding, a remainder of single steps
+    (max_new_tokens not a multiple), a streamer, sampling with a fixed seed."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.parts = []
+
+        def put(self, value):
+            self.parts.append(value.reshape(-1).clone())
+
+        def end(self):
+            pass
+
+    ids = prompt(n=batch, seed=batch)
+    call = kw if "eos_token_id" in kw else {"pad_token_id": 0, **kw}
+    results = {}
+    for chunk in (1, 4):
+        model = patched(reference)
+        model._ktrs_decode.chunk = chunk
+        out = []
+        for _ in range(2):  # the first call captures, the second replays
+            torch.manual_seed(3)
+            streamer = Collect() if batch == 1 else None
+            out.append(model.generate(ids, streamer=streamer, **call) if streamer else model.generate(ids, **call))
+            st = decode.stats(model)
+            assert st["failed"] is None and st["eager_steps"] == 0, st
+        assert torch.equal(out[0], out[1])
+        if streamer is not None:  # prompt, then each new token once, in order
+            assert torch.equal(torch.cat(streamer.parts), out[1].reshape(-1))
+        results[chunk] = out[1]
+    if kw["do_sample"]:
+        assert results[4].shape[0] == results[1].shape[0]  # draws may take other offsets
+    else:
+        assert torch.equal(results[4], results[1])
+
+
+@cuda
 def test_in_graph_loop_with_an_adapter_sees_lora_changes(reference):
     pm = adapter_model(reference)
     ids = prompt()

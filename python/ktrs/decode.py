@@ -177,7 +177,7 @@ class DecodeGraphs:
         self.active = 0
         self.failed: Optional[str] = None
         self.model = model
-        self.counts = {"captures": 0, "replays": 0, "eager_steps": 0}
+        self.counts = {"captures": 0, "replays": 0, "replayed_steps": 0, "eager_steps": 0}
         self.wait_blocking = os.environ.get("KTRS_DECODE_BLOCKING_WAIT", "1") != "0"
         #: The hand-off thread (a `_native.StreamChannel`); None until the first capture,
         #: False where unavailable (host nodes are used then).
@@ -191,6 +191,8 @@ class DecodeGraphs:
         self.caches: "OrderedDict[Tuple[int, int], Any]" = OrderedDict()
         #: Simple calls (greedy or sampling) run their whole decode loop in the graph.
         self.in_graph_loop = os.environ.get("KTRS_DECODE_LOOP", "1") != "0"
+        #: Decode steps per graph launch of that loop (one wake-up and Python pass each).
+        self.chunk = max(1, int(os.environ.get("KTRS_DECODE_CHUNK", "1")))
         self.done = torch.cuda.Event(blocking=True)
         #: With `profile`, each replay is timed on the GPU (events; read by `stats`).
         self.profile = False
@@ -270,7 +272,7 @@ class DecodeGraphs:
         else:
             torch.cuda.current_stream().synchronize()
 
-    def replay(self, graph: "torch.cuda.CUDAGraph") -> None:
+    def replay(self, graph: "torch.cuda.CUDAGraph", steps: int = 1) -> None:
         if self.profile:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -280,6 +282,7 @@ class DecodeGraphs:
         else:
             graph.replay()
         self.counts["replays"] += 1
+        self.counts["replayed_steps"] += steps
 
     def channel_or_none(self) -> Optional[Any]:
         """The model's stream channel, made on first use; None where host nodes are used."""
@@ -609,13 +612,15 @@ def _loop_plan(model: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optiona
 class _Loop:
     """Static state of the in-graph loop for one batch size and sampling setup."""
 
-    def __init__(self, plan: _LoopPlan, capacity: int, vocab: int, device: torch.device, mask_dtype: torch.dtype) -> None:
+    def __init__(self, plan: _LoopPlan, capacity: int, vocab: int, device: torch.device, mask_dtype: torch.dtype,
+                 chunk: int = 1) -> None:
         b = plan.ids.shape[0]
         self.plan = plan
         long = dict(dtype=torch.long, device=device)
         self.tok = torch.zeros(b, 1, **long)
         self.pos = torch.zeros(b, 1, **long)
         self.count = torch.zeros(1, **long)  # tokens generated so far
+        self.finished_at = torch.zeros(1, **long)  # count when all sequences had finished (0: not yet)
         self.eos_block = torch.zeros(1, **long)
         self.unfinished = torch.ones(b, dtype=torch.bool, device=device)
         self.gen = torch.zeros(b, capacity, **long)
@@ -632,14 +637,18 @@ class _Loop:
         self.mask_min = torch.full((), torch.finfo(mask_dtype).min if not self.mask_bool else 0, dtype=mask_dtype, device=device)
         self.mask_zero = torch.zeros((), dtype=mask_dtype, device=device)
         pin = device.type == "cuda"
-        self.host_tok = torch.zeros(b, dtype=torch.long, pin_memory=pin)
+        # the tokens of the last launch's steps (row j: its step j), "all finished", and when
+        self.host_tok = torch.zeros(chunk, b, dtype=torch.long, pin_memory=pin)
         self.host_done = torch.zeros(1, dtype=torch.bool, pin_memory=pin)
-        self.graph: Optional["torch.cuda.CUDAGraph"] = None
+        self.host_finished = torch.zeros(1, dtype=torch.long, pin_memory=pin)
+        self.graph: Optional["torch.cuda.CUDAGraph"] = None  # one step
+        self.graph_chunk: Optional["torch.cuda.CUDAGraph"] = None  # `chunk` steps
 
     def start(self, plan: _LoopPlan) -> None:
         prompt = plan.ids.shape[1]
         self.pos.fill_(prompt)
         self.count.zero_()
+        self.finished_at.zero_()
         self.eos_block.fill_(plan.eos_block)
         self.unfinished.fill_(True)
         self.plan = plan
@@ -653,9 +662,10 @@ class _Loop:
         """The next step's mask, in place (a static input of the graph)."""
         self.mask.copy_(self.masks(self.pos))
 
-    def advance(self, logits: torch.Tensor) -> None:
+    def advance(self, logits: torch.Tensor, j: int = 0) -> None:
         """Chooses each sequence's next token from the last position's logits as HF's
-        processors and samplers would, records it and prepares the next step's inputs."""
+        processors and samplers would, records it and prepares the next step's inputs
+        (`j`: the step's place in its launch, for the pinned token rows)."""
         p = self.plan
         scores = logits[:, -1, :].float()
         if p.eos:
@@ -682,8 +692,11 @@ class _Loop:
             self.unfinished &= ~(nxt[:, None] == self.eos[None, :]).any(dim=1)
         self.tok.copy_(nxt[:, None])
         self.count.add_(1)
-        self.host_tok.copy_(nxt, non_blocking=True)
-        self.host_done.copy_(~self.unfinished.any().reshape(1), non_blocking=True)
+        done = ~self.unfinished.any().reshape(1)
+        self.finished_at.copy_(torch.where(done & (self.finished_at == 0), self.count, self.finished_at))
+        self.host_tok[j].copy_(nxt, non_blocking=True)
+        self.host_done.copy_(done, non_blocking=True)
+        self.host_finished.copy_(self.finished_at, non_blocking=True)
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -709,7 +722,7 @@ def generate_in_graph(graphs: "DecodeGraphs", plan: _LoopPlan) -> torch.Tensor:
     loop = graphs.graphs.get(key)
     if loop is None:
         mask_dtype = torch.bool if model.config._attn_implementation == "sdpa" else model.dtype
-        loop = _Loop(plan, size, model.config.vocab_size, device, mask_dtype)
+        loop = _Loop(plan, size, model.config.vocab_size, device, mask_dtype, graphs.chunk)
     loop.start(plan)
     if plan.streamer is not None:
         plan.streamer.put(ids.cpu())
@@ -721,35 +734,49 @@ def generate_in_graph(graphs: "DecodeGraphs", plan: _LoopPlan) -> torch.Tensor:
     use_graph = device.type == "cuda" and graphs.enabled and not graphs.failed
     channel = graphs.channel_or_none() if use_graph else None
 
-    def step() -> None:
+    def steps(k: int) -> None:
         with _host_nodes(channel) if use_graph else contextlib.nullcontext():
-            out = graphs.forward(input_ids=loop.tok, position_ids=loop.pos, attention_mask=loop.mask, **fw)
-            loop.advance(out.logits)
-            loop.pos.add_(1)
-            loop.update_mask()
+            for j in range(k):
+                out = graphs.forward(input_ids=loop.tok, position_ids=loop.pos, attention_mask=loop.mask, **fw)
+                loop.advance(out.logits, j)
+                loop.pos.add_(1)
+                loop.update_mask()
 
-    n = 1
+    # n: tokens so far; fresh: how many the last launch made. A launch of `chunk` steps
+    # (one graph) saves the per-step wake-up and Python; steps after every sequence has
+    # finished inside it are dropped (their tokens are pad or past the end).
+    n, fresh = 1, 1
     while True:
         if device.type == "cuda":
-            graphs.wait()  # the pinned token and "all finished" flag are then written
+            graphs.wait()  # the pinned tokens and "all finished" flags are then written
+            done = bool(loop.host_done[0])
+            if done:
+                end = int(loop.host_finished[0])
+                fresh -= n - end
+                n = end
+        else:
+            done = not bool(loop.unfinished.any())
         if graphs.profile:
             graphs.walls.append(time.perf_counter())
         if plan.streamer is not None:
-            plan.streamer.put(loop.host_tok.clone() if device.type == "cuda" else loop.tok[:, 0].cpu())
-        done = bool(loop.host_done[0]) if device.type == "cuda" else not bool(loop.unfinished.any())
+            for j in range(fresh):
+                plan.streamer.put(loop.host_tok[j].clone() if device.type == "cuda" else loop.tok[:, 0].cpu())
         if done or n >= plan.max_new:
             break
+        k = loop.host_tok.shape[0] if use_graph and n + loop.host_tok.shape[0] <= plan.max_new else 1
+        attr = "graph" if k == 1 else "graph_chunk"
         if not use_graph:
-            step()
-        elif loop.graph is not None:
-            graphs.replay(loop.graph)
+            steps(1)
+        elif getattr(loop, attr) is not None:
+            graphs.replay(getattr(loop, attr), k)
         else:
-            loop.graph = graphs.capture_step(step)
-            if loop.graph is not None:
+            graph = graphs.capture_step(functools.partial(steps, k))
+            setattr(loop, attr, graph)
+            if graph is not None:
                 graphs.graphs[key] = loop
             else:
                 use_graph = False
-        n += 1
+        n, fresh = n + k, k
     if plan.streamer is not None:
         plan.streamer.end()
     return torch.cat([ids, loop.gen[:, :n]], dim=1)

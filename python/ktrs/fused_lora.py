@@ -157,7 +157,7 @@ def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, 
         r_pad = max(1, triton.next_power_of_2(rank))
         xa = torch.empty(rows, r_pad, dtype=torch.float32, device=x.device)
         # Tiles of at most 8K / 32K float32 products in registers, whatever the rank.
-        block_k = max(4, min(64, 8192 // (_BLOCK_M * r_pad)))
+        block_k = max(4, min(512, 8192 // (_BLOCK_M * r_pad)))
         _lora_xa_kernel[(triton.cdiv(rows, _BLOCK_M),)](x2, a, xa, rows, rank, x2.stride(0), n_in=n_in, R_PAD=r_pad,
                                                          BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
         block_n = max(16, min(128, 32768 // (16 * r_pad)))
