@@ -584,6 +584,12 @@ impl Experts {
     fn lora_bytes(&self) -> usize {
         self.layer().lora().map_or(0, |l| l.bytes())
     }
+    /// Bytes of transposed expert weights kept for the backward (filled by backward
+    /// calls within `KTRS_TRANSPOSED_CACHE_MB`, shared by all layers; 0 when off).
+    #[getter]
+    fn transposed_cache_bytes(&self) -> usize {
+        self.layer().transposed_cache_bytes()
+    }
 
     fn __repr__(&self) -> String {
         let c = self.layer().config;
