@@ -491,6 +491,15 @@ impl Experts {
         })
     }
 
+    /// Frees the transposed expert weights kept for the backward; the next backward
+    /// refills them (within `KTRS_TRANSPOSED_CACHE_MB`).
+    fn clear_transposed_cache(&self) -> PyResult<()> {
+        guard(|| {
+            self.layer_mut()?.clear_transposed_cache();
+            Ok(())
+        })
+    }
+
     /// Zeroes the layer-owned LoRA gradients.
     fn zero_lora_grads(&self) {
         if let Some(l) = self.layer().lora() {
