@@ -15,7 +15,9 @@
 //! Memory: owned by the layer (freed when it drops, or for one expert by `set_expert`),
 //! counted against a [`CacheBudget`] shared by all layers (`KTRS_TRANSPOSED_CACHE_MB`,
 //! default a quarter of physical memory; 0 turns the cache off). An expert's block is
-//! allocated only when the budget admits it and the allocation succeeds; otherwise the
+//! allocated only when the budget admits it, the OS has memory to spare (`MemAvailable`
+//! stays above 1/16 of physical memory: Linux overcommits, so a successful allocation
+//! alone does not rule out the OOM killer) and the allocation succeeds; otherwise the
 //! backward repacks as before. Only the backward fills it.
 
 use crate::buffer::Buffer;
@@ -45,7 +47,8 @@ impl CacheBudget {
         .clone()
     }
 
-    /// A budget of its own with a fixed limit (tests).
+    /// A budget of its own with a fixed limit, which alone decides (no `MemAvailable`
+    /// check: tests and probes get the same cache on every machine).
     pub fn with_limit(bytes: usize) -> Arc<CacheBudget> {
         Arc::new(CacheBudget {
             used: AtomicUsize::new(0),
@@ -83,6 +86,40 @@ pub fn default_budget_mb() -> usize {
     physical_memory_bytes() / 4 / (1 << 20)
 }
 
+/// `MemTotal` or `MemAvailable` of /proc/meminfo-formatted text, in bytes.
+fn meminfo_field(text: &str, field: &str) -> Option<usize> {
+    let line = text.lines().find(|l| l.split(':').next() == Some(field))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Whether the OS can spare `bytes` more: Linux overcommits, so an allocation that
+/// succeeds may still bring the OOM killer when its pages are touched. The cache takes
+/// memory only while `MemAvailable` (read at most every 100 ms) stays above 1/16 of
+/// physical memory afterwards; where it is unknown, the budget alone decides.
+fn os_can_spare(bytes: usize) -> bool {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static LAST: Mutex<Option<(Instant, Option<usize>)>> = Mutex::new(None);
+    let avail = {
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        match *last {
+            Some((t, v)) if t.elapsed() < Duration::from_millis(100) => v,
+            _ => {
+                let v = std::fs::read_to_string("/proc/meminfo")
+                    .ok()
+                    .and_then(|s| meminfo_field(&s, "MemAvailable"));
+                *last = Some((Instant::now(), v));
+                v
+            }
+        }
+    };
+    match avail {
+        Some(a) => a.saturating_sub(bytes) >= physical_memory_bytes() / 16,
+        None => true,
+    }
+}
+
 fn physical_memory_bytes() -> usize {
     #[cfg(unix)]
     {
@@ -99,11 +136,7 @@ fn physical_memory_bytes() -> usize {
     }
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-            kb.checked_mul(1024)
-        })
+        .and_then(|s| meminfo_field(&s, "MemTotal"))
         .unwrap_or(0)
 }
 
@@ -161,6 +194,10 @@ impl MatrixCache {
         }
         let bytes = self.entry_bytes();
         if !self.budget.try_reserve(bytes) {
+            return None;
+        }
+        if self.budget.limit.is_none() && !os_can_spare(bytes) {
+            self.budget.release(bytes);
             return None;
         }
         let data = match Buffer::<u16>::try_zeroed("a transposed cache block", self.shape.len()) {
@@ -285,5 +322,24 @@ impl MatrixCache {
 impl Drop for MatrixCache {
     fn drop(&mut self) {
         self.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_fields_parse() {
+        let text = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   1234 kB\n";
+        assert_eq!(meminfo_field(text, "MemTotal"), Some(24000000 * 1024));
+        assert_eq!(meminfo_field(text, "MemAvailable"), Some(1234 * 1024));
+        assert_eq!(meminfo_field(text, "Mem"), None);
+        assert_eq!(meminfo_field("MemTotal: x kB", "MemTotal"), None);
+        #[cfg(target_os = "linux")]
+        {
+            assert!(physical_memory_bytes() > 0);
+            assert!(os_can_spare(1 << 20) && !os_can_spare(usize::MAX / 2));
+        }
     }
 }
