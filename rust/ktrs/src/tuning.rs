@@ -2,7 +2,8 @@
 //! environment variable (read once) or at run time through [`set`] — the benchmarks
 //! sweep them in one process instead of rebuilding a 1 GB layer per setting.
 //!
-//! Knobs change speed (or, `KTRS_PROFILE`, print timings). Those that pick another
+//! Knobs change speed (or, `KTRS_PROFILE`, print timings; `KTRS_TRANSPOSED_CACHE_MB`
+//! trades memory for backward speed). Those that pick another
 //! kernel for some experts (`KTRS_AMX_MIN_ROWS`, `KTRS_BWD_DIRECT_ROWS`) change rounding;
 //! the others give the same bits (tests/test_experts.py checks each).
 

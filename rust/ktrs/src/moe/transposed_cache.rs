@@ -158,10 +158,13 @@ pub(super) struct MatrixCache {
     bytes: AtomicUsize,
 }
 
-// SAFETY: entries are reached through atomics; panel memory is written only by the
-// thread that claimed the panel (EMPTY -> FILLING) and read only after READY (Acquire).
-unsafe impl Sync for MatrixCache {}
-unsafe impl Send for MatrixCache {}
+// Send + Sync come from the atomics; what makes sharing sound: panel memory is written
+// only by the thread that claimed the panel (EMPTY -> FILLING) and read only after
+// READY (Acquire), and entries are freed only through `&mut self`.
+const _: () = {
+    const fn sync<T: Send + Sync>() {}
+    sync::<MatrixCache>()
+};
 
 impl MatrixCache {
     pub(super) fn new(pack: &ExpertPack, budget: Arc<CacheBudget>) -> MatrixCache {
@@ -328,6 +331,79 @@ impl Drop for MatrixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pack(experts: usize, n: usize, k: usize) -> ExpertPack {
+        let mut p = ExpertPack::zeroed(experts, PackShape::new(n, k));
+        for e in 0..experts {
+            for (i, v) in p.expert_mut(e).iter_mut().enumerate() {
+                *v = (i as u16).wrapping_mul(31).wrapping_add(e as u16 * 7 + 1);
+            }
+        }
+        p
+    }
+
+    fn want(p: &ExpertPack, e: usize, c0: usize, np: usize) -> Vec<u16> {
+        let mut v = vec![0u16; np * PANEL * p.shape.n_pad];
+        crate::pack::pack_transposed_block(p.expert(e), p.shape, c0, np, &mut v);
+        v
+    }
+
+    /// Blocks of any width come out as `pack_transposed_block` writes them; a block with a
+    /// panel another thread is filling is refused and leaves nothing claimed.
+    #[test]
+    fn blocks_of_any_width_and_a_busy_panel() {
+        let p = pack(2, 40, 200); // k_pad 224: 14 panels
+        let c = MatrixCache::new(&p, CacheBudget::with_limit(usize::MAX));
+        let isa = Isa::best();
+        assert_eq!(c.block(isa, &p, 1, 32, 3).unwrap(), &want(&p, 1, 32, 3)[..]);
+        assert_eq!(c.bytes(), p.shape.len() * 2);
+        // Overlapping a filled block, another width.
+        assert_eq!(c.block(isa, &p, 1, 0, 8).unwrap(), &want(&p, 1, 0, 8)[..]);
+        let entry = c.entry(1).unwrap();
+        entry.state[10].store(FILLING, Ordering::Relaxed);
+        assert!(c.block(isa, &p, 1, 8 * PANEL, 4).is_none());
+        assert!(entry.state[8..10]
+            .iter()
+            .all(|s| s.load(Ordering::Relaxed) == EMPTY));
+        entry.state[10].store(EMPTY, Ordering::Relaxed);
+        assert_eq!(
+            c.block(isa, &p, 1, 8 * PANEL, 6).unwrap(),
+            &want(&p, 1, 128, 6)[..]
+        );
+        assert_eq!(c.bytes(), p.shape.len() * 2);
+        // Budget 0 (knob off): nothing, even for an expert already cached.
+        let off = MatrixCache::new(&p, CacheBudget::with_limit(0));
+        assert!(off.block(isa, &p, 0, 0, 2).is_none() && off.bytes() == 0);
+    }
+
+    /// Threads asking for overlapping blocks of different widths at once get either the
+    /// right bytes or `None`, never a half-filled block; one entry per expert is kept.
+    #[test]
+    fn concurrent_fills() {
+        let p = pack(3, 64, 512); // 32 panels
+        let budget = CacheBudget::with_limit(usize::MAX);
+        for round in 0..20 {
+            let c = MatrixCache::new(&p, budget.clone());
+            std::thread::scope(|s| {
+                for t in 0..4usize {
+                    let (c, p) = (&c, &p);
+                    s.spawn(move || {
+                        for i in 0..40usize {
+                            let np = [1, 2, 4, 8, 16][(i + t + round) % 5];
+                            let c0 = ((i * 7 + t * 3) % (32 - np + 1)) * PANEL;
+                            let e = (i + t) % 3;
+                            if let Some(b) = c.block(Isa::best(), p, e, c0, np) {
+                                assert_eq!(b, &want(p, e, c0, np)[..]);
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(c.bytes(), 3 * p.shape.len() * 2);
+            assert_eq!(budget.used(), c.bytes());
+        }
+        assert_eq!(budget.used(), 0);
+    }
 
     #[test]
     fn meminfo_fields_parse() {
