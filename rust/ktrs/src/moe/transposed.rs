@@ -5,12 +5,12 @@
 //! (`kernels::gemm_transposed`): their product is a weight stream, and repacking a block
 //! costs more than using it a few times. The others take the block in the transposed
 //! panel layout from the layer's cache of transposed weights (`transposed_cache.rs`,
-//! filled on first use within the `KTRS_TRANSPOSED_CACHE_MB` budget, so a second copy
-//! of the active experts' weights lives in memory while it is on) and run the GEMM
-//! kernels on it; when the cache cannot hold it, they repack the block
-//! (`kernels::transpose_block`, the same bytes) in their thread's scratch on every call. (Repacking a panel pair at a time, right before its GEMM, so it
-//! stays in L2 at H=7168, was measured slower on the AMX machine; see
-//! docs/architecture.md.)
+//! filled on first use within the `KTRS_TRANSPOSED_CACHE_MB` budget: while it is on, a
+//! second copy of the active experts' weights lives in memory) and run the GEMM kernels
+//! on it; when the cache cannot hold it, they repack the block
+//! (`kernels::transpose_block`, the same bytes) in their thread's scratch on every call.
+//! (Repacking a panel pair at a time, right before its GEMM, so it stays in L2 at
+//! H=7168, was measured slower on the AMX machine; see docs/architecture.md.)
 
 use super::transposed_cache::MatrixCache;
 use super::{gemm_rows, NB_MAX};
