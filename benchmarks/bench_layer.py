@@ -232,6 +232,18 @@ def run_ktrs(ex: "ktrs.MoeExperts", hidden, topk_ids, topk_weights, grad_out, re
         lambda r: ex.backward(r[1], grad_out),
         repeats,
     )
+    # With the transposed-weight cache on, the median above is a warm cache (the warm-up
+    # filled it); a training step whose routing moves pays part of the first backward's
+    # fill too. So also time one backward right after emptying the cache.
+    bwd_first_ms = None
+    cache_mb = ex._native.transposed_cache_bytes / 2**20
+    if ktrs.tuning().get("KTRS_TRANSPOSED_CACHE_MB", 0) > 0:
+        ex._native.clear_transposed_cache()
+        _, h = ex.forward(hidden, topk_ids, topk_weights, save_for_backward=True)
+        t0 = time.perf_counter()
+        ex.backward(h, grad_out)
+        bwd_first_ms = (time.perf_counter() - t0) * 1e3
+        del h
     inf_t, _, inf_reps = time_pair(
         lambda: ex.forward(hidden, topk_ids, topk_weights, save_for_backward=False),
         None,
@@ -260,6 +272,7 @@ def run_ktrs(ex: "ktrs.MoeExperts", hidden, topk_ids, topk_weights, grad_out, re
     }
     ex.zero_lora_grads()
     return {"fwd_ms": med_ms(fwd_t), "bwd_ms": med_ms(bwd_t), "infer_fwd_ms": med_ms(inf_t),
+            "bwd_first_ms": bwd_first_ms, "transposed_cache_mb": cache_mb,
             "infer_cold_ms": med_ms(cold_t) if cold_t else None,
             "repeats": reps, "infer_repeats": inf_reps,
             "fwd_all_ms": [t * 1e3 for t in fwd_t], "bwd_all_ms": [t * 1e3 for t in bwd_t],
@@ -441,7 +454,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             hidden, ids, wts, gout = inputs[T]
             print(f"  {isa:6s} T={T} ...", end="", flush=True)
             kr = run_ktrs(ex, hidden, ids, wts, gout, args.repeats)
-            print(f" fwd {kr['fwd_ms']:.2f} ms  bwd {kr['bwd_ms']:.2f} ms  infer {kr['infer_fwd_ms']:.2f} ms"
+            first = "" if kr["bwd_first_ms"] is None else (
+                f" (cache cold {kr['bwd_first_ms']:.2f}, warm cache {kr['transposed_cache_mb']:.0f} MiB)")
+            print(f" fwd {kr['fwd_ms']:.2f} ms  bwd {kr['bwd_ms']:.2f} ms{first}  infer {kr['infer_fwd_ms']:.2f} ms"
                   f"  (repeats {kr['repeats']})", flush=True)
             tr = torch_for(T)
 
@@ -452,6 +467,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "isa": isa, "tokens": T, "threads": threads,
                 "repeats": kr["repeats"], "infer_repeats": kr["infer_repeats"],
                 "fwd_ms": kr["fwd_ms"], "bwd_ms": kr["bwd_ms"], "fwd_bwd_ms": fb_ms,
+                "bwd_first_ms": kr["bwd_first_ms"], "transposed_cache_mb": kr["transposed_cache_mb"],
                 "infer_fwd_ms": kr["infer_fwd_ms"], "infer_cold_ms": kr["infer_cold_ms"],
                 "fwd_all_ms": kr["fwd_all_ms"], "bwd_all_ms": kr["bwd_all_ms"],
                 "infer_fwd_all_ms": kr["infer_fwd_all_ms"],
@@ -512,6 +528,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # ---- table ----
     cols = [("ISA", "<7", "isa", "s"), ("T", ">5", "tokens", "d"),
             ("fwd ms", ">9", "fwd_ms", ".2f"), ("bwd ms", ">9", "bwd_ms", ".2f"),
+            ("bwd 1st", ">9", "bwd_first_ms", ".2f"),
             ("f+b ms", ">9", "fwd_bwd_ms", ".2f"), ("inf ms", ">9", "infer_fwd_ms", ".2f"),
             ("cold ms", ">8", "infer_cold_ms", ".2f"),
             ("fwd TF", ">7", "fwd_tflops", ".3f"), ("f+b TF", ">7", "fwd_bwd_tflops", ".3f"),
@@ -526,7 +543,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(f"threads {threads}; E={E} H={H} I={I} k={k} r={r}; medians; TF = TFLOPS of base GEMMs "
           f"(fwd 2*T*k*3*H*I, f+b twice that); x = torch time / ktrs time (>1: ktrs faster); "
-          f"err = rel L2 vs torch; cold = inference forward with fresh routing per call (T <= 64); "
+          f"err = rel L2 vs torch; bwd 1st = one backward with the transposed-weight cache "
+          f"emptied (bwd ms: cache warm; '-': cache off); cold = inference forward with fresh routing per call (T <= 64); "
           f"x kt i = kt-kernel inference fwd / ktrs training fwd; vs kti = rel L2 vs kt inference "
           f"output (ktrs without LoRA)")
     header = " ".join(format(c[0], c[1]) for c in cols)

@@ -2,7 +2,8 @@
 //! environment variable (read once) or at run time through [`set`] — the benchmarks
 //! sweep them in one process instead of rebuilding a 1 GB layer per setting.
 //!
-//! Knobs change speed (or, `KTRS_PROFILE`, print timings). Those that pick another
+//! Knobs change speed (or, `KTRS_PROFILE`, print timings; `KTRS_TRANSPOSED_CACHE_MB`
+//! trades memory for backward speed). Those that pick another
 //! kernel for some experts (`KTRS_AMX_MIN_ROWS`, `KTRS_BWD_DIRECT_ROWS`) change rounding;
 //! the others give the same bits (tests/test_experts.py checks each).
 
@@ -33,9 +34,17 @@ pub enum Knob {
     /// Microseconds an idle worker spins before it sleeps: a wake-up from sleep costs
     /// more than a short spin, and decode leaves gaps of a few hundred µs between layers.
     SpinUs,
+    /// MiB of transposed expert weights all layers together may keep for their backward
+    /// (`moe/transposed_cache.rs`); 0 = none (every backward repacks). Default: a quarter
+    /// of physical memory (0 if unknown). Lowering it frees nothing already kept; it
+    /// bounds what is added.
+    TransposedCacheMb,
 }
 
-const ALL: [(Knob, &str, usize); 10] = [
+/// Marks a default computed at first use (see [`default_of`]).
+const COMPUTED: usize = usize::MAX - 1;
+
+const ALL: [(Knob, &str, usize); 11] = [
     (Knob::TaskPanels, "KTRS_NB", 0),
     (Knob::AmxMinRows, "KTRS_AMX_MIN_ROWS", 8),
     (Knob::AmxKBlock, "KTRS_AMX_KBLOCK", 0),
@@ -46,7 +55,21 @@ const ALL: [(Knob, &str, usize); 10] = [
     (Knob::AmxPipeline, "KTRS_AMX_PIPELINE", 1),
     (Knob::BwdDirectRows, "KTRS_BWD_DIRECT_ROWS", 8),
     (Knob::SpinUs, "KTRS_SPIN_US", 200),
+    (
+        Knob::TransposedCacheMb,
+        "KTRS_TRANSPOSED_CACHE_MB",
+        COMPUTED,
+    ),
 ];
+
+/// The default of a knob whose table entry is [`COMPUTED`].
+fn default_of(knob: Knob, table: usize) -> usize {
+    match (table, knob) {
+        (COMPUTED, Knob::TransposedCacheMb) => crate::moe::transposed_cache_default_mb(),
+        (COMPUTED, _) => unreachable!("no computed default for {knob:?}"),
+        (v, _) => v,
+    }
+}
 
 const UNSET: usize = usize::MAX;
 static VALUES: [AtomicUsize; ALL.len()] = [const { AtomicUsize::new(UNSET) }; ALL.len()];
@@ -72,7 +95,7 @@ pub fn get(knob: Knob) -> usize {
             let v = std::env::var(name)
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(default);
+                .unwrap_or_else(|| default_of(knob, default));
             slot.store(v, Ordering::Relaxed);
             v
         }
@@ -110,6 +133,13 @@ mod tests {
             assert_eq!(Knob::from_name(n), Some(k));
         }
         assert_eq!(Knob::from_name("KTRS_NOPE"), None);
+        for (k, _, d) in ALL {
+            assert_ne!(
+                default_of(k, d),
+                UNSET,
+                "{k:?}: a default that reads as unset"
+            );
+        }
         let _guard = test_override_guard();
         let before = get(Knob::AmxKBlock);
         set(Knob::AmxKBlock, Some(7));

@@ -491,6 +491,15 @@ impl Experts {
         })
     }
 
+    /// Frees the transposed expert weights kept for the backward; the next backward
+    /// refills them (within `KTRS_TRANSPOSED_CACHE_MB`).
+    fn clear_transposed_cache(&self) -> PyResult<()> {
+        guard(|| {
+            self.layer_mut()?.clear_transposed_cache();
+            Ok(())
+        })
+    }
+
     /// Zeroes the layer-owned LoRA gradients.
     fn zero_lora_grads(&self) {
         if let Some(l) = self.layer().lora() {
@@ -583,6 +592,12 @@ impl Experts {
     #[getter]
     fn lora_bytes(&self) -> usize {
         self.layer().lora().map_or(0, |l| l.bytes())
+    }
+    /// Bytes of transposed expert weights kept for the backward (filled by backward
+    /// calls within `KTRS_TRANSPOSED_CACHE_MB`, shared by all layers; 0 when off).
+    #[getter]
+    fn transposed_cache_bytes(&self) -> usize {
+        self.layer().transposed_cache_bytes()
     }
 
     fn __repr__(&self) -> String {

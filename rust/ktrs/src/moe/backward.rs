@@ -1,7 +1,7 @@
 //! The backward pass: input gradient, routing-weight gradient and LoRA gradients.
 //!
-//! The input gradient multiplies by the transposed expert weights, which are not
-//! stored (see `transposed.rs`).
+//! The input gradient multiplies by the transposed expert weights, kept across calls
+//! where the budget allows, repacked per call otherwise (see `transposed.rs`).
 
 use super::transposed::gemm_t_rows;
 use super::{
@@ -133,6 +133,7 @@ impl MoeLayer {
                 ds,
                 off[e]..off[e + 1],
                 dn,
+                &self.t_down,
                 e,
                 i0,
                 np,
@@ -302,6 +303,7 @@ impl MoeLayer {
                     gs,
                     off[e]..off[e + 1],
                     gu,
+                    &self.t_gate_up,
                     e,
                     h0,
                     np,

@@ -15,11 +15,19 @@ mod lora_b;
 pub mod routing;
 mod schedule;
 mod transposed;
+mod transposed_cache;
 
 pub use cache::ForwardCache;
+pub use transposed_cache::CacheBudget;
+
+/// Default of `KTRS_TRANSPOSED_CACHE_MB`: a quarter of physical memory (0 if unknown).
+pub(crate) fn transposed_cache_default_mb() -> usize {
+    transposed_cache::default_budget_mb()
+}
 
 use driver::{gather_pairs, gemm_rows, sum_pairs_into};
 use schedule::{expert_blocks, expert_runs};
+use transposed_cache::MatrixCache;
 
 use crate::buffer::{catch_alloc, BufferPool, SendPtr};
 use crate::cpu::Isa;
@@ -153,6 +161,10 @@ pub struct MoeLayer {
     gate_up: ExpertPack,
     /// Down, `[H, I]` per expert.
     down: ExpertPack,
+    /// Transposed blocks of `gate_up` and `down` kept across backward calls (filled by
+    /// the backward, within the budget; see `transposed_cache.rs`).
+    t_gate_up: MatrixCache,
+    t_down: MatrixCache,
     lora: Option<LoraWeights>,
     /// Scratch and cache blocks recycled between calls (see `BufferPool`).
     scratch: Arc<BufferPool>,
@@ -184,10 +196,13 @@ impl MoeLayer {
         let lora = lora
             .map(|c| LoraWeights::new(c, config.experts, h, i, seed))
             .transpose()?;
+        let budget = CacheBudget::global();
         Ok(MoeLayer {
             config,
             isa,
             pool,
+            t_gate_up: MatrixCache::new(&gate_up, budget.clone()),
+            t_down: MatrixCache::new(&down, budget),
             gate_up,
             down,
             lora,
@@ -240,6 +255,9 @@ impl MoeLayer {
         check_len("gate", gate.len(), i * h)?;
         check_len("up", up.len(), i * h)?;
         check_len("down", down.len(), h * i)?;
+        // Its transposed blocks are stale from here on.
+        self.t_gate_up.clear_expert(e);
+        self.t_down.clear_expert(e);
         let (gs, ds) = (self.gate_up.shape, self.down.shape);
         let gp = SendPtr(self.gate_up.expert_mut(e).as_mut_ptr());
         let dp = SendPtr(self.down.expert_mut(e).as_mut_ptr());
@@ -286,7 +304,9 @@ impl MoeLayer {
         self.isa
     }
 
-    /// Switches the kernels used from now on; packed weights are shared by every ISA.
+    /// Switches the kernels used from now on; packed weights are shared by every ISA, and
+    /// so are the cached transposed blocks (`kernels::transpose_block` writes the same
+    /// bytes on every ISA), so the cache stays.
     pub fn set_isa(&mut self, isa: Isa) -> Result<()> {
         isa.check_available()?;
         self.isa = isa;
@@ -330,6 +350,28 @@ impl MoeLayer {
     /// Bytes of packed expert weights held.
     pub fn weight_bytes(&self) -> usize {
         self.gate_up.bytes() + self.down.bytes()
+    }
+
+    /// Bytes of transposed expert weights this layer keeps for its backward (see
+    /// `KTRS_TRANSPOSED_CACHE_MB`); at most `weight_bytes`.
+    pub fn transposed_cache_bytes(&self) -> usize {
+        self.t_gate_up.bytes() + self.t_down.bytes()
+    }
+
+    /// Frees the transposed weights kept for the backward (the next backward refills
+    /// them as the budget allows).
+    pub fn clear_transposed_cache(&mut self) {
+        self.t_gate_up.clear();
+        self.t_down.clear();
+    }
+
+    /// Counts this layer's transposed cache against `budget` instead of the process-wide
+    /// one (tests); the cache is emptied first.
+    #[cfg(test)]
+    pub(crate) fn set_cache_budget(&mut self, budget: Arc<CacheBudget>) {
+        self.clear_transposed_cache();
+        self.t_gate_up = MatrixCache::new(&self.gate_up, budget.clone());
+        self.t_down = MatrixCache::new(&self.down, budget);
     }
 
     pub(crate) fn id(&self) -> u64 {

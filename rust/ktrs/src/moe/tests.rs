@@ -724,3 +724,252 @@ fn impossible_layer_sizes_are_errors() {
     assert!(layer.set_threads(0).is_err() && layer.set_threads(1 << 20).is_err());
     assert_eq!(layer.threads(), 1);
 }
+
+// ---- the transposed cache (transposed_cache.rs) ----
+
+/// Output, gradients (input, routing weights as bits) and LoRA gradients (bits) of one
+/// training forward and backward.
+type Bits = (Vec<u16>, Vec<u16>, Vec<u32>, Vec<Vec<u32>>);
+
+fn train_call(layer: &MoeLayer, c: &Case, d: &Data) -> Bits {
+    let mut out = vec![0u16; c.t * c.h];
+    let cache = layer
+        .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
+        .unwrap()
+        .unwrap();
+    let mut gh = vec![0u16; c.t * c.h];
+    let mut gw = vec![0f32; c.t * c.k];
+    let mut lg: Vec<Vec<f32>> = d.lora.iter().map(|m| vec![f32::NAN; m.len()]).collect();
+    {
+        let grads = if c.r > 0 {
+            let [a, b, cc, dd, e, f] = &mut lg[..] else {
+                unreachable!()
+            };
+            GradTarget::External {
+                bufs: [a, b, cc, dd, e, f],
+                accumulate: false,
+            }
+        } else {
+            GradTarget::Skip
+        };
+        layer
+            .backward(&cache, &d.gout, &mut gh, &mut gw, grads)
+            .unwrap();
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    (out, gh, bits(&gw), lg.iter().map(|v| bits(v)).collect())
+}
+
+/// Sets the layer's ISA, AMX through the tile emulation where the CPU lacks it.
+fn use_isa(layer: &mut MoeLayer, isa: Isa) {
+    if isa == Isa::Amx && Isa::Amx.check_available().is_err() {
+        layer.isa = Isa::Amx; // tiles emulated (see isas_with_emulated_amx)
+    } else {
+        layer.set_isa(isa).unwrap();
+    }
+}
+
+fn layer_with_budget(c: &Case, d: &Data, isa: Isa, limit: usize) -> MoeLayer {
+    let mut l = layer_for(c, d, isa, 2);
+    l.set_cache_budget(CacheBudget::with_limit(limit));
+    l
+}
+
+/// Bytes the cache holds once every expert with more than `KTRS_BWD_DIRECT_ROWS` rows
+/// (the ones that take a transposed block) has been through a backward.
+fn full_cache_bytes(layer: &MoeLayer, c: &Case, d: &Data) -> usize {
+    let direct = crate::tuning::get(crate::tuning::Knob::BwdDirectRows).min(16);
+    let per_expert = layer.weight_bytes() / c.e;
+    (0..c.e)
+        .filter(|&e| d.ids.iter().filter(|&&x| x as usize == e).count() > direct)
+        .count()
+        * per_expert
+}
+
+/// Backward with the cache filled (first call) and used (second call), on every ISA,
+/// gives the bits of the per-call repack; a cache filled under one ISA serves another.
+#[test]
+fn transposed_cache_gives_the_same_bits() {
+    let _guard = crate::tuning::test_override_guard();
+    for (c, seed) in [
+        // ~24 rows per expert: every active expert takes a transposed block.
+        (
+            Case {
+                e: 5,
+                h: 70,
+                i: 45,
+                k: 2,
+                t: 48,
+                r: 4,
+            },
+            31,
+        ),
+        // ~12 rows per expert: some experts take the direct product instead.
+        (
+            Case {
+                e: 16,
+                h: 96,
+                i: 40,
+                k: 6,
+                t: 30,
+                r: 0,
+            },
+            32,
+        ),
+    ] {
+        let d = make(&c, seed);
+        let mut shared = layer_with_budget(&c, &d, Isa::Scalar, usize::MAX);
+        for isa in isas_with_emulated_amx() {
+            let tag = format!("{isa} E{} T{}", c.e, c.t);
+            let mut off = layer_with_budget(&c, &d, Isa::Scalar, 0);
+            let mut on = layer_with_budget(&c, &d, Isa::Scalar, usize::MAX);
+            for l in [&mut off, &mut on, &mut shared] {
+                use_isa(l, isa);
+            }
+            let want = train_call(&off, &c, &d);
+            assert_eq!(off.transposed_cache_bytes(), 0, "{tag}");
+            let full = full_cache_bytes(&on, &c, &d);
+            assert!(full > 0, "{tag}: no expert takes a transposed block");
+            assert!(train_call(&on, &c, &d) == want, "{tag}: cold cache differs");
+            assert_eq!(on.transposed_cache_bytes(), full, "{tag}");
+            assert!(train_call(&on, &c, &d) == want, "{tag}: warm cache differs");
+            assert_eq!(on.transposed_cache_bytes(), full, "{tag}");
+            assert!(
+                train_call(&shared, &c, &d) == want,
+                "{tag}: cache of another ISA"
+            );
+        }
+    }
+}
+
+/// `set_expert` drops that expert's transposed blocks: the next backward equals a fresh
+/// layer's with the new weights (with stale blocks, grad_hidden would differ).
+#[test]
+fn set_expert_invalidates_the_transposed_cache() {
+    let _guard = crate::tuning::test_override_guard();
+    let c = Case {
+        e: 4,
+        h: 40,
+        i: 56,
+        k: 2,
+        t: 40,
+        r: 4,
+    };
+    let d = make(&c, 33);
+    let new = make(&c, 34);
+    let (e, ih) = (1, c.i * c.h);
+    let mut layer = layer_with_budget(&c, &d, Isa::best(), usize::MAX);
+    train_call(&layer, &c, &d);
+    let before = layer.transposed_cache_bytes();
+    assert_eq!(before, full_cache_bytes(&layer, &c, &d));
+    let per_expert = layer.weight_bytes() / c.e;
+    assert!(d.ids.iter().filter(|&&x| x == e as i64).count() > 8);
+    let part = |v: &[u16]| v[e * ih..(e + 1) * ih].to_vec();
+    layer
+        .set_expert(e, &part(&new.gate), &part(&new.up), &part(&new.down))
+        .unwrap();
+    assert_eq!(layer.transposed_cache_bytes(), before - per_expert);
+    let got = train_call(&layer, &c, &d);
+    assert_eq!(layer.transposed_cache_bytes(), before);
+    let patch = |old: &[u16], src: &[u16]| {
+        let mut v = old.to_vec();
+        v[e * ih..(e + 1) * ih].copy_from_slice(&src[e * ih..(e + 1) * ih]);
+        v
+    };
+    let d2 = Data {
+        gate: patch(&d.gate, &new.gate),
+        up: patch(&d.up, &new.up),
+        down: patch(&d.down, &new.down),
+        hidden: d.hidden.clone(),
+        ids: d.ids.clone(),
+        w: d.w.clone(),
+        gout: d.gout.clone(),
+        lora: d.lora.clone(),
+    };
+    let fresh = layer_with_budget(&c, &d2, Isa::best(), 0);
+    assert!(
+        got == train_call(&fresh, &c, &d2),
+        "stale transposed blocks used"
+    );
+}
+
+/// A budget too small for one expert's matrix caches nothing, a middling one part of the
+/// experts, shared by two layers; results never change, the budget is never exceeded and
+/// every byte returns when the layers drop.
+#[test]
+fn transposed_cache_budget_is_kept_and_returned() {
+    let _guard = crate::tuning::test_override_guard();
+    let c = Case {
+        e: 4,
+        h: 70,
+        i: 45,
+        k: 2,
+        t: 40,
+        r: 2,
+    };
+    let d = make(&c, 35);
+    let off = layer_with_budget(&c, &d, Isa::best(), 0);
+    let want = train_call(&off, &c, &d);
+    let (gu, dn) = (off.gate_up.shape.len() * 2, off.down.shape.len() * 2);
+    let smallest = gu.min(dn);
+    for limit in [smallest - 1, gu + dn + smallest, usize::MAX] {
+        let budget = CacheBudget::with_limit(limit);
+        let mut a = layer_for(&c, &d, Isa::best(), 2);
+        let mut b = layer_for(&c, &d, Isa::best(), 2);
+        a.set_cache_budget(budget.clone());
+        b.set_cache_budget(budget.clone());
+        for _ in 0..2 {
+            assert!(train_call(&a, &c, &d) == want, "limit {limit}");
+            assert!(train_call(&b, &c, &d) == want, "limit {limit}");
+        }
+        let (ua, ub) = (a.transposed_cache_bytes(), b.transposed_cache_bytes());
+        assert_eq!(budget.used(), ua + ub);
+        assert!(ua + ub <= limit, "limit {limit}: {} held", ua + ub);
+        if limit < smallest {
+            assert_eq!(ua + ub, 0);
+        } else if limit == usize::MAX {
+            assert_eq!(ua, full_cache_bytes(&a, &c, &d));
+            assert_eq!(ub, ua);
+        } else {
+            assert!(ua > 0 && ua + ub < 2 * full_cache_bytes(&a, &c, &d));
+        }
+        drop(a);
+        assert_eq!(budget.used(), ub);
+        b.clear_transposed_cache();
+        assert_eq!((budget.used(), b.transposed_cache_bytes()), (0, 0));
+        train_call(&b, &c, &d);
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+}
+
+/// The process-wide budget follows `KTRS_TRANSPOSED_CACHE_MB`: 0 keeps nothing.
+#[test]
+fn transposed_cache_knob() {
+    use crate::tuning::{get, set, Knob};
+    let _guard = crate::tuning::test_override_guard();
+    #[cfg(target_os = "linux")]
+    assert!(super::transposed_cache_default_mb() > 0);
+    let c = Case {
+        e: 3,
+        h: 40,
+        i: 56,
+        k: 2,
+        t: 30,
+        r: 0,
+    };
+    let d = make(&c, 36);
+    let layer = layer_for(&c, &d, Isa::best(), 2);
+    set(Knob::TransposedCacheMb, Some(0));
+    assert_eq!(CacheBudget::global().limit(), 0);
+    let want = train_call(&layer, &c, &d);
+    assert_eq!(layer.transposed_cache_bytes(), 0);
+    set(Knob::TransposedCacheMb, Some(1 << 20));
+    assert_eq!(get(Knob::TransposedCacheMb), 1 << 20);
+    assert!(train_call(&layer, &c, &d) == want);
+    assert_eq!(
+        layer.transposed_cache_bytes(),
+        full_cache_bytes(&layer, &c, &d)
+    );
+    set(Knob::TransposedCacheMb, None);
+}

@@ -1,14 +1,18 @@
 //! The backward's products by transposed expert weights, `A[rows] · W` for a block of
-//! W's input columns, without a stored transposed copy (expert memory stays one copy).
+//! W's input columns.
 //!
 //! Experts with few rows (`KTRS_BWD_DIRECT_ROWS`) read the forward panels directly
 //! (`kernels::gemm_transposed`): their product is a weight stream, and repacking a block
-//! costs more than using it a few times. The others repack the task's block into the
-//! transposed panel layout (`kernels::transpose_block`) in their thread's scratch and run
-//! the GEMM kernels on it. (Repacking a panel pair at a time, right before its GEMM, so it
-//! stays in L2 at H=7168, was measured slower on the AMX machine; see
-//! docs/architecture.md.)
+//! costs more than using it a few times. The others take the block in the transposed
+//! panel layout from the layer's cache of transposed weights (`transposed_cache.rs`,
+//! filled on first use within the `KTRS_TRANSPOSED_CACHE_MB` budget: while it is on, a
+//! second copy of the active experts' weights lives in memory) and run the GEMM kernels
+//! on it; when the cache cannot hold it, they repack the block
+//! (`kernels::transpose_block`, the same bytes) in their thread's scratch on every call.
+//! (Repacking a panel pair at a time, right before its GEMM, so it stays in L2 at
+//! H=7168, was measured slower on the AMX machine; see docs/architecture.md.)
 
+use super::transposed_cache::MatrixCache;
 use super::{gemm_rows, NB_MAX};
 use crate::cpu::Isa;
 use crate::kernels;
@@ -22,7 +26,8 @@ thread_local! {
 }
 
 /// `A[rows] · W` for the 16·np columns from `c0` of expert e's weights (given by their
-/// forward packing); `epi(pair, row)` gets each finished row.
+/// forward packing; `cache` holds the transposed blocks of this matrix);
+/// `epi(pair, row)` gets each finished row.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm_t_rows(
     isa: Isa,
@@ -30,6 +35,7 @@ pub(super) fn gemm_t_rows(
     lda: usize,
     rows: Range<usize>,
     pack: &ExpertPack,
+    cache: &MatrixCache,
     e: usize,
     c0: usize,
     np: usize,
@@ -37,6 +43,9 @@ pub(super) fn gemm_t_rows(
 ) {
     let m = rows.len();
     if m > direct_rows() {
+        if let Some(blk) = cache.block(isa, pack, e, c0, np) {
+            return gemm_rows(isa, a, lda, pack.shape.n_pad, rows, blk, np, epi);
+        }
         return TRANSPOSED.with(|cell| {
             let mut buf = cell.borrow_mut();
             let len = np * PANEL * pack.shape.n_pad;
@@ -76,12 +85,14 @@ fn direct_rows() -> usize {
 /// Speed probe (`cargo test -p ktrs --release --lib -- --ignored --nocapture
 /// repack_probe`; `PROBE_THREADS`, `PROBE_EXPERTS`, `KTRS_ISA`): one backward GEMM
 /// phase's work at DeepSeek-V3 sizes over weights that do not fit in cache, against the
-/// forward GEMM over the same weights: the repack alone, and the backward's product
-/// (repack of each 8-panel task block, then its GEMM).
+/// forward GEMM over the same weights: the repack alone, the backward's product
+/// (repack of each 8-panel task block, then its GEMM), and that product from a warm
+/// transposed cache.
 #[cfg(test)]
 mod probe {
     use super::*;
     use crate::moe::gemm_rows;
+    use crate::moe::transposed_cache::CacheBudget;
 
     fn env(name: &str, default: usize) -> usize {
         std::env::var(name)
@@ -114,11 +125,16 @@ mod probe {
                 let (lda_f, lda_t) = (shape.k_pad + 32, shape.n_pad + 32);
                 let a_f = vec![0x3c00u16; (m + 32) * lda_f];
                 let a_t = vec![0x3c00u16; (m + 32) * lda_t];
+                // "cached gemm": best of 3, so the cache filled by the first run is warm.
+                let off = MatrixCache::new(&pack, CacheBudget::with_limit(0));
+                let on = MatrixCache::new(&pack, CacheBudget::with_limit(usize::MAX));
                 for label in [
                     "forward gemm",
                     "repack only",
                     "repack + gemm",
+                    "cached gemm",
                 ] {
+                    let cache = if label == "cached gemm" { &on } else { &off };
                     let run = |e: usize| {
                         let w = pack.expert(e);
                         let mut sink = 0f32;
@@ -137,9 +153,18 @@ mod probe {
                             }
                         } else {
                             for b in 0..shape.k_pad / PANEL / np {
-                                gemm_t_rows(isa, &a_t, lda_t, 0..m, &pack, e, b * np * PANEL, np, |_, c| {
-                                    sink += c[0]
-                                });
+                                gemm_t_rows(
+                                    isa,
+                                    &a_t,
+                                    lda_t,
+                                    0..m,
+                                    &pack,
+                                    cache,
+                                    e,
+                                    b * np * PANEL,
+                                    np,
+                                    |_, c| sink += c[0],
+                                );
                             }
                         }
                         sink
