@@ -1,0 +1,200 @@
+"""LoRA on the routed experts alone (no attention or other PEFT targets), through the
+PEFT API, on every family, against stock PEFT on the stock, unpatched model: training,
+save_pretrained, loading both ways, and PEFT's adapter controls."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel  # noqa: E402
+
+import ktrs  # noqa: E402
+
+from conftest import rel_l2  # noqa: E402
+from test_finetune import randomize_b  # noqa: E402
+from tiny_families import BUILDERS, stock_model, tie_free_batch  # noqa: E402
+
+R, ALPHA = 4, 8
+
+
+def expert_only():
+    return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_parameters=["gate_up_proj", "down_proj"])
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def stock(family):
+    return stock_model(family)
+
+
+def logits(model, b):
+    with torch.no_grad():
+        return model(**b).logits
+
+
+def patched(stock):
+    return ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2)
+
+
+def saved(path):
+    from safetensors.torch import load_file
+
+    with open(f"{path}/adapter_config.json") as f:
+        cfg = json.load(f)
+    return cfg, {k: tuple(v.shape) for k, v in load_file(f"{path}/adapter_model.safetensors").items()}
+
+
+def train(pm, b, steps=3):
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-2)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        pm(**b).loss.backward()
+        opt.step()
+
+
+def test_train_save_and_load_both_ways(family, stock, tmp_path):
+    b = tie_free_batch(stock)
+    pm = ktrs.get_peft_model(patched(stock), expert_only())
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_experts." in n for n in trainable), sorted(trainable)[:4]
+    base = logits(pm, b)
+    train(pm, b)
+    want = logits(pm, b)
+    assert rel_l2(want, base) > 1e-2  # the expert LoRA trained and moves the logits
+    pm.save_pretrained(str(tmp_path / "ktrs"))
+
+    # The file stock PEFT writes for the same config on the stock model: same config
+    # targets, same tensor names; down_proj's shapes are the same, gate_up's rank is 2r
+    # (ktrs keeps gate and up A apart; rank_pattern says so, stock PEFT reads it).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(stock), expert_only())
+    theirs.save_pretrained(str(tmp_path / "stock"))
+    cfg_k, keys_k = saved(tmp_path / "ktrs")
+    cfg_s, keys_s = saved(tmp_path / "stock")
+    assert set(keys_k) == set(keys_s)
+    assert cfg_k["target_modules"] == cfg_s["target_modules"] == []
+    assert sorted(cfg_k["target_parameters"]) == sorted(cfg_s["target_parameters"])
+    for k, shape in keys_s.items():
+        if ".base_layer." in k:  # gate_up: [E·r, H] / [2I, E·r] in stock, rank 2r in ktrs
+            assert keys_k[k] == (2 * shape[0], shape[1]) if k.endswith("lora_A.weight") else keys_k[k] == (shape[0], 2 * shape[1]), k
+        else:
+            assert keys_k[k] == shape, k
+
+    # (a) into a fresh ktrs model
+    again = ktrs.load_adapter(patched(stock), str(tmp_path / "ktrs"))
+    assert rel_l2(logits(again, b), want) < 1e-5
+    # (b) into the stock model through stock PEFT, as it ships
+    plain = PeftModel.from_pretrained(copy.deepcopy(stock), str(tmp_path / "ktrs"))
+    assert rel_l2(logits(plain, b), want) < 2e-2
+
+
+def test_an_expert_only_adapter_made_by_stock_peft_loads_into_ktrs(family, stock, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(stock), expert_only())
+    randomize_b(theirs, 5)
+    theirs.save_pretrained(str(tmp_path))
+    b = tie_free_batch(stock)
+    want = logits(theirs, b)
+    assert rel_l2(want, logits(stock, b)) > 3e-2  # the adapter matters
+    ours = ktrs.load_adapter(patched(stock), str(tmp_path))
+    assert rel_l2(logits(ours, b), want) < 2e-2
+    # and the ktrs model written back out loads in stock PEFT with the same logits
+    ours.save_pretrained(str(tmp_path / "back"))
+    plain = PeftModel.from_pretrained(copy.deepcopy(stock), str(tmp_path / "back"))
+    assert rel_l2(logits(plain, b), want) < 2e-2
+
+
+@pytest.mark.parametrize("fam", ["qwen3_moe", "mixtral"])
+def test_mlp_leaf_targets_in_a_model_without_shared_experts_mean_expert_only(fam):
+    # gate_proj/up_proj/down_proj match no module of PEFT's here (no shared experts or
+    # dense MLPs): stock PEFT moves them onto the routed experts, ktrs does the same.
+    stock = stock_model(fam)
+    cfg = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["gate_proj", "up_proj", "down_proj"])
+    pm = ktrs.get_peft_model(patched(stock), cfg)
+    experts = [m for m in pm.modules() if isinstance(m, ktrs.KtrsExperts)]
+    assert experts and all(ex.experts.lora_rank == R for ex in experts)
+    assert all(".lora_experts." in n for n, p in pm.named_parameters() if p.requires_grad)
+
+
+def test_peft_adapter_controls_reach_expert_only_lora(tmp_path):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    import peft.functional as pf
+
+    stock = stock_model("deepseek_v2")
+    b = tie_free_batch(stock)
+    pm = ktrs.get_peft_model(patched(stock), expert_only())
+    randomize_b(pm, 3)
+    want, plain = logits(pm, b), logits(stock, b)
+    assert rel_l2(want, plain) > 3e-2
+    experts = [m for m in pm.modules() if isinstance(m, ktrs.KtrsExperts)]
+    assert experts and all(isinstance(ex, BaseTunerLayer) for ex in experts)
+
+    status = pm.get_model_status()
+    assert status.num_adapter_layers == len(experts) and status.enabled is True and status.active_adapters == ["default"]
+    with pm.disable_adapter():
+        assert pm.get_model_status().enabled is False
+        assert rel_l2(logits(pm, b), plain) < 2e-2
+    assert rel_l2(logits(pm, b), want) < 1e-6
+
+    pm.merge_adapter()
+    assert pm.get_model_status().merged_adapters == ["default"]
+    assert rel_l2(logits(pm, b), want) < 1e-6
+    pm.unmerge_adapter()
+    assert pm.get_model_status().merged_adapters == []
+
+    # a second expert-only adapter: PEFT's set_adapter and peft.functional.set_adapter switch
+    pm.add_adapter("other", expert_only())
+    assert pm.get_model_status().available_adapters == ["default", "other"]
+    pm.set_adapter("other")
+    other = logits(pm, b)  # fresh LoRA: B = 0, so the base model
+    assert rel_l2(other, plain) < 2e-2
+    assert all(p.requires_grad for ex in experts for p in ex.lora_experts.values())
+    pf.set_adapter(pm, "default")
+    assert rel_l2(logits(pm, b), want) < 1e-6
+    pf.set_requires_grad(pm, "default", requires_grad=False)
+    assert not any(p.requires_grad for ex in experts for p in ex.lora_experts.values())
+    pf.set_requires_grad(pm, "default", requires_grad=True)
+    pm.set_adapter("other")
+    pm.delete_adapter("default")
+    assert pm.get_model_status().available_adapters == ["other"]
+    assert rel_l2(logits(pm, b), plain) < 2e-2
+
+
+def test_resume_merge_and_unload_of_expert_only_lora(tmp_path):
+    stock = stock_model("deepseek_v2")
+    b = tie_free_batch(stock)
+    pm = ktrs.get_peft_model(patched(stock), expert_only())
+    randomize_b(pm, 4)
+    want = logits(pm, b)
+    pm.save_pretrained(str(tmp_path))
+    params = list(ktrs.expert_lora_parameters(pm))
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    pm.load_adapter(str(tmp_path), "default", is_trainable=True)  # what the Trainer's resume does
+    assert list(ktrs.expert_lora_parameters(pm)) == params  # in place: optimizer state still maps
+    assert rel_l2(logits(pm, b), want) < 1e-6
+    merged = pm.merge_and_unload()
+    assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in merged.modules())
+    assert rel_l2(logits(merged, b), want) < 2e-2
+    assert rel_l2(logits(merged, b), logits(stock, b)) > 3e-2
+
+
+def test_expert_only_configs_ktrs_cannot_run_get_ktrs_errors():
+    stock = stock_model("deepseek_v2")
+    with pytest.raises(ktrs.KtrsValueError, match="lora_dropout"):
+        ktrs.get_peft_model(patched(stock), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.1, target_parameters=["gate_up_proj", "down_proj"]))
+    with pytest.raises(ktrs.KtrsValueError, match="targets nothing"):
+        ktrs.get_peft_model(patched(stock), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[]))
