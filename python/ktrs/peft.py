@@ -39,6 +39,114 @@ def _no_moe_target_rewrite() -> Iterator[None]:
         conv.convert_peft_config_for_transformers = original
 
 
+# -- stock PEFT entry points on a ktrs model -------------------------------------------------
+#
+# `peft.get_peft_model(model, config)` and `PeftModel.from_pretrained(model, path)` on a
+# patched model cannot give the routed experts LoRA: PEFT looks for `gate_up_proj`/
+# `down_proj` parameters, which a KtrsExperts does not have (its weights are Rust's), and
+# would drop those targets (with a RuntimeWarning when other targets matched, else an error
+# about arguments the user did give). Stock PEFT's files of an expert adapter also need the
+# layout conversion in `ktrs.adapters`. So PEFT's parameter injection refuses, naming the
+# argument and the ktrs call that does it; ktrs' own calls never pass it expert targets.
+
+
+def _expert_targets_on_ktrs(peft_config, model: nn.Module) -> List[str]:
+    targets = list(getattr(peft_config, "target_parameters", None) or [])
+    if not targets:
+        return []
+    hits = []
+    for name, module in model.named_modules():
+        if isinstance(module, KtrsExperts):
+            name = name.replace(".base_layer", "")
+            for p in sorted(_EXPERT_PARAMS):
+                key = f"{name}.{p}"
+                if key in targets or any(key.endswith("." + t) for t in targets):
+                    hits.append(key)
+    return hits
+
+
+def _as_peft_will_see_it(config, model: nn.Module):
+    """`config` after PEFT's transformers-5 MoE target rewrite (which `inject_adapter` applies
+    first), on a copy; `config` itself where the rewrite is off or does not apply."""
+    if not any(isinstance(m, KtrsExperts) for m in model.modules()) or not hasattr(getattr(model, "config", None), "model_type"):
+        return config
+    try:
+        from peft.utils import transformers_weight_conversion as conv
+
+        seen = copy.deepcopy(config)
+        conv.convert_peft_config_for_transformers(seen, model=model, conversions=conv.get_model_conversion_mapping(model))
+        return seen
+    except Exception:  # an older or newer PEFT: judge the config as given
+        return config
+
+
+def _install_stock_peft_guard(tuners_utils) -> None:
+    base = tuners_utils.BaseTuner
+    if getattr(base.inject_adapter, "_ktrs_guard", False):
+        return
+    original = base.inject_adapter
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        # Before PEFT changes anything (it wraps target_modules before target_parameters).
+        config = getattr(self, "peft_config", {}).get(adapter_name) if isinstance(getattr(self, "peft_config", None), dict) else None
+        seen = _as_peft_will_see_it(config, model) if config is not None else None
+        hits = _expert_targets_on_ktrs(seen, model) if seen is not None else []
+        if hits:
+            raise KtrsValueError(
+                f"PEFT was asked to put LoRA on ktrs' routed experts (target_parameters={sorted(seen.target_parameters)} "
+                f"matches {hits[0]}, a ktrs.KtrsExperts whose weights live in Rust; PEFT's transformers-5 MoE rewrite also "
+                "turns gate_proj/up_proj/down_proj in target_modules into these): stock peft.get_peft_model / "
+                "PeftModel.from_pretrained / add_adapter cannot do that on a ktrs-patched model. Use "
+                "ktrs.get_peft_model(model, config) or ktrs.load_adapter(model, adapter_dir), which take the same "
+                "config and adapter files"
+            )
+        return original(self, model, adapter_name, *args, **kwargs)
+
+    inject_adapter._ktrs_guard = True  # type: ignore[attr-defined]
+    base.inject_adapter = inject_adapter
+
+
+class _GuardOnImport:
+    """Installs the guard when PEFT's tuner module is first imported (PEFT is optional and
+    slow to import, so ktrs does not import it itself); removes itself after."""
+
+    NAME = "peft.tuners.tuners_utils"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.NAME:
+            return None
+        import importlib.util
+        import sys
+
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_and_guard(module):
+            exec_module(module)
+            try:
+                _install_stock_peft_guard(module)
+            except Exception:  # never break importing PEFT
+                pass
+
+        loader.exec_module = exec_and_guard
+        return spec
+
+
+def _guard_stock_peft() -> None:
+    import sys
+
+    mod = sys.modules.get(_GuardOnImport.NAME)
+    if mod is not None:
+        _install_stock_peft_guard(mod)
+    elif not any(isinstance(f, _GuardOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _GuardOnImport())
+
+
 def _targets_expert_leaves(target_modules) -> bool:
     if target_modules is None:
         return False
@@ -386,3 +494,6 @@ def _attach_save(pm) -> None:
 
     pm._ktrs_peft_merge_and_unload = pm.merge_and_unload
     pm.merge_and_unload = types.MethodType(lambda self, *a, **kw: merge_and_unload(self), pm)
+
+
+_guard_stock_peft()
