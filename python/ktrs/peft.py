@@ -207,7 +207,14 @@ def get_peft_model(model: nn.Module, config, *, expert_lora: Optional[bool] = No
     ``gate_up_proj``/``down_proj``, or ``gate_proj``/``up_proj``/``down_proj`` in
     ``target_modules`` (what PEFT would apply to the routed experts of a stock model) —
     or when ``expert_lora=True``. PEFT wraps only the GPU modules those targets match:
-    attention, shared experts, dense MLPs; it never wraps ktrs' experts.
+    attention, shared experts, dense MLPs; it never wraps ktrs' experts. A config that
+    targets the routed experts alone is given to PEFT as an adapter without modules of its
+    own (PEFT's ``DUMMY_TARGET_MODULES``), so PEFT still keeps its name and config.
+
+    Afterwards each ktrs experts module is also a PEFT tuner layer (``BaseTunerLayer``,
+    same object and path, see :func:`_tuner_layer_class`), so PEFT's walks over its layers
+    (``get_model_status``, ``disable_adapter()``, ``merge_adapter``, ``peft.functional``'s
+    ``set_adapter``/``set_requires_grad``/``delete_adapter``) reach the expert LoRA.
     """
     import peft
 
@@ -336,11 +343,19 @@ def _tuner_layer_class():
                     self.set_adapter(left)
 
         KtrsTunerExperts.__module__ = __name__
+        KtrsTunerExperts.__qualname__ = "KtrsTunerExperts"
         _TUNER_CLASS = KtrsTunerExperts
     return _TUNER_CLASS
 
 
 _TUNER_CLASS = None
+
+
+def __getattr__(name: str):
+    # `ktrs.peft.KtrsTunerExperts` (made on first use, as it subclasses PEFT's BaseTunerLayer).
+    if name == "KtrsTunerExperts":
+        return _tuner_layer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _as_tuner_layers(model: nn.Module) -> None:
