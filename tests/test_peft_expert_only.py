@@ -242,3 +242,41 @@ def test_stock_peft_from_pretrained_on_a_ktrs_model_names_ktrs_load_adapter(tmp_
     ktrs.get_peft_model(patched(stock), expert_only()).save_pretrained(str(tmp_path))
     with pytest.raises(ktrs.KtrsValueError, match="ktrs.load_adapter"):
         PeftModel.from_pretrained(patched(stock), str(tmp_path))
+
+
+def test_hf_trainer_trains_checkpoints_and_resumes_expert_only_lora(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from test_finetune import batch
+
+    stock = stock_model("deepseek_v2")
+    data = [{k: v[0] for k, v in batch(seed=s, n=1, t=12).items()} for s in range(8)]
+
+    def run(out, max_steps, resume=None):
+        pm = ktrs.get_peft_model(patched(stock), expert_only())
+        randomize_b(pm, 9)
+        args = TrainingArguments(
+            output_dir=str(out), per_device_train_batch_size=4, max_steps=max_steps, learning_rate=3e-3,
+            logging_steps=1, save_steps=2, save_strategy="steps", report_to=[], use_cpu=True, seed=0,
+            lr_scheduler_type="constant", disable_tqdm=True, data_seed=0,
+        )
+        tr = Trainer(model=pm, args=args, train_dataset=data)
+        start = [p.detach().clone() for p in ktrs.expert_lora_parameters(pm)]
+        tr.train(resume_from_checkpoint=resume)
+        assert any(not torch.equal(a, p) for a, p in zip(start, ktrs.expert_lora_parameters(pm)))  # it trained them
+        return [h["loss"] for h in tr.state.log_history if "loss" in h], pm
+
+    full, pm_full = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    cfg, keys = saved(tmp_path / "b" / "checkpoint-2")
+    assert cfg["target_parameters"] and any(".mlp.experts.lora_A.weight" in k for k in keys)
+    assert not any(".lora_experts." in k for k in keys)
+    resumed, pm_res = run(tmp_path / "c", 4, resume=str(tmp_path / "b" / "checkpoint-2"))
+    assert resumed[2:] == pytest.approx(full[2:], rel=1e-4)
+    a = dict(pm_full.named_parameters())
+    moved = 0
+    for n, p in pm_res.named_parameters():
+        if ".lora_experts." in n:
+            torch.testing.assert_close(p, a[n], rtol=1e-4, atol=1e-6)
+            moved += 1
+    assert moved
