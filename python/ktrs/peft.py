@@ -175,6 +175,10 @@ def _split_config(config, expert_lora: Optional[bool] = None, routed_only: Tuple
         from peft.tuners.tuners_utils import check_target_module_exists
 
         if not any(check_target_module_exists(cfg, name) for name, _ in model.named_modules() if name):
+            others = [] if isinstance(cfg.target_modules, str) else sorted(t for t in cfg.target_modules if t.rsplit(".", 1)[-1] not in _EXPERT_LEAVES)
+            if others or isinstance(cfg.target_modules, str):
+                # as stock PEFT does when only its routed-expert rewrite matched something
+                warnings.warn(f"target_modules={sorted(others) or cfg.target_modules!r} matched no module; only the routed experts get LoRA", RuntimeWarning, stacklevel=3)
             cfg.target_modules = None
     if wants and not cfg.target_modules and not cfg.target_parameters:
         _expert_only(cfg)
