@@ -46,8 +46,11 @@ def _no_moe_target_rewrite() -> Iterator[None]:
 # `down_proj` parameters, which a KtrsExperts does not have (its weights are Rust's), and
 # would drop those targets (with a RuntimeWarning when other targets matched, else an error
 # about arguments the user did give). Stock PEFT's files of an expert adapter also need the
-# layout conversion in `ktrs.adapters`. So PEFT's parameter injection refuses, naming the
-# argument and the ktrs call that does it; ktrs' own calls never pass it expert targets.
+# layout conversion in `ktrs.adapters`. So PEFT's `BaseTuner.inject_adapter` (behind
+# get_peft_model, PeftModel.from_pretrained/load_adapter/add_adapter, inject_adapter_in_model
+# and transformers' model.add_adapter/load_adapter) refuses before it changes anything,
+# naming the argument and the ktrs call that does it; ktrs' own calls never pass it expert
+# targets. Installed once PEFT is imported (the rest of PEFT is untouched).
 
 
 def _expert_targets_on_ktrs(peft_config, model: nn.Module) -> List[str]:
