@@ -196,11 +196,19 @@ def test_add_adapter_with_expert_targets_gets_its_own_expert_lora(base, adapters
     assert rel_l2(logits(pm), first) < 1e-6
 
 
-def test_a_config_that_targets_only_the_routed_experts_gets_a_ktrs_error_that_says_what_to_do(base):
+def test_a_config_that_targets_only_the_routed_experts_is_accepted(base):
+    # Expert-only LoRA used to be refused (PEFT had no module of its own to wrap); it is
+    # covered in depth by tests/test_peft_expert_only.py.
     model = ktrs.patch_model(copy.deepcopy(base), device="cpu", threads=2)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_parameters=["gate_up_proj", "down_proj"])
-    with pytest.raises(ktrs.KtrsValueError, match="enable_lora") as info:
-        ktrs.get_peft_model(model, cfg)
+    pm = ktrs.get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_parameters=["gate_up_proj", "down_proj"]))
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_experts." in n for n in trainable)
+
+
+def test_a_config_that_targets_nothing_gets_a_ktrs_error_naming_the_arguments(base):
+    model = ktrs.patch_model(copy.deepcopy(base), device="cpu", threads=2)
+    with pytest.raises(ktrs.KtrsValueError, match="target_parameters") as info:
+        ktrs.get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[]))
     assert "target_modules" in str(info.value)
 
 

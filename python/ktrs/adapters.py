@@ -40,6 +40,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _GU = re.compile(r"^(.*layers\.(\d+)\.mlp\.experts)\.base_layer\.lora_([AB])\.weight$")
 _DN = re.compile(r"^(.*layers\.(\d+)\.mlp\.experts)\.lora_([AB])\.weight$")
 _PEFT_PREFIX = "base_model.model."
+#: PEFT's `target_modules` placeholder for an adapter that wraps no module of PEFT's
+#: (peft.utils.constants.DUMMY_TARGET_MODULES): what ktrs gives PEFT for expert-only LoRA.
+_DUMMY_TARGETS = "dummy-target-modules"
 
 
 def _peft_scale(alpha: float, r: int, rslora: bool) -> float:
@@ -90,6 +93,7 @@ def save_adapter(model, save_directory: str, **kwargs) -> None:
     has_experts = any(ex.experts.lora_rank > 0 for _, ex in blocks.values())
     save = getattr(model, "_ktrs_peft_save_pretrained", None) or model.save_pretrained
     save(save_directory, **kwargs)
+    _strip_ktrs_layout(model, save_directory)
     _warn_what_stock_peft_drops(save_directory, getattr(model, "active_adapter", "default"))
     if not has_experts:
         return
@@ -110,11 +114,30 @@ def save_adapter(model, save_directory: str, **kwargs) -> None:
         if ex.experts.lora_rank > 0:
             weights.update(_to_peft(ex, prefix, gu_scale, dn_scale))
     save_file(weights, os.path.join(sub, WEIGHTS_NAME), metadata={"format": "pt"})
+    if not isinstance(cfg.get("target_modules"), list) and cfg.get("target_modules") in (None, _DUMMY_TARGETS):
+        cfg["target_modules"] = []  # expert-only: what stock PEFT writes for target_parameters alone
     cfg["target_parameters"] = sorted(set(cfg.get("target_parameters") or []) | {"gate_up_proj", "down_proj"})
     cfg["rank_pattern"] = {**(cfg.get("rank_pattern") or {}), r".*\.gate_up_proj": 2 * r}
     cfg["alpha_pattern"] = {**(cfg.get("alpha_pattern") or {}), r".*\.gate_up_proj": 2 * alpha}
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
+
+
+def _strip_ktrs_layout(model, save_directory: str) -> None:
+    """Drops what PEFT saved of ktrs' tuner layers (`lora_experts`, ktrs' own layout and
+    no adapter name in the key) from every adapter PEFT wrote; the active adapter's expert
+    LoRA is then added in PEFT's layout."""
+    from safetensors.torch import load_file, save_file
+
+    for name in getattr(model, "peft_config", {}) or {"default": None}:
+        sub = save_directory if name == "default" else os.path.join(save_directory, name)
+        path = os.path.join(sub, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            continue
+        weights = load_file(path)
+        kept = {k: v for k, v in weights.items() if ".lora_experts." not in k}
+        if len(kept) != len(weights):
+            save_file(kept, path, metadata={"format": "pt"})
 
 
 # LoRA on a gate/up/down projection that is not a routed expert: a shared expert
@@ -246,8 +269,10 @@ def _expert_mats(raw, weights, blocks, family: Optional[Family]):
     return out
 
 
-def _peft_config(raw: dict, is_trainable: bool, family: Optional[Family]):
-    """The adapter's LoraConfig for PEFT, without the routed-expert targets ktrs owns."""
+def _peft_config(raw: dict, is_trainable: bool, family: Optional[Family], model=None):
+    """The adapter's LoraConfig for PEFT, without the routed-expert targets ktrs owns; an
+    adapter that leaves PEFT nothing to wrap (expert-only LoRA, or targets that match no
+    module of `model`) gets PEFT's placeholder for "no modules"."""
     import peft
 
     cfg = dict(raw)
@@ -259,6 +284,15 @@ def _peft_config(raw: dict, is_trainable: bool, family: Optional[Family]):
     allowed = set(peft.LoraConfig.__dataclass_fields__)
     config = peft.LoraConfig(**{k: v for k, v in cfg.items() if k in allowed and k not in ("peft_type", "auto_mapping")})
     config.inference_mode = not is_trainable
+    if not config.target_parameters and config.target_modules != _DUMMY_TARGETS:
+        targets = config.target_modules
+        if targets and model is not None:
+            from peft.tuners.tuners_utils import check_target_module_exists
+
+            if not any(check_target_module_exists(config, name) for name, _ in model.named_modules() if name):
+                targets = None
+        if not targets:
+            config.target_modules = _DUMMY_TARGETS
     return config
 
 
@@ -307,7 +341,7 @@ def load_adapter(model, adapter_dir: str, *, adapter_name: str = "default", is_t
         for n in LORA_NAMES:
             ex.experts.set_lora_weight(n, mats[n])
     with _no_moe_target_rewrite():
-        pm = peft.get_peft_model(model, _peft_config(raw, is_trainable, known_family(model)), adapter_name=adapter_name)
+        pm = peft.get_peft_model(model, _peft_config(raw, is_trainable, known_family(model), model), adapter_name=adapter_name)
     _load_peft_tensors(pm, rest, adapter_name, adapter_dir)
     _attach_save(pm)
     _attach_adapter_controls(pm, adapter_name)
@@ -324,7 +358,7 @@ def add_adapter_from_dir(pm, adapter_dir: str, adapter_name: str, *, is_trainabl
 
     raw, rest, expert = _split(adapter_dir, pm, _expert_blocks(pm))
     with _no_moe_target_rewrite():
-        pm.add_adapter(adapter_name, _peft_config(raw, is_trainable, known_family(pm)))
+        pm.add_adapter(adapter_name, _peft_config(raw, is_trainable, known_family(pm), pm.base_model.model))
     _load_peft_tensors(pm, rest, adapter_name, adapter_dir)
     for ex, mats, scale in expert.values():
         rank = mats["gate_A"].shape[1]

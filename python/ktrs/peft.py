@@ -39,6 +39,117 @@ def _no_moe_target_rewrite() -> Iterator[None]:
         conv.convert_peft_config_for_transformers = original
 
 
+# -- stock PEFT entry points on a ktrs model -------------------------------------------------
+#
+# `peft.get_peft_model(model, config)` and `PeftModel.from_pretrained(model, path)` on a
+# patched model cannot give the routed experts LoRA: PEFT looks for `gate_up_proj`/
+# `down_proj` parameters, which a KtrsExperts does not have (its weights are Rust's), and
+# would drop those targets (with a RuntimeWarning when other targets matched, else an error
+# about arguments the user did give). Stock PEFT's files of an expert adapter also need the
+# layout conversion in `ktrs.adapters`. So PEFT's `BaseTuner.inject_adapter` (behind
+# get_peft_model, PeftModel.from_pretrained/load_adapter/add_adapter, inject_adapter_in_model
+# and transformers' model.add_adapter/load_adapter) refuses before it changes anything,
+# naming the argument and the ktrs call that does it; ktrs' own calls never pass it expert
+# targets. Installed once PEFT is imported (the rest of PEFT is untouched).
+
+
+def _expert_targets_on_ktrs(peft_config, model: nn.Module) -> List[str]:
+    targets = list(getattr(peft_config, "target_parameters", None) or [])
+    if not targets:
+        return []
+    hits = []
+    for name, module in model.named_modules():
+        if isinstance(module, KtrsExperts):
+            name = name.replace(".base_layer", "")
+            for p in sorted(_EXPERT_PARAMS):
+                key = f"{name}.{p}"
+                if key in targets or any(key.endswith("." + t) for t in targets):
+                    hits.append(key)
+    return hits
+
+
+def _as_peft_will_see_it(config, model: nn.Module):
+    """`config` after PEFT's transformers-5 MoE target rewrite (which `inject_adapter` applies
+    first), on a copy; `config` itself where the rewrite is off or does not apply."""
+    if not any(isinstance(m, KtrsExperts) for m in model.modules()) or not hasattr(getattr(model, "config", None), "model_type"):
+        return config
+    try:
+        from peft.utils import transformers_weight_conversion as conv
+
+        seen = copy.deepcopy(config)
+        conv.convert_peft_config_for_transformers(seen, model=model, conversions=conv.get_model_conversion_mapping(model))
+        return seen
+    except Exception:  # an older or newer PEFT: judge the config as given
+        return config
+
+
+def _install_stock_peft_guard(tuners_utils) -> None:
+    base = tuners_utils.BaseTuner
+    if getattr(base.inject_adapter, "_ktrs_guard", False):
+        return
+    original = base.inject_adapter
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        # Before PEFT changes anything (it wraps target_modules before target_parameters).
+        config = getattr(self, "peft_config", {}).get(adapter_name) if isinstance(getattr(self, "peft_config", None), dict) else None
+        seen = _as_peft_will_see_it(config, model) if config is not None else None
+        hits = _expert_targets_on_ktrs(seen, model) if seen is not None else []
+        if hits:
+            raise KtrsValueError(
+                f"PEFT was asked to put LoRA on ktrs' routed experts (target_parameters={sorted(seen.target_parameters)} "
+                f"matches {hits[0]}, a ktrs.KtrsExperts whose weights live in Rust; PEFT's transformers-5 MoE rewrite also "
+                "turns gate_proj/up_proj/down_proj in target_modules into these): stock peft.get_peft_model / "
+                "PeftModel.from_pretrained / add_adapter cannot do that on a ktrs-patched model. Use "
+                "ktrs.get_peft_model(model, config) or ktrs.load_adapter(model, adapter_dir), which take the same "
+                "config and adapter files"
+            )
+        return original(self, model, adapter_name, *args, **kwargs)
+
+    inject_adapter._ktrs_guard = True  # type: ignore[attr-defined]
+    base.inject_adapter = inject_adapter
+
+
+class _GuardOnImport:
+    """Installs the guard when PEFT's tuner module is first imported (PEFT is optional and
+    slow to import, so ktrs does not import it itself); removes itself after."""
+
+    NAME = "peft.tuners.tuners_utils"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.NAME:
+            return None
+        import importlib.util
+        import sys
+
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_and_guard(module):
+            exec_module(module)
+            try:
+                _install_stock_peft_guard(module)
+            except Exception:  # never break importing PEFT
+                pass
+
+        loader.exec_module = exec_and_guard
+        return spec
+
+
+def _guard_stock_peft() -> None:
+    import sys
+
+    mod = sys.modules.get(_GuardOnImport.NAME)
+    if mod is not None:
+        _install_stock_peft_guard(mod)
+    elif not any(isinstance(f, _GuardOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _GuardOnImport())
+
+
 def _targets_expert_leaves(target_modules) -> bool:
     if target_modules is None:
         return False
@@ -47,10 +158,12 @@ def _targets_expert_leaves(target_modules) -> bool:
     return any(t == leaf or t.endswith("." + leaf) for t in target_modules for leaf in _EXPERT_LEAVES)
 
 
-def _split_config(config, expert_lora: Optional[bool] = None, routed_only: Tuple[str, ...] = ()):
+def _split_config(config, expert_lora: Optional[bool] = None, routed_only: Tuple[str, ...] = (), model: Optional[nn.Module] = None):
     """(a copy of `config` without routed-expert targets, for PEFT; whether the routed
     experts get ktrs LoRA). `routed_only`: module names that can only mean the routed
-    experts (Mixtral's w1/w2/w3), taken out of a list of `target_modules`."""
+    experts (Mixtral's w1/w2/w3), taken out of a list of `target_modules`. With `model`,
+    `target_modules` that match none of its modules (gate_proj/up_proj/down_proj in a model
+    without shared experts or dense MLPs) leave PEFT nothing to adapt, as if absent."""
     cfg = copy.deepcopy(config)
     params = set(cfg.target_parameters or [])
     modules = cfg.target_modules
@@ -61,7 +174,29 @@ def _split_config(config, expert_lora: Optional[bool] = None, routed_only: Tuple
         cfg.target_modules = kept
     wants = expert_lora if expert_lora is not None else bool(params & _EXPERT_PARAMS) or named_routed or _targets_expert_leaves(cfg.target_modules)
     cfg.target_parameters = sorted(params - _EXPERT_PARAMS) or None
+    if wants and model is not None and cfg.target_modules and not cfg.target_parameters:
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        if not any(check_target_module_exists(cfg, name) for name, _ in model.named_modules() if name):
+            others = [] if isinstance(cfg.target_modules, str) else sorted(t for t in cfg.target_modules if t.rsplit(".", 1)[-1] not in _EXPERT_LEAVES)
+            if others or isinstance(cfg.target_modules, str):
+                # as stock PEFT does when only its routed-expert rewrite matched something
+                warnings.warn(f"target_modules={sorted(others) or cfg.target_modules!r} matched no module; only the routed experts get LoRA", RuntimeWarning, stacklevel=3)
+            cfg.target_modules = None
+    if wants and not cfg.target_modules and not cfg.target_parameters:
+        _expert_only(cfg)
     return cfg, wants
+
+
+def _expert_only(cfg) -> None:
+    """Makes `cfg` (which adapts nothing PEFT owns: the routed experts are ktrs') acceptable
+    to PEFT: PEFT's own placeholder for an adapter that wraps no module (what X-LoRA uses),
+    so PEFT keeps adapter names, activity and the config, and injects nothing. `save_adapter`
+    writes the stock `target_modules: []` back into adapter_config.json."""
+    from peft.utils.constants import DUMMY_TARGET_MODULES
+
+    cfg.target_modules = DUMMY_TARGET_MODULES
+    cfg.target_parameters = None
 
 
 def expert_lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -79,7 +214,14 @@ def get_peft_model(model: nn.Module, config, *, expert_lora: Optional[bool] = No
     ``gate_up_proj``/``down_proj``, or ``gate_proj``/``up_proj``/``down_proj`` in
     ``target_modules`` (what PEFT would apply to the routed experts of a stock model) —
     or when ``expert_lora=True``. PEFT wraps only the GPU modules those targets match:
-    attention, shared experts, dense MLPs; it never wraps ktrs' experts.
+    attention, shared experts, dense MLPs; it never wraps ktrs' experts. A config that
+    targets the routed experts alone is given to PEFT as an adapter without modules of its
+    own (PEFT's ``DUMMY_TARGET_MODULES``), so PEFT still keeps its name and config.
+
+    Afterwards each ktrs experts module is also a PEFT tuner layer (``BaseTunerLayer``,
+    same object and path, see :func:`_tuner_layer_class`), so PEFT's walks over its layers
+    (``get_model_status``, ``disable_adapter()``, ``merge_adapter``, ``peft.functional``'s
+    ``set_adapter``/``set_requires_grad``/``delete_adapter``) reach the expert LoRA.
     """
     import peft
 
@@ -89,15 +231,11 @@ def get_peft_model(model: nn.Module, config, *, expert_lora: Optional[bool] = No
     if getattr(config, "lora_dropout", 0.0) and expert_lora is not False:
         raise KtrsValueError("expert LoRA in ktrs has no dropout; set lora_dropout=0.0 (or expert_lora=False)")
     family = known_family(model)
-    cfg, wants = _split_config(config, expert_lora, family.routed_only_names if family else ())
-    if not cfg.target_modules and not cfg.target_parameters:
-        # PEFT refuses a config that adapts nothing of its own, with an error about
-        # arguments the user did give.
+    cfg, wants = _split_config(config, expert_lora, family.routed_only_names if family else (), model)
+    if not cfg.target_modules and not cfg.target_parameters and not wants:
         raise KtrsValueError(
-            "ktrs.get_peft_model: the config targets only the routed experts, and PEFT needs at least one "
-            "module of its own to adapt (e.g. target_modules=['q_proj', 'o_proj']). For LoRA on the routed "
-            "experts alone, call enable_lora(r, alpha) on each MoE block's `experts` (a ktrs.KtrsExperts) and "
-            "train those parameters directly"
+            "ktrs.get_peft_model: `config` targets nothing: give `target_modules` (e.g. ['q_proj', 'o_proj']) and/or "
+            "`target_parameters=['gate_up_proj', 'down_proj']` (the routed experts), or pass expert_lora=True"
         )
     if wants:
         for _, block in blocks:
@@ -111,6 +249,142 @@ def get_peft_model(model: nn.Module, config, *, expert_lora: Optional[bool] = No
     _attach_save(pm)
     _attach_adapter_controls(pm, adapter_name)
     return pm
+
+
+def _tuner_layer_class():
+    """:class:`KtrsExperts` as a PEFT tuner layer (made on first use: PEFT is optional)."""
+    global _TUNER_CLASS
+    if _TUNER_CLASS is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        class KtrsTunerExperts(KtrsExperts, BaseTunerLayer):
+            """A :class:`KtrsExperts` that PEFT recognises as one of its tuner layers
+            (``BaseTunerLayer``), so PEFT's own walks over its layers reach the expert LoRA:
+            ``get_model_status``/``disable_adapter()``, ``enable/disable_adapter_layers``,
+            ``merge_adapter``/``unmerge_adapter``, and ``peft.functional``'s
+            ``set_adapter``/``delete_adapter``/``set_requires_grad``. The LoRA stays the
+            Rust-owned ``lora_experts`` of :class:`KtrsExperts`; PEFT holds no copy
+            (``adapter_layer_names`` is empty, so PEFT's state dict, dtype casts and device
+            moves never touch it). The module keeps its path (``...mlp.experts``), so the
+            adapter files and everything that finds MoE blocks see the same names."""
+
+            adapter_layer_names: Tuple[str, ...] = ()
+            other_param_names: Tuple[str, ...] = ()
+
+            # -- PEFT's state, mapped onto KtrsExperts' (kept in step by ktrs.peft) ------
+            @property
+            def active_adapters(self):  # type: ignore[override]
+                return self.__dict__.get("_ktrs_active_adapters", ("default",))
+
+            @active_adapters.setter
+            def active_adapters(self, names) -> None:
+                self.__dict__["_ktrs_active_adapters"] = (names,) if isinstance(names, str) else tuple(names)
+
+            @property
+            def active_adapter(self):  # type: ignore[override]
+                names = self.active_adapters
+                return names[0] if len(names) == 1 else list(names)
+
+            @property
+            def _disable_adapters(self) -> bool:  # type: ignore[override]
+                return not self.adapters_enabled
+
+            @_disable_adapters.setter
+            def _disable_adapters(self, value: bool) -> None:
+                self.adapters_enabled = not value
+
+            @property
+            def merged_adapters(self) -> List[str]:  # type: ignore[override]
+                return [self.expert_adapter] if self.lora_merged and self.expert_adapter is not None else []
+
+            # No base weight to show PEFT: the weights are in Rust (BaseTunerLayer's
+            # `weight` would recurse into itself).
+            @property
+            def weight(self):  # type: ignore[override]
+                raise AttributeError("KtrsExperts keeps its weights in Rust memory (see get_expert)")
+
+            @property
+            def bias(self):  # type: ignore[override]
+                raise AttributeError("KtrsExperts has no bias")
+
+            def _get_available_adapters(self) -> set:
+                return set(self.adapter_names())
+
+            def enable_adapters(self, enabled: bool) -> None:
+                self.adapters_enabled = bool(enabled)
+
+            def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+                names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+                stashed = [n for n in names if n in self._stash]
+                if len(stashed) + (self.expert_adapter in names) > 1:
+                    raise KtrsValueError(f"ktrs runs the expert LoRA of one adapter at a time; adapter_name={names} names several with expert LoRA")
+                self.lora_merged = False  # PEFT unmerges before switching, too
+                if stashed:
+                    self.activate_adapter(stashed[0])
+                self.active_adapters = tuple(names)
+                for p in self.lora_experts.values():
+                    p.requires_grad_(self.expert_adapter in names and not inference_mode)
+
+            def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+                names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+                if self.expert_adapter in names:
+                    for p in self.lora_experts.values():
+                        p.requires_grad_(requires_grad)
+
+            def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
+                # ktrs keeps the expert LoRA unfused while "merged" (the outputs are those of
+                # the merged weights, and unmerge is exact); merge_and_unload fuses for real.
+                names = self.active_adapters if adapter_names is None else adapter_names
+                if self.expert_adapter in names and len(self.lora_experts):
+                    self.lora_merged = True
+
+            def unmerge(self) -> None:
+                self.lora_merged = False
+
+            def delete_adapter(self, adapter_name: str) -> None:
+                if self.lora_merged and self.expert_adapter == adapter_name:
+                    raise KtrsValueError(f"cannot delete adapter {adapter_name!r} while it is merged; call unmerge_adapter() first")
+                KtrsExperts.delete_adapter(self, adapter_name)
+                if adapter_name in self.active_adapters:
+                    left = [n for n in self.active_adapters if n != adapter_name] or self.adapter_names()[:1]
+                    self.set_adapter(left)
+
+        KtrsTunerExperts.__module__ = __name__
+        KtrsTunerExperts.__qualname__ = "KtrsTunerExperts"
+        _TUNER_CLASS = KtrsTunerExperts
+    return _TUNER_CLASS
+
+
+_TUNER_CLASS = None
+
+
+def __getattr__(name: str):
+    # `ktrs.peft.KtrsTunerExperts` (made on first use, as it subclasses PEFT's BaseTunerLayer).
+    if name == "KtrsTunerExperts":
+        return _tuner_layer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _as_tuner_layers(model: nn.Module) -> None:
+    """Makes every ktrs experts module of `model` a PEFT tuner layer (same object, state
+    and path; only its class changes). Done after PEFT's injection: PEFT treats a model
+    that already has tuner layers as adapted and would not freeze its base weights."""
+    cls = _tuner_layer_class()
+    for ex in _ktrs_experts(model):
+        if type(ex) is KtrsExperts:
+            active = ex.__dict__.pop("active_adapters", ("default",))
+            ex.__class__ = cls
+            ex.active_adapters = active
+
+
+def _as_plain_experts(model: nn.Module) -> None:
+    """Undoes :func:`_as_tuner_layers` (after PEFT's unload: the model is plain again)."""
+    for ex in _ktrs_experts(model):
+        if type(ex) is not KtrsExperts and type(ex) is _TUNER_CLASS:
+            active = ex.active_adapters
+            ex.__dict__.pop("_ktrs_active_adapters", None)
+            ex.__class__ = KtrsExperts
+            ex.active_adapters = active
 
 
 def _ktrs_experts(model: nn.Module) -> List[KtrsExperts]:
@@ -132,6 +406,7 @@ def _attach_adapter_controls(pm, adapter_name: str) -> None:
     import types
 
     tuner = pm.base_model
+    _as_tuner_layers(tuner.model)
     for ex in _ktrs_experts(tuner.model):
         if len(ex.lora_experts):
             ex.expert_adapter = adapter_name
@@ -148,19 +423,19 @@ def _attach_adapter_controls(pm, adapter_name: str) -> None:
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for ex in _ktrs_experts(self.model):
-            stashed = [n for n in names if n in ex._stash]
-            if len(stashed) + (ex.expert_adapter in names) > 1:
-                raise KtrsValueError(f"ktrs runs the expert LoRA of one adapter at a time; {names} holds several with expert LoRA")
-            if ex.lora_merged:
-                ex.lora_merged = False  # PEFT unmerges before switching, too
-            if stashed:
-                ex.activate_adapter(stashed[0])
+        for ex in _ktrs_experts(self.model):  # refuse before anything changes
+            if sum(n in ex._stash for n in names) + (ex.expert_adapter in names) > 1:
+                raise KtrsValueError(f"ktrs runs the expert LoRA of one adapter at a time; adapter_name={names} names several with expert LoRA")
         cls.set_adapter(self, adapter_name, inference_mode=inference_mode)
-        _sync_adapter_state(self)
+        # PEFT's set_adapter visits LoraLayers only; the ktrs layers are BaseTunerLayers.
         for ex in _ktrs_experts(self.model):
-            for p in ex.lora_experts.values():
-                p.requires_grad_(ex.expert_adapter in names and not inference_mode)
+            ex.set_adapter(names, inference_mode=inference_mode)
+        _sync_adapter_state(self)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        result = cls._unload_and_optionally_merge(self, *args, **kwargs)
+        _as_plain_experts(self.model)
+        return result
 
     def merge_adapter(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = False) -> None:
         cls.merge_adapter(self, adapter_names=adapter_names, safe_merge=safe_merge)
@@ -187,7 +462,7 @@ def _attach_adapter_controls(pm, adapter_name: str) -> None:
             for n in self.active_adapters:
                 ex.activate_adapter(n)
 
-    for fn in (_enable_adapter_layers, set_adapter, merge_adapter, unmerge_adapter, delete_adapter):
+    for fn in (_enable_adapter_layers, set_adapter, merge_adapter, unmerge_adapter, delete_adapter, _unload_and_optionally_merge):
         setattr(tuner, fn.__name__, types.MethodType(fn, tuner))
 
     peft_add = pm.add_adapter
@@ -195,7 +470,8 @@ def _attach_adapter_controls(pm, adapter_name: str) -> None:
     def add_adapter(self, adapter_name: str, peft_config, *args, **kwargs):
         """PEFT's add_adapter; routed-expert targets become ktrs expert LoRA of the new
         adapter (PEFT would silently match nothing there)."""
-        cfg, wants = _split_config(peft_config)
+        family = known_family(self)
+        cfg, wants = _split_config(peft_config, None, family.routed_only_names if family else (), self.base_model.model)
         if wants and getattr(cfg, "lora_dropout", 0.0):
             raise KtrsValueError("expert LoRA in ktrs has no dropout; set lora_dropout=0.0")
         with _no_moe_target_rewrite():
@@ -240,3 +516,6 @@ def _attach_save(pm) -> None:
 
     pm._ktrs_peft_merge_and_unload = pm.merge_and_unload
     pm.merge_and_unload = types.MethodType(lambda self, *a, **kw: merge_and_unload(self), pm)
+
+
+_guard_stock_peft()
