@@ -338,6 +338,31 @@ def test_checkpointing_on_the_stream_path_without_a_kept_forward_recomputes(base
         assert torch.equal(result[True][k], g), k
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+def test_checkpointing_on_the_stream_path_reports_non_finite_outputs(base, device, mode, monkeypatch):
+    monkeypatch.setenv("KTRS_ASYNC_EXPERTS", "1")
+    pm = fresh(base, device, mode).train()
+    ex = experts_of(pm, 2)
+    with torch.no_grad():
+        ex.lora["down_B"][3].fill_(float("nan"))
+    loss = pm(**batch(device)).loss
+    with pytest.raises(ktrs.NonFiniteError, match=r"non-finite expert output in model\.layers\.2\.mlp\.experts: tokens \[.*rows affected"):
+        loss.backward()
+    del loss
+    with torch.no_grad():
+        ex.lora["down_B"][3].zero_()
+    pm.zero_grad(set_to_none=True)
+    gc.collect()
+    stream_call.synchronize()
+    Timer.global_().reset()
+    pm(**batch(device)).loss.backward()  # the next step is clean
+    t = Timer.global_()
+    assert (t.forwards, t.backwards, t.reused) == (len(MOE_LAYERS),) * 3
+    gc.collect()
+    assert pending_recomputes() == 0 and live_forward_caches() == 0
+
+
 def test_switch_and_eligibility(monkeypatch):
     x = torch.zeros(3, 4)
     assert stream_call.eligible(x)
@@ -352,7 +377,7 @@ def test_switch_and_eligibility(monkeypatch):
 
     def f(h):
         seen.append(stream_call._mode(h))
-        return h * 2
+        return h.sin()  # saves its input: backward recomputes
 
     h = torch.ones(3, 4, requires_grad=True)
     torch.utils.checkpoint.checkpoint(f, h, use_reentrant=False).sum().backward()

@@ -82,8 +82,10 @@ _LOCK = threading.RLock()
 _POOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 #: Every stage alive (for `synchronize` and `live_caches`).
 _ALL: "weakref.WeakSet" = weakref.WeakSet()
-#: Bindings whose backward ran, per autograd graph task, until its end-of-backward callback.
-_TASKS: Dict[int, List["_Binding"]] = {}
+#: Bindings whose backward ran (or recompute, in a backward), with their stages, per
+#: autograd graph task, until its end-of-backward callback. The stage is kept apart: a
+#: recompute's binding may be released (its token freed) before its run has finished.
+_TASKS: Dict[int, List[Tuple["_Binding", "_Stage"]]] = {}
 
 
 def enabled() -> bool:
@@ -343,6 +345,10 @@ class _StreamExpertsFunction(torch.autograd.Function):
             st.native.recompute(_handle(stream), ks.native, reuse=True, take_cache=kept.reentrant, save=needs, use_lora=use_lora, guard=call.guard)
             ks.mark(stream)
             binding.keep = kb
+            if kept.reentrant:
+                # No backward of its own: this backward's end waits for it (and raises what
+                # its forward recorded), then frees it.
+                _register(kb)
         else:
             st.native.forward(_handle(stream), save=needs, use_lora=use_lora, guard=call.guard)
             Timer.global_().add("forward", 0.0, module.where)  # counted now, timed at the sync
@@ -448,7 +454,7 @@ def _register(binding: _Binding) -> None:
         if pending is None:
             pending = _TASKS[gid] = []
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_end_of_backward, gid))
-        pending.append(binding)
+        pending.append((binding, binding.stage))
 
 
 def _raise_earliest(stages: List[_Stage]) -> None:
@@ -468,10 +474,11 @@ def _raise_earliest(stages: List[_Stage]) -> None:
 
 def _end_of_backward(gid: int) -> None:
     with _LOCK:
-        bindings = _TASKS.pop(gid, [])
+        pairs = _TASKS.pop(gid, [])
+    bindings = [b for b, _ in pairs]
     for b in bindings:
         b.task = None
-    stages = [b.stage for b in bindings if b.stage is not None]
+    stages = list({id(st): st for _, st in pairs if st is not None}.values())
     _wait_and_harvest(stages)
     for b in bindings:
         if b.token is None or b.token() is None:
