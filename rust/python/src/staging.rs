@@ -54,13 +54,23 @@ impl Layout {
             Grads::None => (None, end),
             Grads::Shared => {
                 let gw = align(end)?;
-                (Some(GradRegions { gout: out, gx: x, gw }), gw.checked_add(tk.checked_mul(4)?)?)
+                (
+                    Some(GradRegions {
+                        gout: out,
+                        gx: x,
+                        gw,
+                    }),
+                    gw.checked_add(tk.checked_mul(4)?)?,
+                )
             }
             Grads::Separate => {
                 let gout = align(end)?;
                 let gx = align(gout.checked_add(th2)?)?;
                 let gw = align(gx.checked_add(th2)?)?;
-                (Some(GradRegions { gout, gx, gw }), gw.checked_add(tk.checked_mul(4)?)?)
+                (
+                    Some(GradRegions { gout, gx, gw }),
+                    gw.checked_add(tk.checked_mul(4)?)?,
+                )
             }
         };
         Some(Layout {
@@ -91,7 +101,12 @@ mod tests {
         for grads in [Grads::None, Grads::Shared, Grads::Separate] {
             let l = Layout::new(7, 3, 5, grads).unwrap();
             let th2 = 7 * 5 * 2;
-            let mut parts = vec![(l.x, th2), (l.ids, 7 * 3 * 8), (l.w, 7 * 3 * 4), (l.out, th2)];
+            let mut parts = vec![
+                (l.x, th2),
+                (l.ids, 7 * 3 * 8),
+                (l.w, 7 * 3 * 4),
+                (l.out, th2),
+            ];
             if let Some(g) = l.grad {
                 parts.push((g.gw, 7 * 3 * 4));
                 if grads == Grads::Separate {

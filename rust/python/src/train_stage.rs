@@ -356,7 +356,9 @@ impl Shared {
     /// `take_cache`, the cache moves here. False (nothing changed) otherwise.
     fn reuse(&self, kept: &Shared, take_cache: bool) -> bool {
         let (l, k) = (self.l, kept.l);
-        if (l.tokens, l.top_k, l.hidden) != (k.tokens, k.top_k, k.hidden) || std::ptr::eq(self, kept) {
+        if (l.tokens, l.top_k, l.hidden) != (k.tokens, k.top_k, k.hidden)
+            || std::ptr::eq(self, kept)
+        {
             return false;
         }
         let (th, tk) = (l.tokens * l.hidden, l.tokens * l.top_k);
