@@ -263,9 +263,13 @@ class _KeptStage(_module._FirstPass):
         self.x = self.ids = self.w = self.out = self.handle = None
         self.versions = ()
         self.owner = None
-        st = binding.stage
-        # The staging block (the cache's size is known only once the forward ran).
-        self.nbytes = st.native.nbytes
+        # The staging block and the cache (estimated from the shapes, as the forward may
+        # not have run yet: gathered inputs, gate/up/SiLU·up, LoRA projections, routing).
+        (tokens, _), (_, k), _ = dims
+        pairs = tokens * k
+        rank = experts.lora_rank if state[2] else 0
+        cache = pairs * (2 * experts.hidden_size + 6 * experts.intermediate_size + 12 * rank + 12)
+        self.nbytes = binding.stage.native.nbytes + cache
         self.order = next(_module._ORDER)
 
     def usable(self) -> bool:
