@@ -133,6 +133,9 @@ def live_forward_caches() -> int:
 # So they never outlive the step's autograd graph, and a forward whose backward never
 # comes frees them with its graph. `_PENDING` only indexes them (weak references) so a
 # recompute can find its first pass; `KTRS_RECOMPUTE_CACHE_MB` bounds what is kept.
+# The stream path (stream_call.py) keeps its first passes in its staging instead, as
+# `stream_call._KeptStage` entries of the same index (one matching: `_take`, `matches`);
+# their inputs are compared by the recompute's host function, without a sync.
 
 
 def _state_key(experts: MoeExperts, use_lora: bool, lora_params: Tuple[torch.Tensor, ...]) -> tuple:
@@ -667,9 +670,11 @@ class KtrsExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         self._ensure_views()
         check = torch.is_grad_enabled() if self.check_finite is None else self.check_finite
-        if stream_call.eligible(hidden_states):
-            # Training on CUDA: enqueued on the stream, Python does not wait (stream_call.py).
-            return stream_call.experts_call(self, hidden_states, top_k_index, top_k_weights, guard=bool(check))
+        mode = stream_call._mode(hidden_states)
+        if mode is not None:
+            # Training on CUDA (checkpointing included): enqueued on the stream, Python does
+            # not wait (stream_call.py).
+            return stream_call.experts_call(self, hidden_states, top_k_index, top_k_weights, guard=bool(check), mode=mode)
         device, dtype = hidden_states.device, hidden_states.dtype
         timer = Timer.global_()
         t0 = time.perf_counter()

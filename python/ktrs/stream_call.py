@@ -516,10 +516,10 @@ def live_caches() -> int:
     return sum(1 for st in list(_ALL) if st.native.has_cache)
 
 
-def experts_call(module, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, guard: bool) -> torch.Tensor:
+def experts_call(module, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, guard: bool, mode=None) -> torch.Tensor:
     """The differentiable expert call of ``KtrsExperts.forward`` as stream work (see the
     module doc); returns ``[T, H]`` on `hidden`'s device and dtype."""
-    return _apply(module, _mode(hidden), hidden, topk_ids, topk_weights, guard)
+    return _apply(module, mode or _mode(hidden) or (PLAIN, None), hidden, topk_ids, topk_weights, guard)
 
 
 def _apply(module, mode, hidden, topk_ids, topk_weights, guard: bool) -> torch.Tensor:
