@@ -254,10 +254,11 @@ def test_checkpointing_on_the_stream_path_is_bit_identical_and_reuses_the_forwar
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("mode", ["off", "non_reentrant", "reentrant"])
 def test_checkpointing_on_the_stream_path_frees_kept_forwards_after_errors(base, device, mode, monkeypatch):
     monkeypatch.setenv("KTRS_ASYNC_EXPERTS", "1")
-    pm = fresh(base, device, mode).train()
+    pm = fresh(base, device, None if mode == "off" else mode).train()
+    kept = 0 if mode == "off" else len(MOE_LAYERS)
     layer2 = pm.base_model.model.model.layers[2]
 
     class Boom(Exception):
@@ -275,7 +276,7 @@ def test_checkpointing_on_the_stream_path_frees_kept_forwards_after_errors(base,
     assert pending_recomputes() == 0 and live_forward_caches() == 0
     # A forward whose backward never comes: the kept forwards go with its graph.
     loss = pm(**batch(device)).loss
-    assert pending_recomputes() == len(MOE_LAYERS)
+    assert pending_recomputes() == kept
     assert device != "cpu" or live_forward_caches() == len(MOE_LAYERS)  # CPU: the runs happened at launch
     del loss
     assert pending_recomputes() == 0
@@ -291,12 +292,26 @@ def test_checkpointing_on_the_stream_path_frees_kept_forwards_after_errors(base,
     gc.collect()
     stream_call.synchronize()
     assert pending_recomputes() == 0 and live_forward_caches() == 0
+    # A backward that fails after the expert backwards (and recomputes) ran: autograd runs
+    # no end-of-backward callback; the next forward ends what that backward registered.
+    b = batch(device)
+    emb = pm.get_input_embeddings()(b["input_ids"]).detach().requires_grad_()
+    emb.register_hook(fail)
+    loss = pm(inputs_embeds=emb, labels=b["labels"]).loss
+    with pytest.raises(Boom):
+        loss.backward()
+    del loss, emb
+    gc.collect()
+    pm(**batch(device))
+    gc.collect()
+    stream_call.synchronize()
+    assert pending_recomputes() == 0 and live_forward_caches() == 0 and not stream_call._TASKS
     # The next step is whole.
     pm.zero_grad(set_to_none=True)
     Timer.global_().reset()
     pm(**batch(device)).loss.backward()
     t = Timer.global_()
-    assert (t.forwards, t.backwards, t.reused) == (len(MOE_LAYERS),) * 3
+    assert (t.forwards, t.backwards, t.reused) == (len(MOE_LAYERS), len(MOE_LAYERS), kept)
     assert pending_recomputes() == 0 and live_forward_caches() == 0
 
 

@@ -327,6 +327,8 @@ class _StreamExpertsFunction(torch.autograd.Function):
         nb = stream is not None
         use_lora = len(lora_params) > 0
         first = call.kind in (FIRST, REENTRANT_FIRST)
+        if _TASKS and call.kind != RECOMPUTE:
+            _drop_stale_tasks()
         state = _module._state_key(experts, use_lora, lora_params) if call.kind != PLAIN else None
         kept: Optional[_KeptStage] = None
         if call.kind == RECOMPUTE:
@@ -459,6 +461,27 @@ def _register(binding: _Binding) -> None:
             pending = _TASKS[gid] = []
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_end_of_backward, gid))
         pending.append((binding, binding.stage))
+
+
+def _drop_stale_tasks() -> None:
+    """Ends the bookkeeping of backwards that raised: autograd runs no final callback
+    then, and their registered bindings (stages, caches) would stay forever. Called at a
+    forward outside any backward, where every backward of this (training) thread is over;
+    it waits for their runs and frees what nothing uses. Errors those runs recorded stay
+    in their stages (raised at the stage's next use or `synchronize`). Assumes backwards
+    with stream-path experts are not running concurrently in another thread."""
+    with _LOCK:
+        if not _TASKS:
+            return
+        stale = [p for pairs in _TASKS.values() for p in pairs]
+        _TASKS.clear()
+    for b, _ in stale:
+        b.task = None
+    stages = list({id(st): st for _, st in stale if st is not None}.values())
+    _wait_and_harvest(stages)
+    for b, _ in stale:
+        if b.token is None or b.token() is None:
+            b.release()
 
 
 def _raise_earliest(stages: List[_Stage]) -> None:
