@@ -20,7 +20,9 @@ What autograd would otherwise read too early:
   done; it waits for the runs of that backward and raises the earliest error any of them
   recorded (the non-finite guard's ``NonFiniteError`` names layer, tokens and experts as
   the synchronous guard does). ``clip_grad_norm_``, the optimizer and the Trainer come
-  after ``backward()`` returns, so they see finished gradients.
+  after ``backward()`` returns, so they see finished gradients. A backward that raises
+  gets no such callback: the next forward outside a backward waits for its runs and
+  frees what it left (``_drop_stale_tasks``).
 
 Staging memory: one :class:`_Stage` per call in flight (a forward and its backward),
 taken from a per-layer free list when the shape matches, returned when the backward is
