@@ -9,6 +9,7 @@ step's time goes. Writes JSON.
     python benchmarks/bench_model.py --layers 4 --skip offload
     python benchmarks/bench_model.py --sft 512 2048 --profile     # LoRA SFT, checkpointing off and on
     python benchmarks/bench_model.py --sft 64 --shape tiny --layers 3 --sft-steps 2 --profile   # quick check
+    python benchmarks/bench_model.py --sft 2048 --accum 4         # gradient accumulation: 4 micro-batches per step
 """
 
 from __future__ import annotations
@@ -216,12 +217,14 @@ SFT_LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", 
                 target_parameters=["gate_up_proj", "down_proj"])
 
 
-def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool], reentrant: bool, profile: bool) -> Dict:
+def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool], reentrant: bool, profile: bool, accum: int = 1) -> Dict:
     """LoRA SFT steps (forward, backward, AdamW) at batch 1 × each of `seqs` tokens, with
-    and without activation checkpointing, on a PEFT model `pm` (ktrs or stock). Per
-    configuration: tok/s and step time (medians of `steps` warm steps), the CPU expert time
-    in those steps and step/expert, expert forwards per step, GPU peak, host RSS; with
-    `profile`, where a step's time goes."""
+    and without activation checkpointing, on a PEFT model `pm` (ktrs or stock); with
+    `accum` > 1, each optimizer step accumulates the gradients of `accum` micro-batches
+    (forward and backward each) and tok/s counts all of them. Per configuration: tok/s and
+    step time (medians of `steps` warm steps), the CPU expert time in those steps and
+    step/expert, expert forwards per step, GPU peak, host RSS; with `profile`, where a
+    step's time goes (the profiled forward+backward is one micro-batch)."""
     from ktrs.module import Timer
 
     pm.train()
@@ -235,7 +238,8 @@ def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool],
     g = torch.Generator().manual_seed(2)
     res: Dict = {}
     for seq in seqs:
-        ids = torch.randint(0, pm.config.vocab_size, (1, seq), generator=g).to(device)
+        micro = [torch.randint(0, pm.config.vocab_size, (1, seq), generator=g).to(device) for _ in range(accum)]
+        ids = micro[0]
         for ckpt in ckpts:
             if ckpt:
                 pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -250,15 +254,20 @@ def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool],
                 timer.reset()
                 sync()
                 t0 = time.perf_counter()
-                loss = pm(input_ids=ids, labels=ids).loss
-                if profile:
-                    sync()
-                t1 = time.perf_counter()
-                loss.backward()
-                del loss
-                if profile:  # boundaries only when profiling: syncs there cost overlap
-                    sync()
-                t2 = time.perf_counter()
+                fwd_t = bwd_t = 0.0
+                for mb in micro:
+                    ta = time.perf_counter()
+                    loss = pm(input_ids=mb, labels=mb).loss / accum
+                    if profile:
+                        sync()
+                    tb = time.perf_counter()
+                    loss.backward()
+                    del loss
+                    if profile:  # boundaries only when profiling: syncs there cost overlap
+                        sync()
+                    tc = time.perf_counter()
+                    fwd_t, bwd_t = fwd_t + (tb - ta), bwd_t + (tc - tb)
+                t1, t2 = t0 + fwd_t, time.perf_counter()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sync()
@@ -268,7 +277,7 @@ def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool],
             timer.per_layer = False
             rows.sort(key=lambda r: r[0])
             step_s, fwd_s, bwd_s, opt_s, snap = rows[len(rows) // 2]
-            r = {"tok_s": seq / step_s, "step_s": step_s, "host_rss_gb": rss_gb()}
+            r = {"tok_s": seq * accum / step_s, "step_s": step_s, "accum": accum, "host_rss_gb": rss_gb()}
             if is_ktrs:
                 r.update(expert_forwards_per_step=snap["forwards"], expert_backwards_per_step=snap["backwards"],
                          expert_recomputes_reused=snap["reused"], expert_s=snap["seconds"])
@@ -277,9 +286,9 @@ def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool],
                 r["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if profile:
                 r["profile"] = step_profile(pm, ids, opt, sync, step_s, fwd_s, bwd_s, opt_s, snap, cuda)
-            key = f"{seq}_{'ckpt' if ckpt else 'no_ckpt'}"
+            key = f"{seq}_{'ckpt' if ckpt else 'no_ckpt'}" + (f"_accum{accum}" if accum > 1 else "")
             res[key] = r
-            line = f"    SFT seq {seq}, checkpointing {'on ' if ckpt else 'off'}: {r['tok_s']:.1f} tok/s ({step_s:.3f} s/step"
+            line = f"    SFT seq {seq}{f' x{accum} micro-batches' if accum > 1 else ''}, checkpointing {'on ' if ckpt else 'off'}: {r['tok_s']:.1f} tok/s ({step_s:.3f} s/step"
             if is_ktrs:
                 line += f"; CPU experts {r['expert_s']:.3f} s, step/expert {r['step_per_expert']:.2f}; expert fwd/bwd/reused per step {snap['forwards']}/{snap['backwards']}/{snap['reused']}"
             line += ")" + (f", GPU peak {r['gpu_peak_gb']:.2f} GiB" if cuda else "") + f", host RSS {r['host_rss_gb']:.1f} GB"
@@ -353,11 +362,11 @@ def print_profile(p: Dict) -> None:
 def print_sft_table(results: Dict) -> None:
     cols = [("tok_s", "tok/s"), ("step_s", "step s"), ("expert_s", "CPU expert s"), ("step_per_expert", "step/expert"),
             ("expert_forwards_per_step", "expert fwd/step"), ("gpu_peak_gb", "GPU peak GiB"), ("host_rss_gb", "host RSS GB")]
-    print(f"\n{'SFT':<12} {'config':<16} " + " ".join(f"{h:>15}" for _, h in cols))
+    print(f"\n{'SFT':<12} {'config':<20} " + " ".join(f"{h:>15}" for _, h in cols))
     for name, r in results.items():
         for key, v in r.get("sft", {}).items():
             if isinstance(v, dict):
-                print(f"{name:<12} {key:<16} " + " ".join(f"{v[k]:15.3f}" if v.get(k) is not None else f"{'-':>15}" for k, _ in cols))
+                print(f"{name:<12} {key:<20} " + " ".join(f"{v[k]:15.3f}" if v.get(k) is not None else f"{'-':>15}" for k, _ in cols))
 
 
 def main() -> int:
@@ -376,6 +385,8 @@ def main() -> int:
     ap.add_argument("--sft", type=int, nargs="*", default=None, metavar="SEQ",
                     help="time LoRA SFT steps (batch 1) at these sequence lengths (no value: 512 2048) instead of decode")
     ap.add_argument("--sft-steps", type=int, default=3, help="timed SFT steps per configuration (after one warm-up)")
+    ap.add_argument("--accum", type=int, default=1, metavar="N",
+                    help="SFT: gradient accumulation, N micro-batches (forward+backward each) per optimizer step; tok/s counts all")
     ap.add_argument("--checkpointing", choices=["both", "on", "off"], default="both", help="SFT with activation checkpointing")
     ap.add_argument("--reentrant", action="store_true", help="reentrant checkpointing (default: HF's non-reentrant)")
     ap.add_argument("--profile", nargs="?", const=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sft_profile.json"),
@@ -387,12 +398,16 @@ def main() -> int:
     config = (v2_lite_config if args.shape == "v2-lite" else tiny_config)(args.layers)
     sft = None if args.sft is None else (args.sft or [512, 2048])
     ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
+    if args.accum < 1:
+        ap.error("--accum must be at least 1")
     if sft:  # SFT replaces the inference measurements
         args.prefill, args.decode, args.ttft, args.context = [], 0, 0, 0
         args.skip = sorted(set(args.skip) | {"offload"})
     info = ktrs.info()
     print(f"layers {args.layers}, device {device}, ktrs ISA {info['selected_isa']}, threads {args.threads or info['default_threads']}")
     out = {"config": {"layers": args.layers, "device": device, "isa": info["selected_isa"]}, "results": {}}
+    if sft:
+        out["config"]["accum"] = args.accum
 
     if "ktrs" not in args.skip:
         t0 = time.perf_counter()
@@ -409,7 +424,7 @@ def main() -> int:
             from peft import LoraConfig
 
             pm = ktrs.get_peft_model(model, LoraConfig(**SFT_LORA))
-            out["results"]["ktrs"]["sft"] = measure_sft(pm, device, sft, args.sft_steps, ckpts, args.reentrant, bool(args.profile))
+            out["results"]["ktrs"]["sft"] = measure_sft(pm, device, sft, args.sft_steps, ckpts, args.reentrant, bool(args.profile), args.accum)
             del pm
         del model
         gc.collect()
@@ -425,7 +440,7 @@ def main() -> int:
                 import peft
 
                 pm = peft.get_peft_model(model, peft.LoraConfig(**SFT_LORA))
-                out["results"]["hf_gpu"]["sft"] = measure_sft(pm, device, sft, args.sft_steps, ckpts, args.reentrant, bool(args.profile))
+                out["results"]["hf_gpu"]["sft"] = measure_sft(pm, device, sft, args.sft_steps, ckpts, args.reentrant, bool(args.profile), args.accum)
                 del pm
         if "offload" not in args.skip:
             from accelerate import cpu_offload_with_hook  # noqa: F401  (accelerate present)

@@ -2,7 +2,9 @@
 backward reuses the first forward's result and Rust cache kept in host memory. Checked
 against checkpointing off and against the unpatched model (PEFT + torch experts), for HF's
 reentrant and non-reentrant checkpointing, PEFT's path and the Trainer's; the kept forwards
-never outlive the step's autograd graph."""
+never outlive the step's autograd graph. Every test runs on both paths of training expert
+calls: the synchronous one, and the stream path (ktrs/stream_call.py; without CUDA its
+host functions run at launch), which keeps the first forward in its staging."""
 
 import copy
 import gc
@@ -17,6 +19,8 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 from transformers import DeepseekV2ForCausalLM  # noqa: E402
 
 import ktrs  # noqa: E402
+from ktrs import module as ktrs_module  # noqa: E402
+from ktrs import stream_call  # noqa: E402
 from ktrs.module import Timer, clear_recompute_caches, live_forward_caches, pending_recomputes  # noqa: E402
 
 from conftest import make_problem, rel_l2  # noqa: E402
@@ -33,13 +37,42 @@ def base():
     return bf16_exact(DeepseekV2ForCausalLM(tiny_config())).eval()
 
 
+@pytest.fixture(autouse=True, params=["sync", "stream"])
+def path(request, monkeypatch):
+    """The test on the synchronous path, or on the stream path; there, no expert call that
+    could be stream work (with grad, or a reentrant checkpoint's no-grad first pass) may
+    take the synchronous path."""
+    stream = request.param == "stream"
+    monkeypatch.setenv("KTRS_ASYNC_EXPERTS", "1" if stream else "0")
+    monkeypatch.setattr(stream_call, "INLINE_CPU", stream)
+    sync_calls = []
+    orig_fn, orig_future = ktrs_module.experts_function, ktrs_module.ExpertsFuture.__init__
+
+    def counted(*a, **k):
+        if torch.is_grad_enabled() or ktrs_module._reentrant_checkpoint_owner() is not None:
+            sync_calls.append(1)
+        return orig_fn(*a, **k)
+
+    def future(*a, **k):
+        if ktrs_module._reentrant_checkpoint_owner() is not None:  # else no-grad inference
+            sync_calls.append(1)
+        return orig_future(*a, **k)
+
+    monkeypatch.setattr(ktrs_module, "experts_function", counted)
+    monkeypatch.setattr(ktrs_module.ExpertsFuture, "__init__", future)
+    yield request.param
+    if stream:
+        assert not sync_calls, "an expert call took the synchronous path"
+
+
 @pytest.fixture(autouse=True)
-def no_kept_forwards():
+def no_kept_forwards(path):
     """Every test starts and ends without kept forwards or live caches."""
     gc.collect()
     assert live_forward_caches() == 0 and pending_recomputes() == 0
     yield
     gc.collect()
+    stream_call.synchronize()
     assert live_forward_caches() == 0 and pending_recomputes() == 0
 
 

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ._native import KtrsValueError, NonFiniteError, StaleHandleError
-from . import stream_call
 from .experts import LORA_NAMES, MoeExperts
 
 
@@ -134,6 +133,9 @@ def live_forward_caches() -> int:
 # So they never outlive the step's autograd graph, and a forward whose backward never
 # comes frees them with its graph. `_PENDING` only indexes them (weak references) so a
 # recompute can find its first pass; `KTRS_RECOMPUTE_CACHE_MB` bounds what is kept.
+# The stream path (stream_call.py) keeps its first passes in its staging instead, as
+# `stream_call._KeptStage` entries of the same index (one matching: `_take`, `matches`);
+# their inputs are compared by the recompute's host function, without a sync.
 
 
 def _state_key(experts: MoeExperts, use_lora: bool, lora_params: Tuple[torch.Tensor, ...]) -> tuple:
@@ -161,12 +163,29 @@ class _FirstPass:
         self.nbytes = (handle.nbytes if handle is not None else 0) + 2 * x.numel() * x.element_size()
         self.order = next(_ORDER)
 
+    def usable(self) -> bool:
+        """Whether a recompute can still be served from this forward."""
+        return self.out is not None
+
     def matches(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, state: tuple) -> bool:
-        if self.out is None or state != self.state:
+        """Whether a recompute on `x, ids, w` under `state` is this forward: the same layer
+        state (weights, LoRA values and versions, adapter on/off) and shapes here, the same
+        inputs in :meth:`same_inputs`."""
+        if not self.usable() or state != self.state:
             return False
+        if self.shape != (tuple(x.shape), tuple(ids.shape), tuple(w.shape)):
+            return False
+        return self.same_inputs(x, ids, w)
+
+    def same_inputs(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> bool:
+        """Unchanged since the forward (version counters) and equal to the recompute's."""
         if (self.x._version, self.ids._version, self.w._version, self.out._version) != self.versions:
             return False
-        return self.x.shape == x.shape and torch.equal(self.ids, ids) and torch.equal(self.w, w) and torch.equal(self.x, x)
+        return torch.equal(self.ids, ids) and torch.equal(self.w, w) and torch.equal(self.x, x)
+
+    @property
+    def shape(self) -> tuple:
+        return (tuple(self.x.shape), tuple(self.ids.shape), tuple(self.w.shape))
 
     def release_inputs(self) -> None:
         """Keeps only the cache (the output was handed to the recompute)."""
@@ -213,7 +232,7 @@ def _recompute_limit() -> Optional[int]:
 def _pending(experts: MoeExperts) -> List["_FirstPass"]:
     with _PENDING_LOCK:
         refs = _PENDING.get(experts, [])
-        alive = [e for e in (r() for r in refs) if e is not None and e.out is not None]
+        alive = [e for e in (r() for r in refs) if e is not None and e.usable()]
         if len(alive) != len(refs):
             _PENDING[experts] = [weakref.ref(e) for e in alive]
         return alive
@@ -235,12 +254,15 @@ def _remember(entry: _FirstPass) -> None:
             e.drop()
 
 
-def _take(experts: MoeExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, state: tuple) -> Optional["_FirstPass"]:
-    """The kept forward this call recomputes, removed from the index, or None."""
+def _take(experts: MoeExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, state: tuple, kind: type = None) -> Optional["_FirstPass"]:
+    """The kept forward this call recomputes, removed from the index, or None. `kind`:
+    the class of kept forward the caller can use (:class:`_FirstPass`, kept in host
+    tensors, by default; ``stream_call`` keeps them in its stages)."""
+    kind = kind or _FirstPass
     with _PENDING_LOCK:
         # Newest first: backward meets the forwards of one step in reverse order.
         for e in reversed(_pending(experts)):
-            if e.matches(x, ids, w, state):
+            if type(e) is kind and e.matches(x, ids, w, state):
                 _PENDING[experts] = [r for r in _PENDING[experts] if r() is not e]
                 return e
     return None
@@ -648,9 +670,11 @@ class KtrsExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         self._ensure_views()
         check = torch.is_grad_enabled() if self.check_finite is None else self.check_finite
-        if stream_call.eligible(hidden_states):
-            # Training on CUDA: enqueued on the stream, Python does not wait (stream_call.py).
-            return stream_call.experts_call(self, hidden_states, top_k_index, top_k_weights, guard=bool(check))
+        mode = stream_call._mode(hidden_states)
+        if mode is not None:
+            # Training on CUDA (checkpointing included): enqueued on the stream, Python does
+            # not wait (stream_call.py).
+            return stream_call.experts_call(self, hidden_states, top_k_index, top_k_weights, guard=bool(check), mode=mode)
         device, dtype = hidden_states.device, hidden_states.dtype
         timer = Timer.global_()
         t0 = time.perf_counter()
@@ -690,8 +714,16 @@ class KtrsExperts(nn.Module):
         queue more GPU work (the shared experts).
         """
         self._ensure_views()
+        # A reentrant checkpoint's first pass on the stream path: enqueued, kept in its stage.
+        fut = stream_call.submit(self, hidden_states, top_k_index, top_k_weights, guard=self.check_finite is not False)
+        if fut is not None:
+            return fut
         return ExpertsFuture(self, hidden_states, top_k_index, top_k_weights)
 
     def extra_repr(self) -> str:
         e = self.experts
         return f"num_experts={e.num_experts}, hidden_size={e.hidden_size}, intermediate_size={e.intermediate_size}, lora_rank={e.lora_rank}, isa={e.isa}, threads={e.threads}"
+
+
+# Last: stream_call builds on this module's kept forwards.
+from . import stream_call  # noqa: E402

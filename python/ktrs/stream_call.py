@@ -20,7 +20,9 @@ What autograd would otherwise read too early:
   done; it waits for the runs of that backward and raises the earliest error any of them
   recorded (the non-finite guard's ``NonFiniteError`` names layer, tokens and experts as
   the synchronous guard does). ``clip_grad_norm_``, the optimizer and the Trainer come
-  after ``backward()`` returns, so they see finished gradients.
+  after ``backward()`` returns, so they see finished gradients. A backward that raises
+  gets no such callback: the next forward outside a backward waits for its runs and
+  frees what it left (``_drop_stale_tasks``).
 
 Staging memory: one :class:`_Stage` per call in flight (a forward and its backward),
 taken from a per-layer free list when the shape matches, returned when the backward is
@@ -28,11 +30,25 @@ done (or its autograd graph dies), so steady training reuses the same pinned blo
 Another stream using a stage waits for the stage's last event; a stage is freed only
 after its last event.
 
+Activation checkpointing (``torch.utils.checkpoint``, reentrant or not: HF's, PEFT's,
+the Trainer's) takes this path too, with the synchronous path's reuse: the first forward
+runs with its cache kept in its stage (``keep``: the backward gets its own staging
+regions, so the forward's inputs and output stay), indexed for its recompute by
+``module._take``/``_remember`` as a :class:`_KeptStage` (the one matching of recomputes
+to first passes: layer, state, shapes; ``KTRS_RECOMPUTE_CACHE_MB``). The recompute during
+backward copies its inputs into a stage of its own and enqueues
+``TrainStage.recompute``, whose host function compares them byte for byte with the kept
+forward's (the synchronous path's ``torch.equal``, without a sync here) and hands back the
+kept output, and for reentrant checkpointing the cache, or runs the forward when they
+differ. Non-reentrant: the first forward's node runs the backward on the kept stage;
+reentrant: the recompute's node does, and the recompute's stages are waited for at the
+end of the outer backward, not of checkpointing's nested one.
+
 Not taken (the synchronous path runs instead): CPU hidden states, ``KTRS_ASYNC_EXPERTS=0``,
-no grad, CUDA graph capture, and activation checkpointing (a recompute inside backward,
-or saved-tensor hooks during the forward), whose reuse of the first forward lives in
-``module.py``. ``torch.autograd.grad`` with respect to the expert LoRA parameters is not
-supported here (their gradients go to ``.grad``): use ``KTRS_ASYNC_EXPERTS=0``.
+no grad (other than a reentrant checkpoint's first pass), CUDA graph capture, and
+saved-tensor hooks other than checkpointing's. ``torch.autograd.grad`` with respect to
+the expert LoRA parameters is not supported here (their gradients go to ``.grad``): use
+``KTRS_ASYNC_EXPERTS=0``.
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import _native
+from . import module as _module
 from .experts import LORA_NAMES
 
 __all__ = ["enabled", "eligible", "experts_call", "synchronize", "live_caches"]
@@ -67,8 +84,10 @@ _LOCK = threading.RLock()
 _POOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 #: Every stage alive (for `synchronize` and `live_caches`).
 _ALL: "weakref.WeakSet" = weakref.WeakSet()
-#: Bindings whose backward ran, per autograd graph task, until its end-of-backward callback.
-_TASKS: Dict[int, List["_Binding"]] = {}
+#: Bindings whose backward ran (or recompute, in a backward), with their stages, per
+#: autograd graph task, until its end-of-backward callback. The stage is kept apart: a
+#: recompute's binding may be released (its token freed) before its run has finished.
+_TASKS: Dict[int, List[Tuple["_Binding", "_Stage"]]] = {}
 
 
 def enabled() -> bool:
@@ -83,30 +102,60 @@ def _driver() -> bool:
     return _DRIVER
 
 
-def eligible(hidden: torch.Tensor) -> bool:
-    """Whether an expert call on `hidden` takes the stream path now."""
-    if not torch.is_grad_enabled() or not enabled() or _GRAPH_TASK_ID is None or _TOP_HOOKS is None:
-        return False
+#: What kind of call `_mode` found.
+PLAIN, FIRST, REENTRANT_FIRST, RECOMPUTE = "plain", "first", "reentrant_first", "recompute"
+
+
+def _hook_kind(hooks) -> Optional[str]:
+    """"first"/"recompute" for the saved-tensor hooks of non-reentrant checkpointing's
+    first pass / recompute, None for any other hooks."""
+    qual = getattr(hooks[0], "__qualname__", "")
+    if qual.startswith("_checkpoint_hook."):
+        return FIRST
+    if qual.startswith("_recomputation_hook."):
+        return RECOMPUTE
+    return None
+
+
+def _mode(hidden: torch.Tensor):
+    """``(kind, owner)`` of an expert call on `hidden` on the stream path now (`owner`: a
+    reentrant checkpoint's node), or None for the synchronous path."""
+    if not enabled() or _GRAPH_TASK_ID is None or _TOP_HOOKS is None:
+        return None
     if hidden.dim() != 2 or hidden.shape[0] == 0:
-        return False
+        return None
     if hidden.is_cuda:
         if not _driver() or torch.cuda.is_current_stream_capturing():
-            return False
+            return None
     elif not (INLINE_CPU and hidden.device.type == "cpu"):
-        return False
-    # Checkpointing: its recompute runs inside a backward; a non-reentrant first pass
-    # runs under saved-tensor hooks. Both keep the synchronous path, which reuses the
-    # first forward for the recompute.
-    return _GRAPH_TASK_ID() == -1 and _TOP_HOOKS(False) is None
+        return None
+    if not torch.is_grad_enabled():
+        # Reentrant checkpointing's first pass (no grad): kept for its recompute.
+        owner = _module._reentrant_checkpoint_owner()
+        return None if owner is None else (REENTRANT_FIRST, owner)
+    hooks = _TOP_HOOKS(False)
+    kind = PLAIN if hooks is None else _hook_kind(hooks)
+    if kind is None:
+        return None  # other saved-tensor hooks (e.g. offloading): synchronous path
+    if _GRAPH_TASK_ID() != -1:
+        # Inside a backward: a checkpoint recompute (reentrant: no hooks; non-reentrant:
+        # checkpointing's recompute hooks), served from its first pass when one matches.
+        return (RECOMPUTE, None)
+    return None if kind == RECOMPUTE else (kind, None)
+
+
+def eligible(hidden: torch.Tensor) -> bool:
+    """Whether an expert call on `hidden` takes the stream path now."""
+    return _mode(hidden) is not None
 
 
 class _Stage:
     """One call's staging (Rust) and the CUDA event after its last enqueued use."""
 
-    def __init__(self, module, tokens: int, top_k: int, pinned: bool) -> None:
-        self.native = _native.TrainStage(module.experts._native, tokens, top_k, module.where, pinned=pinned)
+    def __init__(self, module, tokens: int, top_k: int, pinned: bool, keep: bool = False) -> None:
+        self.native = _native.TrainStage(module.experts._native, tokens, top_k, module.where, pinned=pinned, keep=keep)
         self.x, self.ids, self.w, self.out, self.gout, self.gx, self.gw = (torch.from_dlpack(c) for c in self.native.tensors())
-        self.key = (tokens, top_k, pinned)
+        self.key = (tokens, top_k, pinned, keep)
         self.name = module.where
         self.event: Optional[torch.cuda.Event] = None
         self.stream: Optional[torch.cuda.Stream] = None
@@ -134,14 +183,14 @@ class _Stage:
                 pass
 
 
-def _acquire(module, tokens: int, top_k: int, pinned: bool) -> _Stage:
+def _acquire(module, tokens: int, top_k: int, pinned: bool, keep: bool = False) -> _Stage:
     with _LOCK:
-        free = _POOLS.get(module, {}).get((tokens, top_k, pinned))
+        free = _POOLS.get(module, {}).get((tokens, top_k, pinned, keep))
         st = free.pop() if free else None
     if st is None:
         if pinned:
             torch.cuda.synchronize()  # pinning needs this thread's CUDA context current (once per stage)
-        return _Stage(module, tokens, top_k, pinned)
+        return _Stage(module, tokens, top_k, pinned, keep)
     # An error of an earlier forward whose backward never came.
     st.native.raise_error()
     return st
@@ -160,11 +209,16 @@ def _harvest(st: _Stage) -> None:
     """Moves the stage's kernel times into the Timer."""
     from .module import Timer
 
-    fr, fs, br, bs = st.native.take_times()
+    fr, fs, br, bs, rec, reused = st.native.take_times()
     timer = Timer.global_()
-    # Runs were counted at launch (so counts are right before any sync).
-    if fr:
+    # Runs were counted at launch (so counts are right before any sync); a recompute's
+    # outcome (run, or served from the kept forward) is known once it ran.
+    if fr or rec:
         timer.add("forward", fs, st.name, count=False)
+    for _ in range(rec):
+        timer.add("forward", 0.0, st.name)
+    for _ in range(reused):
+        timer.add("reused", 0.0, st.name)
     if br:
         timer.add("backward", bs, st.name, count=False)
 
@@ -173,13 +227,18 @@ class _Binding:
     """A stage bound to one forward's autograd node; returned to its layer's free list
     after the backward, or when the node dies without one."""
 
-    __slots__ = ("module", "stage", "token", "__weakref__")
+    __slots__ = ("module", "stage", "token", "task", "keep", "__weakref__")
 
     def __init__(self, module, stage: _Stage) -> None:
         self.module, self.stage = module, stage
         self.token = None
+        #: The graph task whose end waits for this stage (None: not registered).
+        self.task: Optional[int] = None
+        #: The kept forward's binding a recompute reads: released after this one.
+        self.keep: Optional["_Binding"] = None
 
     def release(self) -> None:
+        self.keep = None
         st, self.stage = self.stage, None
         if st is not None:
             _release(self.module, st)
@@ -191,11 +250,62 @@ class _Binding:
             pass  # interpreter shutdown
 
 
-class _Call:
-    __slots__ = ("module", "guard", "lora")
+class _KeptStage(_module._FirstPass):
+    """A first pass kept in its stage for the recompute of activation checkpointing,
+    indexed with the synchronous path's kept forwards (``module._remember``/``_take``,
+    one matching). Its inputs are in the stage: the recompute's host function compares
+    them (``same_inputs`` defers to it), so matching needs no sync."""
 
-    def __init__(self, module, guard: bool, lora: Tuple[torch.Tensor, ...]) -> None:
+    __slots__ = ("binding", "dims", "reentrant")
+
+    def __init__(self, experts, dims: tuple, state: tuple, binding: _Binding, reentrant: bool) -> None:
+        self.experts, self.dims, self.state, self.binding = experts, dims, state, binding
+        #: Reentrant checkpointing: the recompute's node runs the backward (takes the cache).
+        self.reentrant = reentrant
+        self.x = self.ids = self.w = self.out = self.handle = None
+        self.versions = ()
+        self.owner = None
+        # The staging block and the cache (estimated from the shapes, as the forward may
+        # not have run yet: gathered inputs, gate/up/SiLU·up, LoRA projections, routing).
+        (tokens, _), (_, k), _ = dims
+        pairs = tokens * k
+        rank = experts.lora_rank if state[2] else 0
+        cache = pairs * (2 * experts.hidden_size + 6 * experts.intermediate_size + 12 * rank + 12)
+        self.nbytes = binding.stage.native.nbytes + cache
+        self.order = next(_module._ORDER)
+
+    def usable(self) -> bool:
+        b = self.binding
+        return b is not None and b.stage is not None
+
+    @property
+    def shape(self) -> tuple:
+        return self.dims
+
+    def same_inputs(self, x, ids, w) -> bool:
+        return True  # compared byte for byte by TrainStage.recompute
+
+    def release_inputs(self) -> None:
+        """Taken by its recompute: no other recompute may match it."""
+        self.binding = None
+
+    def drop(self) -> None:
+        """Frees the stage (over the cache limit, or cleared): the recompute runs the
+        experts, and a non-reentrant backward uses the recompute's stage."""
+        b, self.binding = self.binding, None
+        if b is not None:
+            b.release()
+        self.disown()
+
+
+class _Call:
+    __slots__ = ("module", "guard", "lora", "kind", "owner", "entry")
+
+    def __init__(self, module, guard: bool, lora: Tuple[torch.Tensor, ...], kind: str = PLAIN, owner=None) -> None:
         self.module, self.guard, self.lora = module, guard, lora
+        self.kind, self.owner = kind, owner
+        #: The first pass this call made (kept for its recompute), for `experts_call`.
+        self.entry: Optional[_KeptStage] = None
 
 
 def _stream(t: torch.Tensor) -> Optional[torch.cuda.Stream]:
@@ -213,27 +323,63 @@ class _StreamExpertsFunction(torch.autograd.Function):
 
         t0 = time.perf_counter()
         module = call.module
+        experts = module.experts
         tokens, top_k = topk_ids.shape
         stream = _stream(hidden)
         nb = stream is not None
-        st = _acquire(module, tokens, top_k, nb)
+        use_lora = len(lora_params) > 0
+        first = call.kind in (FIRST, REENTRANT_FIRST)
+        if _TASKS and call.kind != RECOMPUTE:
+            _drop_stale_tasks()
+        state = _module._state_key(experts, use_lora, lora_params) if call.kind != PLAIN else None
+        kept: Optional[_KeptStage] = None
+        if call.kind == RECOMPUTE:
+            kept = _module._take(experts, hidden, topk_ids, topk_weights, state, kind=_KeptStage)
+        st = _acquire(module, tokens, top_k, nb, keep=first)
         st.order_after(stream)
         st.x.copy_(hidden.detach().to(torch.bfloat16), non_blocking=nb)
         st.ids.copy_(topk_ids.detach().to(torch.int64), non_blocking=nb)
         st.w.copy_(topk_weights.detach().to(torch.float32), non_blocking=nb)
-        needs = any(ctx.needs_input_grad[1:])
+        needs = any(ctx.needs_input_grad[1:]) or first
         binding = _Binding(module, st)
-        st.native.forward(_handle(stream), save=needs, use_lora=len(lora_params) > 0, guard=call.guard)
-        Timer.global_().add("forward", 0.0, module.where)  # counted now, timed at the sync
+        if kept is not None:
+            # A checkpoint recompute: served from the kept forward in its host function
+            # when the inputs are the same (counted as reused or run there).
+            kb = kept.binding
+            kept.disown()
+            kept.release_inputs()
+            ks = kb.stage
+            ks.order_after(stream)
+            st.native.recompute(_handle(stream), ks.native, reuse=True, take_cache=kept.reentrant, save=needs, use_lora=use_lora, guard=call.guard)
+            ks.mark(stream)
+            binding.keep = kb
+            if kept.reentrant:
+                # No backward of its own: this backward's end waits for it (and raises what
+                # its forward recorded), then frees it.
+                _register(kb)
+        else:
+            st.native.forward(_handle(stream), save=needs, use_lora=use_lora, guard=call.guard)
+            Timer.global_().add("forward", 0.0, module.where)  # counted now, timed at the sync
+        if call.kind == RECOMPUTE:
+            # Its runs are waited for at the end of this (outer) backward, also when its
+            # own backward runs in reentrant checkpointing's nested one.
+            _register(binding)
         out = torch.empty(hidden.shape, dtype=torch.bfloat16, device=hidden.device)
         out.copy_(st.out, non_blocking=nb)
         st.mark(stream)
+        if first:
+            dims = (tuple(hidden.shape), tuple(topk_ids.shape), tuple(topk_weights.shape))
+            call.entry = _KeptStage(experts, dims, state, binding, call.kind == REENTRANT_FIRST)
         # An empty saved tensor tells the end-of-backward callback whether autograd keeps
-        # the graph (retain_graph): freed with the saved tensors, the cache can go.
+        # the graph (retain_graph): freed with the saved tensors, the cache can go. It
+        # carries the binding: non-reentrant checkpointing hands a recompute's token to
+        # the first forward's backward.
         token = torch.empty(0)
+        token._ktrs_binding = binding
         ctx.save_for_backward(token)
         binding.token = weakref.ref(token)
         ctx.ktrs_binding, ctx.call = binding, call
+        ctx.ktrs_entry = call.entry
         ctx.dtypes = (hidden.dtype, topk_weights.dtype)
         Timer.global_().add("copy", time.perf_counter() - t0, module.where)
         return out.to(hidden.dtype)
@@ -246,6 +392,13 @@ class _StreamExpertsFunction(torch.autograd.Function):
         binding: _Binding = ctx.ktrs_binding
         call: _Call = ctx.call
         st = binding.stage
+        if st is None and ctx.ktrs_entry is not None:
+            # A checkpointed first forward released (a second backward, or over the cache
+            # limit): non-reentrant checkpointing recomputes it when its token is unpacked,
+            # and the recompute's stage holds the cache.
+            (token,) = ctx.saved_tensors
+            binding = getattr(token, "_ktrs_binding", None) or binding
+            st = binding.stage
         if st is None:
             raise _native.StaleHandleError("ktrs: backward after the expert forward was released (a second backward without retain_graph?)")
         stream = _stream(grad_out)
@@ -299,13 +452,38 @@ def _bind_grads(module, params: Tuple[torch.Tensor, ...]) -> bool:
 
 
 def _register(binding: _Binding) -> None:
-    gid = _GRAPH_TASK_ID()
+    """Makes the end of the current backward wait for `binding`'s runs (once: a reentrant
+    checkpoint's recompute registers with the outer backward, before its nested one)."""
+    if binding.task is not None:
+        return
+    gid = binding.task = _GRAPH_TASK_ID()
     with _LOCK:
         pending = _TASKS.get(gid)
         if pending is None:
             pending = _TASKS[gid] = []
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_end_of_backward, gid))
-        pending.append(binding)
+        pending.append((binding, binding.stage))
+
+
+def _drop_stale_tasks() -> None:
+    """Ends the bookkeeping of backwards that raised: autograd runs no final callback
+    then, and their registered bindings (stages, caches) would stay forever. Called at a
+    forward outside any backward, where every backward of this (training) thread is over;
+    it waits for their runs and frees what nothing uses. Errors those runs recorded stay
+    in their stages (raised at the stage's next use or `synchronize`). Assumes backwards
+    with stream-path experts are not running concurrently in another thread."""
+    with _LOCK:
+        if not _TASKS:
+            return
+        stale = [p for pairs in _TASKS.values() for p in pairs]
+        _TASKS.clear()
+    for b, _ in stale:
+        b.task = None
+    stages = list({id(st): st for _, st in stale if st is not None}.values())
+    _wait_and_harvest(stages)
+    for b, _ in stale:
+        if b.token is None or b.token() is None:
+            b.release()
 
 
 def _raise_earliest(stages: List[_Stage]) -> None:
@@ -325,8 +503,11 @@ def _raise_earliest(stages: List[_Stage]) -> None:
 
 def _end_of_backward(gid: int) -> None:
     with _LOCK:
-        bindings = _TASKS.pop(gid, [])
-    stages = [b.stage for b in bindings if b.stage is not None]
+        pairs = _TASKS.pop(gid, [])
+    bindings = [b for b, _ in pairs]
+    for b in bindings:
+        b.task = None
+    stages = list({id(st): st for _, st in pairs if st is not None}.values())
     _wait_and_harvest(stages)
     for b in bindings:
         if b.token is None or b.token() is None:
@@ -360,8 +541,47 @@ def live_caches() -> int:
     return sum(1 for st in list(_ALL) if st.native.has_cache)
 
 
-def experts_call(module, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, guard: bool) -> torch.Tensor:
+def experts_call(module, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, guard: bool, mode=None) -> torch.Tensor:
     """The differentiable expert call of ``KtrsExperts.forward`` as stream work (see the
     module doc); returns ``[T, H]`` on `hidden`'s device and dtype."""
+    return _apply(module, mode or _mode(hidden) or (PLAIN, None), hidden, topk_ids, topk_weights, guard)
+
+
+def _apply(module, mode, hidden, topk_ids, topk_weights, guard: bool) -> torch.Tensor:
+    kind, owner = mode
+    if kind == REENTRANT_FIRST:
+        # Its recompute (with grad, guarded) may be served this output: guard it here.
+        guard = module.check_finite is not False
     lora = module.lora_params()
-    return _StreamExpertsFunction.apply(_Call(module, guard, lora), hidden, topk_ids, topk_weights, *lora)
+    call = _Call(module, guard, lora, kind, owner)
+    out = _StreamExpertsFunction.apply(call, hidden, topk_ids, topk_weights, *lora)
+    entry, call.entry = call.entry, None
+    if entry is not None:
+        if kind == REENTRANT_FIRST:
+            # No autograd node: the reentrant checkpoint's node keeps it until its recompute.
+            _module._keep_for_recompute(owner, entry)
+        else:
+            # Checkpointing's hook dropped the saved token: the node keeps the forward (its
+            # ctx holds the entry) for its own backward, indexed for the recompute.
+            _module._remember(entry)
+    return out
+
+
+class StreamFuture:
+    """:meth:`KtrsExperts.submit`'s result on the stream path (a reentrant checkpoint's
+    no-grad first pass): the output is already enqueued."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self._out = out
+
+    def result(self) -> torch.Tensor:
+        return self._out
+
+
+def submit(module, hidden, topk_ids, topk_weights, guard: bool) -> Optional[StreamFuture]:
+    """:meth:`KtrsExperts.submit` as stream work when it is a reentrant checkpoint's first
+    pass on this path (kept for the recompute); None otherwise."""
+    mode = _mode(hidden)
+    if mode is None or mode[0] != REENTRANT_FIRST:
+        return None
+    return StreamFuture(_apply(module, mode, hidden, topk_ids, topk_weights, guard))

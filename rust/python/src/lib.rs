@@ -8,6 +8,7 @@ mod fp8;
 mod info;
 mod optim;
 mod stage;
+mod staging;
 mod train_stage;
 
 use pyo3::prelude::*;

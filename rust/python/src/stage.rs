@@ -10,44 +10,11 @@
 use crate::dlpack::{export_raw, DType};
 use crate::error::IntoPy;
 use crate::experts::Experts;
+use crate::staging::{Grads, Layout};
 use ktrs::cuda::{ChannelJob, HostFn, PinnedBlock, StreamChannel};
 use pyo3::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// Byte offsets of the four staging tensors inside the pinned block.
-#[derive(Clone, Copy)]
-struct Layout {
-    tokens: usize,
-    top_k: usize,
-    hidden: usize,
-    x: usize,
-    ids: usize,
-    w: usize,
-    out: usize,
-    bytes: usize,
-}
-
-impl Layout {
-    fn new(tokens: usize, top_k: usize, hidden: usize) -> Option<Layout> {
-        let align = |v: usize| v.checked_add(63).map(|v| v & !63);
-        let x = 0;
-        let ids = align(tokens.checked_mul(hidden)?.checked_mul(2)?)?;
-        let w = align(ids.checked_add(tokens.checked_mul(top_k)?.checked_mul(8)?)?)?;
-        let out = align(w.checked_add(tokens.checked_mul(top_k)?.checked_mul(4)?)?)?;
-        let bytes = out.checked_add(tokens.checked_mul(hidden)?.checked_mul(2)?)?;
-        Some(Layout {
-            tokens,
-            top_k,
-            hidden,
-            x,
-            ids,
-            w,
-            out,
-            bytes,
-        })
-    }
-}
 
 /// What the host function reports back: the first error, and how long it ran.
 #[derive(Default)]
@@ -122,7 +89,7 @@ impl HostStage {
                 "`tokens` and `top_k` must be positive, got {tokens} and {top_k}"
             )));
         }
-        let layout = Layout::new(tokens, top_k, hidden)
+        let layout = Layout::new(tokens, top_k, hidden, Grads::None)
             .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("staging size overflows"))?;
         let block = Arc::new(PinnedBlock::new(layout.bytes).py_err()?);
         let report = Arc::new(Report::default());

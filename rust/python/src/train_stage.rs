@@ -9,6 +9,14 @@
 //! Python learns of the result at one sync point per backward (`wait`), where errors
 //! recorded by the host functions are raised.
 //!
+//! Under activation checkpointing the recompute of a forward kept in a stage is enqueued
+//! on a stage of its own (`recompute`): its host function compares the recompute's inputs
+//! with the kept forward's, byte for byte, and on a match hands back the kept output (and,
+//! for reentrant checkpointing, the cache) without running the experts; otherwise it runs
+//! the forward on the new inputs. A stage whose forward is kept for a recompute has
+//! separate backward regions (`Grads::Separate`), so its inputs and output outlive its
+//! backward.
+//!
 //! A host function cannot return anything, so each run takes its arguments from a queue
 //! filled at launch (launches of one stage run in launch order: one stream, or events),
 //! and reports through counters and an error slot.
@@ -16,6 +24,7 @@
 use crate::dlpack::{export_raw, DType};
 use crate::error::{guard, to_py, Kind};
 use crate::experts::Experts;
+use crate::staging::{Grads, Layout};
 use ktrs::buffer::Buffer;
 use ktrs::cuda::{HostFn, PinnedBlock};
 use ktrs::{ForwardCache, GradTarget, KtrsError as CoreError, LoraMatrix, MoeLayer};
@@ -24,54 +33,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
-
-/// Byte offsets of the staging tensors: forward `x, ids, w -> out`, backward
-/// `gout -> gx, gw`. The backward reuses the forward's regions (`gout` = `out`, `gx` =
-/// `x`: the cache holds its own copy of the inputs), which halves the pinned memory; its
-/// copies come after the forward's on the stream, or wait for its event. `ids` stays for
-/// the guard's messages.
-#[derive(Clone, Copy)]
-struct Layout {
-    tokens: usize,
-    top_k: usize,
-    hidden: usize,
-    x: usize,
-    ids: usize,
-    w: usize,
-    out: usize,
-    gout: usize,
-    gx: usize,
-    gw: usize,
-    bytes: usize,
-}
-
-impl Layout {
-    fn new(tokens: usize, top_k: usize, hidden: usize) -> Option<Layout> {
-        let align = |v: usize| v.checked_add(63).map(|v| v & !63);
-        let th2 = tokens.checked_mul(hidden)?.checked_mul(2)?;
-        let tk = tokens.checked_mul(top_k)?;
-        let x = 0;
-        let ids = align(th2)?;
-        let w = align(ids.checked_add(tk.checked_mul(8)?)?)?;
-        let out = align(w.checked_add(tk.checked_mul(4)?)?)?;
-        let (gout, gx) = (out, x);
-        let gw = align(out.checked_add(th2)?)?;
-        let bytes = gw.checked_add(tk.checked_mul(4)?)?;
-        Some(Layout {
-            tokens,
-            top_k,
-            hidden,
-            x,
-            ids,
-            w,
-            out,
-            gout,
-            gx,
-            gw,
-            bytes,
-        })
-    }
-}
 
 /// Pinned (for asynchronous CUDA copies) or plain memory (runs without CUDA, in tests).
 enum Memory {
@@ -98,6 +59,19 @@ struct FwdArgs {
     save: bool,
     use_lora: bool,
     guard: bool,
+    /// `epoch` at launch: a forward launched before `drop_cache` keeps no cache.
+    epoch: u64,
+}
+
+/// A checkpoint recompute of the forward kept in `kept`.
+struct RecArgs {
+    kept: Arc<Shared>,
+    /// Python's part of the match (layer, state, shapes) held: compare the inputs.
+    reuse: bool,
+    /// Move the kept cache here on a match (reentrant checkpointing: this call's backward
+    /// runs); else it stays with the kept forward (whose own backward runs).
+    take_cache: bool,
+    fwd: FwdArgs,
 }
 
 struct BwdArgs {
@@ -117,6 +91,8 @@ struct Shared {
     name: String,
     fwd_args: Mutex<VecDeque<FwdArgs>>,
     bwd_args: Mutex<VecDeque<BwdArgs>>,
+    rec_args: Mutex<VecDeque<RecArgs>>,
+    epoch: AtomicU64,
     cache: Mutex<Option<ForwardCache>>,
     error: Mutex<Option<(u64, StageError)>>,
     launched: AtomicU64,
@@ -126,6 +102,9 @@ struct Shared {
     fwd_ns: AtomicU64,
     bwd_runs: AtomicU64,
     bwd_ns: AtomicU64,
+    /// Recomputes that ran the experts, and those served from the kept forward.
+    rec_runs: AtomicU64,
+    reused: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -223,7 +202,8 @@ impl Shared {
         };
         let mut cache = lock(&self.cache);
         *cache = None; // the previous call's cache goes before the new one is made
-        match layer.forward_with(x, l.tokens, ids, w, l.top_k, out, a.save, a.use_lora) {
+        let save = a.save && self.epoch.load(Ordering::SeqCst) == a.epoch;
+        match layer.forward_with(x, l.tokens, ids, w, l.top_k, out, save, a.use_lora) {
             Ok(c) => {
                 *cache = c;
                 if a.guard {
@@ -264,14 +244,15 @@ impl Shared {
 
     fn backward(&self, a: BwdArgs) {
         let l = self.l;
+        let g = l.grad();
         let layer = self.layer.read().unwrap_or_else(|e| e.into_inner());
         // SAFETY: see `region`; the three regions are disjoint (Layout), and the
-        // forward that shared two of them has run (stream order).
+        // forward that may share two of them has run (stream order).
         let (gout, gx, gw) = unsafe {
             (
-                &*self.region::<u16>(l.gout, l.tokens * l.hidden),
-                self.region::<u16>(l.gx, l.tokens * l.hidden),
-                self.region::<f32>(l.gw, l.tokens * l.top_k),
+                &*self.region::<u16>(g.gout, l.tokens * l.hidden),
+                self.region::<u16>(g.gx, l.tokens * l.hidden),
+                self.region::<f32>(g.gw, l.tokens * l.top_k),
             )
         };
         let cache = lock(&self.cache);
@@ -341,6 +322,73 @@ impl Shared {
         }
     }
 
+    fn run_recompute(&self) {
+        let t0 = Instant::now();
+        let args = lock(&self.rec_args).pop_front();
+        let mut ran = true;
+        if let Some(a) = args {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if a.reuse && self.reuse(&a.kept, a.take_cache) {
+                    ran = false;
+                } else {
+                    self.forward(a.fwd);
+                }
+            }));
+            if r.is_err() {
+                self.fail(StageError::Msg(
+                    Kind::Internal,
+                    format!("ktrs: the expert recompute of {} panicked", self.name),
+                ));
+            }
+        }
+        if ran {
+            self.fwd_ns
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.rec_runs.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+        }
+        self.finish_one();
+    }
+
+    /// Serves this stage's forward from `kept` when its inputs are `kept`'s, byte for
+    /// byte, and `kept` still holds its cache: the kept output is copied here and, with
+    /// `take_cache`, the cache moves here. False (nothing changed) otherwise.
+    fn reuse(&self, kept: &Shared, take_cache: bool) -> bool {
+        let (l, k) = (self.l, kept.l);
+        if (l.tokens, l.top_k, l.hidden) != (k.tokens, k.top_k, k.hidden)
+            || std::ptr::eq(self, kept)
+        {
+            return false;
+        }
+        let (th, tk) = (l.tokens * l.hidden, l.tokens * l.top_k);
+        // SAFETY: see `region`; `kept`'s forward ran before this (stream order: Python
+        // makes this stream wait for `kept`'s last event), and nothing writes its
+        // forward regions until it is released, after this run (Python holds it).
+        let same = unsafe {
+            self.region::<u16>(l.x, th) == kept.region::<u16>(k.x, th)
+                && self.region::<i64>(l.ids, tk) == kept.region::<i64>(k.ids, tk)
+                && self.region::<u32>(l.w, tk) == kept.region::<u32>(k.w, tk)
+        };
+        if !same {
+            return false;
+        }
+        let mut kc = lock(&kept.cache);
+        if kc.is_none() {
+            return false;
+        }
+        let moved = if take_cache { kc.take() } else { None };
+        drop(kc);
+        // SAFETY: as above; `out` regions of two stages are disjoint memory.
+        unsafe {
+            self.region::<u16>(l.out, th)
+                .copy_from_slice(kept.region::<u16>(k.out, th));
+        }
+        let mut mine = lock(&self.cache);
+        *mine = moved;
+        true
+    }
+
     fn finish_one(&self) {
         *lock(&self.done) += 1;
         self.done_cv.notify_all();
@@ -353,12 +401,14 @@ pub struct TrainStage {
     // of an enqueued node touches `shared`.
     fwd: HostFn,
     bwd: HostFn,
+    rec: HostFn,
     shared: Arc<Shared>,
 }
 
 enum Dir {
     Fwd,
     Bwd,
+    Rec,
 }
 
 impl TrainStage {
@@ -371,12 +421,14 @@ impl TrainStage {
             py.detach(move || match dir {
                 Dir::Fwd => s.run_forward(),
                 Dir::Bwd => s.run_backward(),
+                Dir::Rec => s.run_recompute(),
             });
             return Ok(());
         };
         let h = match dir {
             Dir::Fwd => &self.fwd,
             Dir::Bwd => &self.bwd,
+            Dir::Rec => &self.rec,
         };
         // SAFETY: the caller passes torch's handle of a live stream (module-private API).
         let r = unsafe { h.launch(stream as *mut std::ffi::c_void) };
@@ -385,6 +437,7 @@ impl TrainStage {
             match dir {
                 Dir::Fwd => drop(lock(&s.fwd_args).pop_back()),
                 Dir::Bwd => drop(lock(&s.bwd_args).pop_back()),
+                Dir::Rec => drop(lock(&s.rec_args).pop_back()),
             }
             s.launched.fetch_sub(1, Ordering::SeqCst);
             return Err(to_py(e));
@@ -397,15 +450,17 @@ impl TrainStage {
 impl TrainStage {
     /// Staging for `tokens` rows routed to `top_k` experts each of `experts`' layer;
     /// `name` labels errors. `pinned=False` uses plain memory (no CUDA needed; the runs
-    /// then happen at launch, with `stream=None`).
+    /// then happen at launch, with `stream=None`). `keep=True` gives the backward its own
+    /// regions, so the forward's inputs and output stay for a checkpoint recompute.
     #[new]
-    #[pyo3(signature = (experts, tokens, top_k, name, pinned=true))]
+    #[pyo3(signature = (experts, tokens, top_k, name, pinned=true, keep=false))]
     fn new(
         experts: &Experts,
         tokens: usize,
         top_k: usize,
         name: String,
         pinned: bool,
+        keep: bool,
     ) -> PyResult<Self> {
         guard(|| {
             let hidden = experts.layer().config.hidden;
@@ -414,7 +469,8 @@ impl TrainStage {
                     "`tokens` and `top_k` must be positive, got {tokens} and {top_k}"
                 )));
             }
-            let l = Layout::new(tokens, top_k, hidden)
+            let grads = if keep { Grads::Separate } else { Grads::Shared };
+            let l = Layout::new(tokens, top_k, hidden, grads)
                 .ok_or_else(|| crate::error::value_err("staging size overflows"))?;
             let mem = if pinned {
                 Memory::Pinned(PinnedBlock::new(l.bytes).map_err(to_py)?)
@@ -430,6 +486,8 @@ impl TrainStage {
                 name,
                 fwd_args: Mutex::new(VecDeque::new()),
                 bwd_args: Mutex::new(VecDeque::new()),
+                rec_args: Mutex::new(VecDeque::new()),
+                epoch: AtomicU64::new(0),
                 cache: Mutex::new(None),
                 error: Mutex::new(None),
                 launched: AtomicU64::new(0),
@@ -439,11 +497,14 @@ impl TrainStage {
                 fwd_ns: AtomicU64::new(0),
                 bwd_runs: AtomicU64::new(0),
                 bwd_ns: AtomicU64::new(0),
+                rec_runs: AtomicU64::new(0),
+                reused: AtomicU64::new(0),
             });
-            let (f, b) = (shared.clone(), shared.clone());
+            let (f, b, r) = (shared.clone(), shared.clone(), shared.clone());
             Ok(TrainStage {
                 fwd: HostFn::new(move || f.run_forward()),
                 bwd: HostFn::new(move || b.run_backward()),
+                rec: HostFn::new(move || r.run_recompute()),
                 shared,
             })
         })
@@ -454,6 +515,7 @@ impl TrainStage {
         let l = self.shared.l;
         let base = self.shared.mem.base();
         let owner: Arc<dyn Send + Sync> = self.shared.mem.clone();
+        let g = l.grad();
         let th = [l.tokens, l.hidden];
         let tk = [l.tokens, l.top_k];
         let parts = [
@@ -461,9 +523,9 @@ impl TrainStage {
             (l.ids, DType::I64, tk),
             (l.w, DType::F32, tk),
             (l.out, DType::BF16, th),
-            (l.gout, DType::BF16, th),
-            (l.gx, DType::BF16, th),
-            (l.gw, DType::F32, tk),
+            (g.gout, DType::BF16, th),
+            (g.gx, DType::BF16, th),
+            (g.gw, DType::F32, tk),
         ];
         parts
             .iter()
@@ -484,12 +546,48 @@ impl TrainStage {
         use_lora: bool,
         guard: bool,
     ) -> PyResult<()> {
+        let epoch = self.shared.epoch.load(Ordering::SeqCst);
         lock(&self.shared.fwd_args).push_back(FwdArgs {
             save,
             use_lora,
             guard,
+            epoch,
         });
         self.launch(py, Dir::Fwd, stream)
+    }
+
+    /// Enqueues the checkpoint recompute of the forward kept in `kept` (its inputs are in
+    /// this stage's `x, ids, w`): with `reuse` (the layer and its state are `kept`'s) and
+    /// the same inputs, byte for byte, the kept output is copied to `out` and, with
+    /// `take_cache`, the kept cache moves here; otherwise the forward runs here as
+    /// `forward` would (`save`, `use_lora`, `guard`). The caller keeps `kept` alive and
+    /// unused until this has run.
+    #[pyo3(signature = (stream, kept, *, reuse, take_cache, save, use_lora, guard))]
+    #[allow(clippy::too_many_arguments)]
+    fn recompute(
+        &self,
+        py: Python<'_>,
+        stream: Option<usize>,
+        kept: &TrainStage,
+        reuse: bool,
+        take_cache: bool,
+        save: bool,
+        use_lora: bool,
+        guard: bool,
+    ) -> PyResult<()> {
+        let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        lock(&self.shared.rec_args).push_back(RecArgs {
+            kept: kept.shared.clone(),
+            reuse,
+            take_cache,
+            fwd: FwdArgs {
+                save,
+                use_lora,
+                guard,
+                epoch,
+            },
+        });
+        self.launch(py, Dir::Rec, stream)
     }
 
     /// Enqueues the backward of the last forward. LoRA gradients (with `lora`) go into the
@@ -556,8 +654,10 @@ impl TrainStage {
         }
     }
 
-    /// `(forward runs, seconds, backward runs, seconds)` since the last call.
-    fn take_times(&self) -> (u64, f64, u64, f64) {
+    /// `(forward runs, seconds, backward runs, seconds, recomputes that ran the experts,
+    /// recomputes served from a kept forward)` since the last call; the recomputes' run
+    /// time is in the forward seconds.
+    fn take_times(&self) -> (u64, f64, u64, f64, u64, u64) {
         let s = &self.shared;
         let ns = |a: &AtomicU64| a.swap(0, Ordering::Relaxed) as f64 * 1e-9;
         (
@@ -565,11 +665,15 @@ impl TrainStage {
             ns(&s.fwd_ns),
             s.bwd_runs.swap(0, Ordering::Relaxed),
             ns(&s.bwd_ns),
+            s.rec_runs.swap(0, Ordering::Relaxed),
+            s.reused.swap(0, Ordering::Relaxed),
         )
     }
 
-    /// Frees the forward cache (waits for a run holding it).
+    /// Frees the forward cache (waits for a run holding it); forwards launched before
+    /// this and not run yet keep none.
     fn drop_cache(&self, py: Python<'_>) {
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
         let s = self.shared.clone();
         let cache = py.detach(move || lock(&s.cache).take());
         drop(cache);
