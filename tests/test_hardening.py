@@ -28,6 +28,7 @@ ERRORS = {
     "KtrsSystemError": OSError,
     "KtrsInternalError": RuntimeError,
     "KtrsFileNotFoundError": FileNotFoundError,
+    "KtrsAttributeError": AttributeError,
 }
 
 

@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from torch import nn
 
-from ._native import KtrsValueError
+from ._native import KtrsAttributeError, KtrsValueError
 from .families import known_family
 from .hf import find_moe_blocks
 from .module import KtrsExperts
@@ -301,11 +301,11 @@ def _tuner_layer_class():
             # `weight` would recurse into itself).
             @property
             def weight(self):  # type: ignore[override]
-                raise AttributeError("KtrsExperts keeps its weights in Rust memory (see get_expert)")
+                raise KtrsAttributeError("KtrsExperts keeps its weights in Rust memory (see get_expert)")
 
             @property
             def bias(self):  # type: ignore[override]
-                raise AttributeError("KtrsExperts has no bias")
+                raise KtrsAttributeError("KtrsExperts has no bias")
 
             def _get_available_adapters(self) -> set:
                 return set(self.adapter_names())
@@ -362,7 +362,7 @@ def __getattr__(name: str):
     # `ktrs.peft.KtrsTunerExperts` (made on first use, as it subclasses PEFT's BaseTunerLayer).
     if name == "KtrsTunerExperts":
         return _tuner_layer_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise KtrsAttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _as_tuner_layers(model: nn.Module) -> None:

@@ -50,10 +50,13 @@ pub enum Kind {
     Internal,
     /// A file or directory ktrs was asked to read is missing (raised from Python).
     FileNotFound,
+    /// An attribute a ktrs object does not have (raised from Python, where the attribute
+    /// protocol needs an `AttributeError`, e.g. PEFT probing a layer's `weight`).
+    Attribute,
 }
 
 /// (name, standard base, docstring) in `Kind` order.
-const CLASSES: [(&str, &str, &str); 8] = [
+const CLASSES: [(&str, &str, &str); 9] = [
     (
         "KtrsValueError",
         "ValueError",
@@ -94,9 +97,14 @@ const CLASSES: [(&str, &str, &str); 8] = [
         "FileNotFoundError",
         "A file or directory ktrs needs is missing.",
     ),
+    (
+        "KtrsAttributeError",
+        "AttributeError",
+        "An attribute a ktrs object does not have (its weights live in Rust memory).",
+    ),
 ];
 
-const KINDS: [Kind; 8] = [
+const KINDS: [Kind; 9] = [
     Kind::Value,
     Kind::Type,
     Kind::NonFinite,
@@ -105,6 +113,7 @@ const KINDS: [Kind; 8] = [
     Kind::System,
     Kind::Internal,
     Kind::FileNotFound,
+    Kind::Attribute,
 ];
 
 static TYPES: PyOnceLock<Vec<Py<PyType>>> = PyOnceLock::new();
