@@ -9,14 +9,8 @@ arithmetic — float32 products of the input with ``A`` and ``B``, times ``scali
 to the float32 value of the base output, rounded once to its dtype — runs as one Triton
 kernel that writes into the base layer's output.
 
-Up to :data:`MAX_ROWS` rows (a decode step's tokens) one kernel does it all, a program
-per row and column tile; above, up to :data:`MAX_BLOCK_ROWS`, one kernel computes x·Aᵀ
-per row block into a float32 scratch and a second adds its product with B per tile. The second kind matters at decode too: the MLA
-attention of DeepSeek-V2/V3 runs ``kv_b_proj`` over every cached position at every step,
-so its LoRA sees as many rows as the cache holds.
-
 It applies only where it computes what PEFT computes: no autograd, CUDA, at most
-:data:`MAX_BLOCK_ROWS` rows, one active vanilla LoRA adapter with float32 weights (PEFT's
+:data:`MAX_ROWS` rows, one active vanilla LoRA adapter with float32 weights (PEFT's
 default ``autocast_adapter_dtype``), no dropout in effect, not merged, no LoRA bias; any
 other call runs PEFT's own forward. :func:`install` wraps the layers of a model (decode
 does this at every ``generate``); ``KTRS_FUSED_LORA=0`` turns it off.
@@ -31,23 +25,19 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["available", "install", "lora_add", "MAX_ROWS", "MAX_BLOCK_ROWS"]
+__all__ = ["available", "install", "lora_add", "MAX_ROWS"]
 
 #: Python-side calls of the fused path (a captured graph replays without counting).
 calls = 0
 
-#: Rows (tokens × batch) up to which a program takes one row.
+#: Rows (tokens × batch) up to which the fused kernel runs; larger inputs (prefill) are
+#: GEMMs that cuBLAS does better.
 MAX_ROWS = 16
 
-#: Rows up to which the row-block kernel runs; larger inputs (long prefills) are GEMMs
-#: that cuBLAS does better.
-MAX_BLOCK_ROWS = 8192
-
 # Launch parameters (benchmarks/bench_fused_kernels.py sweeps them on the GPU machine).
-_BLOCK_M = 4
 _BLOCK_N = 128
 _BLOCK_K = 512
-_WARPS = 8
+_WARPS = 4
 
 try:  # Triton ships with torch's CUDA wheels on Linux; without it PEFT's forward runs.
     import triton
@@ -97,36 +87,6 @@ if triton is not None:
         y = tl.load(y_ptr + row * y_stride + cols, mask=cols < n_out, other=0.0).to(tl.float32) + delta
         store_rounded(y_ptr, row * y_stride + cols, y, cols < n_out)
 
-    @triton.jit
-    def _lora_xa_kernel(x_ptr, a_ptr, xa_ptr, rows, rank, x_stride, n_in: tl.constexpr, R_PAD: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        # x·Aᵀ for a block of rows, float32, into a [rows, R_PAD] scratch.
-        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        r = tl.arange(0, R_PAD)
-        acc = tl.zeros([BLOCK_M, R_PAD, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, n_in, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=(m[:, None] < rows) & (k[None, :] < n_in),
-                         other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + r[:, None] * n_in + k[None, :], mask=(r[:, None] < rank) & (k[None, :] < n_in), other=0.0)
-            acc += xk[:, None, :] * a[None, :, :]
-        tl.store(xa_ptr + m[:, None] * R_PAD + r[None, :], tl.sum(acc, axis=2), mask=m[:, None] < rows)
-
-    @triton.jit
-    def _lora_b_add_kernel(xa_ptr, b_ptr, y_ptr, scaling, rows, n_out, rank, y_stride, R_PAD: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # y += (xa·Bᵀ)·scaling for a tile, rounded once.
-        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        r = tl.arange(0, R_PAD)
-        xa = tl.load(xa_ptr + m[:, None] * R_PAD + r[None, :], mask=m[:, None] < rows, other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * rank + r[:, None], mask=(cols[None, :] < n_out) & (r[:, None] < rank), other=0.0)
-        delta = tl.sum(xa[:, :, None] * b[None, :, :], axis=1) * scaling
-        where = (m[:, None] < rows) & (cols[None, :] < n_out)
-        offs = m[:, None] * y_stride + cols[None, :]
-        y = tl.load(y_ptr + offs, mask=where, other=0.0).to(tl.float32) + delta
-        store_rounded(y_ptr, offs, y, where)
-
 
 def available() -> bool:
     """Whether the fused kernel can run here (Triton importable, not switched off)."""
@@ -145,25 +105,10 @@ def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, 
         x2 = x2.contiguous()
     y2 = out.view(-1, n_out)
     rows = x2.shape[0]
-    if rows <= MAX_ROWS:
-        r_pad = max(1, triton.next_power_of_2(rank))
-        grid = (rows, triton.cdiv(n_out, _BLOCK_N))
-        _lora_add_kernel[grid](x2, a, b, y2, float(scaling), n_out, rank, x2.stride(0), y2.stride(0), n_in=n_in,
-                               R_PAD=r_pad, BLOCK_K=min(_BLOCK_K, triton.next_power_of_2(n_in)), BLOCK_N=_BLOCK_N,
-                               num_warps=_WARPS)
-    else:
-        # Two kernels: x·Aᵀ once per row, then the tile-wise update (recomputing x·Aᵀ
-        # per column tile, as the row kernel does, costs more than a launch here).
-        r_pad = max(1, triton.next_power_of_2(rank))
-        xa = torch.empty(rows, r_pad, dtype=torch.float32, device=x.device)
-        # Tiles of at most 8K / 32K float32 products in registers, whatever the rank.
-        block_k = max(4, min(512, 8192 // (_BLOCK_M * r_pad)))
-        _lora_xa_kernel[(triton.cdiv(rows, _BLOCK_M),)](x2, a, xa, rows, rank, x2.stride(0), n_in=n_in, R_PAD=r_pad,
-                                                         BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
-        block_n = max(16, min(128, 32768 // (16 * r_pad)))
-        grid = (triton.cdiv(rows, 16), triton.cdiv(n_out, block_n))
-        _lora_b_add_kernel[grid](xa, b, y2, float(scaling), rows, n_out, rank, y2.stride(0), R_PAD=r_pad, BLOCK_M=16,
-                                 BLOCK_N=block_n, num_warps=_WARPS)
+    r_pad = max(1, triton.next_power_of_2(rank))
+    grid = (rows, triton.cdiv(n_out, _BLOCK_N))
+    _lora_add_kernel[grid](x2, a, b, y2, float(scaling), n_out, rank, x2.stride(0), y2.stride(0), n_in=n_in,
+                           R_PAD=r_pad, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, num_warps=_WARPS)
     return out
 
 
@@ -172,7 +117,7 @@ def _plan(layer: nn.Module, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, tor
     computes, else None."""
     if torch.is_grad_enabled() or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return None
-    if layer.disable_adapters or layer.merged or x.numel() > MAX_BLOCK_ROWS * x.shape[-1]:
+    if layer.disable_adapters or layer.merged or x.numel() > MAX_ROWS * x.shape[-1]:
         return None
     active = [n for n in layer.active_adapters if n in layer.lora_A]
     if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
