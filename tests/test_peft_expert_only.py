@@ -16,29 +16,13 @@ from peft import LoraConfig, PeftModel  # noqa: E402
 import ktrs  # noqa: E402
 
 from conftest import rel_l2  # noqa: E402
+from test_family_finetune import ALPHA, R, family, logits, stock  # noqa: E402,F401 (fixtures: one per family)
 from test_finetune import randomize_b  # noqa: E402
-from tiny_families import BUILDERS, stock_model, tie_free_batch  # noqa: E402
-
-R, ALPHA = 4, 8
+from tiny_families import stock_model, tie_free_batch  # noqa: E402
 
 
 def expert_only():
     return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_parameters=["gate_up_proj", "down_proj"])
-
-
-@pytest.fixture(scope="module", params=list(BUILDERS))
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def stock(family):
-    return stock_model(family)
-
-
-def logits(model, b):
-    with torch.no_grad():
-        return model(**b).logits
 
 
 def patched(stock):

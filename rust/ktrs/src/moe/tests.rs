@@ -256,15 +256,11 @@ fn check_case(c: &Case, seed: u64) {
         } else {
             layer.set_isa(isa).unwrap();
         }
-        let mut out = vec![0u16; c.t * c.h];
-        let cache = layer
-            .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
-            .unwrap()
-            .unwrap();
         let tag = format!(
             "{isa} E{} H{} I{} k{} T{} r{}",
             c.e, c.h, c.i, c.k, c.t, c.r
         );
+        let (out, gh, gw, lg) = train_call(&layer, c, &d);
         let err = rel_l2(out.iter().map(|&v| bf16::to_f32(v) as f64), &want.out);
         assert!(err < 1e-2, "{tag}: forward rel L2 {err}");
         // The inference forward (nothing kept) computes the same bits.
@@ -276,25 +272,11 @@ fn check_case(c: &Case, seed: u64) {
             none.is_none() && out_inf == out,
             "{tag}: inference forward differs"
         );
-        let mut gh = vec![0u16; c.t * c.h];
-        let mut gw = vec![0f32; c.t * c.k];
-        let mut lg: Vec<Vec<f32>> = d.lora.iter().map(|m| vec![f32::NAN; m.len()]).collect();
-        {
-            let grads = if c.r > 0 {
-                let [a, b, cc, dd, e, f] = &mut lg[..] else {
-                    unreachable!()
-                };
-                GradTarget::External {
-                    bufs: [a, b, cc, dd, e, f],
-                    accumulate: false,
-                }
-            } else {
-                GradTarget::Skip
-            };
-            layer
-                .backward(&cache, &d.gout, &mut gh, &mut gw, grads)
-                .unwrap();
-        }
+        let gw: Vec<f32> = gw.iter().map(|&b| f32::from_bits(b)).collect();
+        let lg: Vec<Vec<f32>> = lg
+            .iter()
+            .map(|m| m.iter().map(|&b| f32::from_bits(b)).collect())
+            .collect();
         let err = rel_l2(gh.iter().map(|&v| bf16::to_f32(v) as f64), &want.gh);
         assert!(err < 1e-2, "{tag}: grad_hidden rel L2 {err}");
         let err = rel_l2(gw.iter().map(|&v| v as f64), &want.gw);
