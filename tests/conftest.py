@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -106,3 +109,13 @@ def build(p: Problem, isa: Optional[str] = None, threads: int = 2, **kw) -> ktrs
 @pytest.fixture(params=ISAS)
 def isa(request) -> str:
     return request.param
+
+
+def run_triton_case(code: str, device: str) -> None:
+    """Runs a Triton kernel check (`code`, with DEVICE for the device and printing "ok")
+    in a child process: on "cpu" in Triton's interpreter (chosen at import, hence the
+    child), on "cuda" on the GPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else None
+    r = subprocess.run([sys.executable, "-c", code.replace("DEVICE", repr(device))], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -3,13 +3,12 @@ float64 math. Without CUDA the Triton kernel runs in Triton's interpreter, in a 
 process (the interpreter is chosen at import); with CUDA it runs on the GPU, inside a
 decode with an adapter."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from conftest import run_triton_case
 
 pytest.importorskip("triton")
 pytest.importorskip("peft")
@@ -59,15 +58,12 @@ CASE = textwrap.dedent(
 
 
 def test_fused_lora_kernel_matches_peft_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", CASE.replace("DEVICE", '"cpu"')], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_triton_case(CASE, "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the GPU machine)")
 def test_fused_lora_kernel_matches_peft_on_the_gpu():
-    r = subprocess.run([sys.executable, "-c", CASE.replace("DEVICE", '"cuda"')], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_triton_case(CASE, "cuda")
 
 
 def test_install_routes_only_plain_lora_linears_and_falls_back_off_the_gpu():

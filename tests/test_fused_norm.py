@@ -2,14 +2,13 @@
 float64 math. Without CUDA the Triton kernel runs in Triton's interpreter, in a child
 process (the interpreter is chosen at import); with CUDA it runs on the GPU."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from torch import nn
+
+from conftest import run_triton_case
 
 pytest.importorskip("triton")
 
@@ -52,15 +51,12 @@ CASE = textwrap.dedent(
 
 
 def test_fused_norm_kernel_matches_hf_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", CASE.replace("DEVICE", '"cpu"')], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_triton_case(CASE, "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the GPU machine)")
 def test_fused_norm_kernel_matches_hf_on_the_gpu():
-    r = subprocess.run([sys.executable, "-c", CASE.replace("DEVICE", '"cuda"')], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_triton_case(CASE, "cuda")
 
 
 class _OffsetNorm(nn.Module):
