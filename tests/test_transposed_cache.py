@@ -47,32 +47,32 @@ def test_cache_fills_in_backward_and_changes_no_result(isa, knob):
     knob(0)
     off = build(p, isa=isa)
     want = train_call(off, p)
-    assert off._native.transposed_cache_bytes == 0
+    assert off.transposed_cache_bytes == 0
     ref = reference(p)
     assert rel_l2(want[1], ref["grad_hidden"]) < 1e-2
 
     knob(1 << 20)  # 1 TiB: whatever other layers of this process hold, this one fits
     ex = build(p, isa=isa)
     ex.forward(p.hidden, p.ids, p.weights)  # inference never fills the cache
-    assert ex._native.transposed_cache_bytes == 0
+    assert ex.transposed_cache_bytes == 0
     assert_same(train_call(ex, p), want, "cold")
-    full = ex._native.transposed_cache_bytes
-    assert full == ex._native.weight_bytes  # every expert has tokens
+    full = ex.transposed_cache_bytes
+    assert full == ex.weight_bytes  # every expert has tokens
     assert_same(train_call(ex, p), want, "warm")
-    assert ex._native.transposed_cache_bytes == full
+    assert ex.transposed_cache_bytes == full
 
     # set_expert drops that expert's blocks; the next backward uses the new weights.
     g = torch.Generator().manual_seed(9)
     new = [(torch.randn(t.shape[1:], generator=g) * t.float().std()).to(torch.bfloat16) for t in (p.gate, p.up, p.down)]
     ex.set_expert(2, *new)
-    assert ex._native.transposed_cache_bytes == full - full // SHAPE["E"]
+    assert ex.transposed_cache_bytes == full - full // SHAPE["E"]
     got = train_call(ex, p)
     p.gate[2], p.up[2], p.down[2] = new
     knob(0)
     assert_same(got, train_call(build(p, isa=isa), p), "after set_expert")
 
-    ex._native.clear_transposed_cache()
-    assert ex._native.transposed_cache_bytes == 0
+    ex.clear_transposed_cache()
+    assert ex.transposed_cache_bytes == 0
 
 
 def test_cache_stays_within_the_knob(knob):
@@ -83,11 +83,11 @@ def test_cache_stays_within_the_knob(knob):
     ex = build(p)
     for _ in range(2):
         assert_same(train_call(ex, p), want, "1 MiB budget")
-        assert ex._native.transposed_cache_bytes <= MIB
+        assert ex.transposed_cache_bytes <= MIB
     knob(2)
     ex2 = build(p)
     assert_same(train_call(ex2, p), want, "2 MiB budget")
-    assert ex._native.transposed_cache_bytes + ex2._native.transposed_cache_bytes <= 2 * MIB
+    assert ex.transposed_cache_bytes + ex2.transposed_cache_bytes <= 2 * MIB
     # Dropped layers give their bytes back (counted in Rust: moe::tests); a new layer
     # under the same knob still computes the same bits.
     del ex, ex2
@@ -95,7 +95,7 @@ def test_cache_stays_within_the_knob(knob):
     knob(1)
     ex3 = build(p)
     assert_same(train_call(ex3, p), want, "after drops")
-    assert ex3._native.transposed_cache_bytes <= MIB
+    assert ex3.transposed_cache_bytes <= MIB
 
 
 def test_knob_is_listed_with_a_default():

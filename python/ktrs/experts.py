@@ -261,5 +261,17 @@ class MoeExperts:
     use_rslora = property(lambda self: self._native.use_rslora)
     weight_bytes = property(lambda self: self._native.weight_bytes)
 
+    @property
+    def transposed_cache_bytes(self) -> int:
+        """Bytes of transposed expert weights the backward keeps across calls (budget:
+        ``KTRS_TRANSPOSED_CACHE_MB``, default a quarter of RAM; see docs/architecture.md)."""
+        return self._native.transposed_cache_bytes
+
+    @_locked
+    def clear_transposed_cache(self) -> None:
+        """Frees the transposed weights kept for the backward (the next backward rebuilds
+        what it needs)."""
+        self._native.clear_transposed_cache()
+
     def __repr__(self) -> str:
         return repr(self._native).replace("Experts(", "MoeExperts(", 1)
