@@ -7,7 +7,7 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 # torch from PyPI is a large CUDA build that also runs on the CPU; it is installed once.
-DEPS    := torch numpy pytest hypothesis "maturin>=1.5,<2" safetensors "transformers>=5" "peft>=0.21"
+DEPS    := torch numpy pytest hypothesis "maturin>=1.5,<2" safetensors "transformers>=5.17,<6" "peft>=0.21,<0.22"
 # The stamp's name carries a hash of DEPS: editing DEPS makes an existing .venv install
 # what is new (pip skips what is there), and CI's fresh clone installs everything.
 DEPS_ID := $(shell printf '%s' '$(DEPS)' | cksum | cut -d' ' -f1)
