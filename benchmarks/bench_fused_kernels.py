@@ -1,7 +1,6 @@
 """GPU time per call of ktrs's decode kernels (fused LoRA, fused RMSNorm) against the
-stock forwards they replace, at DeepSeek-V2-Lite decode shapes, with a sweep of launch
-parameters; also PEFT's LoRA on ``kv_b_proj`` over the MLA cache, which no fused kernel
-takes yet. Needs CUDA.
+stock forwards they replace, at DeepSeek-V2-Lite decode shapes (LoRA on ``kv_b_proj``
+over the MLA cache included), with a sweep of launch parameters. Needs CUDA.
 
     python benchmarks/bench_fused_kernels.py
 """
@@ -50,7 +49,8 @@ def main() -> int:
     # (what, rows, n_in, n_out): q_proj and o_proj of a decode step; kv_b_proj over a
     # 256- and a 4096-position cache
     for what, rows, n_in, n_out in [("q_proj", 1, 2048, 3072), ("o_proj", 1, 2048, 2048),
-                                    ("kv_b_proj cache 256", 256, 512, 4096), ("kv_b_proj cache 4096", 4096, 512, 4096)]:
+                                    ("kv_b_proj cache 256", 256, 512, 4096), ("kv_b_proj cache 2048", 2048, 512, 4096),
+                                    ("kv_b_proj cache 4096", 4096, 512, 4096)]:
         base = nn.Sequential(nn.Linear(n_in, n_out, bias=False)).to(torch.bfloat16)
         layer = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["0"])).base_model.model[0].cuda()
         x = torch.randn(rows, n_in, device="cuda").to(torch.bfloat16)
@@ -61,10 +61,18 @@ def main() -> int:
             base_us = timed(lambda: layer.base_layer(x))
             line = f"{what:22s} rows {rows:5d}: PEFT {peft_us:6.1f} µs (base GEMM {base_us:5.1f})"
             if rows <= fused_lora.MAX_ROWS:
-                for bk, bn, w in itertools.product([512, 2048], [32, 64, 128], [4, 8]):
-                    fused_lora._BLOCK_K, fused_lora._BLOCK_N, fused_lora._WARPS = bk, bn, w
-                    line += f"\n    fused K{bk} N{bn} w{w}: {timed(lambda: fused_lora.lora_add(x, a, b, 2.0, y)):6.1f} µs"
-                fused_lora._BLOCK_K, fused_lora._BLOCK_N, fused_lora._WARPS = 512, 128, 8
+                saved = fused_lora._BLOCK_N, fused_lora._BLOCK_N_MANY_ROWS, fused_lora._WARPS
+                many = rows > fused_lora._FEW_ROWS
+                for bn, w in itertools.product([256, 512, 1024, 2048] if many else [32, 64, 128, 256], [4, 8]):
+                    if many:
+                        fused_lora._BLOCK_N_MANY_ROWS = bn
+                    else:
+                        fused_lora._BLOCK_N = bn
+                    fused_lora._WARPS = w
+                    us = timed(lambda: fused_lora.lora_add(x, a, b, 2.0, y))
+                    line += f"\n    fused N{bn} w{w}: {us:6.1f} µs"
+                fused_lora._BLOCK_N, fused_lora._BLOCK_N_MANY_ROWS, fused_lora._WARPS = saved
+                line += f"\n    fused (defaults): {timed(lambda: fused_lora.lora_add(x, a, b, 2.0, y)):6.1f} µs"
             else:
                 line += "  (above MAX_ROWS rows PEFT's forward runs)"
         print(line, flush=True)

@@ -22,9 +22,9 @@ CASE = textwrap.dedent(
 
     torch.manual_seed(0)
     dev = DEVICE
-    # rows > MAX_ROWS take the row-block kernel (decode's kv_b_proj over the cache)
+    # more than 16 rows: several column tiles per program (decode's kv_b_proj over the cache)
     for n_in, n_out, r, rows, alpha in [(2048, 4096, 8, 1, 16), (300, 130, 5, 3, 7), (64, 2048, 16, 16, 32),
-                                        (512, 4096, 8, 200, 16), (300, 130, 5, 17, 7), (96, 160, 40, 70, 8)]:
+                                        (512, 2048, 8, 40, 16), (300, 130, 5, 17, 7), (96, 1200, 40, 24, 8)]:
         base = nn.Sequential(nn.Linear(n_in, n_out, bias=False)).to(torch.bfloat16)
         pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"]))
         layer = pm.base_model.model[0]
@@ -40,6 +40,12 @@ CASE = textwrap.dedent(
             strided = torch.stack([x, x], dim=-1)[..., 0]  # the same values, every other element
             assert not strided.is_contiguous()
             assert torch.equal(fused_lora.lora_add(strided, a, b, layer.scaling["default"], layer.base_layer(x)), got)
+            # A row's result does not depend on how many rows the call has: graph decode
+            # runs kv_b_proj over a static cache, eager decode over the positions so far.
+            base_rows = layer.base_layer(x)
+            for i in sorted({0, rows // 2, rows - 1}):
+                one = fused_lora.lora_add(x[i : i + 1], a, b, layer.scaling["default"], base_rows[i : i + 1].clone())
+                assert torch.equal(one, fused_lora.lora_add(x, a, b, layer.scaling["default"], base_rows.clone())[i : i + 1])
         # float64 reference of the same formula
         ref = layer.base_layer(x).double() + (x.double() @ a.double().T @ b.double().T) * layer.scaling["default"]
         assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape

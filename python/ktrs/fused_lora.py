@@ -1,4 +1,4 @@
-"""One GPU kernel for an un-merged PEFT LoRA linear at decode sizes.
+"""One GPU kernel for an un-merged PEFT LoRA linear at decode sizes and over an MLA cache.
 
 PEFT's ``lora.Linear`` adds ``lora_B(lora_A(x)) * scaling`` to the base layer's output in
 seven kernels (cast of x to the adapter's float32, two GEMVs, the scaling, an add that
@@ -30,14 +30,21 @@ __all__ = ["available", "install", "lora_add", "MAX_ROWS"]
 #: Python-side calls of the fused path (a captured graph replays without counting).
 calls = 0
 
-#: Rows (tokens × batch) up to which the fused kernel runs; larger inputs (prefill) are
-#: GEMMs that cuBLAS does better.
-MAX_ROWS = 16
+#: Rows up to which the fused kernel runs. A decode step has a few (tokens × batch), but
+#: the MLA attention of DeepSeek-V2/V3 in transformers 5 runs ``kv_b_proj`` over every
+#: cached position at every step: its LoRA sees as many rows as the cache holds, where
+#: PEFT's seven kernels pass float32 copies of the whole output around (204 µs per layer
+#: at 4096 positions on an H200). Larger inputs (long prefills) run PEFT's forward.
+MAX_ROWS = 8192
+
+#: Up to this many rows a program takes `_BLOCK_N` columns; above, `_BLOCK_N_MANY_ROWS`.
+_FEW_ROWS = 16
 
 # Launch parameters (benchmarks/bench_fused_kernels.py sweeps them on the GPU machine).
 _BLOCK_N = 128
+_BLOCK_N_MANY_ROWS = 1024
 _BLOCK_K = 512
-_WARPS = 4
+_WARPS = 8
 
 try:  # Triton ships with torch's CUDA wheels on Linux; without it PEFT's forward runs.
     import triton
@@ -66,8 +73,8 @@ if triton is not None:
         tl.store(ptr + offs, rounded(y, ptr), mask=mask)
 
     @triton.jit
-    def _lora_add_kernel(x_ptr, a_ptr, b_ptr, y_ptr, scaling, n_out, rank, x_stride, y_stride, n_in: tl.constexpr,
-                         R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _lora_add_kernel(x_ptr, a_ptr, b_ptr, y_ptr, scaling, n_out, x_stride, y_stride, n_in: tl.constexpr,
+                         RANK: tl.constexpr, R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         # n_in is a compile-time constant (a model has a few input widths): the K loop's
         # bound, which Triton 3.6's interpreter cannot take from a runtime argument.
         row = tl.program_id(0)
@@ -79,12 +86,21 @@ if triton is not None:
         for k0 in range(0, n_in, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + row * x_stride + k, mask=k < n_in, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + r[:, None] * n_in + k[None, :], mask=(r[:, None] < rank) & (k[None, :] < n_in), other=0.0)
+            a = tl.load(a_ptr + r[:, None] * n_in + k[None, :], mask=(r[:, None] < RANK) & (k[None, :] < n_in), other=0.0)
             acc += a * xk[None, :]
         xa = tl.sum(acc, axis=1)
-        b = tl.load(b_ptr + cols[:, None] * rank + r[None, :], mask=(cols[:, None] < n_out) & (r[None, :] < rank), other=0.0)
-        delta = tl.sum(b * xa[None, :], axis=1) * scaling
-        y = tl.load(y_ptr + row * y_stride + cols, mask=cols < n_out, other=0.0).to(tl.float32) + delta
+        # (x·Aᵀ)·Bᵀ as multiply-adds over the rank in a fixed order, per column: no
+        # reduction whose order could follow the block's layout, so a column's result is
+        # the same whatever BLOCK_N — few rows take narrow blocks (parallelism), many rows
+        # wide ones (x·Aᵀ recomputed less often), and a row's result does not depend on
+        # how many rows the call has (graph decode runs kv_b_proj over its static cache,
+        # eager decode over the positions so far: both must give the same tokens).
+        delta = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(RANK):
+            xj = tl.sum(tl.where(r == j, xa, 0.0), axis=0)  # exact: one term is not zero
+            bj = tl.load(b_ptr + cols * RANK + j, mask=cols < n_out, other=0.0)
+            delta += bj * xj
+        y = tl.load(y_ptr + row * y_stride + cols, mask=cols < n_out, other=0.0).to(tl.float32) + delta * scaling
         store_rounded(y_ptr, row * y_stride + cols, y, cols < n_out)
 
 
@@ -106,9 +122,11 @@ def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, 
     y2 = out.view(-1, n_out)
     rows = x2.shape[0]
     r_pad = max(1, triton.next_power_of_2(rank))
-    grid = (rows, triton.cdiv(n_out, _BLOCK_N))
-    _lora_add_kernel[grid](x2, a, b, y2, float(scaling), n_out, rank, x2.stride(0), y2.stride(0), n_in=n_in,
-                           R_PAD=r_pad, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, num_warps=_WARPS)
+    # Few rows: narrow column blocks, for parallelism; many rows (an MLA cache): wide ones.
+    block_n = _BLOCK_N if rows <= _FEW_ROWS else _BLOCK_N_MANY_ROWS
+    grid = (rows, triton.cdiv(n_out, block_n))
+    _lora_add_kernel[grid](x2, a, b, y2, float(scaling), n_out, x2.stride(0), y2.stride(0), n_in=n_in, RANK=rank,
+                           R_PAD=r_pad, BLOCK_K=_BLOCK_K, BLOCK_N=block_n, num_warps=_WARPS)
     return out
 
 
