@@ -184,9 +184,9 @@ def build_ktrs(config, device, threads):
         _install(block, rust, name)
     state = {}
     for name, p in model.named_parameters():
-        if p.is_meta:  # norms 1, the rest small random, each in the dtype HF gives it
-            t = torch.ones(p.shape, device=device) if name.endswith("norm.weight") else torch.randn(p.shape, device=device) * 0.02
-            state[name] = t.to(p.dtype)
+        if p.is_meta:  # norms 1, the rest small random, each in the dtype HF gives it (no fp32 temporaries)
+            t = torch.empty(p.shape, dtype=p.dtype, device=device)
+            state[name] = t.fill_(1.0) if name.endswith("norm.weight") else t.normal_(0.0, 0.02)
     _load_rest(model, state, torch.device(device))
     model._ktrs_device = torch.device(device)
     ktrs.decode.enable(model)  # what patch_model and from_pretrained do
