@@ -12,7 +12,7 @@ HF's model is built on the GPU.
 
     python benchmarks/bench_model.py                      # V2-Lite, 27 layers, prefill 512/2048, decode 32
     python benchmarks/bench_model.py --layers 4 --skip offload
-    python benchmarks/bench_model.py --model qwen3-30b-a3b --skip offload   # 48 layers, 57 GiB of experts
+    python benchmarks/bench_model.py --model qwen3-30b-a3b --skip offload   # 48 layers, 54 GiB of experts
     python benchmarks/bench_model.py --model v3 --layers 4 --skip offload   # 1 dense + 3 MoE layers, 63 GiB of experts
     python benchmarks/bench_model.py --sft 512 2048 --profile     # LoRA SFT, checkpointing off and on
     python benchmarks/bench_model.py --sft 64 --tiny --layers 3 --sft-steps 2 --profile   # quick check (any --model)
@@ -46,9 +46,10 @@ def rss_gb() -> float:
 #: Whole-model shapes (transformers 5 classes, random weights). `shape`: the real model's
 #: sizes; `tiny`: the same structure at toy sizes (--tiny) to check the script in seconds;
 #: `layers`: the default --layers (the real count; V3's 61 layers hold 1.3 TB of experts,
-#: so 4 there); `attention`: the attention projections that get LoRA (with the routed
-#: experts) in the adapter-decode and SFT measurements. DeepSeek models keep one dense first layer (the
-#: real V3 has three; per MoE layer nothing changes), none with --layers 1.
+#: so 4 there); `dense_layers`: dense first layers (one for both DeepSeeks: the real V3
+#: has three, which changes nothing per MoE layer; none with --layers 1); `attention`: the
+#: attention projections that get LoRA (with the routed experts) in the adapter-decode and
+#: SFT measurements.
 MODELS = {
     "v2-lite": dict(
         config="DeepseekV2Config",
