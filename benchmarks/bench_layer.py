@@ -302,6 +302,33 @@ SHAPES = {
     "v3": (256, 7168, 2048, 8),  # DeepSeek-V3/R1 (21 GiB of bf16 weights per layer)
     "qwen3-30b-a3b": (128, 2048, 768, 8),  # Qwen3-30B-A3B
 }
+#: The models' names in README's table.
+SHAPE_LABELS = {"v2-lite": "DeepSeek-V2-Lite", "v3": "DeepSeek-V3/R1", "qwen3-30b-a3b": "Qwen3-30B-A3B"}
+
+
+def readme_rows(paths: List[str]) -> List[str]:
+    """README's "One layer" table rows from bench_layer JSONs (the ISA named when a JSON has several):
+    shape, T, ktrs training fwd / bwd ms, fwd TFLOPS (T >= 512), kt-kernel SFT fwd / bwd,
+    kt inference fwd; '—' where a JSON lacks the number."""
+    def ms(v) -> str:
+        return "—" if v is None else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        sh = doc["shape"]
+        dims = (sh["experts"], sh["hidden"], sh["intermediate"], sh["topk"])
+        name = next((SHAPE_LABELS[n] for n, d in SHAPES.items() if d == dims), "custom")
+        isas = list(dict.fromkeys(rec["isa"] for rec in doc["records"]))
+        for isa in isas:
+            label = f"{name} (E={dims[0]}, H={dims[1]}, I={dims[2]}, k={dims[3]})" + (f", {isa}" if len(isas) > 1 else "")
+            for rec in (r for r in doc["records"] if r["isa"] == isa):
+                tf = f"{rec['fwd_tflops']:.1f}" if rec["tokens"] >= 512 and rec.get("fwd_tflops") else ""
+                rows.append(f"| {label} | {rec['tokens']} | {ms(rec.get('fwd_ms'))} / {ms(rec.get('bwd_ms'))} | {tf} | "
+                            f"{ms(rec.get('kt_fwd_ms'))} / {ms(rec.get('kt_bwd_ms'))} | {ms(rec.get('kt_inf_fwd_ms'))} |")
+                label = ""
+    return rows
 
 
 def fmt(v, spec: str) -> str:
@@ -336,7 +363,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "bench_layer.json"),
                    help="output JSON path (default: benchmarks/results/bench_layer.json)")
     p.add_argument("--quick", action="store_true", help="tokens 1 and 32 only, repeats 2")
+    p.add_argument("--readme-rows", nargs="+", metavar="JSON",
+                   help="run nothing: print README's one-layer table rows from these bench_layer JSONs")
     args = p.parse_args(argv)
+    if args.readme_rows:
+        print("\n".join(readme_rows(args.readme_rows)))
+        return 0
 
     if args.quick:
         args.tokens = [1, 32]

@@ -1,14 +1,21 @@
-"""Whole-model benchmark at DeepSeek-V2-Lite shape (random weights): ktrs (routed experts
-on the CPU, the rest on the GPU) against plain HF with everything on the GPU and against
-HF with the experts offloaded to the CPU by accelerate. Prefill and decode tokens/s, GPU
-and host memory; or (--sft) LoRA SFT steps with and without activation checkpointing: tok/s,
-step time, CPU expert time and step/expert, GPU peak, host RSS, and (--profile) where a
-step's time goes. Writes JSON.
+"""Whole-model benchmark (random weights) at DeepSeek-V2-Lite, Qwen3-30B-A3B or
+DeepSeek-V3 shape (--model): ktrs (routed experts on the CPU, the rest on the GPU) against
+plain HF with everything on the GPU (skipped, and said so, when the model does not fit;
+running out of GPU memory later is recorded) and against HF with the experts offloaded to
+the CPU by accelerate. Prefill and decode tokens/s, GPU and host memory; or (--sft) LoRA
+SFT steps with and without activation checkpointing: tok/s, step time, CPU expert time and
+step/expert, GPU peak, host RSS, and (--profile) where a step's time goes. Writes JSON.
 
-    python benchmarks/bench_model.py                      # 27 layers, prefill 512/2048, decode 32
+The ktrs model is built on the meta device with its experts packed straight into Rust
+memory from a few random sources (host memory: the packed experts once, nothing more);
+HF's model is built on the GPU.
+
+    python benchmarks/bench_model.py                      # V2-Lite, 27 layers, prefill 512/2048, decode 32
     python benchmarks/bench_model.py --layers 4 --skip offload
+    python benchmarks/bench_model.py --model qwen3-30b-a3b --skip offload   # 48 layers, 54 GiB of experts
+    python benchmarks/bench_model.py --model v3 --layers 4 --skip offload   # 1 dense + 3 MoE layers, 63 GiB of experts
     python benchmarks/bench_model.py --sft 512 2048 --profile     # LoRA SFT, checkpointing off and on
-    python benchmarks/bench_model.py --sft 64 --shape tiny --layers 3 --sft-steps 2 --profile   # quick check
+    python benchmarks/bench_model.py --sft 64 --tiny --layers 3 --sft-steps 2 --profile   # quick check (any --model)
     python benchmarks/bench_model.py --sft 2048 --accum 4         # gradient accumulation: 4 micro-batches per step
 """
 
@@ -20,7 +27,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -36,56 +43,151 @@ def rss_gb() -> float:
     return float("nan")
 
 
-def v2_lite_config(layers: int, **sizes):
-    """DeepSeek-V2-Lite's shape with `layers` layers; `sizes` override fields (the tiny
-    shape below)."""
-    from transformers import DeepseekV2Config
+#: Whole-model shapes (transformers 5 classes, random weights). `shape`: the real model's
+#: sizes; `tiny`: the same structure at toy sizes (--tiny) to check the script in seconds;
+#: `layers`: the default --layers (the real count; V3's 61 layers hold 1.3 TB of experts,
+#: so 4 there); `dense_layers`: dense first layers (one for both DeepSeeks: the real V3
+#: has three, which changes nothing per MoE layer; none with --layers 1); `attention`: the
+#: attention projections that get LoRA (with the routed experts) in the adapter-decode and
+#: SFT measurements.
+MODELS = {
+    "v2-lite": dict(
+        config="DeepseekV2Config",
+        shape=dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                   num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6,
+                   n_shared_experts=2, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                   v_head_dim=128, max_position_embeddings=8192, routed_scaling_factor=1.0, topk_method="greedy",
+                   n_group=1, topk_group=1),
+        tiny=dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                  num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4,
+                  n_shared_experts=1, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                  max_position_embeddings=4096),
+        layers=27, dense_layers=1, attention=["q_proj", "kv_b_proj", "o_proj"]),
+    "qwen3-30b-a3b": dict(
+        config="Qwen3MoeConfig",
+        shape=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                   num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960,
+                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        tiny=dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
+                  max_position_embeddings=4096),
+        layers=48, dense_layers=0, attention=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "v3": dict(
+        config="DeepseekV3Config",
+        shape=dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                   num_attention_heads=128, num_key_value_heads=128, n_routed_experts=256, num_experts_per_tok=8,
+                   n_shared_experts=1, kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                   v_head_dim=128, n_group=8, topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True,
+                   max_position_embeddings=163840),
+        tiny=dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                  num_attention_heads=4, num_key_value_heads=4, n_routed_experts=32, num_experts_per_tok=4,
+                  kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                  max_position_embeddings=4096),
+        layers=4, dense_layers=1, attention=["q_a_proj", "q_b_proj", "kv_b_proj", "o_proj"]),
+}
 
-    shape = dict(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6,
-        n_shared_experts=2, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        max_position_embeddings=8192,
-    )
-    shape.update(sizes)
-    return DeepseekV2Config(
-        num_hidden_layers=layers, first_k_dense_replace=1, q_lora_rank=None, routed_scaling_factor=1.0,
-        topk_method="greedy", n_group=1, topk_group=1, rms_norm_eps=1e-6, tie_word_embeddings=False, **shape,
-    )
+
+def model_config(model: str, layers: int, tiny: bool = False, **sizes):
+    """`model`'s shape (a MODELS key) with `layers` layers, the tiny variant with `tiny`;
+    `sizes` override fields."""
+    import transformers
+
+    spec = MODELS[model]
+    shape = {**spec["shape"], **(spec["tiny"] if tiny else {}), **sizes}
+    if spec["dense_layers"]:
+        shape.setdefault("first_k_dense_replace", min(spec["dense_layers"], layers - 1))
+    return getattr(transformers, spec["config"])(num_hidden_layers=layers, rms_norm_eps=1e-6, tie_word_embeddings=False, **shape)
+
+
+def v2_lite_config(layers: int, **sizes):
+    """DeepSeek-V2-Lite's shape with `layers` layers; `sizes` override fields."""
+    return model_config("v2-lite", layers, **sizes)
 
 
 def tiny_config(layers: int):
     """A small DeepSeek-V2 (same structure) to check the script end to end in seconds."""
-    return v2_lite_config(
-        layers, vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4,
-        n_shared_experts=1, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        max_position_embeddings=4096,
-    )
+    return model_config("v2-lite", layers, tiny=True)
 
 
-def build_ktrs(config, device, threads):
-    """Meta skeleton; random experts straight into ktrs; random rest on `device`."""
+def meta_model(config):
+    """`config`'s model on the meta device (no memory), bf16 but for what HF keeps in fp32."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    H, I = config.hidden_size, config.moe_intermediate_size
-    # A few random sources reused at different experts: values do not affect speed, and
-    # every expert still has its own packed copy in Rust memory.
-    pool = [(torch.randn(I, H, generator=g) * H**-0.5).bfloat16() for _ in range(4)]
-    down = [(torch.randn(H, I, generator=g) * I**-0.5).bfloat16() for _ in range(2)]
-    for name, block in find_moe_blocks(model):
-        rust = ktrs.MoeExperts.empty(config.n_routed_experts, H, I, threads=threads)
-        for x in range(config.n_routed_experts):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+def model_bytes(config) -> Dict[str, int]:
+    """Bytes of `config`'s model as HF holds it (bf16, routers fp32): all of it, and the
+    routed experts (what ktrs holds on the host)."""
+    model = meta_model(config)
+    sizes = {"all": 0, "experts": 0}
+    for name, p in model.named_parameters():
+        n = p.numel() * p.element_size()
+        sizes["all"] += n
+        if ".experts." in name:
+            sizes["experts"] += n
+    return sizes
+
+
+def mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def host_shortfall(expert_bytes: int, sft: bool) -> Optional[str]:
+    """Why ktrs' packed experts (and for SFT the backward's transposed copies, up to
+    KTRS_TRANSPOSED_CACHE_MB, default a quarter of RAM) do not fit in available host
+    memory with a few GiB to spare; None if they do."""
+    need = expert_bytes
+    if sft:
+        mb = os.environ.get("KTRS_TRANSPOSED_CACHE_MB")
+        budget = int(mb) * 2**20 if mb else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        need += min(budget, expert_bytes)
+    have = mem_available_bytes()
+    if have and need + 4 * 2**30 > have:
+        what = "experts" + (" and their transposed copies for the backward" if sft else "")
+        return f"ktrs needs {need / 2**30:.1f} GiB of host memory for the {what}, {have / 2**30:.1f} GiB is available"
+    return None
+
+
+def gpu_shortfall(model_bytes_all: int) -> Optional[str]:
+    """Why HF's whole model does not fit on the GPU (weights + 10% + 4 GiB against the free
+    memory); None if it does. What runs out later (SFT activations) is caught as it happens."""
+    free, _ = torch.cuda.mem_get_info()
+    need = model_bytes_all * 1.1 + 4 * 2**30
+    if need > free:
+        return f"the whole model needs ~{need / 2**30:.0f} GiB of GPU memory, {free / 2**30:.0f} GiB is free"
+    return None
+
+
+def build_ktrs(config, device, threads):
+    """Meta skeleton; random experts straight into ktrs (only the packed copy is ever in
+    host memory); random rest on `device`."""
+    model = meta_model(config)
+    blocks = find_moe_blocks(model)
+    if blocks:
+        E, two_i, H = blocks[0][1].experts.gate_up_proj.shape
+        I = two_i // 2
+        # A few random sources reused at different experts: values do not affect speed, and
+        # every expert still has its own packed copy in Rust memory.
+        g = torch.Generator().manual_seed(0)
+        pool = [(torch.randn(I, H, generator=g) * H**-0.5).bfloat16() for _ in range(4)]
+        down = [(torch.randn(H, I, generator=g) * I**-0.5).bfloat16() for _ in range(2)]
+    for name, block in blocks:
+        rust = ktrs.MoeExperts.empty(E, H, I, threads=threads)
+        for x in range(E):
             rust.set_expert(x, pool[x % 4], pool[(x + 1) % 4], down[x % 2])
         _install(block, rust, name)
     state = {}
     for name, p in model.named_parameters():
-        if p.is_meta:
-            t = torch.ones(p.shape, device=device) if name.endswith("norm.weight") else torch.randn(p.shape, device=device) * 0.02
-            state[name] = t.to(torch.float32 if name.endswith("mlp.gate.weight") else torch.bfloat16)
+        if p.is_meta:  # norms 1, the rest small random, each in the dtype HF gives it (no fp32 temporaries)
+            t = torch.empty(p.shape, dtype=p.dtype, device=device)
+            state[name] = t.fill_(1.0) if name.endswith("norm.weight") else t.normal_(0.0, 0.02)
     _load_rest(model, state, torch.device(device))
     model._ktrs_device = torch.device(device)
     ktrs.decode.enable(model)  # what patch_model and from_pretrained do
@@ -186,13 +288,17 @@ def measure_decode(model, device: str, batch: int, decode: int, g, key: str, **s
     return res
 
 
-def measure_adapter_decode(model, device: str, decode: int, peft_get) -> Dict:
-    """Decode with an un-merged LoRA adapter (attention + routed experts), greedy and sampling."""
+def lora_kwargs(attention: List[str]) -> Dict:
+    """LoRA r=8 on the `attention` projections (MODELS' `attention`) and the routed experts:
+    the adapter of the adapter-decode and SFT measurements."""
+    return dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(attention), target_parameters=["gate_up_proj", "down_proj"])
+
+
+def measure_adapter_decode(model, device: str, decode: int, peft_get, lora: Dict) -> Dict:
+    """Decode with an un-merged LoRA adapter (`lora`: attention + routed experts), greedy and sampling."""
     from peft import LoraConfig
 
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "kv_b_proj", "o_proj"],
-                     target_parameters=["gate_up_proj", "down_proj"])
-    pm = peft_get(model, cfg).eval()
+    pm = peft_get(model, LoraConfig(**lora)).eval()
     g = torch.Generator().manual_seed(3)
     res = measure_decode(pm, device, 1, decode, g, "adapter_decode_tok_s")
     res.update(measure_decode(pm, device, 1, decode, g, "adapter_sampling_decode_tok_s", do_sample=True, top_p=0.9, temperature=0.7))
@@ -213,8 +319,14 @@ def measure_long_context_memory(model, device: str, context: int) -> Dict:
     return {f"gpu_peak_{context}_ctx_gb": peak}
 
 
-SFT_LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "kv_b_proj", "o_proj"],
-                target_parameters=["gate_up_proj", "down_proj"])
+def oom_message(exc: BaseException) -> str:
+    return str(exc).split("\n")[0][:200]
+
+
+def free_gpu() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool], reentrant: bool, profile: bool, accum: int = 1) -> Dict:
@@ -249,34 +361,18 @@ def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool],
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             timer.per_layer = profile
-            rows = []
-            for i in range(steps + 1):  # the first step warms up
-                timer.reset()
-                sync()
-                t0 = time.perf_counter()
-                fwd_t = bwd_t = 0.0
-                for mb in micro:
-                    ta = time.perf_counter()
-                    loss = pm(input_ids=mb, labels=mb).loss / accum
-                    if profile:
-                        sync()
-                    tb = time.perf_counter()
-                    loss.backward()
-                    del loss
-                    if profile:  # boundaries only when profiling: syncs there cost overlap
-                        sync()
-                    tc = time.perf_counter()
-                    fwd_t, bwd_t = fwd_t + (tb - ta), bwd_t + (tc - tb)
-                t1, t2 = t0 + fwd_t, time.perf_counter()
-                opt.step()
+            key = f"{seq}_{'ckpt' if ckpt else 'no_ckpt'}" + (f"_accum{accum}" if accum > 1 else "")
+            try:
+                step_s, fwd_s, bwd_s, opt_s, snap = sft_steps(pm, micro, steps, opt, sync, timer, profile)
+                prof = step_profile(pm, ids, opt, sync, step_s, fwd_s, bwd_s, opt_s, snap, cuda) if profile else None
+            except torch.OutOfMemoryError as exc:  # e.g. HF's whole model on the GPU without checkpointing
+                res[key] = {"oom": oom_message(exc)}
+            if "oom" in res.get(key, {}):  # outside the except: its traceback held the activations
+                timer.per_layer = False
                 opt.zero_grad(set_to_none=True)
-                sync()
-                t3 = time.perf_counter()
-                if i:
-                    rows.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2, timer.snapshot()))
-            timer.per_layer = False
-            rows.sort(key=lambda r: r[0])
-            step_s, fwd_s, bwd_s, opt_s, snap = rows[len(rows) // 2]
+                free_gpu()
+                print(f"    SFT seq {seq}, checkpointing {'on ' if ckpt else 'off'}: OUT OF GPU MEMORY ({res[key]['oom']})", flush=True)
+                continue
             r = {"tok_s": seq * accum / step_s, "step_s": step_s, "accum": accum, "host_rss_gb": rss_gb()}
             if is_ktrs:
                 r.update(expert_forwards_per_step=snap["forwards"], expert_backwards_per_step=snap["backwards"],
@@ -285,8 +381,7 @@ def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool],
             if cuda:
                 r["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if profile:
-                r["profile"] = step_profile(pm, ids, opt, sync, step_s, fwd_s, bwd_s, opt_s, snap, cuda)
-            key = f"{seq}_{'ckpt' if ckpt else 'no_ckpt'}" + (f"_accum{accum}" if accum > 1 else "")
+                r["profile"] = prof
             res[key] = r
             line = f"    SFT seq {seq}{f' x{accum} micro-batches' if accum > 1 else ''}, checkpointing {'on ' if ckpt else 'off'}: {r['tok_s']:.1f} tok/s ({step_s:.3f} s/step"
             if is_ktrs:
@@ -298,6 +393,40 @@ def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool],
     pm.gradient_checkpointing_disable()
     res["trainable"] = sum(p.numel() for p in params)
     return res
+
+
+def sft_steps(pm, micro: List[torch.Tensor], steps: int, opt, sync, timer, profile: bool):
+    """`steps` timed optimizer steps after one warm-up, each over the micro-batches `micro`:
+    the median step's (step, forward, backward, optimizer) seconds and expert-timer snapshot."""
+    accum = len(micro)
+    rows = []
+    for i in range(steps + 1):  # the first step warms up
+        timer.reset()
+        sync()
+        t0 = time.perf_counter()
+        fwd_t = bwd_t = 0.0
+        for mb in micro:
+            ta = time.perf_counter()
+            loss = pm(input_ids=mb, labels=mb).loss / accum
+            if profile:
+                sync()
+            tb = time.perf_counter()
+            loss.backward()
+            del loss
+            if profile:  # boundaries only when profiling: syncs there cost overlap
+                sync()
+            tc = time.perf_counter()
+            fwd_t, bwd_t = fwd_t + (tb - ta), bwd_t + (tc - tb)
+        t1, t2 = t0 + fwd_t, time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        if i:
+            rows.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2, timer.snapshot()))
+    timer.per_layer = False
+    rows.sort(key=lambda r: r[0])
+    return rows[len(rows) // 2]
 
 
 def step_profile(pm, ids, opt, sync, step_s, fwd_s, bwd_s, opt_s, snap, cuda) -> Dict:
@@ -365,13 +494,44 @@ def print_sft_table(results: Dict) -> None:
     print(f"\n{'SFT':<12} {'config':<20} " + " ".join(f"{h:>15}" for _, h in cols))
     for name, r in results.items():
         for key, v in r.get("sft", {}).items():
-            if isinstance(v, dict):
+            if isinstance(v, dict) and "oom" in v:
+                print(f"{name:<12} {key:<20} out of GPU memory")
+            elif isinstance(v, dict):
                 print(f"{name:<12} {key:<20} " + " ".join(f"{v[k]:15.3f}" if v.get(k) is not None else f"{'-':>15}" for k, _ in cols))
+
+
+def run_hf(config, device: str, args, sft: Optional[List[int]], ckpts: List[bool], lora: Dict, results: Dict) -> None:
+    """Stock HF with the whole model on the GPU, then (unless skipped) with the routed
+    experts offloaded to the CPU by accelerate; results into `results`."""
+    model = build_hf_gpu(config, device)
+    if "gpu" not in args.skip:
+        torch.cuda.reset_peak_memory_stats()
+        print("[hf, all on GPU]", flush=True)
+        results["hf_gpu"] = measure(model, device, args.prefill, args.decode, args.repeats, args.batches, args.ttft)
+        if sft:
+            import peft
+
+            pm = peft.get_peft_model(model, peft.LoraConfig(**lora))
+            results["hf_gpu"]["sft"] = measure_sft(pm, device, sft, args.sft_steps, ckpts, args.reentrant, bool(args.profile), args.accum)
+            del pm
+    if "offload" not in args.skip:
+        from accelerate import cpu_offload_with_hook  # noqa: F401  (accelerate present)
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+        for _, block in find_moe_blocks(model):
+            block.experts.to("cpu")
+            add_hook_to_module(block.experts, AlignDevicesHook(execution_device=torch.device(device), offload=True, io_same_device=True, weights_map=block.experts.state_dict()))
+        free_gpu()
+        torch.cuda.reset_peak_memory_stats()
+        print("[hf, experts offloaded by accelerate]", flush=True)
+        results["hf_offload"] = measure(model, device, args.prefill[:1], args.offload_decode, 1)
+    del model
+    free_gpu()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=27)
+    ap.add_argument("--layers", type=int, default=None, help="layers (default: the model's; v3: 4)")
     ap.add_argument("--prefill", type=int, nargs="*", default=[512, 2048])
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 4, 16], help="decode batch sizes")
@@ -391,11 +551,17 @@ def main() -> int:
     ap.add_argument("--reentrant", action="store_true", help="reentrant checkpointing (default: HF's non-reentrant)")
     ap.add_argument("--profile", nargs="?", const=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sft_profile.json"),
                     default=None, metavar="JSON", help="SFT: also where each step's time goes, written to JSON")
-    ap.add_argument("--shape", choices=["v2-lite", "tiny"], default="v2-lite", help="tiny: a small model to check the script runs")
+    ap.add_argument("--model", choices=sorted(MODELS), default="v2-lite",
+                    help="model shape (random weights); --layers defaults to its layer count (v3: 4, i.e. 3 MoE layers)")
+    ap.add_argument("--tiny", action="store_true", help="the model's structure at toy sizes: checks the script runs, in seconds")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_model.json"))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = (v2_lite_config if args.shape == "v2-lite" else tiny_config)(args.layers)
+    if args.layers is None:
+        args.layers = MODELS[args.model]["layers"]
+    if args.layers < 1:
+        ap.error("--layers must be at least 1")
+    config = model_config(args.model, args.layers, tiny=args.tiny)
     sft = None if args.sft is None else (args.sft or [512, 2048])
     ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
     if args.accum < 1:
@@ -403,63 +569,61 @@ def main() -> int:
     if sft:  # SFT replaces the inference measurements
         args.prefill, args.decode, args.ttft, args.context = [], 0, 0, 0
         args.skip = sorted(set(args.skip) | {"offload"})
+    sizes = model_bytes(config)
+    moe_layers = len(find_moe_blocks(meta_model(config)))
     info = ktrs.info()
-    print(f"layers {args.layers}, device {device}, ktrs ISA {info['selected_isa']}, threads {args.threads or info['default_threads']}")
-    out = {"config": {"layers": args.layers, "device": device, "isa": info["selected_isa"]}, "results": {}}
+    print(f"model {args.model}{' (tiny)' if args.tiny else ''}: {args.layers} layers ({moe_layers} MoE), {sizes['all'] / 2**30:.1f} GiB "
+          f"in bf16, {sizes['experts'] / 2**30:.1f} GiB of it routed experts; device {device}, ktrs ISA {info['selected_isa']}, "
+          f"threads {args.threads or info['default_threads']}")
+    out = {"config": {"model": args.model, "tiny": args.tiny, "layers": args.layers, "moe_layers": moe_layers, "device": device,
+                      "isa": info["selected_isa"], "model_gib": sizes["all"] / 2**30, "expert_gib": sizes["experts"] / 2**30},
+           "results": {}}
     if sft:
         out["config"]["accum"] = args.accum
+    if "ktrs" not in args.skip and (short := host_shortfall(sizes["experts"], bool(sft))):
+        ap.error(f"{short}: fewer --layers (each MoE layer holds {sizes['experts'] / max(moe_layers, 1) / 2**30:.1f} GiB)")
 
     if "ktrs" not in args.skip:
         t0 = time.perf_counter()
         model = build_ktrs(config, device, args.threads)
-        print(f"[ktrs] built in {time.perf_counter() - t0:.0f} s; host RSS {rss_gb():.1f} GB", flush=True)
+        out["config"]["ktrs_build_s"] = time.perf_counter() - t0
+        print(f"[ktrs] built in {out['config']['ktrs_build_s']:.0f} s; host RSS {rss_gb():.1f} GB", flush=True)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        lora = lora_kwargs(MODELS[args.model]["attention"])
         out["results"]["ktrs"] = measure(model, device, args.prefill, args.decode, args.repeats, args.batches, args.ttft)
         if device.startswith("cuda") and args.context:
             out["results"]["ktrs"].update(measure_long_context_memory(model, device, args.context))
         if args.decode and not args.no_adapter and not sft:
-            out["results"]["ktrs"].update(measure_adapter_decode(model, device, args.decode, ktrs.get_peft_model))
+            out["results"]["ktrs"].update(measure_adapter_decode(model, device, args.decode, ktrs.get_peft_model, lora))
         if sft:
             from peft import LoraConfig
 
-            pm = ktrs.get_peft_model(model, LoraConfig(**SFT_LORA))
+            pm = ktrs.get_peft_model(model, LoraConfig(**lora))
             out["results"]["ktrs"]["sft"] = measure_sft(pm, device, sft, args.sft_steps, ckpts, args.reentrant, bool(args.profile), args.accum)
             del pm
         del model
-        gc.collect()
-        torch.cuda.empty_cache() if device.startswith("cuda") else None
+        free_gpu()
 
     if device.startswith("cuda") and not {"gpu", "offload"} <= set(args.skip):
-        model = build_hf_gpu(config, device)
-        if "gpu" not in args.skip:
-            torch.cuda.reset_peak_memory_stats()
-            print("[hf, all on GPU]", flush=True)
-            out["results"]["hf_gpu"] = measure(model, device, args.prefill, args.decode, args.repeats, args.batches, args.ttft)
-            if sft:
-                import peft
-
-                pm = peft.get_peft_model(model, peft.LoraConfig(**SFT_LORA))
-                out["results"]["hf_gpu"]["sft"] = measure_sft(pm, device, sft, args.sft_steps, ckpts, args.reentrant, bool(args.profile), args.accum)
-                del pm
-        if "offload" not in args.skip:
-            from accelerate import cpu_offload_with_hook  # noqa: F401  (accelerate present)
-            from accelerate.hooks import AlignDevicesHook, add_hook_to_module
-
-            for _, block in find_moe_blocks(model):
-                block.experts.to("cpu")
-                add_hook_to_module(block.experts, AlignDevicesHook(execution_device=torch.device(device), offload=True, io_same_device=True, weights_map=block.experts.state_dict()))
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            print("[hf, experts offloaded by accelerate]", flush=True)
-            out["results"]["hf_offload"] = measure(model, device, args.prefill[:1], args.offload_decode, 1)
-        del model
+        if (why := gpu_shortfall(sizes["all"])) is not None:
+            print(f"[hf, all on GPU] skipped: {why}", flush=True)
+            out["results"]["hf_gpu"] = {"skipped": why}
+        else:
+            oom = None
+            try:
+                run_hf(config, device, args, sft, ckpts, lora_kwargs(MODELS[args.model]["attention"]), out["results"])
+            except torch.OutOfMemoryError as exc:
+                oom = oom_message(exc)
+            if oom is not None:  # outside the except: its traceback held the model
+                free_gpu()
+                out["results"].setdefault("hf_gpu", {})["oom"] = oom
+                print(f"[hf] OUT OF GPU MEMORY, the rest of HF's measurements skipped: {oom}", flush=True)
 
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
-    cols = [("prefill_512_tok_s", "prefill512 tok/s"), ("prefill_2048_tok_s", "prefill2048 tok/s"), ("decode_tok_s", "decode b1 tok/s"),
+    cols = [(f"prefill_{T}_tok_s", f"prefill{T} tok/s") for T in args.prefill] + [("decode_tok_s", "decode b1 tok/s"),
             ("decode_b4_tok_s", "decode b4"), ("decode_b16_tok_s", "decode b16"), ("adapter_decode_tok_s", "b1 adapter"),
             ("adapter_sampling_decode_tok_s", "b1 adapter+sample"), (f"ttft_{args.ttft}_s", f"TTFT {args.ttft} s"),
             ("gpu_peak_gb", "GPU peak GB"), (f"gpu_peak_{args.context}_ctx_gb", f"GPU GB @{args.context}"), ("host_rss_gb", "host RSS GB"),
@@ -471,6 +635,10 @@ def main() -> int:
         print(f"\n{'system':<12} " + " ".join(f"{h:>17}" for _, h in cols))
         for name, r in out["results"].items():
             print(f"{name:<12} " + " ".join(f"{r[k]:17.2f}" if r.get(k) is not None else f"{'-':>17}" for k, _ in cols))
+    for name, r in out["results"].items():  # HF not run, or stopped
+        for what, word in (("skipped", "skipped"), ("oom", "out of GPU memory")):
+            if r.get(what):
+                print(f"{name}: {word}: {r[what]}")
     if args.profile:
         prof = {"config": out["config"], "command": " ".join(sys.argv),
                 "profiles": {name: {k: v["profile"] for k, v in r.get("sft", {}).items() if isinstance(v, dict) and "profile" in v}

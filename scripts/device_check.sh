@@ -7,8 +7,13 @@
 # PYTEST_ARGS (default "tests"; a full suite takes ~4 minutes per ISA there, so run
 # the three ISAs in separate calls),
 # PROBE=1 (single-thread GEMM probe), SWEEP_ARGS (run benchmarks/sweep_knobs.py with
-# these arguments), SKIP_BENCH=1 (no bench_layer.py), SHAPES (bench_layer shapes, default
-# "v2-lite"; also "v3", "qwen3-30b-a3b").
+# these arguments), SKIP_BENCH=1 (no bench_layer.py), SKIP_CARGO=1 (no Rust tests),
+# SHAPES (bench_layer shapes, one run and table each, default "v2-lite"; also "v3",
+# "qwen3-30b-a3b"; then README's table rows for all of them).
+# Layer benches only, ktrs and kt-kernel (devbuild/ktpeer, see device_build.sh), one call:
+#   ISAS="" SKIP_CARGO=1 SHAPES="qwen3-30b-a3b v3" bash scripts/device_check.sh --isa amx --repeats 3 --no-torch --kt on
+# (measured 2026-12-02: ~15 s for V2-Lite or Qwen3-30B-A3B shape, ~2 min for V3 shape,
+# whose layer holds 21 GiB in ktrs, as much in kt-kernel and the random source weights).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ktrs-out}; mkdir -p "$OUT"
@@ -21,7 +26,9 @@ export PYTHONPATH=/tmp/site
 [ -d devbuild/ktpeer ] && export PYTHONPATH=/tmp/site:$PWD/devbuild/ktpeer
 python3 -m ktrs info
 status=0
-echo "== cargo tests (every ISA this CPU has)"; ./devbuild/ktrs-tests -q 2>&1 | tail -3 || status=1
+if [ "${SKIP_CARGO:-0}" != 1 ]; then
+  echo "== cargo tests (every ISA this CPU has)"; ./devbuild/ktrs-tests -q 2>&1 | tail -3 || status=1
+fi
 run_pytest() {  # isa -> log in $OUT; exit status of pytest
   # shellcheck disable=SC2086
   KTRS_ISA=$1 python3 -m pytest -q -p no:cacheprovider --durations=8 ${PYTEST_ARGS:-tests} > "$OUT/pytest-$1.log" 2>&1
@@ -58,5 +65,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     # shellcheck disable=SC2086
     python3 benchmarks/bench_layer.py --shape "$shape" $extra --json "$OUT/bench_layer-$shape.json" "$@" || status=1
   done
+  jsons=$(for shape in ${SHAPES:-v2-lite}; do f="$OUT/bench_layer-$shape.json"; [ -f "$f" ] && echo "$f"; done)
+  if [ -n "$jsons" ]; then
+    echo "== README rows (one layer; ms: ktrs fwd / bwd | fwd TFLOPS | kt SFT fwd / bwd | kt inference fwd)"
+    # shellcheck disable=SC2086
+    python3 benchmarks/bench_layer.py --readme-rows $jsons || status=1
+  fi
 fi
 exit $status
