@@ -61,17 +61,13 @@ def main() -> int:
             base_us = timed(lambda: layer.base_layer(x))
             line = f"{what:22s} rows {rows:5d}: PEFT {peft_us:6.1f} µs (base GEMM {base_us:5.1f})"
             if rows <= fused_lora.MAX_ROWS:
-                saved = fused_lora._BLOCK_N, fused_lora._BLOCK_N_MANY_ROWS, fused_lora._WARPS
-                many = rows > fused_lora._FEW_ROWS
-                for bn, w in itertools.product([256, 512, 1024, 2048] if many else [32, 64, 128, 256], [4, 8]):
-                    if many:
-                        fused_lora._BLOCK_N_MANY_ROWS = bn
-                    else:
-                        fused_lora._BLOCK_N = bn
-                    fused_lora._WARPS = w
+                saved = fused_lora._BLOCK_N, fused_lora._TILES_MANY_ROWS, fused_lora._WARPS
+                tiles = [1] if rows <= fused_lora._FEW_ROWS else [4, 8, 16, 32]
+                for bn, w, t in itertools.product([32, 64, 128, 256], [4, 8], tiles):
+                    fused_lora._BLOCK_N, fused_lora._WARPS, fused_lora._TILES_MANY_ROWS = bn, w, t
                     us = timed(lambda: fused_lora.lora_add(x, a, b, 2.0, y))
-                    line += f"\n    fused N{bn} w{w}: {us:6.1f} µs"
-                fused_lora._BLOCK_N, fused_lora._BLOCK_N_MANY_ROWS, fused_lora._WARPS = saved
+                    line += f"\n    fused N{bn} w{w} tiles {t}: {us:6.1f} µs"
+                fused_lora._BLOCK_N, fused_lora._TILES_MANY_ROWS, fused_lora._WARPS = saved
                 line += f"\n    fused (defaults): {timed(lambda: fused_lora.lora_add(x, a, b, 2.0, y)):6.1f} µs"
             else:
                 line += "  (above MAX_ROWS rows PEFT's forward runs)"

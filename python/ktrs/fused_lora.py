@@ -37,14 +37,16 @@ calls = 0
 #: at 4096 positions on an H200). Larger inputs (long prefills) run PEFT's forward.
 MAX_ROWS = 8192
 
-#: Up to this many rows a program takes `_BLOCK_N` columns; above, `_BLOCK_N_MANY_ROWS`.
+#: Up to this many rows a program takes one column tile; above, `_TILES_MANY_ROWS`.
 _FEW_ROWS = 16
+_TILES_MANY_ROWS = 16
 
 # Launch parameters (benchmarks/bench_fused_kernels.py sweeps them on the GPU machine).
+# 8 warps took 3.0 instead of 4.6 µs for one row, but 97 instead of 66 µs over 2048 rows
+# (H200), and warps must be the same for both (see the kernel): 4.
 _BLOCK_N = 128
-_BLOCK_N_MANY_ROWS = 1024
 _BLOCK_K = 512
-_WARPS = 8
+_WARPS = 4
 
 try:  # Triton ships with torch's CUDA wheels on Linux; without it PEFT's forward runs.
     import triton
@@ -73,35 +75,33 @@ if triton is not None:
         tl.store(ptr + offs, rounded(y, ptr), mask=mask)
 
     @triton.jit
-    def _lora_add_kernel(x_ptr, a_ptr, b_ptr, y_ptr, scaling, n_out, x_stride, y_stride, n_in: tl.constexpr,
-                         RANK: tl.constexpr, R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _lora_add_kernel(x_ptr, a_ptr, b_ptr, y_ptr, scaling, n_out, rank, x_stride, y_stride, n_in: tl.constexpr,
+                         R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
         # n_in is a compile-time constant (a model has a few input widths): the K loop's
         # bound, which Triton 3.6's interpreter cannot take from a runtime argument.
         row = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         r = tl.arange(0, R_PAD)
-        # x·Aᵀ for this row, recomputed by every column block: rank × n_in multiply-adds
-        # read from L2, cheaper than a second kernel and its launch.
+        # x·Aᵀ for this row, recomputed by every program of the row: rank × n_in
+        # multiply-adds read from L2, cheaper than a second kernel and its launch.
         acc = tl.zeros([R_PAD, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, n_in, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + row * x_stride + k, mask=k < n_in, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + r[:, None] * n_in + k[None, :], mask=(r[:, None] < RANK) & (k[None, :] < n_in), other=0.0)
+            a = tl.load(a_ptr + r[:, None] * n_in + k[None, :], mask=(r[:, None] < rank) & (k[None, :] < n_in), other=0.0)
             acc += a * xk[None, :]
         xa = tl.sum(acc, axis=1)
-        # (x·Aᵀ)·Bᵀ as multiply-adds over the rank in a fixed order, per column: no
-        # reduction whose order could follow the block's layout, so a column's result is
-        # the same whatever BLOCK_N — few rows take narrow blocks (parallelism), many rows
-        # wide ones (x·Aᵀ recomputed less often), and a row's result does not depend on
-        # how many rows the call has (graph decode runs kv_b_proj over its static cache,
-        # eager decode over the positions so far: both must give the same tokens).
-        delta = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for j in tl.static_range(RANK):
-            xj = tl.sum(tl.where(r == j, xa, 0.0), axis=0)  # exact: one term is not zero
-            bj = tl.load(b_ptr + cols * RANK + j, mask=cols < n_out, other=0.0)
-            delta += bj * xj
-        y = tl.load(y_ptr + row * y_stride + cols, mask=cols < n_out, other=0.0).to(tl.float32) + delta * scaling
-        store_rounded(y_ptr, row * y_stride + cols, y, cols < n_out)
+        # TILES column tiles per program, each computed by the same code as a lone tile:
+        # a row's result does not depend on how many rows the call has (graph decode runs
+        # kv_b_proj over its static cache, eager decode over the positions so far, and
+        # both must give the same tokens). Block shapes and warps stay the same for every
+        # call, since the reductions' order follows the block layout.
+        for t in range(TILES):
+            cols = (tl.program_id(1) * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+            b = tl.load(b_ptr + cols[:, None] * rank + r[None, :], mask=(cols[:, None] < n_out) & (r[None, :] < rank),
+                        other=0.0)
+            delta = tl.sum(b * xa[None, :], axis=1) * scaling
+            y = tl.load(y_ptr + row * y_stride + cols, mask=cols < n_out, other=0.0).to(tl.float32) + delta
+            store_rounded(y_ptr, row * y_stride + cols, y, cols < n_out)
 
 
 def available() -> bool:
@@ -122,11 +122,12 @@ def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, 
     y2 = out.view(-1, n_out)
     rows = x2.shape[0]
     r_pad = max(1, triton.next_power_of_2(rank))
-    # Few rows: narrow column blocks, for parallelism; many rows (an MLA cache): wide ones.
-    block_n = _BLOCK_N if rows <= _FEW_ROWS else _BLOCK_N_MANY_ROWS
-    grid = (rows, triton.cdiv(n_out, block_n))
-    _lora_add_kernel[grid](x2, a, b, y2, float(scaling), n_out, x2.stride(0), y2.stride(0), n_in=n_in, RANK=rank,
-                           R_PAD=r_pad, BLOCK_K=_BLOCK_K, BLOCK_N=block_n, num_warps=_WARPS)
+    # Few rows: a program per column tile, for parallelism. Many rows (an MLA cache):
+    # several tiles per program, so x·Aᵀ is recomputed less often.
+    tiles = 1 if rows <= _FEW_ROWS else min(_TILES_MANY_ROWS, triton.cdiv(n_out, _BLOCK_N))
+    grid = (rows, triton.cdiv(n_out, _BLOCK_N * tiles))
+    _lora_add_kernel[grid](x2, a, b, y2, float(scaling), n_out, rank, x2.stride(0), y2.stride(0), n_in=n_in,
+                           R_PAD=r_pad, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, TILES=tiles, num_warps=_WARPS)
     return out
 
 
