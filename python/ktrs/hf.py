@@ -352,6 +352,8 @@ class _Fp8:
     def block_of(self, weight_shape: List[int], scale_shape: List[int], key: str) -> Tuple[int, int]:
         """The block size of float8 tensor `key` ([..., n, k]); a scale whose shape does
         not fit its blocks' grid raises, naming `key`."""
+        if len(weight_shape) < 2:
+            raise KtrsValueError(f"{key}: shape {list(weight_shape)}; float8 weights are matrices")
         n, k = weight_shape[-2:]
         bn, bk = self.block or (n, k)
         grid = [*weight_shape[:-2], -(-n // bn), -(-k // bk)]

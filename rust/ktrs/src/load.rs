@@ -198,9 +198,9 @@ struct Scratch {
 }
 
 /// Reads and packs `experts` into `layer` on its pool, many at once. `progress(n)` is
-/// called on the calling thread as experts finish, with the number newly finished;
-/// returning false stops the load (the layer then holds some experts, and the error
-/// says so). Everything that can be checked (expert indices, shapes, dtypes, byte counts,
+/// called on the calling thread as experts finish, with the number newly finished, from
+/// inside a job of the pool (so it must not call into ktrs); returning false stops the
+/// load (the layer then holds some of the experts, and the error says so). Everything that can be checked (expert indices, shapes, dtypes, byte counts,
 /// scales, ranges inside the shards) is checked before anything is read.
 pub fn load_experts(
     layer: &mut MoeLayer,
