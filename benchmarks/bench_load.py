@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -142,6 +141,13 @@ def breakdown(path: str) -> dict:
     return took
 
 
+def peak_rss() -> int:
+    """Peak resident bytes of this process (VmHWM; ru_maxrss would carry over the peak of
+    the parent that wrote the checkpoint, across exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def load(path: str, repeat: int, phases: bool, cold: bool) -> None:
     import torch
     from transformers import AutoConfig
@@ -170,7 +176,7 @@ def load(path: str, repeat: int, phases: bool, cold: bool) -> None:
         cpu.append(time.process_time() - c0)
     secs = times[0]
     packed = sum(b.experts.experts.weight_bytes for _, b in ktrs.find_moe_blocks(model))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     sizes = [os.path.getsize(f) for f in files]
     model = None  # the breakdown's load reuses its memory rather than faulting in fresh pages
     gc.collect()

@@ -149,6 +149,14 @@ def test_wrong_dtype_shape_and_byte_count_are_named(single_shard, tmp_path):
         load(path)
 
 
+def test_missing_shard_is_named(tmp_path):
+    stock_model("deepseek_v2").save_pretrained(str(tmp_path), max_shard_size="200KB")
+    shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[-1]
+    os.remove(tmp_path / shard)
+    with pytest.raises(ktrs.KtrsFileNotFoundError, match=rf"{shard}: listed in model\.safetensors\.index\.json, but missing"):
+        load(tmp_path)
+
+
 def test_truncated_shard_is_named(single_shard, tmp_path):
     import shutil
 

@@ -423,6 +423,8 @@ class _Shard:
     def __init__(self, path: str, index: int) -> None:
         """`index`: the shard's place in the list of paths handed to Rust."""
         self.path, self.index = path, index
+        if not os.path.isfile(path):
+            raise KtrsFileNotFoundError(f"{path}: listed in model.safetensors.index.json, but missing")
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             self.header = json.loads(f.read(n))

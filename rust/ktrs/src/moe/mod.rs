@@ -394,12 +394,11 @@ fn pack_expert(
     g: &mut [u16],
     d: &mut [u16],
 ) {
-    for (t, panel) in g.chunks_mut(gs.panel_len()).enumerate() {
+    let panels = g
+        .chunks_mut(gs.panel_len())
+        .chain(d.chunks_mut(ds.panel_len()));
+    for (t, panel) in panels.enumerate() {
         pack_panel(gs, ds, h, i, src.of(panel_source(gs, t).0), t, panel);
-    }
-    for (t, panel) in d.chunks_mut(ds.panel_len()).enumerate() {
-        let t = gs.panels() + t;
-        pack_panel(gs, ds, h, i, src.of(Proj::Down), t, panel);
     }
 }
 
