@@ -1,7 +1,7 @@
 """Type stub of ``ktrs._native``, the PyO3 layer (rust/python/src). Kept in step with the
 module by tests/test_stub.py: every public name, every method and its parameters."""
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 __version__: str
 MAX_THREADS: int
@@ -227,6 +227,24 @@ def dequantize_fp8(
     """Writes float8 `weight` [n, k] (e4m3fn or e5m2) times its float32 block scales
     `scale` [ceil(n/bn), ceil(k/bk)] into bf16 `out` [n, k], rounded as
     ``(weight.float() * scale).to(torch.bfloat16)`` rounds."""
+#: Where one expert projection lies in a shard: (key, shard index, byte offset, byte count,
+#: safetensors dtype, shape, scale); a float8 one's scale is (key, shard index, byte
+#: offset, byte count, (block rows, block columns)) of float32 block scales, else None.
+TensorSource = Tuple[str, int, int, int, str, List[int], Optional[Tuple[str, int, int, int, Tuple[int, int]]]]
+
+def load_experts(
+    layer: Experts,
+    paths: Sequence[str],
+    experts: Sequence[Tuple[int, TensorSource, TensorSource, TensorSource]],
+    *,
+    progress: Optional[Callable[[int], Any]] = None,
+) -> None:
+    """Reads and packs `experts` ((expert, gate, up, down) each) from the shard files
+    `paths` into `layer`, many at once on its threads, with the GIL released: BF16, F16
+    and F32 converted to bf16, float8 dequantised with its scales. `progress(n)` is
+    called as experts finish; an exception from it stops the load. A tensor that does
+    not fit (shape, byte count, dtype, a truncated shard) raises `KtrsValueError`
+    naming its key, before anything is read."""
 def cpu_info() -> Dict[str, Any]: ...
 def tuning() -> Dict[str, Any]: ...
 def set_tuning(name: str, value: Union[int, str]) -> None: ...

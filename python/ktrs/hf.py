@@ -12,10 +12,10 @@ import contextlib
 import functools
 import gc
 import json
+import math
 import os
 import re
 import types
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -349,19 +349,27 @@ class _Fp8:
                                  f"(or null: one scale per tensor), got {block!r}")
         return cls(tuple(block) if block is not None else None)
 
+    def block_of(self, weight_shape: List[int], scale_shape: List[int], key: str) -> Tuple[int, int]:
+        """The block size of float8 tensor `key` ([..., n, k]); a scale whose shape does
+        not fit its blocks' grid raises, naming `key`."""
+        if len(weight_shape) < 2:
+            raise KtrsValueError(f"{key}: shape {list(weight_shape)}; float8 weights are matrices")
+        n, k = weight_shape[-2:]
+        bn, bk = self.block or (n, k)
+        grid = [*weight_shape[:-2], -(-n // bn), -(-k // bk)]
+        per_tensor = self.block is None and math.prod(scale_shape) == 1
+        if not per_tensor and list(scale_shape) != grid:
+            raise KtrsValueError(
+                f"{key}{_SCALE}: shape {list(scale_shape)} does not fit weight {list(weight_shape)} in blocks of "
+                f"{[bn, bk]} (quantization_config.weight_block_size), which need scales {grid}")
+        return bn, bk
+
     def grid(self, weight: torch.Tensor, scale: torch.Tensor, key: str) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """`scale` shaped as its blocks' grid over `weight` ([..., n, k]) and the block
         size; a scale that does not fit raises, naming `key`."""
+        bn, bk = self.block_of(list(weight.shape), list(scale.shape), key)
         n, k = weight.shape[-2:]
-        bn, bk = self.block or (n, k)
-        grid = (*weight.shape[:-2], -(-n // bn), -(-k // bk))
-        if self.block is None and scale.numel() == 1:
-            scale = scale.reshape(grid)
-        if tuple(scale.shape) != grid:
-            raise KtrsValueError(
-                f"{key}{_SCALE}: shape {list(scale.shape)} does not fit weight {list(weight.shape)} in blocks of "
-                f"{[bn, bk]} (quantization_config.weight_block_size), which need scales {list(grid)}")
-        return scale, (bn, bk)
+        return scale.reshape(*weight.shape[:-2], -(-n // bn), -(-k // bk)), (bn, bk)
 
     def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, key: str) -> torch.Tensor:
         """The float32 values of the float8 tensor `key` ([..., n, k]) and its scales: for
@@ -407,92 +415,35 @@ def _shards(path: str) -> List[str]:
     raise KtrsFileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
 
 
-def _buffer(buffers: Dict[tuple, torch.Tensor], slot: str, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The reusable tensor `slot` of this shape and dtype: fresh memory costs page faults
-    (slow on VMs), so a load allocates each buffer once."""
-    buf = buffers.get((slot, shape, dtype))
-    if buf is None:
-        buf = buffers[(slot, shape, dtype)] = torch.empty(shape, dtype=dtype)
-    return buf
+class _Shard:
+    """The header of one safetensors file: where each tensor's bytes lie. Routed experts
+    are read by Rust (`_native.load_experts`) from these byte ranges; the rest through
+    safetensors."""
 
-
-class _ShardReader:
-    """Reads tensors of one safetensors file with plain `readinto` into reusable buffers:
-    no mmap (whose touched pages count as resident) and no allocation per expert tensor
-    (which let the allocator's heap grow to several shards' worth)."""
-
-    _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, **_FP8_DTYPES}
-
-    def __init__(self, path: str, buffers: Optional[Dict[tuple, torch.Tensor]] = None) -> None:
-        """`buffers`: reusable buffers by (slot, shape, dtype), shared by the readers of one load."""
-        self.path = path
-        self.file = open(path, "rb")
-        n = int.from_bytes(self.file.read(8), "little")
-        self.header = json.loads(self.file.read(n))
+    def __init__(self, path: str, index: int) -> None:
+        """`index`: the shard's place in the list of paths handed to Rust."""
+        self.path, self.index = path, index
+        if not os.path.isfile(path):
+            raise KtrsFileNotFoundError(f"{path}: listed in model.safetensors.index.json, but missing")
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(n))
         self.header.pop("__metadata__", None)
-        self.base = 8 + n
-        self.buffers = {} if buffers is None else buffers
+        self.base = 8 + n  # the data section starts after the header
 
     def keys(self) -> List[str]:
         return list(self.header)
 
-    def read(self, key: str, slot: str) -> torch.Tensor:
-        """The tensor `key`, in the reusable buffer `slot` (valid until the next read into it)."""
+    def source(self, key: str, scale: Optional[tuple] = None, part: Tuple[int, int] = (0, 1),
+               shape: Optional[List[int]] = None) -> tuple:
+        """Where tensor `key` lies, as `_native.load_experts` takes it: the `part[0]`-th of
+        `part[1]` equal pieces of its bytes (an expert's slice of a fused tensor), with
+        `shape` (default: the header's) and the float8 `scale` source."""
         meta = self.header[key]
-        dtype = self._DTYPES.get(meta["dtype"])
-        if dtype is None:
-            raise KtrsValueError(f"{key}: unsupported dtype {meta['dtype']} for routed experts")
-        shape = tuple(meta["shape"])
-        buf = _buffer(self.buffers, slot, shape, dtype)
         start, end = meta["data_offsets"]
-        view = buf.view(-1).view(torch.uint8).numpy()
-        if end - start != view.nbytes:
-            raise KtrsValueError(f"{key}: {end - start} bytes on disk for shape {list(shape)} {meta['dtype']}")
-        self.file.seek(self.base + start)
-        if self.file.readinto(view) != view.nbytes:
-            raise KtrsValueError(f"{key}: file truncated")
-        return buf
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class _Packer:
-    """Dequantises (fp8) and packs experts on a worker thread (Rust, which releases the
-    GIL) while the caller reads the next one from disk. At most one pack is in flight, so
-    the caller reads into one of two sets of reusable buffers, `parity`, which flips at
-    each submit."""
-
-    def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ktrs-load")
-        self.in_flight: Optional[Future] = None
-        self.parity = 0
-
-    def submit(self, rust: MoeExperts, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-               dequantize: Tuple[tuple, ...] = ()) -> None:
-        """`dequantize`: (float8 weight, scale, bf16 out, block) for each float8 projection,
-        whose `out` is among gate, up, down."""
-        self.wait()
-        self.in_flight = self.pool.submit(self._pack, rust, expert, (gate, up, down), dequantize)
-        self.parity ^= 1
-
-    @staticmethod
-    def _pack(rust: MoeExperts, expert: int, weights: Tuple[torch.Tensor, ...], dequantize: Tuple[tuple, ...]) -> None:
-        for weight, scale, out, block in dequantize:
-            _native.dequantize_fp8(weight, scale, out, block, threads=rust.threads)
-        rust.set_expert(expert, *weights)
-
-    def wait(self) -> None:
-        """Waits for the pack in flight; its error, if any, is raised here."""
-        job, self.in_flight = self.in_flight, None
-        if job is not None:
-            job.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self.pool.shutdown(wait=True)
+        size = (end - start) // part[1]
+        return (key, self.index, self.base + start + part[0] * size, size, meta["dtype"],
+                list(meta["shape"] if shape is None else shape), scale)
 
 
 def _progress(total: int, desc: str):
@@ -521,8 +472,9 @@ def from_pretrained(
 
     The model skeleton is built on the meta device; routed-expert weights go from the
     safetensors shards (the family's per-expert keys, or transformers 5's fused names)
-    straight into Rust, one expert at a time; everything else is loaded onto `device`
-    in `dtype`. Host memory stays near the packed expert bytes plus one expert in flight.
+    straight into Rust, many experts at once on the ktrs threads; everything else is
+    loaded onto `device` in `dtype`. Host memory stays near the packed expert bytes
+    plus one expert projection per thread.
 
     Block-wise fp8 checkpoints (``quantization_config.quant_method == "fp8"``, e.g.
     DeepSeek-V3/R1) are dequantised on load: routed experts to bf16, the rest to
@@ -559,82 +511,78 @@ def from_pretrained(
     ignored = ignored_keys(model)
     from safetensors import safe_open
 
-    buffers: Dict[tuple, torch.Tensor] = {}
-    readers = {shard: _ShardReader(shard, buffers) for shard in _shards(path)}
-    try:
-        # Sort every tensor: routed-expert weights and scales by (layer, expert), fused
-        # expert tensors by layer, the rest by shard.
-        where: Dict[str, _ShardReader] = {}
-        experts: Dict[Tuple[int, int], Dict[str, str]] = {}
-        fused: Dict[int, Dict[str, Tuple[str, str]]] = {}
-        rest: Dict[str, List[str]] = {}
-        for shard, reader in readers.items():
-            for key in reader.keys():
-                if any(p.search(key) for p in ignored):
-                    continue  # never read: layers the model does not build
-                where[key] = reader
-                m, suffix = per_expert.match(key), ""
-                if m is None and (m := expert_scale.match(key)) is not None:
-                    suffix = _SCALE
-                if m and int(m.group(2)) in blocks:
-                    experts.setdefault((int(m.group(2)), int(m.group(3))), {})[family.proj(m.group(4)) + suffix] = key
-                elif (m := _FUSED.match(family.to_model(key))) and int(m.group(1)) in blocks:
-                    if reader.header[key]["dtype"] in _FP8_DTYPES:
-                        raise KtrsValueError(f"{what}: {key} is a float8 fused expert tensor; ktrs streams float8 experts "
-                                             "under the original per-expert keys (experts.N.gate_proj.weight and its scale)")
-                    fused.setdefault(int(m.group(1)), {})[m.group(2)] = (shard, key)
-                else:
-                    rest.setdefault(shard, []).append(key)
-        def expert_key(layer: int, x: int, proj: str) -> str:
-            return family.expert_key(blocks[layer][2], x, proj)
+    shards = [_Shard(shard, n) for n, shard in enumerate(_shards(path))]
+    # Sort every tensor: routed-expert weights and scales by (layer, expert), fused
+    # expert tensors by layer, the rest by shard.
+    where: Dict[str, _Shard] = {}
+    experts: Dict[Tuple[int, int], Dict[str, str]] = {}
+    fused: Dict[int, Dict[str, str]] = {}
+    rest: Dict[str, List[str]] = {}
+    for shard in shards:
+        for key in shard.keys():
+            if any(p.search(key) for p in ignored):
+                continue  # never read: layers the model does not build
+            where[key] = shard
+            m, suffix = per_expert.match(key), ""
+            if m is None and (m := expert_scale.match(key)) is not None:
+                suffix = _SCALE
+            if m and int(m.group(2)) in blocks:
+                experts.setdefault((int(m.group(2)), int(m.group(3))), {})[family.proj(m.group(4)) + suffix] = key
+            elif (m := _FUSED.match(family.to_model(key))) and int(m.group(1)) in blocks:
+                if shard.header[key]["dtype"] in _FP8_DTYPES:
+                    raise KtrsValueError(f"{what}: {key} is a float8 fused expert tensor; ktrs streams float8 experts "
+                                         "under the original per-expert keys (experts.N.gate_proj.weight and its scale)")
+                fused.setdefault(int(m.group(1)), {})[m.group(2)] = key
+            else:
+                rest.setdefault(shard.path, []).append(key)
 
-        missing = [(layer, x) for layer, (rust, _, _) in sorted(blocks.items()) if layer not in fused
-                   for x in range(rust.num_experts) if (layer, x) not in experts]
-        if missing:
-            layer, x = missing[0]
-            raise KtrsValueError(f"{what}: the checkpoint lacks {len(missing)} of {total} routed experts, "
-                                 f"e.g. {expert_key(layer, x, 'gate')}")
+    def expert_key(layer: int, x: int, proj: str) -> str:
+        return family.expert_key(blocks[layer][2], x, proj)
 
-        # Expert by expert, each tensor from whichever shard holds it (transformers'
-        # save_pretrained spreads an expert over shards) into reusable buffers: one per
-        # projection and scale, two sets (see _Packer).
-        packer = _Packer()
-        try:
-            for (layer, x), keys in sorted(experts.items()):
-                fp8_weights = [p for p in _PROJ if p in keys and where[keys[p]].header[keys[p]]["dtype"] in _FP8_DTYPES]
-                gap = [expert_key(layer, x, p) for p in _PROJ if p not in keys]
-                gap += [expert_key(layer, x, p) + _SCALE for p in fp8_weights if p + _SCALE not in keys]
-                if gap:
-                    raise KtrsValueError(f"{what}: routed expert {x} of layer {layer} is incomplete: missing {', '.join(gap)}")
-                if fp8_weights and fp8 is None:
-                    raise _not_fp8(keys[fp8_weights[0]], what)
-                parts = {slot: where[key].read(key, f"{slot}{packer.parity}") for slot, key in keys.items()}
-                weights = [parts[p] for p in _PROJ]
-                jobs = []
-                for j, p in enumerate(_PROJ):
-                    if p in fp8_weights:
-                        scale, block = fp8.grid(parts[p], parts[p + _SCALE].float(), keys[p])
-                        weights[j] = _buffer(buffers, f"{p}{packer.parity}", tuple(parts[p].shape), torch.bfloat16)
-                        jobs.append((parts[p], scale, weights[j], block))
-                packer.submit(blocks[layer][0], x, *weights, dequantize=tuple(jobs))
-                if bar is not None:
-                    bar.update(1)
-            for layer, parts in sorted(fused.items()):
-                if len(parts) != 2:
-                    raise KtrsValueError(f"{what}: layer {layer} has fused experts {sorted(parts)} only; it needs gate_up_proj and down_proj")
-                rust, i, _ = blocks[layer]
-                (sg, kg), (sd, kd) = parts["gate_up_proj"], parts["down_proj"]
-                with safe_open(sg, framework="pt") as fg, safe_open(sd, framework="pt") as fd:
-                    gu, dn = fg.get_slice(kg), fd.get_slice(kd)
-                    for x in range(rust.num_experts):
-                        packer.submit(rust, x, gu[x : x + 1, :i][0], gu[x : x + 1, i:][0], dn[x : x + 1][0])
-                        if bar is not None:
-                            bar.update(1)
-        finally:
-            packer.close()
-    finally:
-        for reader in readers.values():
-            reader.close()
+    missing = [(layer, x) for layer, (rust, _, _) in sorted(blocks.items()) if layer not in fused
+               for x in range(rust.num_experts) if (layer, x) not in experts]
+    if missing:
+        layer, x = missing[0]
+        raise KtrsValueError(f"{what}: the checkpoint lacks {len(missing)} of {total} routed experts, "
+                             f"e.g. {expert_key(layer, x, 'gate')}")
+
+    # Where each expert's projections lie, by layer; Rust reads and packs them.
+    sources: Dict[int, List[tuple]] = {}
+    for (layer, x), keys in sorted(experts.items()):
+        fp8_weights = [p for p in _PROJ if p in keys and where[keys[p]].header[keys[p]]["dtype"] in _FP8_DTYPES]
+        gap = [expert_key(layer, x, p) for p in _PROJ if p not in keys]
+        gap += [expert_key(layer, x, p) + _SCALE for p in fp8_weights if p + _SCALE not in keys]
+        if gap:
+            raise KtrsValueError(f"{what}: routed expert {x} of layer {layer} is incomplete: missing {', '.join(gap)}")
+        if fp8_weights and fp8 is None:
+            raise _not_fp8(keys[fp8_weights[0]], what)
+        projections = []
+        for p in _PROJ:
+            scale = None
+            if p in fp8_weights:
+                w, sk = keys[p], keys[p + _SCALE]
+                block = fp8.block_of(where[w].header[w]["shape"], where[sk].header[sk]["shape"], w)
+                scale = where[sk].source(sk)[:4] + (block,)
+            projections.append(where[keys[p]].source(keys[p], scale))
+        sources.setdefault(layer, []).append((x, *projections))
+    for layer, parts in sorted(fused.items()):
+        if len(parts) != 2:
+            raise KtrsValueError(f"{what}: layer {layer} has fused experts {sorted(parts)} only; it needs gate_up_proj and down_proj")
+        rust, i, _ = blocks[layer]
+        e, h = rust.num_experts, rust.hidden_size
+        for name, want in (("gate_up_proj", [e, 2 * i, h]), ("down_proj", [e, h, i])):
+            key = parts[name]
+            if where[key].header[key]["shape"] != want:
+                raise KtrsValueError(f"{what}: {key} has shape {where[key].header[key]['shape']}, the model needs {want}")
+        gu, dn = parts["gate_up_proj"], parts["down_proj"]
+        # Expert x's gate and up are the halves of its slice of gate_up_proj.
+        sources[layer] = [(x, where[gu].source(gu, part=(2 * x, 2 * e), shape=[i, h]),
+                           where[gu].source(gu, part=(2 * x + 1, 2 * e), shape=[i, h]),
+                           where[dn].source(dn, part=(x, e), shape=[h, i])) for x in range(e)]
+    paths = [shard.path for shard in shards]
+    for layer, layer_sources in sorted(sources.items()):
+        _native.load_experts(blocks[layer][0]._native, paths, layer_sources,
+                             progress=None if bar is None else bar.update)
     if bar is not None:
         bar.close()
     scales = {k for k in where if k.endswith(_SCALE)} if fp8 is not None else set()
@@ -673,7 +621,7 @@ def from_pretrained(
     return model
 
 
-def _dequantized(t: torch.Tensor, key: str, where: Dict[str, "_ShardReader"], fp8: Optional[_Fp8], what: str,
+def _dequantized(t: torch.Tensor, key: str, where: Dict[str, _Shard], fp8: Optional[_Fp8], what: str,
                  dtype: torch.dtype, threads: Optional[int], scale_of: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """Tensor `key` of the rest of the model, float8 ones dequantised with their scale
     (`scale_of` reads it from whichever shard holds it): to bf16 in Rust (on `threads`

@@ -21,6 +21,8 @@ pub enum KtrsError {
     System(String),
     /// An allocation of `bytes` bytes failed (or the size does not fit the address space).
     OutOfMemory { what: String, bytes: u128 },
+    /// A tensor of a checkpoint file is not what its header or the model says.
+    Checkpoint { key: String, problem: String },
 }
 
 pub type Result<T> = std::result::Result<T, KtrsError>;
@@ -35,6 +37,13 @@ impl KtrsError {
             arg: arg.into(),
             expected: expected.into(),
             got: got.to_string(),
+        }
+    }
+
+    pub fn checkpoint(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        KtrsError::Checkpoint {
+            key: key.into(),
+            problem: problem.into(),
         }
     }
 }
@@ -59,6 +68,7 @@ impl fmt::Display for KtrsError {
                 "cannot allocate {bytes} bytes ({:.1} GiB) for {what}",
                 *bytes as f64 / (1u64 << 30) as f64
             ),
+            KtrsError::Checkpoint { key, problem } => write!(f, "{key}: {problem}"),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`fp8`]: block-wise fp8 → bf16 dequantisation of quantised checkpoints.
 //! - [`pack`]: the VNNI panel layout the GEMM kernels read (shared by AVX-512 and AMX).
 //! - [`kernels`]: GEMM micro-kernels per ISA behind one dispatch function.
+//! - [`load`]: routed experts from safetensors shards into a layer, in parallel.
 //! - [`lora`]: Rust-owned LoRA weights and gradients.
 //! - [`moe`]: routing, the forward and backward passes, and the forward cache.
 //! - [`tuning`]: the kernels' speed knobs and their measured defaults.
@@ -25,6 +26,7 @@ pub mod cuda;
 pub mod error;
 pub mod fp8;
 pub mod kernels;
+pub mod load;
 pub mod lora;
 pub mod moe;
 pub mod optim;

@@ -184,7 +184,7 @@ pub fn type_err(msg: impl Into<String>) -> PyErr {
 pub fn to_py(e: CoreError) -> PyErr {
     let msg = e.to_string();
     match e {
-        CoreError::InvalidArgument { .. } => err(Kind::Value, msg),
+        CoreError::InvalidArgument { .. } | CoreError::Checkpoint { .. } => err(Kind::Value, msg),
         CoreError::IsaUnavailable { .. } => IsaUnavailableError::new_err(msg),
         CoreError::NonFinite { .. } => err(Kind::NonFinite, msg),
         CoreError::OutOfMemory { .. } => err(Kind::Memory, msg),

@@ -694,7 +694,7 @@ impl Experts {
 
     /// The layer, for changing it. A decode hand-off may be running its forward on
     /// another thread: wait for it with the GIL released, for up to a minute.
-    fn layer_mut(&self) -> PyResult<RwLockWriteGuard<'_, MoeLayer>> {
+    pub(crate) fn layer_mut(&self) -> PyResult<RwLockWriteGuard<'_, MoeLayer>> {
         let t0 = std::time::Instant::now();
         loop {
             match self.layer.try_write() {

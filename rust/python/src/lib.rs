@@ -6,6 +6,7 @@ mod error;
 mod experts;
 mod fp8;
 mod info;
+mod load;
 mod optim;
 mod stage;
 mod staging;
@@ -28,6 +29,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(experts::py_resolve_threads, m)?)?;
     m.add_function(wrap_pyfunction!(fp8::dequantize_fp8, m)?)?;
     m.add_function(wrap_pyfunction!(info::cpu_info, m)?)?;
+    m.add_function(wrap_pyfunction!(load::load_experts, m)?)?;
     m.add_function(wrap_pyfunction!(info::tuning, m)?)?;
     m.add_function(wrap_pyfunction!(info::set_tuning, m)?)?;
     optim::register(m)?;

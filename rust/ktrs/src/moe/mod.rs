@@ -262,8 +262,7 @@ impl MoeLayer {
         let gp = SendPtr(self.gate_up.expert_mut(e).as_mut_ptr());
         let dp = SendPtr(self.down.expert_mut(e).as_mut_ptr());
         let src = ExpertWeights { gate, up, down };
-        // One task per 16-row panel: loading a model calls this once per expert, so
-        // packing must not be single-threaded.
+        // One task per 16-row panel: packing must not be single-threaded.
         self.pool.run(gs.panels() + ds.panels(), |t, _| {
             let (base, p) = if t < gs.panels() {
                 (gp, t)
@@ -277,7 +276,7 @@ impl MoeLayer {
             };
             // SAFETY: task t owns panel t of expert e's pack alone (&mut self holds it).
             let panel = unsafe { base.slice_mut(p * len, len) };
-            pack_panel(gs, ds, h, i, &src, t, panel);
+            pack_panel(gs, ds, h, i, src.of(panel_source(gs, t).0), t, panel);
         });
         Ok(())
     }
@@ -377,6 +376,12 @@ impl MoeLayer {
     pub(crate) fn id(&self) -> u64 {
         self.id
     }
+
+    /// Expert e's packed gate/up and down, padding included (tests compare packers).
+    #[cfg(test)]
+    pub(crate) fn packed(&self, e: usize) -> (&[u16], &[u16]) {
+        (self.gate_up.expert(e), self.down.expert(e))
+    }
 }
 
 /// Packs one expert into `g` (fused gate+up) and `d` (down), panel by panel.
@@ -389,50 +394,145 @@ fn pack_expert(
     g: &mut [u16],
     d: &mut [u16],
 ) {
-    for (t, panel) in g.chunks_mut(gs.panel_len()).enumerate() {
-        pack_panel(gs, ds, h, i, src, t, panel);
+    let panels = g
+        .chunks_mut(gs.panel_len())
+        .chain(d.chunks_mut(ds.panel_len()));
+    for (t, panel) in panels.enumerate() {
+        pack_panel(gs, ds, h, i, src.of(panel_source(gs, t).0), t, panel);
     }
-    for (t, panel) in d.chunks_mut(ds.panel_len()).enumerate() {
-        pack_panel(gs, ds, h, i, src, gs.panels() + t, panel);
+}
+
+/// One of an expert's three projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proj {
+    Gate,
+    Up,
+    Down,
+}
+
+impl ExpertWeights<'_> {
+    fn of(&self, p: Proj) -> &[u16] {
+        match p {
+            Proj::Gate => self.gate,
+            Proj::Up => self.up,
+            Proj::Down => self.down,
+        }
+    }
+}
+
+/// The projection panel `t` of an expert is packed from, and its first row there. A
+/// fused gate+up panel holds 16 rows of one projection (`fused_row`: gate panel q, up
+/// panel q, gate q+1, ...), so each projection can be packed on its own.
+fn panel_source(gs: PackShape, t: usize) -> (Proj, usize) {
+    if t < gs.panels() {
+        let p = if t.is_multiple_of(2) {
+            Proj::Gate
+        } else {
+            Proj::Up
+        };
+        (p, t / 2 * PANEL)
+    } else {
+        (Proj::Down, (t - gs.panels()) * PANEL)
     }
 }
 
 /// Packs panel `t` of one expert (`t < gs.panels()`: a fused gate+up panel, else down
-/// panel `t - gs.panels()`) into `panel`, padding with zeros. Panels are disjoint, so
-/// they can be packed in parallel.
+/// panel `t - gs.panels()`) into `panel` from `w`, the projection [`panel_source`] names
+/// (gate, up `[i, h]`, down `[h, i]`), padding with zeros. Panels are disjoint, so they
+/// can be packed in parallel.
 fn pack_panel(
     gs: PackShape,
     ds: PackShape,
     h: usize,
     i: usize,
-    src: &ExpertWeights<'_>,
+    w: &[u16],
     t: usize,
     panel: &mut [u16],
 ) {
-    let fused = t < gs.panels();
-    let (shape, p) = if fused {
-        (gs, t)
+    let (proj, r0) = panel_source(gs, t);
+    let (rows, k, shape) = if proj == Proj::Down {
+        (h, i, ds)
     } else {
-        (ds, t - gs.panels())
+        (i, h, gs)
     };
-    let rows: [Option<&[u16]>; PANEL] = std::array::from_fn(|l| {
-        let r = p * PANEL + l;
-        if fused {
-            // Fused rows interleave 16 gate rows and 16 up rows (`fused_row`).
-            let (q, rem) = (r / (2 * PANEL), r % (2 * PANEL));
-            let x = q * PANEL + rem % PANEL;
-            (x < i).then(|| {
-                if rem < PANEL {
-                    &src.gate[x * h..(x + 1) * h]
-                } else {
-                    &src.up[x * h..(x + 1) * h]
-                }
-            })
-        } else {
-            (r < h).then(|| &src.down[r * i..(r + 1) * i])
+    let src: [Option<&[u16]>; PANEL] =
+        std::array::from_fn(|l| (r0 + l < rows).then(|| &w[(r0 + l) * k..(r0 + l + 1) * k]));
+    pack::pack_panel_rows(&src, shape.k, panel);
+}
+
+/// A layer's packed weights as the target of loaders that pack many (expert,
+/// projection) pairs at once on the layer's pool (`crate::load`). Borrows the layer
+/// mutably, so nothing else reads or writes the packs meanwhile.
+pub(crate) struct PackTarget<'a> {
+    gs: PackShape,
+    ds: PackShape,
+    h: usize,
+    i: usize,
+    experts: usize,
+    gate_up: SendPtr<u16>,
+    down: SendPtr<u16>,
+    pub(crate) pool: &'a ThreadPool,
+}
+
+impl MoeLayer {
+    /// The target for loading `experts`, whose transposed blocks are dropped (they are
+    /// stale once repacked).
+    pub(crate) fn pack_target(&mut self, experts: impl Iterator<Item = usize>) -> PackTarget<'_> {
+        for e in experts {
+            self.t_gate_up.clear_expert(e);
+            self.t_down.clear_expert(e);
         }
-    });
-    pack::pack_panel_rows(&rows, shape.k, panel);
+        PackTarget {
+            gs: self.gate_up.shape,
+            ds: self.down.shape,
+            h: self.config.hidden,
+            i: self.config.intermediate,
+            experts: self.config.experts,
+            gate_up: SendPtr(self.gate_up.expert_mut(0).as_mut_ptr()),
+            down: SendPtr(self.down.expert_mut(0).as_mut_ptr()),
+            pool: &self.pool,
+        }
+    }
+}
+
+impl PackTarget<'_> {
+    /// `[rows, columns]` of projection `p` in HF layout.
+    pub(crate) fn shape(&self, p: Proj) -> [usize; 2] {
+        match p {
+            Proj::Down => [self.h, self.i],
+            _ => [self.i, self.h],
+        }
+    }
+
+    /// Packs projection `p` of expert `e` from `w` (`shape(p)`, bf16 bits): the panels
+    /// `set_expert` would write, so the bytes are the same.
+    ///
+    /// # Safety
+    /// No other thread touches projection `p` of expert `e` while this runs.
+    pub(crate) unsafe fn pack(&self, e: usize, p: Proj, w: &[u16]) {
+        let [rows, k] = self.shape(p);
+        assert!(
+            e < self.experts && w.len() == rows * k,
+            "packing {p:?} of expert {e}"
+        );
+        let (gs, ds) = (self.gs, self.ds);
+        let (first, step, count) = match p {
+            Proj::Gate => (0, 2, gs.panels() / 2),
+            Proj::Up => (1, 2, gs.panels() / 2),
+            Proj::Down => (gs.panels(), 1, ds.panels()),
+        };
+        for t in (first..).step_by(step).take(count) {
+            let panel = if t < gs.panels() {
+                self.gate_up
+                    .slice_mut(e * gs.len() + t * gs.panel_len(), gs.panel_len())
+            } else {
+                let p = t - gs.panels();
+                self.down
+                    .slice_mut(e * ds.len() + p * ds.panel_len(), ds.panel_len())
+            };
+            pack_panel(gs, ds, self.h, self.i, w, t, panel);
+        }
+    }
 }
 
 #[cfg(test)]
