@@ -239,10 +239,30 @@ def measure(model, device, prefill: List[int], decode: int, repeats: int, batche
     return res
 
 
+class _StepClock:
+    """A `generate` streamer that only notes when each token arrives (the prompt first)."""
+
+    def __init__(self) -> None:
+        self.times: List[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def median_step(self) -> Optional[float]:
+        steps = sorted(b - a for a, b in zip(self.times[1:], self.times[2:]))  # [0]: the prompt
+        return steps[len(steps) // 2] if steps else None
+
+
 def measure_decode(model, device: str, batch: int, decode: int, g, key: str, **sampling) -> Dict:
     """Decode tok/s (all sequences together) from `generate` at `batch` x 64-token
-    prompts: (decode - 1) tokens per sequence over the difference of a `decode`-token and
-    a 1-token call, so prefill cancels. For ktrs also where a token's time goes."""
+    prompts. Batch 1: the median time between two tokens, from a streamer (HF and ktrs
+    alike; one slow step does not move it). Larger batches (streamers take one sequence):
+    (decode - 1) tokens per sequence over the difference of a `decode`-token and a 1-token
+    call, so prefill cancels — noisier, since the two calls' prefills differ by their
+    routing. For ktrs also where a token's time goes."""
     from ktrs import decode as kdecode
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -255,8 +275,9 @@ def measure_decode(model, device: str, batch: int, decode: int, g, key: str, **s
         graphs.profile = True
         kdecode.reset_stats(model)
         before = kdecode.stats(model)
+    clock = _StepClock() if batch == 1 else None
     t0 = time.perf_counter()
-    model.generate(ids, **kw)
+    model.generate(ids, **kw, **({"streamer": clock} if clock else {}))
     sync()
     t1 = time.perf_counter()
     if graphs is not None:
@@ -266,8 +287,9 @@ def measure_decode(model, device: str, batch: int, decode: int, g, key: str, **s
     sync()
     t2 = time.perf_counter()
     steps = decode - 1
-    step_s = ((t1 - t0) - (t2 - t1)) / steps
-    res = {key: batch / step_s}
+    step_diff = ((t1 - t0) - (t2 - t1)) / steps
+    step_s = (clock.median_step() if clock else None) or step_diff
+    res = {key: batch / step_s, key.replace("tok_s", "step_ms_from_call_difference"): step_diff * 1e3}
     line = f"    decode batch {batch}{' (sampling)' if sampling.get('do_sample') else ''}: {res[key]:.2f} tok/s ({step_s * 1e3:.1f} ms/step)"
     if graphs is not None:
         replays = max(after.get("replayed_steps", after.get("replays", 0)), 1)  # decode steps run by replays
