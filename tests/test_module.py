@@ -17,6 +17,7 @@ def module_for(p, **kw):
 
 
 def test_autograd_matches_float64_reference(isa):
+    # failure-modes row 2: expert-LoRA gradients are float32 (the one documented dtype), bf16 kernel inside.
     p = make_problem(E=8, H=64, I=48, k=3, T=11, r=4, seed=21)
     m = module_for(p, isa=isa)
     x = p.hidden.float().requires_grad_(True)  # fp32 in, fp32 out: the module converts
@@ -46,6 +47,7 @@ def test_gradients_accumulate_over_two_backward_calls():
 
 
 def test_lora_parameters_are_the_rust_buffers():
+    # failure-modes row 1: the parameters' storage is the Rust buffer the kernel reads.
     p = make_problem(E=4, H=32, I=32, k=2, T=6, r=4, seed=24)
     m = module_for(p)
     for n in LORA_NAMES:
@@ -72,7 +74,7 @@ def test_optimizer_step_changes_next_forward_as_expected():
 
 
 def test_adamw_and_zero_grad_set_to_none_keep_training_expert_lora():
-    # Failure mode 10: with zero_grad(set_to_none=True) gradients must still reach the
+    # failure-modes row 10: with zero_grad(set_to_none=True) gradients must still reach the
     # optimizer through autograd, and every expert that got tokens must change.
     p = make_problem(E=8, H=32, I=32, k=2, T=16, r=4, seed=26, used_experts=6)
     m = module_for(p)
@@ -103,7 +105,7 @@ def test_adamw_and_zero_grad_set_to_none_keep_training_expert_lora():
     ids=["to-fp16", "half", "float", "double", "to-bf16", "to-cpu", "cuda-or-meta"],
 )
 def test_moving_or_casting_a_parent_module_does_not_detach_lora(move):
-    # Failure mode 1: the Trainer's model.to(device) must not reach the kernel's memory.
+    # failure-modes row 1: the Trainer's model.to(device) must not reach the kernel's memory.
     p = make_problem(E=4, H=32, I=32, k=2, T=6, r=4, seed=27)
     parent = nn.Sequential(nn.Linear(4, 4))
     parent.experts = module_for(p)
@@ -122,6 +124,7 @@ def test_moving_or_casting_a_parent_module_does_not_detach_lora(move):
 
 
 def test_rebinding_parameter_data_is_detected_and_restored():
+    # failure-modes row 1: a rebound storage is detected before the next kernel call.
     p = make_problem(E=4, H=32, I=32, k=2, T=6, r=4, seed=28)
     m = module_for(p)
     view_ptr = m.experts.lora_weight("up_B").data_ptr()
@@ -133,6 +136,27 @@ def test_rebinding_parameter_data_is_detected_and_restored():
     assert any("storage of expert LoRA parameter 'up_B'" in str(w.message) for w in rec)
     assert m.lora["up_B"].data_ptr() == view_ptr and m.lora["up_B"].dtype == torch.float32
     assert rel_l2(out, reference(p)["out"]) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "replace",
+    [lambda t: t.transpose(1, 2).clone(), lambda t: t.reshape(-1).clone(), lambda t: t[:2].clone(), lambda t: t.to(torch.complex64)],
+    ids=["transposed", "flattened", "fewer-experts", "complex"],
+)
+def test_rebinding_to_a_tensor_that_cannot_be_restored_is_a_clear_error(replace):
+    # failure-modes row 1: a replaced storage that cannot be copied back as it is (same
+    # shape, real values) is refused, naming the parameter; it was reshaped into the
+    # kernel's memory (scrambled values) or failed inside torch.
+    p = make_problem(E=4, H=32, I=32, k=2, T=6, r=4, seed=28)
+    m = module_for(p)
+    m.where = "model.layers.3.mlp.experts"
+    kept = m.experts.lora_weight("up_B").clone()
+    m.lora["up_B"].data = replace(m.lora["up_B"].data)
+    with pytest.raises(ktrs.KtrsValueError, match=r"expert LoRA parameter 'up_B' in model\.layers\.3\.mlp\.experts was replaced"):
+        m(p.hidden, p.ids, p.weights)
+    assert torch.equal(m.experts.lora_weight("up_B"), kept)  # the kernel's memory is untouched
+    m.lora["up_B"].data = m.experts.lora_weight("up_B")  # the view back: runs as before
+    assert rel_l2(m(p.hidden, p.ids, p.weights), reference(p)["out"]) < 1e-2
 
 
 def test_views_outlive_the_layer_and_drop_order_never_crashes():
@@ -168,6 +192,7 @@ def test_module_keeps_input_device_and_dtype_and_signature():
 
 
 def test_non_finite_guard_names_layer_and_experts():
+    # failure-modes row 3: the non-finite guard is on in training and names layer and experts.
     p = make_problem(E=4, H=32, I=32, k=2, T=6, r=4, seed=31)
     m = module_for(p)
     m.where = "model.layers.3.mlp.experts"

@@ -543,7 +543,8 @@ class KtrsExperts(nn.Module):
     ``nn.Parameter``s whose storage is Rust memory; ``.to()``, ``.cuda()``, ``.half()``
     and friends leave them alone (see :meth:`_apply`), and if anything rebinds a
     parameter's ``.data`` the module copies the values back into Rust memory and
-    restores the view before the next call.
+    restores the view before the next call (a replacement of another shape, or not
+    floating point, is a ``KtrsValueError`` instead).
     """
 
     def __init__(self, experts: MoeExperts) -> None:
@@ -650,8 +651,18 @@ class KtrsExperts(nn.Module):
             if param.data_ptr() == view.data_ptr() and param.device.type == "cpu" and param.dtype == torch.float32:
                 continue
             # Something replaced the parameter's storage: keep its values, restore the view.
+            new = param.data
+            if new.shape != view.shape or not new.is_floating_point():
+                # Reshaping or a complex/integer cast would put scrambled or lost values
+                # into the kernel's memory: refuse, and leave the Rust buffer as it was.
+                raise KtrsValueError(
+                    f"ktrs: the storage of expert LoRA parameter '{name}' in {self.where} was replaced by a "
+                    f"{tuple(new.shape)} {new.dtype} tensor on {new.device}; ktrs keeps it in its own memory as "
+                    f"{tuple(view.shape)} torch.float32 and can restore only a same-shape floating-point "
+                    "replacement. Change expert LoRA in place (param.data.copy_(...)) or through enable_lora()."
+                )
             with torch.no_grad():
-                view.copy_(param.data.detach().to("cpu", torch.float32).reshape(view.shape))
+                view.copy_(new.detach().to("cpu", torch.float32))
             param.data = view
             if not self._warned_rebind:
                 warnings.warn(
