@@ -1,9 +1,11 @@
 """LoRA fine-tuning through ktrs.get_peft_model and the stock HF Trainer, against an
 unpatched reference model with the same LoRA computed by plain torch."""
 
+import contextlib
 import copy
 import types
 import warnings
+from typing import List
 
 import pytest
 import torch
@@ -67,6 +69,22 @@ def test_peft_targets_split_between_peft_and_ktrs(base):
             assert p.requires_grad and f"model.layers.{layer}.mlp.experts.lora_experts.{n}" in " ".join(trainable)
             assert p.data_ptr() == ex.experts.lora_weight(n).data_ptr()
     assert not any("experts.base_layer" in n or "mlp.gate.lora" in n for n in trainable)
+
+
+def test_peft_wraps_only_modules_on_the_device(base):
+    # failure-modes row 6: PEFT wraps attention, shared experts and the dense MLP (all on
+    # the device; meta stands in for a GPU), never a routed-expert projection, whose
+    # weights live in CPU memory; the expert LoRA, ktrs' own, is the only thing on the CPU.
+    from peft.tuners.lora import LoraLayer
+
+    pm = patched_peft(base, device="meta")
+    wrapped = {n.split("model.layers.", 1)[1] for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
+    want = {f"{i}.self_attn.{t}" for i in range(3) for t in ("q_proj", "kv_b_proj", "o_proj")}
+    want |= {f"0.mlp.{t}" for t in ("gate_proj", "up_proj", "down_proj")}
+    want |= {f"{i}.mlp.shared_experts.{t}" for i in (1, 2) for t in ("gate_proj", "up_proj", "down_proj")}
+    assert wrapped == want
+    for n, p in pm.named_parameters():
+        assert p.device.type == ("cpu" if ".lora_experts." in n else "meta"), n
 
 
 def _ref_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -137,10 +155,16 @@ def test_loss_and_every_lora_gradient_match_unpatched_reference(base, device):
     assert checked == len([1 for _, p in pm.named_parameters() if p.requires_grad])
 
 
-def test_hf_trainer_trains_expert_and_peft_lora(base, tmp_path, device):
+def test_hf_trainer_trains_expert_and_peft_lora(base, tmp_path, device, monkeypatch):
+    # failure-modes row 9: the real HF Trainer, PEFT and the Trainer's model.to(device) on a
+    # small DeepSeek-V2, against what the kernel tests cannot see.
     from transformers import Trainer, TrainingArguments
 
+    moves = []  # the Trainer's model.to(device) reaches the ktrs layers (and stops there)
+    apply = ktrs.KtrsExperts._apply
+    monkeypatch.setattr(ktrs.KtrsExperts, "_apply", lambda self, fn, recurse=True: moves.append(self) or apply(self, fn, recurse))
     pm = patched_peft(base, seed=3, device=device)
+    moves.clear()
     data = [batch(seed=s, n=1, t=12) for s in range(8)]
     data = [{k: v[0] for k, v in d.items()} for d in data]
     seen = {1: set(), 2: set()}
@@ -159,13 +183,22 @@ def test_hf_trainer_trains_expert_and_peft_lora(base, tmp_path, device):
     )
     trainer = Trainer(model=pm, args=args, train_dataset=data)
     trainer.train()
+    experts = ktrs.peft._ktrs_experts(pm)
+    assert {id(m) for m in moves} >= {id(m) for m in experts}, "the Trainer never moved the model"
+    # failure-modes row 1: after the Trainer's move and 30 steps the parameters the
+    # optimizer updates are still the kernel's own buffers.
+    opt_params = {p.data_ptr() for g in trainer.optimizer.param_groups for p in g["params"]}
+    for ex in experts:
+        for n in LORA_NAMES:
+            assert ex.lora[n].data_ptr() == ex.experts.lora_weight(n).data_ptr() and ex.lora[n].data_ptr() in opt_params, n
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
-    # Failure mode 10: every expert that received tokens must have trained its LoRA.
+    # failure-modes row 10: every expert that received tokens must have trained its LoRA
+    # (zero_grad(set_to_none=True) every step, as the Trainer does).
     for layer in (1, 2):
         assert seen[layer], layer
-        for n in ("gate_A", "down_B"):
+        for n in LORA_NAMES:
             key = f"base_model.model.model.layers.{layer}.mlp.experts.lora_experts.{n}"
             now = dict(pm.named_parameters())[key].detach()
             assert now.device.type == "cpu"
@@ -209,14 +242,71 @@ def test_saved_adapter_loads_in_stock_peft_on_the_unpatched_model(base, tmp_path
     assert rel_l2(logits(pm), want) > 3e-2
 
 
-def test_adapter_trained_by_stock_peft_loads_into_patched_model(base, tmp_path):
+_RECORDED: List[list] = []  # the lists of the recordings in progress
+_WRITE_EVENTS = ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.link", "os.symlink", "os.truncate", "os.chmod")
+
+
+def _audit(event, args):
+    if not _RECORDED:
+        return
+    import os
+
+    if event == "open":
+        path, mode, flags = args
+        writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+        what = "write" if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (mode is None and isinstance(flags, int) and flags & writes) else "read"
+        _RECORDED[-1].append((f"open for {what}", path))
+    elif event in _WRITE_EVENTS or event.startswith(("shutil.", "tempfile.")):
+        _RECORDED[-1].append((event, args[0] if args else None))
+
+
+@contextlib.contextmanager
+def recorded_file_access():
+    """Lists what the code in the block does to files from Python (audit events): opens
+    for reading or writing, new directories, temp files, copies, renames, removals."""
+    import sys
+
+    if _audit not in _HOOKED:  # an audit hook cannot be removed: installed once
+        sys.addaudithook(_audit)
+        _HOOKED.append(_audit)
+    _RECORDED.append([])
+    try:
+        yield _RECORDED[-1]
+    finally:
+        _RECORDED.pop()
+
+
+_HOOKED: list = []
+
+
+def test_adapter_trained_by_stock_peft_loads_into_patched_model(base, tmp_path, monkeypatch):
+    # failure-modes row 7: ktrs.load_adapter reads the adapter's config itself and splits
+    # its targets between PEFT and ktrs in memory: no temp dir, no edited copy on disk.
+    import os
+    import tempfile
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stock = peft.get_peft_model(copy.deepcopy(base), LoraConfig(**EXPERT_CFG))
     randomize_b(stock, 12)  # PEFT's fused gate_up LoRA: gate and up share A
     want = logits(stock)
-    stock.save_pretrained(str(tmp_path))
-    pm = ktrs.load_adapter(ktrs.patch_model(copy.deepcopy(base), device="cpu", threads=2), str(tmp_path))
+    adapter = tmp_path / "adapter"
+    stock.save_pretrained(str(adapter))
+    files = {f: (adapter / f).read_bytes() for f in os.listdir(adapter)}
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    model = ktrs.patch_model(copy.deepcopy(base), device="cpu", threads=2)
+    with recorded_file_access() as access:
+        pm = ktrs.load_adapter(model, str(adapter))
+    assert ("open for read", str(adapter / "adapter_config.json")) in access  # the recording sees ktrs' reads
+    assert [a for a in access if a[0] != "open for read"] == []
+    assert list(tmp.iterdir()) == [] and {f: (adapter / f).read_bytes() for f in os.listdir(adapter)} == files
+    # the split, in memory: PEFT wraps the attention targets, ktrs holds the expert LoRA
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert wrapped == {"q_proj", "o_proj"}
+    assert all(ex.experts.lora_rank == 4 for ex in ktrs.peft._ktrs_experts(pm))
     assert rel_l2(logits(pm), want) < 2e-2
 
 
@@ -279,6 +369,8 @@ def test_inspect_reports_non_finite_tensors(base, tmp_path):
 
 
 def test_hf_trainer_bf16_mixed_precision(base, tmp_path):
+    # failure-modes row 2: under bf16 autocast the optimizer, its state and the kernel
+    # agree on one dtype for the expert LoRA: float32, in the kernel's own buffers.
     from transformers import Trainer, TrainingArguments
 
     pm = patched_peft(base, seed=4)
@@ -291,5 +383,7 @@ def test_hf_trainer_bf16_mixed_precision(base, tmp_path):
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     assert len(losses) == 6 and all(l == l and l < 100 for l in losses)  # finite
+    rust = {ex.experts.lora_weight(n).data_ptr() for ex in ktrs.peft._ktrs_experts(pm) for n in LORA_NAMES}
     for p in ktrs.expert_lora_parameters(pm):
-        assert p.dtype == torch.float32 and torch.isfinite(p).all()
+        assert p.dtype == torch.float32 and torch.isfinite(p).all() and p.data_ptr() in rust
+        assert {v.dtype for v in tr.optimizer.state[p].values() if v.dim()} == {torch.float32}  # AdamW's moments
