@@ -69,6 +69,7 @@ def same(pm, stock, what):
 
 
 def test_disable_adapter_gives_the_base_model(base, adapters):
+    # failure-modes row 11: disable_adapter() switches the expert LoRA off too, as stock PEFT.
     stock, pm = stock_model(base, adapters), ktrs_model(base, adapters)
     on = same(pm, stock, "adapter on")
     with stock.disable_adapter():
@@ -90,6 +91,7 @@ def test_disable_adapter_gives_the_base_model(base, adapters):
 
 
 def test_disable_adapter_keeps_training_gradients_right(base, adapters):
+    # failure-modes row 11: the DPO order (policy pass, reference pass off, backward) keeps gradients right.
     pm = ktrs.load_adapter(ktrs.patch_model(copy.deepcopy(base), device="cpu", threads=2), adapters["default"], is_trainable=True)
     b = {"input_ids": torch.arange(12).reshape(2, 6) % 160}
     # DPO order: policy forward with the adapter, reference forward without, one backward.
@@ -109,6 +111,7 @@ def test_disable_adapter_keeps_training_gradients_right(base, adapters):
 
 
 def test_merge_and_unmerge_adapter(base, adapters):
+    # failure-modes row 11: merge_adapter/unmerge_adapter, against stock PEFT.
     stock, pm = stock_model(base, adapters), ktrs_model(base, adapters)
     on = same(pm, stock, "before merge")
     stock.merge_adapter()
@@ -125,6 +128,7 @@ def test_merge_and_unmerge_adapter(base, adapters):
 
 
 def test_set_adapter_switches_the_expert_lora_too(base, adapters):
+    # failure-modes row 11: set_adapter between two named adapters switches the expert LoRA.
     stock, pm = stock_model(base, adapters), ktrs_model(base, adapters)
     first = same(pm, stock, "default")
     stock.set_adapter("other")
@@ -138,6 +142,7 @@ def test_set_adapter_switches_the_expert_lora_too(base, adapters):
 
 
 def test_delete_adapter(base, adapters):
+    # failure-modes row 11: delete_adapter drops the expert LoRA, as stock PEFT.
     stock, pm = stock_model(base, adapters), ktrs_model(base, adapters)
     for m in (stock, pm):
         m.set_adapter("other")

@@ -55,6 +55,7 @@ def patched_peft(base, seed=0, device="cpu"):
 
 
 def test_peft_targets_split_between_peft_and_ktrs(base):
+    # failure-modes row 6: PEFT wraps no routed-expert projection; the expert LoRA is ktrs'.
     pm = patched_peft(base)
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert any("layers.1.mlp.shared_experts.gate_proj.lora_A" in n for n in trainable)
@@ -131,6 +132,7 @@ def batch(seed=1, n=3, t=10, device="cpu"):
 
 
 def test_loss_and_every_lora_gradient_match_unpatched_reference(base, device):
+    # failure-modes row 9: PEFT on the real model, every LoRA gradient against the unpatched model.
     pm = patched_peft(base, device=device)
     rm = reference_like(pm, base, device)
     b = batch(device=device)
@@ -339,6 +341,7 @@ def test_trainer_checkpoint_resume_reproduces_uninterrupted_run(base, tmp_path):
 
 
 def test_merge_and_export_give_a_checkpoint_stock_transformers_loads(base, tmp_path):
+    # failure-modes row 5: merged expert weights exported as per-expert safetensors that stock HF loads.
     pm = patched_peft(base, seed=21)
     want = logits(pm)
     text = ktrs.describe(pm)
@@ -350,6 +353,7 @@ def test_merge_and_export_give_a_checkpoint_stock_transformers_loads(base, tmp_p
 
 
 def test_inspect_reports_non_finite_tensors(base, tmp_path):
+    # failure-modes row 3: `ktrs inspect` reports NaN/Inf tensors grouped by component.
     import subprocess
     import sys
 

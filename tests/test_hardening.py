@@ -97,6 +97,7 @@ def test_a_panic_becomes_a_ktrs_error_not_a_panic_exception(kind, cls, words):
 
 @pytest.mark.parametrize("before, after", [(2, 8), (0, 4), (8, 2), (4, 0), (4, 4)])
 def test_backward_refuses_a_handle_from_before_set_lora(before, after):
+    # failure-modes row 12: a forward cache from before set_lora is refused (larger, smaller, 0 rank).
     p = make_problem(E=4, H=32, I=32, k=2, T=5, r=before, seed=3)
     ex = build(p)
     gen = ex.lora_generation
@@ -120,6 +121,7 @@ def test_a_handle_of_another_layer_is_refused():
 
 @pytest.mark.parametrize("new_rank", [8, 2, 0])
 def test_enable_lora_between_forward_and_backward_is_refused(new_rank):
+    # failure-modes row 12: enable_lora between forward and backward: StaleHandleError in autograd.
     p = make_problem(E=4, H=32, I=32, k=2, T=5, r=4, seed=5)
     mod = ktrs.KtrsExperts.from_weights(p.gate, p.up, p.down, lora_rank=4, threads=2)
     x = p.hidden.float().requires_grad_()

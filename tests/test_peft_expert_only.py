@@ -130,6 +130,7 @@ def test_mlp_leaf_targets_in_a_model_without_shared_experts_mean_expert_only(fam
 
 
 def test_peft_adapter_controls_reach_expert_only_lora(tmp_path):
+    # failure-modes row 11: PEFT's adapter controls reach expert-only LoRA, against the stock model.
     from peft.tuners.tuners_utils import BaseTunerLayer
     import peft.functional as pf
 
@@ -174,6 +175,7 @@ def test_peft_adapter_controls_reach_expert_only_lora(tmp_path):
 
 
 def test_resume_merge_and_unload_of_expert_only_lora(tmp_path):
+    # failure-modes row 5: merge_and_unload of expert-only LoRA keeps the adapted logits.
     stock = stock_model("deepseek_v2")
     b = tie_free_batch(stock)
     pm = ktrs.get_peft_model(patched(stock), expert_only())
@@ -211,6 +213,7 @@ def test_expert_only_configs_ktrs_cannot_run_get_ktrs_errors():
     ],
 )
 def test_stock_peft_on_a_ktrs_model_refuses_expert_targets_before_changing_anything(cfg):
+    # failure-modes row 6: stock PEFT cannot wrap ktrs' routed experts; it is refused up front.
     stock = stock_model("deepseek_v2")
     model = patched(stock)
     with pytest.raises(ktrs.KtrsValueError, match=r"target_parameters=.*ktrs.get_peft_model"):
@@ -222,6 +225,7 @@ def test_stock_peft_on_a_ktrs_model_refuses_expert_targets_before_changing_anyth
 
 
 def test_stock_peft_from_pretrained_on_a_ktrs_model_names_ktrs_load_adapter(tmp_path):
+    # failure-modes row 7: PeftModel.from_pretrained on a ktrs model points to ktrs.load_adapter.
     stock = stock_model("deepseek_v2")
     ktrs.get_peft_model(patched(stock), expert_only()).save_pretrained(str(tmp_path))
     with pytest.raises(ktrs.KtrsValueError, match="ktrs.load_adapter"):

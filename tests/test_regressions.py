@@ -87,6 +87,7 @@ def test_trainer_resume_with_rslora(base, tmp_path):
 
 
 def test_ktrs_load_adapter_restores_every_peft_lora_tensor(base, tmp_path):
+    # failure-modes row 7: ktrs.load_adapter loads PEFT's and ktrs' parts of one adapter, all of them.
     # Bug: load_adapter dropping the shared-expert LoRA (only unexpected keys were checked).
     pm = patched_peft(base, seed=9)  # targets shared experts and the dense MLP too
     want = logits(pm)
@@ -129,6 +130,7 @@ def _tensors_sharing(ptrs):
 
 
 def test_no_tensor_keeps_the_original_expert_storage(base):
+    # failure-modes row 8: no tensor anywhere shares the original expert storage after patching.
     # Bug: patch_model keeping a `.detach()` of the original experts (a new tensor object
     # on the same storage: weakrefs to the Parameters cannot see it).
     model = copy.deepcopy(base)
@@ -142,6 +144,7 @@ def test_no_tensor_keeps_the_original_expert_storage(base):
 
 
 def test_patch_model_moves_everything_but_the_experts_to_device(base):
+    # failure-modes row 4: dense layer 0, shared experts, router, attention, norms all reach the device.
     # Bug: patch_model never moving the rest of the model; with device="cpu" no placement
     # check can fail, the meta device shows placement without a GPU.
     model = ktrs.patch_model(copy.deepcopy(base), device="meta", threads=2, lora_rank=2)
@@ -153,9 +156,19 @@ def test_patch_model_moves_everything_but_the_experts_to_device(base):
 
 def test_merge_and_unload_in_process(base):
     # Bug: merge_and_unload merging expert LoRA into the weights but leaving it active too.
+    # failure-modes row 5: merge_and_unload works, merging ΔW into ktrs' own expert weights.
     pm = patched_peft(base, seed=21)
     want = logits(pm)
     experts = ktrs.peft._ktrs_experts(pm)
+    d = torch.float64  # the merged weights, by float64 torch: W + s·B@A, rounded to bf16
+    merged_ref = [
+        [
+            [(w.to(d) + ex.experts.lora_scaling * ex.lora[f"{m}_B"][e].to(d) @ ex.lora[f"{m}_A"][e].to(d)).to(torch.bfloat16) for m, w in zip(("gate", "up", "down"), ex.experts.get_expert(e))]
+            for e in range(ex.experts.num_experts)
+        ]
+        for ex in experts
+    ]
+    assert rel_l2(merged_ref[0][0][0], experts[0].experts.get_expert(0)[0]) > 5e-2  # ΔW shows: the check can fail
     for ex in experts:  # logits without the expert LoRA: how much the check can see
         ex.active_adapters = ()
     without = logits(pm)
@@ -165,10 +178,15 @@ def test_merge_and_unload_in_process(base):
     merged = pm.merge_and_unload()
     assert not isinstance(merged, peft.PeftModel)
     assert all(ex.experts.lora_rank == 0 and not ex.lora_active for ex in ktrs.peft._ktrs_experts(merged))
+    for ex, ref in zip(ktrs.peft._ktrs_experts(merged), merged_ref):
+        for e, want_e in enumerate(ref):
+            for got, w in zip(ex.experts.get_expert(e), want_e):
+                torch.testing.assert_close(got.float(), w.float(), rtol=2**-7, atol=1e-6)
     assert rel_l2(logits(merged), want) < effect / 5, effect
 
 
 def test_expert_lora_gradient_guard_fires_on_its_own():
+    # failure-modes row 3: the gradient guard names the expert-LoRA tensor and the layer.
     # Bug: the expert-LoRA gradient guard switched off (the old test's input-gradient
     # guard fired first). Here only grad down_B overflows: down_B = 0 keeps the output
     # and the input gradient finite, a huge down_A makes act·down_Aᵀ ~1e30.
@@ -190,6 +208,7 @@ def test_expert_lora_gradient_guard_fires_on_its_own():
 
 
 def test_adamw_first_step_follows_the_reference_gradients():
+    # failure-modes row 10: the optimizer's step follows the float64 reference gradient.
     # Bug: all LoRA gradients zeroed; AdamW's weight decay moved the weights anyway, so
     # "the weights changed" could not tell. Adam's first step is -lr·g/(|g|+eps) on top
     # of the decay: check it against the float64 reference gradient.
@@ -210,6 +229,7 @@ def test_adamw_first_step_follows_the_reference_gradients():
 
 
 def test_bf16_trainer_trains_the_expert_lora(base, tmp_path):
+    # failure-modes row 10: every expert-LoRA tensor changes under the bf16 Trainer.
     # Bug: all LoRA gradients zeroed passed the bf16 Trainer test (it checked the loss
     # and finiteness only).
     from transformers import Trainer, TrainingArguments

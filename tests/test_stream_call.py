@@ -201,6 +201,7 @@ def test_two_forwards_before_one_backward_and_retain_graph(base, device, monkeyp
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_finite_lora_raises_at_the_end_of_backward_naming_the_layer(base, device, monkeypatch):
+    # failure-modes row 3: in a training step of the patched model the guard names layer, tokens and experts.
     monkeypatch.setenv("KTRS_ASYNC_EXPERTS", "1")
     pm = fresh(base, device).train()
     Timer.global_().reset()
