@@ -112,6 +112,7 @@ def test_backward_refuses_a_handle_from_before_set_lora(before, after):
 
 
 def test_a_handle_of_another_layer_is_refused():
+    # failure-modes row 12: a forward cache is keyed to its layer.
     p = make_problem(E=4, H=32, I=32, k=2, T=5, r=2, seed=4)
     a, b = build(p), build(p)
     _, handle = a.forward(p.hidden, p.ids, p.weights, save_for_backward=True)
