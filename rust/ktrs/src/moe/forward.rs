@@ -12,6 +12,11 @@ use crate::kernels::{epilogue, vec};
 use crate::lora::LoraMatrix as M;
 use crate::pack::PANEL;
 
+/// Most rows per expert for which a forward without cache projects the LoRA-A of down
+/// inside the down GEMM tasks: each of an expert's column blocks repeats the projection
+/// (`rows × r × I` multiply-adds, nothing next to the block's GEMM at decode sizes).
+const FOLD_DOWN_A_ROWS: usize = 4;
+
 impl MoeLayer {
     /// `out[t] = Σ_s w[t,s] · expert_{ids[t,s]}(hidden[t])` for bf16 `hidden [T, H]`,
     /// `ids [T, k]`, f32 `weights [T, k]`; `out [T, H]` bf16. With `save`, returns the
@@ -95,8 +100,7 @@ impl MoeLayer {
         // 1. Gather token rows into expert order; LoRA-A of gate and up.
         let active = routing.active_experts();
         let rows_split = self.row_chunks(n);
-        let chunks = rows_split.tasks();
-        self.run_phase("fwd gather+lora A", chunks, |task, _| {
+        self.run_phase("fwd gather+lora A", rows_split.tasks(), |task, _| {
             let rows = rows_split.range(task);
             // SAFETY: x has n + ROW_PAD rows; this chunk's rows are this task's alone.
             let mine = unsafe { gather_pairs(&routing, rows.clone(), hidden, (h, h_pad, xs), xp) };
@@ -167,23 +171,19 @@ impl MoeLayer {
             });
         });
 
-        // 3. LoRA-A of down.
-        if r > 0 {
+        // 3. LoRA-A of down: a phase of its own, or, for calls that keep no cache and whose
+        //    experts all have few rows (decode), inside each down GEMM task (below), which
+        //    projects its expert's rows again: the same bits, one barrier less.
+        let most_rows = active.iter().map(|&e| off[e + 1] - off[e]).max().unwrap_or(0);
+        let fold_down_a = r > 0 && !save && most_rows <= FOLD_DOWN_A_ROWS;
+        if r > 0 && !fold_down_a {
             self.run_phase("fwd down lora A", rows_split.tasks(), |task, _| {
                 expert_runs(&routing, rows_split.range(task), |e, run| {
                     // SAFETY: rows `run` of zd belong to this task.
                     let zdr = unsafe { zdp.slice_mut(run.start * r, run.len() * r) };
                     let a = &act.as_slice()[run.start * as_..];
-                    vec::project_rows(
-                        isa,
-                        a,
-                        as_,
-                        run.len(),
-                        self.lora_expert(M::DownA, e),
-                        r,
-                        i,
-                        zdr,
-                    );
+                    let ad = self.lora_expert(M::DownA, e);
+                    vec::project_rows(isa, a, as_, run.len(), ad, r, i, zdr);
                 });
             });
         }
@@ -200,10 +200,22 @@ impl MoeLayer {
             let b = &dn.expert(e)[blk * nb * dn.shape.panel_len()..];
             let h0 = blk * nb * PANEL;
             let cols = np * PANEL;
+            let rows = off[e]..off[e + 1];
+            let mut own = Vec::new();
+            let z = if fold_down_a {
+                own.resize(rows.len() * r, 0.0);
+                let a = &act.as_slice()[rows.start * as_..];
+                let ad = self.lora_expert(M::DownA, e);
+                vec::project_rows(isa, a, as_, rows.len(), ad, r, i, &mut own);
+                &own[..]
+            } else {
+                &zd[rows.start * r..rows.end * r]
+            };
             self.with_task_bt(down_b, e, h0, cols, |bt| {
-                gemm_rows(isa, act.as_slice(), as_, i_pad, off[e]..off[e + 1], b, np, |p, c| {
+                gemm_rows(isa, act.as_slice(), as_, i_pad, rows.clone(), b, np, |p, c| {
                     if r > 0 {
-                        vec::combine_rows(isa, s, &zd[p * r..(p + 1) * r], bt, cols, r, cols, c);
+                        let zr = &z[(p - rows.start) * r..(p - rows.start + 1) * r];
+                        vec::combine_rows(isa, s, zr, bt, cols, r, cols, c);
                     }
                     // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
                     unsafe { yp.slice_mut(p * h_pad + h0, cols) }.copy_from_slice(c);
