@@ -139,42 +139,55 @@ impl MoeLayer {
             // This task's columns of I: np / 2 gate panels and as many up panels.
             let (c0, cols) = (blk * nb / 2 * PANEL, np / 2 * PANEL);
             self.with_task_bt(gate_up_b, e, c0, cols, |bt| {
-                gemm_rows(isa, x.as_slice(), xs, h_pad, off[e]..off[e + 1], b, np, |p, c| {
-                    for half in 0..np / 2 {
-                        let i0 = c0 + half * PANEL;
-                        let (gate, rest) = c[half * 2 * PANEL..].split_at_mut(PANEL);
-                        let upv = &mut rest[..PANEL];
-                        if r > 0 {
-                            let (zgr, zur) = (&zg[p * r..(p + 1) * r], &zu[p * r..(p + 1) * r]);
-                            let (btg, btu) = bt.split_at(r * cols);
-                            let at = half * PANEL;
-                            vec::combine_rows(isa, s, zgr, &btg[at..], cols, r, PANEL, gate);
-                            vec::combine_rows(isa, s, zur, &btu[at..], cols, r, PANEL, upv);
+                gemm_rows(
+                    isa,
+                    x.as_slice(),
+                    xs,
+                    h_pad,
+                    off[e]..off[e + 1],
+                    b,
+                    np,
+                    |p, c| {
+                        for half in 0..np / 2 {
+                            let i0 = c0 + half * PANEL;
+                            let (gate, rest) = c[half * 2 * PANEL..].split_at_mut(PANEL);
+                            let upv = &mut rest[..PANEL];
+                            if r > 0 {
+                                let (zgr, zur) = (&zg[p * r..(p + 1) * r], &zu[p * r..(p + 1) * r]);
+                                let (btg, btu) = bt.split_at(r * cols);
+                                let at = half * PANEL;
+                                vec::combine_rows(isa, s, zgr, &btg[at..], cols, r, PANEL, gate);
+                                vec::combine_rows(isa, s, zur, &btu[at..], cols, r, PANEL, upv);
+                            }
+                            // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
+                            let ar = unsafe { ap.slice_mut(p * as_ + i0, PANEL) };
+                            if save {
+                                // SAFETY: as above.
+                                let (gr, ur) = unsafe {
+                                    (
+                                        gp.slice_mut(p * i_pad + i0, PANEL),
+                                        up.slice_mut(p * i_pad + i0, PANEL),
+                                    )
+                                };
+                                epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
+                            } else {
+                                let (mut gr, mut ur) = ([0u16; PANEL], [0u16; PANEL]);
+                                epilogue::swiglu_fwd(isa, gate, upv, &mut gr, &mut ur, ar);
+                            }
                         }
-                        // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
-                        let ar = unsafe { ap.slice_mut(p * as_ + i0, PANEL) };
-                        if save {
-                            // SAFETY: as above.
-                            let (gr, ur) = unsafe {
-                                (
-                                    gp.slice_mut(p * i_pad + i0, PANEL),
-                                    up.slice_mut(p * i_pad + i0, PANEL),
-                                )
-                            };
-                            epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
-                        } else {
-                            let (mut gr, mut ur) = ([0u16; PANEL], [0u16; PANEL]);
-                            epilogue::swiglu_fwd(isa, gate, upv, &mut gr, &mut ur, ar);
-                        }
-                    }
-                });
+                    },
+                );
             });
         });
 
         // 3. LoRA-A of down: a phase of its own, or, for calls that keep no cache and whose
         //    experts all have few rows (decode), inside each down GEMM task (below), which
         //    projects its expert's rows again: the same bits, one barrier less.
-        let most_rows = active.iter().map(|&e| off[e + 1] - off[e]).max().unwrap_or(0);
+        let most_rows = active
+            .iter()
+            .map(|&e| off[e + 1] - off[e])
+            .max()
+            .unwrap_or(0);
         let fold_down_a = r > 0 && !save && most_rows <= FOLD_DOWN_A_ROWS;
         if r > 0 && !fold_down_a {
             self.run_phase("fwd down lora A", rows_split.tasks(), |task, _| {
@@ -212,14 +225,23 @@ impl MoeLayer {
                 &zd[rows.start * r..rows.end * r]
             };
             self.with_task_bt(down_b, e, h0, cols, |bt| {
-                gemm_rows(isa, act.as_slice(), as_, i_pad, rows.clone(), b, np, |p, c| {
-                    if r > 0 {
-                        let zr = &z[(p - rows.start) * r..(p - rows.start + 1) * r];
-                        vec::combine_rows(isa, s, zr, bt, cols, r, cols, c);
-                    }
-                    // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
-                    unsafe { yp.slice_mut(p * h_pad + h0, cols) }.copy_from_slice(c);
-                });
+                gemm_rows(
+                    isa,
+                    act.as_slice(),
+                    as_,
+                    i_pad,
+                    rows.clone(),
+                    b,
+                    np,
+                    |p, c| {
+                        if r > 0 {
+                            let zr = &z[(p - rows.start) * r..(p - rows.start + 1) * r];
+                            vec::combine_rows(isa, s, zr, bt, cols, r, cols, c);
+                        }
+                        // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
+                        unsafe { yp.slice_mut(p * h_pad + h0, cols) }.copy_from_slice(c);
+                    },
+                );
             });
         });
 

@@ -1,5 +1,6 @@
-//! The LoRA-B matrices of the active experts, transposed per call so that `z·Bᵀ` (forward
-//! epilogues) and `dy·B` (backward) are contiguous vector work.
+//! The LoRA-B matrices, transposed so that `z·Bᵀ` (forward epilogues, per GEMM task:
+//! `with_task_bt`) and `dy·B` (backward, per call for the active experts: `LoraBPlan`) are
+//! contiguous vector work.
 
 use super::MoeLayer;
 use crate::buffer::SendPtr;
