@@ -8,10 +8,14 @@ use super::{
 use crate::bf16;
 use crate::buffer::SendPtr;
 use crate::error::{check_len, KtrsError, Result};
-use crate::kernels::lora_grad::Cols;
 use crate::kernels::{epilogue, vec};
 use crate::lora::LoraMatrix as M;
 use crate::pack::PANEL;
+
+/// Most rows per expert for which a forward without cache projects the LoRA-A of down
+/// inside the down GEMM tasks: each of an expert's column blocks repeats the projection
+/// (`rows × r × I` multiply-adds, nothing next to the block's GEMM at decode sizes).
+const FOLD_DOWN_A_ROWS: usize = 4;
 
 impl MoeLayer {
     /// `out[t] = Σ_s w[t,s] · expert_{ids[t,s]}(hidden[t])` for bf16 `hidden [T, H]`,
@@ -93,21 +97,10 @@ impl MoeLayer {
             SendPtr(zd.as_mut_ptr()),
         );
 
-        // 1. Gather token rows into expert order; LoRA-A of gate and up. The same region
-        //    transposes the LoRA-B matrices the epilogues read.
+        // 1. Gather token rows into expert order; LoRA-A of gate and up.
         let active = routing.active_experts();
-        let specs = [
-            (M::GateB, i_pad, Cols::Plain),
-            (M::UpB, i_pad, Cols::Plain),
-            (M::DownB, h_pad, Cols::Plain),
-        ];
-        let bt = self.lora_b_plan(if r > 0 { &specs } else { &[] }, &active);
         let rows_split = self.row_chunks(n);
-        let chunks = rows_split.tasks();
-        self.run_phase("fwd gather+lora A", chunks + bt.tasks(), |task, _| {
-            if task >= chunks {
-                return bt.fill(self, task - chunks);
-            }
+        self.run_phase("fwd gather+lora A", rows_split.tasks(), |task, _| {
             let rows = rows_split.range(task);
             // SAFETY: x has n + ROW_PAD rows; this chunk's rows are this task's alone.
             let mine = unsafe { gather_pairs(&routing, rows.clone(), hidden, (h, h_pad, xs), xp) };
@@ -128,10 +121,10 @@ impl MoeLayer {
         });
 
         // 2. gate+up GEMM; epilogue adds LoRA-B and forms SiLU(gate)·up.
-        let (btg, btu, btd) = if r > 0 {
-            (bt.get(0), bt.get(1), bt.get(2))
+        let (gate_up_b, down_b) = if r > 0 {
+            (&[M::GateB, M::UpB][..], &[M::DownB][..])
         } else {
-            (&[][..], &[][..], &[][..])
+            (&[][..], &[][..])
         };
         let gu = &self.gate_up;
         let nb = self.task_panels(n, active.len());
@@ -143,62 +136,67 @@ impl MoeLayer {
             let np = nb.min(gu.shape.panels() - blk * nb);
             let panel_len = gu.shape.panel_len();
             let b = &gu.expert(e)[blk * nb * panel_len..];
-            gemm_rows(
-                isa,
-                x.as_slice(),
-                xs,
-                h_pad,
-                off[e]..off[e + 1],
-                b,
-                np,
-                |p, c| {
-                    for half in 0..np / 2 {
-                        let i0 = blk * nb / 2 * PANEL + half * PANEL;
-                        let (gate, rest) = c[half * 2 * PANEL..].split_at_mut(PANEL);
-                        let upv = &mut rest[..PANEL];
-                        if r > 0 {
-                            let (zgr, zur) = (&zg[p * r..(p + 1) * r], &zu[p * r..(p + 1) * r]);
-                            let at = e * r * i_pad + i0;
-                            vec::combine_rows(isa, s, zgr, &btg[at..], i_pad, r, PANEL, gate);
-                            vec::combine_rows(isa, s, zur, &btu[at..], i_pad, r, PANEL, upv);
+            // This task's columns of I: np / 2 gate panels and as many up panels.
+            let (c0, cols) = (blk * nb / 2 * PANEL, np / 2 * PANEL);
+            self.with_task_bt(gate_up_b, e, c0, cols, |bt| {
+                gemm_rows(
+                    isa,
+                    x.as_slice(),
+                    xs,
+                    h_pad,
+                    off[e]..off[e + 1],
+                    b,
+                    np,
+                    |p, c| {
+                        for half in 0..np / 2 {
+                            let i0 = c0 + half * PANEL;
+                            let (gate, rest) = c[half * 2 * PANEL..].split_at_mut(PANEL);
+                            let upv = &mut rest[..PANEL];
+                            if r > 0 {
+                                let (zgr, zur) = (&zg[p * r..(p + 1) * r], &zu[p * r..(p + 1) * r]);
+                                let (btg, btu) = bt.split_at(r * cols);
+                                let at = half * PANEL;
+                                vec::combine_rows(isa, s, zgr, &btg[at..], cols, r, PANEL, gate);
+                                vec::combine_rows(isa, s, zur, &btu[at..], cols, r, PANEL, upv);
+                            }
+                            // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
+                            let ar = unsafe { ap.slice_mut(p * as_ + i0, PANEL) };
+                            if save {
+                                // SAFETY: as above.
+                                let (gr, ur) = unsafe {
+                                    (
+                                        gp.slice_mut(p * i_pad + i0, PANEL),
+                                        up.slice_mut(p * i_pad + i0, PANEL),
+                                    )
+                                };
+                                epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
+                            } else {
+                                let (mut gr, mut ur) = ([0u16; PANEL], [0u16; PANEL]);
+                                epilogue::swiglu_fwd(isa, gate, upv, &mut gr, &mut ur, ar);
+                            }
                         }
-                        // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
-                        let ar = unsafe { ap.slice_mut(p * as_ + i0, PANEL) };
-                        if save {
-                            // SAFETY: as above.
-                            let (gr, ur) = unsafe {
-                                (
-                                    gp.slice_mut(p * i_pad + i0, PANEL),
-                                    up.slice_mut(p * i_pad + i0, PANEL),
-                                )
-                            };
-                            epilogue::swiglu_fwd(isa, gate, upv, gr, ur, ar);
-                        } else {
-                            let (mut gr, mut ur) = ([0u16; PANEL], [0u16; PANEL]);
-                            epilogue::swiglu_fwd(isa, gate, upv, &mut gr, &mut ur, ar);
-                        }
-                    }
-                },
-            );
+                    },
+                );
+            });
         });
 
-        // 3. LoRA-A of down.
-        if r > 0 {
+        // 3. LoRA-A of down: a phase of its own, or, for calls that keep no cache and whose
+        //    experts all have few rows (decode), inside each down GEMM task (below), which
+        //    projects its expert's rows again: the same bits, one barrier less.
+        let most_rows = active
+            .iter()
+            .map(|&e| off[e + 1] - off[e])
+            .max()
+            .unwrap_or(0);
+        let fold_down_a = r > 0 && !save && most_rows <= FOLD_DOWN_A_ROWS;
+        if r > 0 && !fold_down_a {
             self.run_phase("fwd down lora A", rows_split.tasks(), |task, _| {
                 expert_runs(&routing, rows_split.range(task), |e, run| {
                     // SAFETY: rows `run` of zd belong to this task.
                     let zdr = unsafe { zdp.slice_mut(run.start * r, run.len() * r) };
                     let a = &act.as_slice()[run.start * as_..];
-                    vec::project_rows(
-                        isa,
-                        a,
-                        as_,
-                        run.len(),
-                        self.lora_expert(M::DownA, e),
-                        r,
-                        i,
-                        zdr,
-                    );
+                    let ad = self.lora_expert(M::DownA, e);
+                    vec::project_rows(isa, a, as_, run.len(), ad, r, i, zdr);
                 });
             });
         }
@@ -214,32 +212,37 @@ impl MoeLayer {
             let np = nb.min(dn.shape.panels() - blk * nb);
             let b = &dn.expert(e)[blk * nb * dn.shape.panel_len()..];
             let h0 = blk * nb * PANEL;
-            gemm_rows(
-                isa,
-                act.as_slice(),
-                as_,
-                i_pad,
-                off[e]..off[e + 1],
-                b,
-                np,
-                |p, c| {
-                    if r > 0 {
-                        let at = e * r * h_pad + h0;
-                        vec::combine_rows(
-                            isa,
-                            s,
-                            &zd[p * r..(p + 1) * r],
-                            &btd[at..],
-                            h_pad,
-                            r,
-                            np * PANEL,
-                            c,
-                        );
-                    }
-                    // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
-                    unsafe { yp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
-                },
-            );
+            let cols = np * PANEL;
+            let rows = off[e]..off[e + 1];
+            let mut own = Vec::new();
+            let z = if fold_down_a {
+                own.resize(rows.len() * r, 0.0);
+                let a = &act.as_slice()[rows.start * as_..];
+                let ad = self.lora_expert(M::DownA, e);
+                vec::project_rows(isa, a, as_, rows.len(), ad, r, i, &mut own);
+                &own[..]
+            } else {
+                &zd[rows.start * r..rows.end * r]
+            };
+            self.with_task_bt(down_b, e, h0, cols, |bt| {
+                gemm_rows(
+                    isa,
+                    act.as_slice(),
+                    as_,
+                    i_pad,
+                    rows.clone(),
+                    b,
+                    np,
+                    |p, c| {
+                        if r > 0 {
+                            let zr = &z[(p - rows.start) * r..(p - rows.start + 1) * r];
+                            vec::combine_rows(isa, s, zr, bt, cols, r, cols, c);
+                        }
+                        // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
+                        unsafe { yp.slice_mut(p * h_pad + h0, cols) }.copy_from_slice(c);
+                    },
+                );
+            });
         });
 
         // 5. Weighted sum over each token's k experts.

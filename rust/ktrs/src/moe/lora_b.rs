@@ -1,11 +1,19 @@
-//! The LoRA-B matrices of the active experts, transposed per call so that `z·Bᵀ` (forward
-//! epilogues) and `dy·B` (backward) are contiguous vector work.
+//! The LoRA-B matrices, transposed so that `z·Bᵀ` (forward epilogues, per GEMM task:
+//! `with_task_bt`) and `dy·B` (backward, per call for the active experts: `LoraBPlan`) are
+//! contiguous vector work.
 
 use super::MoeLayer;
 use crate::buffer::SendPtr;
 use crate::kernels::lora_grad::Cols;
 use crate::lora::LoraMatrix;
 use crate::pack::fused_row;
+use std::cell::RefCell;
+use std::ops::Range;
+
+thread_local! {
+    /// This thread's `Bᵀ` blocks for one forward GEMM task (only `with_task_bt` touches it).
+    static TASK_BT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 impl MoeLayer {
     pub(super) fn lora_expert(&self, m: LoraMatrix, e: usize) -> &[f32] {
@@ -36,6 +44,59 @@ impl MoeLayer {
             bufs,
         }
     }
+
+    /// Runs `f` on `Bᵀ` of expert e's LoRA-B matrices `ms` for the outputs
+    /// `o0 .. o0 + cols`: per matrix `[r, cols]` (zeros past the matrix's outputs), one
+    /// after another, in this thread's buffer. A forward GEMM task transposes just the
+    /// columns it computes, so they are in L1 for its epilogues: a per-call transposed
+    /// copy of all active experts' B (`LoraBPlan`) cost a write and a re-read of cold
+    /// scratch and 24 extra tasks per decode call.
+    pub(super) fn with_task_bt<R>(
+        &self,
+        ms: &[LoraMatrix],
+        e: usize,
+        o0: usize,
+        cols: usize,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> R {
+        let Some(l) = self.lora.as_ref().filter(|_| !ms.is_empty()) else {
+            return f(&[]);
+        };
+        let r = l.config.rank;
+        TASK_BT.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let len = ms.len() * r * cols;
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            for (dst, &m) in buf.chunks_exact_mut(r * cols).zip(ms) {
+                let [_, out, _] = l.shape(m);
+                let rows = o0.min(out)..(o0 + cols).min(out);
+                transpose_b(l.expert_weight(m, e), r, rows, |o| o - o0, dst, cols);
+            }
+            f(&buf[..len])
+        })
+    }
+}
+
+/// Writes `Bᵀ` of rows `rows` of `src = B [out, r]` into `dst` (r rows of stride `ld`):
+/// row o at column `at(o)`, every other column of those rows zero.
+fn transpose_b(
+    src: &[f32],
+    r: usize,
+    rows: Range<usize>,
+    at: impl Fn(usize) -> usize,
+    dst: &mut [f32],
+    ld: usize,
+) {
+    let dst = &mut dst[..r * ld];
+    dst.fill(0.0);
+    for o in rows {
+        let (c, b) = (at(o), &src[o * r..(o + 1) * r]);
+        for (j, &v) in b.iter().enumerate() {
+            dst[j * ld + c] = v;
+        }
+    }
 }
 
 /// `Bᵀ` of some LoRA-B matrices, as `[E, r, ld]` per matrix: output o of `B [E, out, r]`
@@ -61,17 +122,11 @@ impl LoraBPlan<'_> {
         let src = l.expert_weight(m, e);
         // SAFETY: block (q, e) is written by task t alone; experts are distinct.
         let dst = unsafe { SendPtr(self.bufs[q].as_ptr()).slice_mut(e * r * ld, r * ld) };
-        for j in 0..r {
-            let row = &mut dst[j * ld..(j + 1) * ld];
-            row.fill(0.0);
-            for o in 0..out {
-                let at = match cols {
-                    Cols::Plain => o,
-                    Cols::Fused(up) => fused_row(o, up),
-                };
-                row[at] = src[o * r + j];
-            }
-        }
+        let at = |o| match cols {
+            Cols::Plain => o,
+            Cols::Fused(up) => fused_row(o, up),
+        };
+        transpose_b(src, r, 0..out, at, dst, ld);
     }
 
     /// Matrix `q`'s transposed blocks (after the phase that ran `fill`).
