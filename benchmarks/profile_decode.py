@@ -1,10 +1,12 @@
 """Where a decode step's time goes with an un-merged LoRA adapter: batch-1 greedy decode
-on the ktrs model (DeepSeek-V2-Lite shape, random weights) with no adapter, with LoRA on
+on the ktrs model (DeepSeek-V2-Lite shape by default, `--model` as bench_model's; random
+weights) with no adapter, with LoRA on
 the attention only, on the routed experts only, and on both; per decode step the wall
 time, ktrs's breakdown (graph replay, CPU experts) and the GPU kernel time and launches
 by torch's profiler (a 1-token call subtracted, so prefill cancels). Needs CUDA.
 
     python benchmarks/profile_decode.py --layers 8 --decode 16
+    python benchmarks/profile_decode.py --model qwen3-30b-a3b --layers 48 --setups "no adapter" "expert LoRA"
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Dict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import build_ktrs, v2_lite_config  # noqa: E402
+from bench_model import MODELS, build_ktrs, model_config  # noqa: E402
 
 import ktrs  # noqa: E402
 from ktrs.hf import find_moe_blocks  # noqa: E402
@@ -84,6 +86,7 @@ def per_step(model, ids, decode: int, **sampling) -> Dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="v2-lite", help="model shape (bench_model's MODELS)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
@@ -97,9 +100,10 @@ def main() -> int:
         return 2
     from peft import LoraConfig
 
-    model = build_ktrs(v2_lite_config(args.layers), "cuda", args.threads)
-    ids = torch.randint(1, 102400, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
-    attn = {"target_modules": ["q_proj", "kv_b_proj", "o_proj"]}
+    config = model_config(args.model, args.layers)
+    model = build_ktrs(config, "cuda", args.threads)
+    ids = torch.randint(1, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    attn = {"target_modules": list(MODELS[args.model]["attention"])}
     both = {**attn, "target_parameters": ["gate_up_proj", "down_proj"]}
     experts = [b.experts for _, b in find_moe_blocks(model)]
     out = {}
