@@ -250,16 +250,23 @@ def run_ktrs(ex: "ktrs.MoeExperts", hidden, topk_ids, topk_weights, grad_out, re
         repeats,
     )
     # Decode-like sizes: routing is redrawn for every call, so the experts' weights come
-    # from DRAM rather than from a cache warmed by the previous repeat.
+    # from DRAM rather than from a cache warmed by the previous repeat. The workers spin
+    # as long as during `generate` (KTRS_DECODE_SPIN_US, 5 ms; kt-kernel's spin 50 ms), so
+    # this measures the experts, not waking threads that parked between two calls.
     cold_t: List[float] = []
     T, k = topk_ids.shape
     if T <= 64:
         gen = torch.Generator().manual_seed(1234)
-        for _ in range(max(repeats, 5)):
-            ids = torch.rand(T, ex.num_experts, generator=gen).topk(k, dim=1).indices.contiguous()
-            t0 = time.perf_counter()
-            ex.forward(hidden, ids, topk_weights)
-            cold_t.append(time.perf_counter() - t0)
+        spin = ktrs.tuning().get("KTRS_SPIN_US")
+        ktrs.set_tuning("KTRS_SPIN_US", max(int(os.environ.get("KTRS_DECODE_SPIN_US", "5000")), spin or 0))
+        try:
+            for _ in range(max(repeats, 20)):
+                ids = torch.rand(T, ex.num_experts, generator=gen).topk(k, dim=1).indices.contiguous()
+                t0 = time.perf_counter()
+                ex.forward(hidden, ids, topk_weights)
+                cold_t.append(time.perf_counter() - t0)
+        finally:
+            ktrs.set_tuning("KTRS_SPIN_US", spin)
     # one untimed run with clean LoRA grads, for the correctness check
     ex.zero_lora_grads()
     out, handle = ex.forward(hidden, topk_ids, topk_weights, save_for_backward=True)
