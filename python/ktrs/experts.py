@@ -173,6 +173,13 @@ class MoeExperts:
         return grad_hidden, grad_weights
 
     # -- LoRA ----------------------------------------------------------------------------
+    def packed_weights(self, name: str) -> torch.Tensor:
+        """Zero-copy bf16 view of the packed weights of ``"gate_up"`` or ``"down"``:
+        ``[E, panels, k_pad / 2, 16, 2]``, element ``[e, p, j, l, b]`` = ``W_e[16p + l,
+        2j + b]``; gate_up interleaves 16-row panels of gate and up. Read-only by
+        contract: the kernels read this memory (the GPU prefill copies it as is)."""
+        return torch.from_dlpack(self._native.packed_weights(name))
+
     @_locked
     def lora_weight(self, name: str) -> torch.Tensor:
         """Zero-copy f32 view ``[E, rows, cols]`` of LoRA matrix ``name`` (Rust memory)."""

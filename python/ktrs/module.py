@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._native import KtrsValueError, NonFiniteError, StaleHandleError
+from . import gpu_prefill
 from .experts import LORA_NAMES, MoeExperts
 
 
@@ -534,12 +535,24 @@ class ExpertsFuture:
         return self._out.to(device=self.device, dtype=self.dtype, non_blocking=self.device.type == "cuda")
 
 
+class _Done:
+    """A result that is already there, with :class:`ExpertsFuture`'s interface."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self._out = out
+
+    def result(self) -> torch.Tensor:
+        return self._out
+
+
 class KtrsExperts(nn.Module):
     """An ``nn.Module`` with the call signature of HF's ``DeepseekV2Experts``:
     ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``.
 
     Inputs may live on any device and dtype; the experts run on the CPU in bf16 and the
-    result comes back on the input's device and dtype. Expert LoRA matrices are
+    result comes back on the input's device and dtype. Long CUDA inference calls (a
+    prompt's prefill; see :mod:`ktrs.gpu_prefill`) run on the GPU instead, with the
+    weights copied from host memory. Expert LoRA matrices are
     ``nn.Parameter``s whose storage is Rust memory; ``.to()``, ``.cuda()``, ``.half()``
     and friends leave them alone (see :meth:`_apply`), and if anything rebinds a
     parameter's ``.data`` the module copies the values back into Rust memory and
@@ -558,6 +571,8 @@ class KtrsExperts(nn.Module):
         self.where = "experts"
         #: Non-finite guard: None = on while autograd records (training), or True/False.
         self.check_finite: Optional[bool] = None if os.environ.get("KTRS_CHECK_FINITE", "1") != "0" else False
+        #: The GPU path of long CUDA inference calls, made on first use (gpu_prefill.py).
+        self._streamed: Optional[gpu_prefill.StreamedExperts] = None
         # PEFT adapter state, kept in step with the PeftModel by `ktrs.peft` (PEFT's
         # controls act on its own layers only, failure-modes row 11): the expert LoRA
         # belongs to adapter `expert_adapter` and applies while adapters are enabled and
@@ -686,6 +701,8 @@ class KtrsExperts(nn.Module):
             # Training on CUDA (checkpointing included): enqueued on the stream, Python does
             # not wait (stream_call.py).
             return stream_call.experts_call(self, hidden_states, top_k_index, top_k_weights, guard=bool(check), mode=mode)
+        if self._gpu_prefill_wanted(hidden_states, top_k_index):
+            return self._gpu_prefill(hidden_states, top_k_index, top_k_weights)
         device, dtype = hidden_states.device, hidden_states.dtype
         timer = Timer.global_()
         t0 = time.perf_counter()
@@ -729,7 +746,23 @@ class KtrsExperts(nn.Module):
         fut = stream_call.submit(self, hidden_states, top_k_index, top_k_weights, guard=self.check_finite is not False)
         if fut is not None:
             return fut
+        if self._gpu_prefill_wanted(hidden_states, top_k_index):
+            return _Done(self._gpu_prefill(hidden_states, top_k_index, top_k_weights))
         return ExpertsFuture(self, hidden_states, top_k_index, top_k_weights)
+
+    # -- long prefills on the GPU (gpu_prefill.py) ---------------------------------------
+    def _gpu_prefill_wanted(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+        return gpu_prefill.wanted(self.experts, hidden_states, top_k_index) and _reentrant_checkpoint_owner() is None
+
+    def _gpu_prefill(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The experts on the GPU with their weights streamed from host memory."""
+        if self._streamed is None or self._streamed.experts is not self.experts:
+            self._streamed = gpu_prefill.StreamedExperts(self.experts)
+        t0 = time.perf_counter()
+        lora = self.lora_params() or None
+        out = self._streamed.forward(hidden_states, top_k_index, top_k_weights, lora=lora, scaling=self.experts.lora_scaling)
+        Timer.global_().add("gpu prefill", time.perf_counter() - t0, self.where)
+        return out
 
     def extra_repr(self) -> str:
         e = self.experts

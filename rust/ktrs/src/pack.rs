@@ -97,7 +97,7 @@ pub fn pack_row(row: &[u16], shape: PackShape, r: usize, dst: &mut [u16]) {
 /// row, but produced pair row by pair row, so the stores stream instead of striding 64
 /// bytes apart (loading a model is bound by this loop).
 pub fn pack_panel_rows(rows: &[Option<&[u16]>; PANEL], k: usize, dst: &mut [u16]) {
-    debug_assert!(dst.len() % (2 * PANEL) == 0 && dst.len() / PANEL >= k);
+    debug_assert!(dst.len().is_multiple_of(2 * PANEL) && dst.len() / PANEL >= k);
     static ZEROS: [u16; 2] = [0; 2];
     let full = k / 2;
     assert!(dst.len() >= full * 2 * PANEL && rows.iter().flatten().all(|r| r.len() >= k));
@@ -210,6 +210,11 @@ impl ExpertPack {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.data.len() * 2
+    }
+
+    /// All experts' panels, back to back (`experts * shape.len()` u16).
+    pub fn as_slice(&self) -> &[u16] {
+        self.data.as_slice()
     }
 
     pub fn check_expert(&self, e: usize) -> Result<()> {

@@ -1,7 +1,7 @@
 //! `Experts`: one layer's routed experts (a `ktrs::MoeLayer`), and `ForwardHandle`, the
 //! saved state of one forward.
 
-use crate::dlpack::{export_f32, DType, TensorArg};
+use crate::dlpack::{export_f32, export_raw, DType, TensorArg};
 use crate::error::{guard, type_err, value_err, IntoPy};
 use ktrs::{
     ExpertWeights, ForwardCache, GradTarget, Isa, LoraConfig, LoraMatrix, MoeConfig, MoeLayer,
@@ -448,6 +448,46 @@ impl Experts {
             let held = self.layer();
             let (l, m) = Self::lora_matrix(&held, name)?;
             export_f32(py, l.weight(m), &l.shape(m))
+        })
+    }
+
+    /// A DLPack capsule viewing the packed weights of `"gate_up"` or `"down"`: bf16
+    /// `[E, panels, k_pad / 2, 16, 2]`, element `[e, p, j, l, b]` = W_e[16p + l, 2j + b]
+    /// (`rust/ktrs/src/pack.rs`; gate_up interleaves gate and up panels). The view keeps
+    /// the layer alive. For reading only: the kernels read this memory.
+    fn packed_weights<'py>(
+        &self,
+        py: Python<'py>,
+        name: &Bound<'_, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        guard(|| {
+            let which = str_arg("name", name)?;
+            let down = match which.as_str() {
+                "gate_up" => false,
+                "down" => true,
+                _ => {
+                    return Err(value_err(format!(
+                        "`name` must be 'gate_up' or 'down', got {which:?}"
+                    )))
+                }
+            };
+            let held = self.layer();
+            let pack = held.packed_weights(down);
+            let sh = pack.shape;
+            let shape = [pack.experts, sh.panels(), sh.k_pad / 2, ktrs::pack::PANEL, 2];
+            let data = pack.as_slice();
+            // SAFETY: `data` holds exactly `shape` u16 (bf16) and lives as long as the
+            // layer, which the owner Arc keeps; packed buffers are written in place, never
+            // reallocated.
+            unsafe {
+                export_raw(
+                    py,
+                    self.shared_layer(),
+                    data.as_ptr() as *mut u8,
+                    DType::BF16,
+                    &shape,
+                )
+            }
         })
     }
 

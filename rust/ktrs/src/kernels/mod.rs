@@ -22,6 +22,7 @@ pub(crate) mod epilogue;
 pub(crate) mod lora_grad;
 #[cfg(test)]
 mod probes;
+mod probe_amx_sched;
 pub(crate) mod scalar;
 pub(crate) mod vec;
 
@@ -358,12 +359,20 @@ mod tests {
     /// On an AMX machine: every AMX loop variant gives the same bits as the default one.
     #[test]
     fn amx_loop_variants_same_bits() {
-        use crate::tuning::{set, Knob};
         if Isa::Amx.check_available().is_err() {
             return;
         }
         let mut seed = 9u64;
-        let (m, n, k) = (70, 96, 2048);
+        // K blocks of 32: 64, 3, 1 and 2 (the pipelined loop's short cases).
+        for k in [2048, 96, 32, 64] {
+            amx_loop_variants_same_bits_at(k, &mut seed);
+        }
+    }
+
+    fn amx_loop_variants_same_bits_at(k: usize, seed: &mut u64) {
+        use crate::tuning::{set, Knob};
+        let (m, n) = (70, 96);
+        let mut seed = *seed;
         let (sh, _, pw) = rand_packed(n, k, &mut seed);
         let lda = sh.k_pad + 32;
         let a = rand_bf16((m + 32) * lda, &mut seed);
@@ -386,6 +395,7 @@ mod tests {
         let _guard = crate::tuning::test_override_guard();
         let base = run();
         for (knob, v) in [
+            (Knob::AmxPipeline, 0),
             (Knob::AmxPipeline, 1),
             (Knob::AmxPrefetchKib, 1),
             (Knob::AmxPrefetchKib, 4),
@@ -399,7 +409,7 @@ mod tests {
                 got.iter()
                     .zip(&base)
                     .all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{knob:?}={v}"
+                "{knob:?}={v} at k={k}"
             );
         }
     }

@@ -339,14 +339,10 @@ fn amx_ceilings() {
             l / 1e9 / th
         );
         for (label, kb) in [("L1", 8usize), ("L2", 64)] {
-            for pipe in [0usize, 1] {
+            for (pipe, name) in [(0usize, ""), (1, " pipelined")] {
                 set(Knob::AmxPipeline, Some(pipe));
                 let r = amx_rate(AmxWork::Kernel { kb }, cpus, &mut seed);
-                line += &format!(
-                    ", 2x2{} {label} {:5.2}",
-                    if pipe == 1 { " pipelined" } else { "" },
-                    r / 1e12
-                );
+                line += &format!(", 2x2{name} {label} {:5.2}", r / 1e12);
             }
         }
         set(Knob::AmxPipeline, None);

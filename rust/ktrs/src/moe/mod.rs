@@ -346,6 +346,17 @@ impl MoeLayer {
         self.lora_generation
     }
 
+    /// The packed weights of one projection (`gate_up`: the fused, panel-interleaved
+    /// gate and up matrices; `down`), for readers outside the kernels: the GPU prefill
+    /// copies them to the device as they are (`python/ktrs/gpu_prefill.py`).
+    pub fn packed_weights(&self, down: bool) -> &ExpertPack {
+        if down {
+            &self.down
+        } else {
+            &self.gate_up
+        }
+    }
+
     /// Bytes of packed expert weights held.
     pub fn weight_bytes(&self) -> usize {
         self.gate_up.bytes() + self.down.bytes()

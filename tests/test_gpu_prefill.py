@@ -1,0 +1,103 @@
+"""The GPU prefill path (ktrs/gpu_prefill.py): the packed-weight view's layout, the
+streamed computation against the float64 reference (run on the CPU here, on CUDA where
+there is one), and which calls take the path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ktrs
+from ktrs import gpu_prefill
+from ktrs.experts import LORA_NAMES
+
+from conftest import build, make_problem, reference, rel_l2
+
+
+def test_packed_view_unpacks_to_the_expert_weights():
+    p = make_problem(E=3, H=96, I=80, k=2, T=4, r=0, seed=1)  # both padded: H, I not multiples of 32
+    ex = build(p)
+    s = gpu_prefill.StreamedExperts(ex)
+    gu = s._unpack(ex.packed_weights("gate_up"))
+    dn = s._unpack(ex.packed_weights("down"))
+    i_pad = gu.shape[1] // 2
+    for e in range(3):
+        g, u, d = ex.get_expert(e)
+        panels = gu[e].view(i_pad // 16, 2, 16, -1)
+        assert torch.equal(panels[:, 0].reshape(i_pad, -1)[:80, :96], g)
+        assert torch.equal(panels[:, 1].reshape(i_pad, -1)[:80, :96], u)
+        assert torch.equal(dn[e][:96, :80], d)
+        assert not panels[:, 0].reshape(i_pad, -1)[80:].any()  # padding is zero
+
+
+def test_packed_weights_refuses_other_names():
+    ex = build(make_problem(E=2, H=64, I=32, k=1, T=1, r=0))
+    with pytest.raises(ktrs.KtrsValueError, match="gate_up"):
+        ex.packed_weights("gate")
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("rank", [0, 4])
+def test_streamed_forward_matches_the_reference(device, rank, monkeypatch):
+    p = make_problem(E=6, H=96, I=80, k=2, T=40, r=rank, seed=3, used_experts=5)
+    ex = build(p)
+    # Chunks of two experts: the double-buffered copy runs through several groups.
+    per_expert = (ex.packed_weights("gate_up")[0].numel() + ex.packed_weights("down")[0].numel()) * 2
+    monkeypatch.setattr(gpu_prefill, "CHUNK_BYTES", 2 * per_expert)
+    s = gpu_prefill.StreamedExperts(ex)
+    lora = [ex.lora_weight(n) for n in LORA_NAMES] if rank else None
+    got = s.forward(p.hidden.to(device), p.ids.to(device), p.weights.to(device), lora=lora, scaling=ex.lora_scaling)
+    assert got.device.type == device and got.dtype == torch.bfloat16
+    want = reference(p)["out"]
+    assert rel_l2(got.cpu(), want) < 1e-2
+    cpu = ex.forward(p.hidden, p.ids, p.weights, use_lora=bool(rank))[0]
+    assert rel_l2(got.cpu(), cpu) < 1e-2
+
+
+def test_streamed_forward_refuses_out_of_range_ids():
+    p = make_problem(E=4, H=64, I=32, k=2, T=3, r=0)
+    s = gpu_prefill.StreamedExperts(build(p))
+    with pytest.raises(ktrs.KtrsValueError, match="topk_ids"):
+        s.forward(p.hidden, torch.tensor([[0, 4], [1, 2], [0, 1]]), p.weights)
+
+
+def test_only_long_cuda_inference_calls_take_the_path(monkeypatch):
+    ex = build(make_problem(E=8, H=64, I=32, k=2, T=1, r=0))
+    ids_long = torch.zeros(512, 2, dtype=torch.long)  # 128 rows per expert
+    monkeypatch.delenv("KTRS_GPU_PREFILL_ROWS", raising=False)
+    x = torch.zeros(1, 64)
+    # Not CUDA: never.
+    assert not gpu_prefill.wanted(ex, x, ids_long)
+    fake_cuda = torch.empty(1, 64, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    with torch.no_grad():
+        assert gpu_prefill.wanted(ex, fake_cuda, ids_long)
+        assert not gpu_prefill.wanted(ex, fake_cuda, ids_long[:500])
+        monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "0")
+        assert not gpu_prefill.wanted(ex, fake_cuda, ids_long)
+        monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "10")
+        assert gpu_prefill.wanted(ex, fake_cuda, ids_long[:40])
+    # Autograd on (training): never.
+    assert not gpu_prefill.wanted(ex, fake_cuda, ids_long)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_patched_module_uses_the_gpu_for_a_long_prompt(monkeypatch):
+    p = make_problem(E=4, H=64, I=32, k=2, T=256, r=4, seed=5)
+    ex = build(p)
+    m = ktrs.KtrsExperts(ex)
+    x, ids, w = p.hidden.cuda(), p.ids.cuda(), p.weights.cuda()
+    monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "0")
+    with torch.no_grad():
+        cpu = m(x, ids, w)
+    assert m._streamed is None
+    monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "64")
+    with torch.no_grad():
+        gpu = m(x, ids, w)
+        fut = m.submit(x, ids, w).result()
+    assert m._streamed is not None
+    assert gpu.is_cuda and rel_l2(gpu, cpu) < 1e-2 and torch.equal(gpu, fut)
