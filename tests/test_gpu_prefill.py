@@ -67,7 +67,7 @@ def test_streamed_forward_refuses_out_of_range_ids():
 
 def test_only_long_cuda_inference_calls_take_the_path(monkeypatch):
     ex = build(make_problem(E=8, H=64, I=32, k=2, T=1, r=0))
-    ids_long = torch.zeros(512, 2, dtype=torch.long)  # 128 rows per expert
+    ids_long = torch.zeros(64, 2, dtype=torch.long)  # 16 rows per expert
     monkeypatch.delenv("KTRS_GPU_PREFILL_ROWS", raising=False)
     x = torch.zeros(1, 64)
     # Not CUDA: never.
@@ -76,11 +76,11 @@ def test_only_long_cuda_inference_calls_take_the_path(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     with torch.no_grad():
         assert gpu_prefill.wanted(ex, fake_cuda, ids_long)
-        assert not gpu_prefill.wanted(ex, fake_cuda, ids_long[:500])
+        assert not gpu_prefill.wanted(ex, fake_cuda, ids_long[:63])
         monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "0")
         assert not gpu_prefill.wanted(ex, fake_cuda, ids_long)
-        monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "10")
-        assert gpu_prefill.wanted(ex, fake_cuda, ids_long[:40])
+        monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "4")
+        assert gpu_prefill.wanted(ex, fake_cuda, ids_long[:16])
     # Autograd on (training): never.
     assert not gpu_prefill.wanted(ex, fake_cuda, ids_long)
 
@@ -101,3 +101,56 @@ def test_patched_module_uses_the_gpu_for_a_long_prompt(monkeypatch):
         fut = m.submit(x, ids, w).result()
     assert m._streamed is not None
     assert gpu.is_cuda and rel_l2(gpu, cpu) < 1e-2 and torch.equal(gpu, fut)
+
+
+def test_split_moves_the_busiest_experts_while_it_pays(monkeypatch):
+    monkeypatch.delenv("KTRS_GPU_PREFILL_MODEL", raising=False)
+    H, I = 2048, 1408
+    nbytes, fpr = 3 * H * I * 2, 2.0 * 3 * H * I
+    # V2-Lite at 2048 tokens (192 rows per expert): most experts go, not all.
+    many = gpu_prefill.split([192] * 64, nbytes, fpr)
+    assert 32 < len(many) < 64
+    # One row per expert: the CPU reads weights at DRAM speed and the copy reads the same
+    # DRAM, so hardly anything moves.
+    assert len(gpu_prefill.split([1] * 64, nbytes, fpr)) <= 4
+    # Uneven rows: the busiest go first; idle experts never.
+    counts = [0, 500, 3, 400, 0, 2] + [10] * 10
+    got = gpu_prefill.split(counts, nbytes, fpr)
+    assert got[:2] == [1, 3] and 0 not in got and 4 not in got
+    monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "1000,100,0.5")  # fast copies, a slow CPU: more go
+    assert len(gpu_prefill.split(counts, nbytes, fpr)) > len(got)
+    monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "1,2")
+    with pytest.raises(ktrs.KtrsValueError, match="KTRS_GPU_PREFILL_MODEL"):
+        gpu_prefill.split(counts, nbytes, fpr)
+
+
+def test_skipped_slots_add_nothing_on_either_side():
+    p = make_problem(E=5, H=64, I=48, k=2, T=12, r=4, seed=8)
+    ex = build(p)
+    ids = p.ids.clone()
+    ids[::3, 1] = -1
+    w0 = p.weights.clone()
+    w0[::3, 1] = 0.0
+    want = reference(make_problem(E=5, H=64, I=48, k=2, T=12, r=4, seed=8).__class__(**{**p.__dict__, "weights": w0}))["out"]
+    cpu = ex.forward(p.hidden, ids, p.weights)[0]
+    s = gpu_prefill.StreamedExperts(ex)
+    gpu = s.forward(p.hidden, ids, p.weights, lora=[ex.lora_weight(n) for n in LORA_NAMES], scaling=ex.lora_scaling)
+    assert rel_l2(cpu, want) < 1e-2 and rel_l2(gpu, want) < 1e-2
+    with pytest.raises(ktrs.KtrsValueError, match="topk_ids"):
+        ex.forward(p.hidden, ids, p.weights, save_for_backward=True)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_split_call_matches_the_reference(device, monkeypatch):
+    p = make_problem(E=8, H=64, I=48, k=2, T=64, r=4, seed=9)
+    ex = build(p)
+    # A cost model under which some experts, not all, go to the GPU.
+    per = gpu_prefill.StreamedExperts(ex).expert_bytes
+    counts = torch.bincount(p.ids.reshape(-1), minlength=8).tolist()
+    monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "0.005,1000,0.0001")
+    chosen = gpu_prefill.split(counts, per, 2.0 * 3 * 64 * 48)
+    assert 0 < len(chosen) < 8
+    s = gpu_prefill.StreamedExperts(ex)
+    got = s(p.hidden.to(device), p.ids.to(device), p.weights.to(device), lora=[ex.lora_weight(n) for n in LORA_NAMES], scaling=ex.lora_scaling)
+    assert got.device.type == device
+    assert rel_l2(got.cpu(), reference(p)["out"]) < 1e-2

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,26 +29,66 @@ import torch.nn.functional as F
 from ._native import KtrsValueError
 from .experts import LORA_NAMES, MoeExperts
 
-#: Rows per expert from which a CUDA inference call streams the weights to the GPU.
-ROWS_DEFAULT = 128
+#: Rows per expert (on average) from which a CUDA inference call considers the GPU.
+ROWS_DEFAULT = 16
 #: Bytes of packed weights per copy chunk (two chunks in flight, plus one unpacked).
 CHUNK_BYTES = 256 << 20
+#: The cost model that splits a call's experts between the GPU and the CPU, from the
+#: reference machine (H200 + 16-core Xeon, 2026-12-02): page-locked host-to-device copies
+#: 55 GB/s; the CPU experts stream weights at ~100 GB/s and multiply at ~5 TFLOPS (the
+#: layer's GEMM phases at T=2048). ``KTRS_GPU_PREFILL_MODEL="pcie_gbps,cpu_gbps,cpu_tflops"``
+#: overrides it.
+MODEL_DEFAULT = (50.0, 100.0, 5.0)
 
 
 def rows_threshold() -> int:
-    """Rows per expert (tokens × top-k / experts) from which CUDA inference calls run the
+    """Rows per expert (tokens × top-k / experts) from which CUDA inference calls may run
     experts on the GPU; ``KTRS_GPU_PREFILL_ROWS`` overrides it, ``0`` turns the path off."""
     v = os.environ.get("KTRS_GPU_PREFILL_ROWS")
     return ROWS_DEFAULT if v is None or v == "" else int(v)
 
 
+def cost_model() -> Tuple[float, float, float]:
+    v = os.environ.get("KTRS_GPU_PREFILL_MODEL")
+    if not v:
+        return MODEL_DEFAULT
+    parts = tuple(float(x) for x in v.split(","))
+    if len(parts) != 3 or min(parts) <= 0:
+        raise KtrsValueError(f"KTRS_GPU_PREFILL_MODEL: expected three positive numbers 'pcie_gbps,cpu_gbps,cpu_tflops', got {v!r}")
+    return parts  # type: ignore[return-value]
+
+
 def wanted(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor) -> bool:
-    """Whether this call should stream the weights: CUDA input, no autograd, and enough
-    rows per expert that the copy costs less than the CPU's GEMMs."""
+    """Whether this call may stream weights: CUDA input, no autograd, and enough rows per
+    expert (:func:`rows_threshold`); :func:`split` then decides which experts go."""
     limit = rows_threshold()
     if limit <= 0 or not hidden.is_cuda or torch.is_grad_enabled():
         return False
     return topk_ids.numel() >= limit * experts.num_experts
+
+
+def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float) -> List[int]:
+    """The experts to run on the GPU so that the copy and the CPU's share end together.
+
+    An expert costs the GPU its weights' copy, whatever its rows; the CPU its weights'
+    read plus its rows' products (this sum fits the layer's measured forward times
+    within 10% at 512 and 2048 tokens). The copy reads the same DRAM, so no split beats
+    reading every active expert once at the DRAM rate. The experts with the most rows
+    move first, for as long as moving one shortens the call.
+    """
+    pcie, dram, tflops = cost_model()
+    gpu_cost = expert_bytes / (pcie * 1e9)
+    cpu_cost = [expert_bytes / (dram * 1e9) + c * flops_per_row / (tflops * 1e12) if c else 0.0 for c in counts]
+    floor = sum(1 for c in counts if c) * expert_bytes / (dram * 1e9)
+    cpu, gpu = sum(cpu_cost), 0.0
+    chosen: List[int] = []
+    for e in sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e]):
+        if max(gpu + gpu_cost, cpu - cpu_cost[e], floor) >= max(gpu, cpu, floor):
+            break
+        gpu += gpu_cost
+        cpu -= cpu_cost[e]
+        chosen.append(e)
+    return chosen
 
 
 def _unregister(ptrs: List[int], _views) -> None:
@@ -96,6 +136,57 @@ class StreamedExperts:
         n, p, kh, lanes, two = packed.shape
         return packed.permute(0, 1, 3, 2, 4).reshape(n, p * lanes, kh * two)
 
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        lora: Optional[Sequence[torch.Tensor]] = None,
+        scaling: float = 1.0,
+    ) -> Optional[torch.Tensor]:
+        """The whole call with the experts :func:`split` between the devices: the GPU's
+        share streamed here while the CPU runs the rest (its kernels release the GIL).
+        None when the split gives the GPU nothing (the caller runs the CPU path)."""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        counts = self._counts(topk_ids)
+        chosen = split(counts, self.expert_bytes, 2.0 * 3 * H * I)
+        if not chosen:
+            return None
+        dev = hidden.device
+        on_gpu = torch.zeros(E, dtype=torch.bool, device=dev)
+        on_gpu[chosen] = True
+        ids = topk_ids.to(torch.int64)
+        mask = on_gpu[ids]
+        no = torch.full_like(ids, -1)
+        cpu_job = None
+        if len(chosen) < sum(1 for c in counts if c):
+            x = hidden.to("cpu", torch.bfloat16).contiguous()
+            i = torch.where(mask, no, ids).cpu()
+            w = topk_weights.to("cpu", torch.float32).contiguous()
+            cpu_job = _executor().submit(self.experts.forward, x, i, w, use_lora=bool(lora))
+        try:
+            out = self.forward(hidden, torch.where(mask, ids, no), topk_weights, lora, scaling, out_dtype=torch.float32)
+        finally:
+            cpu_out = cpu_job.result()[0] if cpu_job is not None else None
+        if cpu_out is not None:
+            out += cpu_out.to(dev).float()
+        return out.to(hidden.dtype)
+
+    @property
+    def expert_bytes(self) -> int:
+        return (self.gate_up[0].numel() + self.down[0].numel()) * 2
+
+    def _counts(self, topk_ids: torch.Tensor, skips_ok: bool = False) -> List[int]:
+        """Rows per expert; refuses ids outside ``[0, E)`` (and -1, "no expert", unless
+        ``skips_ok``)."""
+        E = self.num_experts
+        flat = topk_ids.reshape(-1)
+        if flat.numel():
+            lo, hi = (int(v) for v in flat.aminmax())
+            if lo < (-1 if skips_ok else 0) or hi >= E:
+                raise KtrsValueError(f"topk_ids: expert ids must be in [0, {E}), got {hi if hi >= E else lo}")
+        return torch.bincount(flat[flat >= 0], minlength=E).tolist()
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -103,8 +194,10 @@ class StreamedExperts:
         topk_weights: torch.Tensor,
         lora: Optional[Sequence[torch.Tensor]] = None,
         scaling: float = 1.0,
+        out_dtype: Optional[torch.dtype] = None,
     ) -> torch.Tensor:
-        """``sum_j w[t, j] · expert_{ids[t, j]}(x[t])`` on ``hidden``'s device, in its dtype.
+        """``sum_j w[t, j] · expert_{ids[t, j]}(x[t])`` on ``hidden``'s device, all
+        experts here; ``-1`` ids add nothing. In ``out_dtype`` (default: ``hidden``'s).
 
         ``lora``: the six expert LoRA matrices (:data:`ktrs.experts.LORA_NAMES` order, f32,
         any device) or None.
@@ -115,18 +208,14 @@ class StreamedExperts:
         cuda = dev.type == "cuda"
         if cuda:
             self._register()
+        counts = self._counts(topk_ids, skips_ok=True)
+        # -1 (skipped) sorts last as E; only the first sum(counts) pairs are computed.
         flat = topk_ids.reshape(-1)
-        if flat.numel() == 0:
-            return torch.zeros(T, H, dtype=hidden.dtype, device=dev)
-        lo, hi = flat.aminmax()
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= E:
-            raise KtrsValueError(f"topk_ids: expert ids must be in [0, {E}), got {lo if lo < 0 else hi}")
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=E).tolist()
+        flat = torch.where(flat < 0, torch.full_like(flat, E), flat)
+        order = torch.argsort(flat, stable=True)[: sum(counts)]
         tok = order // k
         xs = hidden.to(torch.bfloat16)[tok]
-        ys = torch.empty(T * k, H, dtype=torch.float32, device=dev)
+        ys = torch.empty(order.numel(), H, dtype=torch.float32, device=dev)
         active = [e for e in range(E) if counts[e]]
         starts = {}
         s = 0
@@ -202,7 +291,20 @@ class StreamedExperts:
             if cuda:
                 done.record(compute)
                 freed[gi % 2] = done
-        wts = topk_weights.reshape(-1)[order].to(dev, torch.float32)
+        wts = topk_weights.reshape(-1).to(dev, torch.float32)[order]
         out = torch.zeros(T, H, dtype=torch.float32, device=dev)
         out.index_add_(0, tok, ys * wts[:, None])
-        return out.to(hidden.dtype)
+        return out.to(out_dtype or hidden.dtype)
+
+
+_EXECUTOR = None
+
+
+def _executor():
+    """One thread for the CPU's share of split calls (the Rust pool runs one job at a time)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktrs-prefill")
+    return _EXECUTOR

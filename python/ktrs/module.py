@@ -701,8 +701,9 @@ class KtrsExperts(nn.Module):
             # Training on CUDA (checkpointing included): enqueued on the stream, Python does
             # not wait (stream_call.py).
             return stream_call.experts_call(self, hidden_states, top_k_index, top_k_weights, guard=bool(check), mode=mode)
-        if self._gpu_prefill_wanted(hidden_states, top_k_index):
-            return self._gpu_prefill(hidden_states, top_k_index, top_k_weights)
+        out = self._gpu_prefill(hidden_states, top_k_index, top_k_weights)
+        if out is not None:
+            return out
         device, dtype = hidden_states.device, hidden_states.dtype
         timer = Timer.global_()
         t0 = time.perf_counter()
@@ -746,22 +747,24 @@ class KtrsExperts(nn.Module):
         fut = stream_call.submit(self, hidden_states, top_k_index, top_k_weights, guard=self.check_finite is not False)
         if fut is not None:
             return fut
-        if self._gpu_prefill_wanted(hidden_states, top_k_index):
-            return _Done(self._gpu_prefill(hidden_states, top_k_index, top_k_weights))
+        out = self._gpu_prefill(hidden_states, top_k_index, top_k_weights)
+        if out is not None:
+            return _Done(out)
         return ExpertsFuture(self, hidden_states, top_k_index, top_k_weights)
 
-    # -- long prefills on the GPU (gpu_prefill.py) ---------------------------------------
-    def _gpu_prefill_wanted(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
-        return gpu_prefill.wanted(self.experts, hidden_states, top_k_index) and _reentrant_checkpoint_owner() is None
-
-    def _gpu_prefill(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """The experts on the GPU with their weights streamed from host memory."""
+    # -- long prefills partly on the GPU (gpu_prefill.py) --------------------------------
+    def _gpu_prefill(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> Optional[torch.Tensor]:
+        """The call with some experts on the GPU (weights streamed from host memory), or
+        None where this call stays on the CPU (short, training, or the split says so)."""
+        if not gpu_prefill.wanted(self.experts, hidden_states, top_k_index) or _reentrant_checkpoint_owner() is not None:
+            return None
         if self._streamed is None or self._streamed.experts is not self.experts:
             self._streamed = gpu_prefill.StreamedExperts(self.experts)
         t0 = time.perf_counter()
         lora = self.lora_params() or None
-        out = self._streamed.forward(hidden_states, top_k_index, top_k_weights, lora=lora, scaling=self.experts.lora_scaling)
-        Timer.global_().add("gpu prefill", time.perf_counter() - t0, self.where)
+        out = self._streamed(hidden_states, top_k_index, top_k_weights, lora=lora, scaling=self.experts.lora_scaling)
+        if out is not None:
+            Timer.global_().add("gpu prefill", time.perf_counter() - t0, self.where)
         return out
 
     def extra_repr(self) -> str:

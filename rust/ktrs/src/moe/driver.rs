@@ -63,8 +63,8 @@ pub(super) fn gemm_rows(
     })
 }
 
-/// `out[t] = bf16(Σ_slot w(p) · rows[p])` over token t's k pairs p, for the tokens of
-/// one task; `visit(t, slot, p)` runs for every pair on the way.
+/// `out[t] = bf16(Σ_slot w(p) · rows[p])` over token t's pairs p (skipped slots add
+/// nothing), for the tokens of one task; `visit(t, slot, p)` runs for every pair on the way.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn sum_pairs_into(
     isa: Isa,
@@ -82,7 +82,11 @@ pub(super) fn sum_pairs_into(
     for t in tokens {
         acc.fill(0.0);
         for slot in 0..k {
-            let p = routing.pos[t * k + slot] as usize;
+            let p = routing.pos[t * k + slot];
+            if p == routing::NO_PAIR {
+                continue;
+            }
+            let p = p as usize;
             kernels::vec::axpy(isa, weight(p), &rows[p * ld..p * ld + h], &mut acc);
             visit(t, slot, p);
         }

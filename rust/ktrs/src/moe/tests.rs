@@ -475,7 +475,11 @@ fn bad_inputs_are_errors() {
         .forward(&d.hidden, 2, &[0, 4, 1, 2], &d.w, 2, &mut out, false)
         .is_err());
     assert!(layer
-        .forward(&d.hidden, 2, &[0, -1, 1, 2], &d.w, 2, &mut out, false)
+        .forward(&d.hidden, 2, &[0, -2, 1, 2], &d.w, 2, &mut out, false)
+        .is_err());
+    // -1 (no expert) only where no cache is kept.
+    assert!(layer
+        .forward(&d.hidden, 2, &[0, -1, 1, 2], &d.w, 2, &mut out, true)
         .is_err());
     assert!(layer
         .forward(&d.hidden[..10], 2, &d.ids, &d.w, 2, &mut out, false)
@@ -499,6 +503,40 @@ fn bad_inputs_are_errors() {
         0
     )
     .is_err());
+}
+
+/// A skipped slot (-1) adds nothing: the same bits as that slot with weight 0 (scalar
+/// kernels, whose rows do not depend on the other rows of their expert).
+#[test]
+fn skipped_slots_add_nothing() {
+    let c = Case {
+        e: 5,
+        h: 48,
+        i: 40,
+        k: 3,
+        t: 7,
+        r: 4,
+    };
+    let d = make(&c, 12);
+    let layer = layer_for(&c, &d, Isa::Scalar, 2);
+    let mut ids = d.ids.clone();
+    let mut w0 = d.w.clone();
+    for i in [1usize, 4, 5, 9, 20] {
+        ids[i] = -1;
+        w0[i] = 0.0;
+    }
+    ids[c.k..2 * c.k].fill(-1); // a token with no expert at all
+    w0[c.k..2 * c.k].fill(0.0);
+    let mut skipped = vec![0u16; c.t * c.h];
+    let mut zero_weight = vec![0u16; c.t * c.h];
+    layer
+        .forward(&d.hidden, c.t, &ids, &d.w, c.k, &mut skipped, false)
+        .unwrap();
+    layer
+        .forward(&d.hidden, c.t, &d.ids, &w0, c.k, &mut zero_weight, false)
+        .unwrap();
+    assert_eq!(skipped, zero_weight);
+    assert!(skipped[c.h..2 * c.h].iter().all(|&v| v == 0));
 }
 
 #[test]
