@@ -18,6 +18,19 @@ LORA_NAMES: Tuple[str, ...] = tuple(_native.Experts.lora_names())
 
 _F = TypeVar("_F", bound=Callable)
 
+_BACKGROUND = None
+
+
+def background():
+    """The one worker thread that runs expert calls while the caller goes on (overlap
+    with GPU work); one is enough: the Rust pool runs one job at a time."""
+    global _BACKGROUND
+    if _BACKGROUND is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktrs-submit")
+    return _BACKGROUND
+
 
 def _locked(fn: _F) -> _F:
     """Runs the method under the layer's lock. The Rust layer may not be changed

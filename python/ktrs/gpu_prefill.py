@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._native import KtrsValueError
-from .experts import LORA_NAMES, MoeExperts
+from .experts import LORA_NAMES, MoeExperts, background
 
 #: Rows per expert (on average) from which a CUDA inference call considers the GPU.
 ROWS_DEFAULT = 16
@@ -163,7 +163,7 @@ class StreamedExperts:
             x = hidden.to("cpu", torch.bfloat16).contiguous()
             i = torch.where(mask, no, ids).cpu()
             w = topk_weights.to("cpu", torch.float32).contiguous()
-            cpu_job = _executor().submit(self.experts.forward, x, i, w, use_lora=bool(lora))
+            cpu_job = background().submit(self.experts.forward, x, i, w, use_lora=bool(lora))
         try:
             out = self.forward(hidden, torch.where(mask, ids, no), topk_weights, lora, scaling, out_dtype=torch.float32)
         finally:
@@ -296,15 +296,3 @@ class StreamedExperts:
         out.index_add_(0, tok, ys * wts[:, None])
         return out.to(out_dtype or hidden.dtype)
 
-
-_EXECUTOR = None
-
-
-def _executor():
-    """One thread for the CPU's share of split calls (the Rust pool runs one job at a time)."""
-    global _EXECUTOR
-    if _EXECUTOR is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktrs-prefill")
-    return _EXECUTOR

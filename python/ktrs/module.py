@@ -16,7 +16,7 @@ from torch import nn
 
 from ._native import KtrsValueError, NonFiniteError, StaleHandleError
 from . import gpu_prefill
-from .experts import LORA_NAMES, MoeExperts
+from .experts import LORA_NAMES, MoeExperts, background
 
 
 class Timer:
@@ -478,19 +478,6 @@ def experts_function(
     return out
 
 
-_EXECUTOR = None
-
-
-def _executor():
-    global _EXECUTOR
-    if _EXECUTOR is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        # One thread: ktrs runs one layer at a time anyway (its pool serialises jobs).
-        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktrs-submit")
-    return _EXECUTOR
-
-
 class ExpertsFuture:
     """The pending result of :meth:`KtrsExperts.submit`."""
 
@@ -523,7 +510,7 @@ class ExpertsFuture:
             return handle
 
         self._out, self._keep = out, (owner, experts, x, i, w, state)
-        self._future = _executor().submit(work)
+        self._future = background().submit(work)
 
     def result(self) -> torch.Tensor:
         handle = self._future.result()

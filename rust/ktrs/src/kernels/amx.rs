@@ -412,37 +412,6 @@ fn rows_outer() -> bool {
     crate::tuning::get(crate::tuning::Knob::AmxRowsOuter) == 1
 }
 
-/// Ceilings of the tile unit on this machine, for `kernels::tests::amx_ceilings`:
-/// `iters` rounds of the 2×2 block's four products with no memory access at all.
-///
-/// # Safety
-/// AMX must be usable on this thread; `src` readable for 4 KiB.
-#[cfg(all(test, target_arch = "x86_64"))]
-pub(crate) unsafe fn products_only(src: *const u16, iters: usize) {
-    Hardware::begin();
-    std::arch::asm!(
-        "tileloadd tmm4, [{s} + {st}*1]",
-        "tileloadd tmm5, [{s} + {st}*1]",
-        "tileloadd tmm6, [{s} + {st}*1]",
-        "tileloadd tmm7, [{s} + {st}*1]",
-        "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-        "2:",
-        "tdpbf16ps tmm0, tmm4, tmm6",
-        "tdpbf16ps tmm1, tmm4, tmm7",
-        "tdpbf16ps tmm2, tmm5, tmm6",
-        "tdpbf16ps tmm3, tmm5, tmm7",
-        "dec {n}",
-        "jnz 2b",
-        s = in(reg) src,
-        st = in(reg) 64usize,
-        n = inout(reg) iters => _,
-        out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-        out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-        options(nostack, readonly),
-    );
-    Hardware::end();
-}
-
 /// `iters` rounds of four tile loads from the same 4 KiB (L1), no products: the load
 /// side's ceiling for `kernels::tests::amx_ceilings`.
 ///

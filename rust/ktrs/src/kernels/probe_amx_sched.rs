@@ -10,8 +10,12 @@ use super::tests::rand_bf16;
 use super::*;
 use std::time::Instant;
 
-/// Products only, `n` chains (1..=4 accumulators), 4 products per iteration.
-unsafe fn products(src: *const u16, iters: usize, chains: usize) {
+/// Products only, no memory access, `chains` accumulators (1–4), 4 products per
+/// iteration: the tile unit's own ceiling, and whether the accumulator chain costs.
+///
+/// # Safety
+/// AMX must be usable on this thread; `src` readable for 1 KiB.
+pub(super) unsafe fn products(src: *const u16, iters: usize, chains: usize) {
     amx::Hardware::begin();
     macro_rules! run {
         ($c0:literal, $c1:literal, $c2:literal, $c3:literal) => {

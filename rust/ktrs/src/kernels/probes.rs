@@ -257,7 +257,7 @@ fn amx_rate(work: AmxWork, cpus: &[usize], seed: &mut u64) -> f64 {
                     match work {
                         AmxWork::ProductsOnly => {
                             let iters = 200_000;
-                            amx::products_only(d.as_ptr(), iters);
+                            super::probe_amx_sched::products(d.as_ptr(), iters, 4);
                             4.0 * 16.0 * 16.0 * 32.0 * 2.0 * iters as f64
                         }
                         AmxWork::LoadsOnly => {
