@@ -474,7 +474,13 @@ impl Experts {
             let held = self.layer();
             let pack = held.packed_weights(down);
             let sh = pack.shape;
-            let shape = [pack.experts, sh.panels(), sh.k_pad / 2, ktrs::pack::PANEL, 2];
+            let shape = [
+                pack.experts,
+                sh.panels(),
+                sh.k_pad / 2,
+                ktrs::pack::PANEL,
+                2,
+            ];
             let data = pack.as_slice();
             // SAFETY: `data` holds exactly `shape` u16 (bf16) and lives as long as the
             // layer, which the owner Arc keeps; packed buffers are written in place, never

@@ -21,8 +21,9 @@ pub(crate) mod avx512;
 pub(crate) mod epilogue;
 pub(crate) mod lora_grad;
 #[cfg(test)]
-mod probes;
 mod probe_amx_sched;
+#[cfg(test)]
+mod probes;
 pub(crate) mod scalar;
 pub(crate) mod vec;
 

@@ -186,72 +186,85 @@ fn probe_amx_schedules() {
     let base = unsafe { data.as_ptr().add(data.as_ptr().align_offset(64)) };
     let flop = 16.0 * 16.0 * 32.0 * 2.0;
     for round in 0..3 {
-    println!("round {round}");
-    for chains in [1usize, 2, 3, 4] {
-        let r = best_of(5, || unsafe {
-            let t = Instant::now();
-            products(base, 1_000_000, chains);
-            4.0 * flop * 1e6 / t.elapsed().as_secs_f64()
-        });
-        println!("products only, {chains} chains: {:.3} TFLOPS", r / 1e12);
-    }
-    // kb K blocks per stream; stream stride kb+2 KiB (room for the read-ahead).
-    for kb in [8usize, 64] {
-        let s = (kb + 2) * 512;
-        let reps = 2_000_000 / kb;
-        let timed = |f: &dyn Fn()| {
-            best_of(5, || {
+        println!("round {round}");
+        for chains in [1usize, 2, 3, 4] {
+            let r = best_of(5, || unsafe {
                 let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-        };
-        let _ = timed;
-        let run = |name: &str, prods_per_kb: usize, f: &dyn Fn()| {
-            let r = best_of(5, || {
-                let t = Instant::now();
-                f();
-                (prods_per_kb * kb * reps) as f64 * flop / t.elapsed().as_secs_f64()
+                products(base, 1_000_000, chains);
+                4.0 * flop * 1e6 / t.elapsed().as_secs_f64()
             });
-            println!("kb {kb:3}: {name:12} {:.3} TFLOPS", r / 1e12);
-        };
-        let mut c = vec![0f32; 32 * 32];
-        let cp = c.as_mut_ptr() as usize;
-        for pipe in [0usize, 1] {
-            let _g = crate::tuning::test_override_guard();
-            crate::tuning::set(crate::tuning::Knob::AmxPipeline, Some(pipe));
-            run(["2x2 first", "2x2 pipe"][pipe], 4, &|| unsafe {
-                let a = amx::ATile { a: base, a1: base.add(s), lda: 32, step: 512 };
+            println!("products only, {chains} chains: {:.3} TFLOPS", r / 1e12);
+        }
+        // kb K blocks per stream; stream stride kb+2 KiB (room for the read-ahead).
+        for kb in [8usize, 64] {
+            let s = (kb + 2) * 512;
+            let reps = 2_000_000 / kb;
+            let timed = |f: &dyn Fn()| {
+                best_of(5, || {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+            };
+            let _ = timed;
+            let run = |name: &str, prods_per_kb: usize, f: &dyn Fn()| {
+                let r = best_of(5, || {
+                    let t = Instant::now();
+                    f();
+                    (prods_per_kb * kb * reps) as f64 * flop / t.elapsed().as_secs_f64()
+                });
+                println!("kb {kb:3}: {name:12} {:.3} TFLOPS", r / 1e12);
+            };
+            let mut c = vec![0f32; 32 * 32];
+            let cp = c.as_mut_ptr() as usize;
+            for pipe in [0usize, 1] {
+                let _g = crate::tuning::test_override_guard();
+                crate::tuning::set(crate::tuning::Knob::AmxPipeline, Some(pipe));
+                run(["2x2 first", "2x2 pipe"][pipe], 4, &|| unsafe {
+                    let a = amx::ATile {
+                        a: base,
+                        a1: base.add(s),
+                        lda: 32,
+                        step: 512,
+                    };
+                    amx::Hardware::begin();
+                    for _ in 0..reps {
+                        amx::Hardware::run_gen(
+                            a,
+                            base.add(2 * s),
+                            base.add(3 * s),
+                            kb,
+                            cp as *mut f32,
+                            32,
+                            false,
+                        );
+                    }
+                    amx::Hardware::end();
+                });
+                crate::tuning::set(crate::tuning::Knob::AmxPipeline, None);
+            }
+            run("2x2 zigzag", 4, &|| unsafe {
                 amx::Hardware::begin();
                 for _ in 0..reps {
-                    amx::Hardware::run_gen(a, base.add(2 * s), base.add(3 * s), kb, cp as *mut f32, 32, false);
+                    k22_zigzag(base, s, base.add(2 * s), s, kb / 2);
                 }
                 amx::Hardware::end();
             });
-            crate::tuning::set(crate::tuning::Knob::AmxPipeline, None);
+            run("1x3", 3, &|| unsafe {
+                amx::Hardware::begin();
+                for _ in 0..reps {
+                    k13(base, base.add(s), s, kb / 2);
+                }
+                amx::Hardware::end();
+            });
+            run("3x1", 3, &|| unsafe {
+                amx::Hardware::begin();
+                for _ in 0..reps {
+                    k31(base, s, base.add(3 * s), kb / 2);
+                }
+                amx::Hardware::end();
+            });
+            c[0] += 0.0;
         }
-        run("2x2 zigzag", 4, &|| unsafe {
-            amx::Hardware::begin();
-            for _ in 0..reps {
-                k22_zigzag(base, s, base.add(2 * s), s, kb / 2);
-            }
-            amx::Hardware::end();
-        });
-        run("1x3", 3, &|| unsafe {
-            amx::Hardware::begin();
-            for _ in 0..reps {
-                k13(base, base.add(s), s, kb / 2);
-            }
-            amx::Hardware::end();
-        });
-        run("3x1", 3, &|| unsafe {
-            amx::Hardware::begin();
-            for _ in 0..reps {
-                k31(base, s, base.add(3 * s), kb / 2);
-            }
-            amx::Hardware::end();
-        });
-        c[0] += 0.0;
-    }
     }
 }

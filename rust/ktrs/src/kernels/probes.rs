@@ -240,7 +240,9 @@ fn amx_rate(work: AmxWork, cpus: &[usize], seed: &mut u64) -> f64 {
     use amx::TileKernel;
     let th = cpus.len();
     // A tiles (2 × 64 KiB at most) then the two B panels, contiguous, per thread.
-    let data: Vec<Vec<u16>> = (0..th).map(|_| rand_bf16(4 * 64 * 512 + 64, seed)).collect();
+    let data: Vec<Vec<u16>> = (0..th)
+        .map(|_| rand_bf16(4 * 64 * 512 + 64, seed))
+        .collect();
     let start = std::sync::Barrier::new(th);
     let t0 = std::sync::Mutex::new(None::<Instant>);
     let amount: f64 = std::thread::scope(|sc| {
