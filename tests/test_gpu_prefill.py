@@ -121,9 +121,17 @@ def test_split_moves_the_busiest_experts_while_it_pays(monkeypatch):
     assert got[:2] == [1, 3] and 0 not in got and 4 not in got
     monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "1000,100,0.5")  # fast copies, a slow CPU: more go
     assert len(gpu_prefill.split(counts, nbytes, fpr)) > len(got)
-    monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "1,2")
-    with pytest.raises(ktrs.KtrsValueError, match="KTRS_GPU_PREFILL_MODEL"):
-        gpu_prefill.split(counts, nbytes, fpr)
+    for bad in ["1,2", "a,b,c", "50,0,5"]:
+        monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", bad)
+        with pytest.raises(ktrs.KtrsValueError, match="KTRS_GPU_PREFILL_MODEL"):
+            gpu_prefill.split(counts, nbytes, fpr)
+
+
+@pytest.mark.parametrize("bad", ["-1", "many", "1.5"])
+def test_a_bad_rows_threshold_names_the_variable(bad, monkeypatch):
+    monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", bad)
+    with pytest.raises(ktrs.KtrsValueError, match="KTRS_GPU_PREFILL_ROWS"):
+        gpu_prefill.rows_threshold()
 
 
 def test_skipped_slots_add_nothing_on_either_side():

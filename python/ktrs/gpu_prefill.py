@@ -45,14 +45,25 @@ def rows_threshold() -> int:
     """Rows per expert (tokens × top-k / experts) from which CUDA inference calls may run
     experts on the GPU; ``KTRS_GPU_PREFILL_ROWS`` overrides it, ``0`` turns the path off."""
     v = os.environ.get("KTRS_GPU_PREFILL_ROWS")
-    return ROWS_DEFAULT if v is None or v == "" else int(v)
+    if v is None or v.strip() == "":
+        return ROWS_DEFAULT
+    try:
+        rows = int(v)
+    except ValueError:
+        rows = -1
+    if rows < 0:
+        raise KtrsValueError(f"KTRS_GPU_PREFILL_ROWS: expected a whole number >= 0 (0 = off), got {v!r}")
+    return rows
 
 
 def cost_model() -> Tuple[float, float, float]:
     v = os.environ.get("KTRS_GPU_PREFILL_MODEL")
     if not v:
         return MODEL_DEFAULT
-    parts = tuple(float(x) for x in v.split(","))
+    try:
+        parts = tuple(float(x) for x in v.split(","))
+    except ValueError:
+        parts = ()
     if len(parts) != 3 or min(parts) <= 0:
         raise KtrsValueError(f"KTRS_GPU_PREFILL_MODEL: expected three positive numbers 'pcie_gbps,cpu_gbps,cpu_tflops', got {v!r}")
     return parts  # type: ignore[return-value]

@@ -16,6 +16,10 @@ def info() -> Dict[str, Any]:
     d["KTRS_THREADS"] = os.environ.get("KTRS_THREADS")
     d["memory_gb"] = _meminfo_gb("MemTotal")
     d["memory_available_gb"] = _meminfo_gb("MemAvailable")
+    from . import gpu_prefill
+
+    d["gpu_prefill_rows"] = gpu_prefill.rows_threshold()
+    d["gpu_prefill_model"] = gpu_prefill.cost_model()
     return d
 
 
@@ -47,9 +51,19 @@ def format_info(d: Dict[str, Any]) -> str:
         ("AMX kernels in build", "yes" if d["amx_kernels_built"] else "no"),
         ("memory", f"{d['memory_gb']} GB total, {d['memory_available_gb']} GB available" if d.get("memory_gb") else "unknown"),
         ("speed knobs", " ".join(f"{k}={v}" for k, v in d.get("tuning", {}).items())),
+        ("GPU prefill", _gpu_prefill_line(d)),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def _gpu_prefill_line(d: Dict[str, Any]) -> str:
+    rows = d.get("gpu_prefill_rows", 0)
+    if not rows:
+        return "off (KTRS_GPU_PREFILL_ROWS=0): every call on the CPU"
+    pcie, dram, tf = d["gpu_prefill_model"]
+    return (f"CUDA inference calls with >= {rows} rows per expert split experts with the GPU "
+            f"(model: PCIe {pcie:g} GB/s, CPU {dram:g} GB/s and {tf:g} TFLOPS)")
 
 
 def tuning() -> Dict[str, int]:
