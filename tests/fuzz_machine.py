@@ -129,7 +129,7 @@ class ExpertsMachine(RuleBasedStateMachine):
         elif kind == "id_too_big":
             ids[0, 0] = e
         elif kind == "id_negative":
-            ids[-1, -1] = -1
+            ids[-1, -1] = -2  # -1 is "no expert"
         elif kind == "nan_weight":
             w[0, 0] = float("nan")
         elif kind == "int32_ids":

@@ -142,6 +142,10 @@ class MoeExperts:
     ) -> Tuple[torch.Tensor, Optional[ForwardHandle]]:
         """Returns ``(out [T, H] bf16, handle)``; ``handle`` is None unless saving.
 
+        ``topk_ids`` are in ``[0, E)``, or ``-1`` for "no expert": that slot adds nothing
+        and its weight gets a zero gradient (the GPU prefill passes -1 for the slots
+        whose experts it runs on the GPU).
+
         ``use_lora=False`` computes the base experts although the layer has LoRA (what
         PEFT's ``disable_adapter`` asks for); that handle's backward gives no LoRA
         gradients. A handle is tied to the layer's LoRA setup: after :meth:`set_lora`,

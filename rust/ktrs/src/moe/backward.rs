@@ -15,6 +15,7 @@ use crate::kernels::lora_grad::{self, Cols};
 use crate::kernels::{epilogue, vec};
 use crate::lora::LoraMatrix as M;
 use crate::pack::{fused_row, PANEL};
+use super::routing::NO_PAIR;
 
 impl MoeLayer {
     /// Refuses a cache of another layer, or one made before `set_lora` replaced the
@@ -338,7 +339,13 @@ impl MoeLayer {
             },
         );
 
-        // 5. Sum over each token's k pairs; routing-weight gradient from the partials.
+        // 5. Sum over each token's k pairs; routing-weight gradient from the partials
+        // (skipped slots, id -1, have no pair: their weight gets a zero gradient).
+        for (gw, &p) in grad_weights.iter_mut().zip(&rt.pos) {
+            if p == NO_PAIR {
+                *gw = 0.0;
+            }
+        }
         let (ghp, gwo) = (
             SendPtr(grad_hidden.as_mut_ptr()),
             SendPtr(grad_weights.as_mut_ptr()),

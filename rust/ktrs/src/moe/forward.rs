@@ -61,9 +61,7 @@ impl MoeLayer {
                 0,
             ));
         }
-        // Skipped slots (-1) only where no cache is kept: the backward assumes k pairs
-        // per token.
-        let routing = Routing::new(ids, weights, tokens, k, cfg.experts, !save)?;
+        let routing = Routing::new(ids, weights, tokens, k, cfg.experts, true)?;
         if let Some(t) = (0..tokens).find(|&t| bf16::any_non_finite(&hidden[t * h..(t + 1) * h])) {
             return Err(KtrsError::NonFinite {
                 what: format!("hidden_states at token {t}"),

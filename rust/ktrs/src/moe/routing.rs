@@ -25,7 +25,8 @@ pub const NO_PAIR: u32 = u32::MAX;
 impl Routing {
     /// Validates `ids` ([T, k], each in `0..experts`, or -1 for "no expert" where
     /// `skips_ok`) and `weights` ([T, k], finite). Skipped slots get no pair: a caller
-    /// that runs part of a call's experts elsewhere (the GPU prefill) passes -1 for them.
+    /// that runs part of a call's experts elsewhere (the GPU prefill) passes -1 for them;
+    /// they add nothing to the output and get zero gradients.
     pub fn new(
         ids: &[i64],
         weights: &[f32],

@@ -477,10 +477,7 @@ fn bad_inputs_are_errors() {
     assert!(layer
         .forward(&d.hidden, 2, &[0, -2, 1, 2], &d.w, 2, &mut out, false)
         .is_err());
-    // -1 (no expert) only where no cache is kept.
-    assert!(layer
-        .forward(&d.hidden, 2, &[0, -1, 1, 2], &d.w, 2, &mut out, true)
-        .is_err());
+
     assert!(layer
         .forward(&d.hidden[..10], 2, &d.ids, &d.w, 2, &mut out, false)
         .is_err());
@@ -505,8 +502,9 @@ fn bad_inputs_are_errors() {
     .is_err());
 }
 
-/// A skipped slot (-1) adds nothing: the same bits as that slot with weight 0 (scalar
-/// kernels, whose rows do not depend on the other rows of their expert).
+/// A skipped slot (-1) adds nothing and gets nothing: the same output bits and gradients
+/// as that slot with weight 0 (scalar kernels, whose rows do not depend on the other rows
+/// of their expert).
 #[test]
 fn skipped_slots_add_nothing() {
     let c = Case {
@@ -537,6 +535,43 @@ fn skipped_slots_add_nothing() {
         .unwrap();
     assert_eq!(skipped, zero_weight);
     assert!(skipped[c.h..2 * c.h].iter().all(|&v| v == 0));
+
+    // Backward: the same gradients as weight 0 (values: -0.0 may become +0.0), and a zero
+    // routing-weight gradient for the skipped slots.
+    let grads = |ids: &[i64], w: &[f32]| {
+        let mut out = vec![0u16; c.t * c.h];
+        let cache = layer
+            .forward(&d.hidden, c.t, ids, w, c.k, &mut out, true)
+            .unwrap()
+            .unwrap();
+        let mut gh = vec![0u16; c.t * c.h];
+        let mut gw = vec![f32::NAN; c.t * c.k];
+        layer
+            .backward(&cache, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
+            .unwrap();
+        let lora: Vec<Vec<f32>> = crate::lora::LoraMatrix::ALL
+            .iter()
+            .map(|&m| layer.lora().unwrap().grad(m).as_slice().to_vec())
+            .collect();
+        layer.lora().unwrap().zero_grads();
+        (gh, gw, lora)
+    };
+    let (gh_s, gw_s, lora_s) = grads(&ids, &d.w);
+    let (gh_z, gw_z, lora_z) = grads(&d.ids, &w0);
+    let same = |a: &[u16], b: &[u16]| {
+        a.iter()
+            .zip(b)
+            .all(|(&x, &y)| bf16::to_f32(x) == bf16::to_f32(y))
+    };
+    assert!(same(&gh_s, &gh_z));
+    assert_eq!(lora_s, lora_z);
+    for (i, &id) in ids.iter().enumerate() {
+        if id < 0 {
+            assert_eq!(gw_s[i], 0.0);
+        } else {
+            assert_eq!(gw_s[i], gw_z[i], "slot {i}");
+        }
+    }
 }
 
 #[test]
