@@ -3,6 +3,7 @@
 //! The input gradient multiplies by the transposed expert weights, kept across calls
 //! where the budget allows, repacked per call otherwise (see `transposed.rs`).
 
+use super::routing::NO_PAIR;
 use super::transposed::gemm_t_rows;
 use super::{
     expert_blocks, expert_runs, gather_pairs, sum_pairs_into, ForwardCache, GradTarget, MoeLayer,
@@ -15,7 +16,6 @@ use crate::kernels::lora_grad::{self, Cols};
 use crate::kernels::{epilogue, vec};
 use crate::lora::LoraMatrix as M;
 use crate::pack::{fused_row, PANEL};
-use super::routing::NO_PAIR;
 
 impl MoeLayer {
     /// Refuses a cache of another layer, or one made before `set_lora` replaced the
