@@ -170,3 +170,21 @@ def test_a_split_call_matches_the_reference(device, monkeypatch):
     got = s(p.hidden.to(device), p.ids.to(device), p.weights.to(device), lora=[ex.lora_weight(n) for n in LORA_NAMES], scaling=ex.lora_scaling)
     assert got.device.type == device
     assert rel_l2(got.cpu(), reference(p)["out"]) < 1e-2
+
+
+def test_refused_page_locking_keeps_long_prompts_on_the_cpu(monkeypatch):
+    p = make_problem(E=4, H=64, I=32, k=2, T=64, r=0, seed=4)
+    s = gpu_prefill.StreamedExperts(build(p))
+
+    class Refusing:
+        def cudaHostRegister(self, ptr, size, flags):
+            return 1  # cudaErrorInvalidValue
+
+        def cudaHostUnregister(self, ptr):
+            raise AssertionError("nothing was registered")
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Refusing())
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    with pytest.warns(UserWarning, match="page-lock"):
+        assert s(p.hidden, p.ids, p.weights) is None
+    assert s(p.hidden, p.ids, p.weights) is None  # decided once, warned once

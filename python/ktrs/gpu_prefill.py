@@ -20,6 +20,7 @@ rounded to bf16 before the SiLU.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -128,17 +129,25 @@ class StreamedExperts:
         self._registered: Optional[bool] = None
 
     # -- host memory --------------------------------------------------------------------
-    def _register(self) -> None:
-        """Page-locks the packed weights once (a failure leaves pageable copies, slower)."""
-        if self._registered is not None:
-            return
-        cudart = torch.cuda.cudart()
-        ptrs = []
-        for t in (self.gate_up, self.down):
-            if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) == 0:
-                ptrs.append(t.data_ptr())
-        self._registered = len(ptrs) == 2
-        weakref.finalize(self, _unregister, ptrs, (self.gate_up, self.down))
+    def _register(self) -> bool:
+        """Page-locks the packed weights once; False if the driver refused (a locked-memory
+        limit, say): copies from pageable memory run at a sixth of the rate (9 vs 55 GB/s
+        on the reference machine), too slow to beat the CPU, so the caller stays there."""
+        if self._registered is None:
+            cudart = torch.cuda.cudart()
+            ptrs = []
+            for t in (self.gate_up, self.down):
+                if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) == 0:
+                    ptrs.append(t.data_ptr())
+            self._registered = len(ptrs) == 2
+            weakref.finalize(self, _unregister, ptrs, (self.gate_up, self.down))
+            if not self._registered:
+                warnings.warn(
+                    "ktrs: could not page-lock the expert weights for the GPU prefill "
+                    "(cudaHostRegister refused; see `ulimit -l`); long prompts stay on the CPU",
+                    stacklevel=3,
+                )
+        return self._registered
 
     # -- the computation ---------------------------------------------------------------
     @staticmethod
@@ -159,6 +168,8 @@ class StreamedExperts:
         share streamed here while the CPU runs the rest (its kernels release the GIL).
         None when the split gives the GPU nothing (the caller runs the CPU path)."""
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        if hidden.is_cuda and not self._register():
+            return None
         counts = self._counts(topk_ids)
         chosen = split(counts, self.expert_bytes, 2.0 * 3 * H * I)
         if not chosen:
@@ -218,7 +229,7 @@ class StreamedExperts:
         T, k = topk_ids.shape
         cuda = dev.type == "cuda"
         if cuda:
-            self._register()
+            self._register()  # refused: pageable copies, correct but slow
         counts = self._counts(topk_ids, skips_ok=True)
         # -1 (skipped) sorts last as E; only the first sum(counts) pairs are computed.
         flat = topk_ids.reshape(-1)
