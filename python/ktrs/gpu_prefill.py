@@ -137,7 +137,9 @@ class StreamedExperts:
             cudart = torch.cuda.cudart()
             ptrs = []
             for t in (self.gate_up, self.down):
-                if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) == 0:
+                # Portable (flag 1): locked for every CUDA context, whichever GPU the
+                # model is on.
+                if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 1)) == 0:
                     ptrs.append(t.data_ptr())
             self._registered = len(ptrs) == 2
             weakref.finalize(self, _unregister, ptrs, (self.gate_up, self.down))
@@ -224,6 +226,13 @@ class StreamedExperts:
         ``lora``: the six expert LoRA matrices (:data:`ktrs.experts.LORA_NAMES` order, f32,
         any device) or None.
         """
+        dev = hidden.device
+        if dev.type == "cuda":
+            with torch.cuda.device(dev):  # streams and events on the input's GPU
+                return self._forward(hidden, topk_ids, topk_weights, lora, scaling, out_dtype)
+        return self._forward(hidden, topk_ids, topk_weights, lora, scaling, out_dtype)
+
+    def _forward(self, hidden, topk_ids, topk_weights, lora, scaling, out_dtype) -> torch.Tensor:
         dev = hidden.device
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         T, k = topk_ids.shape
