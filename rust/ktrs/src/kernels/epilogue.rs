@@ -4,6 +4,7 @@
 //! hand-written for AVX-512 (`vscalefps`), portable Rust that LLVM vectorises for the
 //! others. `Scalar` keeps `f32::exp`: it is the reference.
 
+use super::KernelSet;
 use crate::bf16;
 use crate::cpu::Isa;
 use crate::pack::PANEL;
@@ -23,19 +24,9 @@ pub(crate) fn swiglu_fwd(
         &mut u_out[..PANEL],
         &mut a_out[..PANEL],
     );
-    match isa {
-        Isa::Scalar => {
-            for l in 0..PANEL {
-                g_out[l] = bf16::from_f32(gate[l]);
-                u_out[l] = bf16::from_f32(up[l]);
-                a_out[l] = bf16::from_f32(gate[l] / (1.0 + (-gate[l]).exp()) * up[l]);
-            }
-        }
-        // SAFETY: a non-scalar Isa reaches kernels only after check_available(); slices
-        // were cut to 16 elements above.
-        Isa::Avx512 | Isa::Amx => unsafe { avx512::swiglu_fwd(gate, up, g_out, u_out, a_out) },
-        _ => swiglu_fwd_poly(isa, gate, up, g_out, u_out, a_out),
-    }
+    // SAFETY: `isa` was checked available by the caller's layer (`kernels::dispatch`);
+    // slices were cut to 16 elements above.
+    unsafe { (KernelSet::of(isa).swiglu_fwd)(gate, up, g_out, u_out, a_out) }
 }
 
 /// From `da` (gradient of SiLU(gate)·up, before the routing weight `w`) and the saved
@@ -51,19 +42,40 @@ pub(crate) fn swiglu_bwd(
 ) {
     let (da, g, u) = (&da[..PANEL], &g[..PANEL], &u[..PANEL]);
     let (dg_out, du_out) = (&mut dg_out[..PANEL], &mut du_out[..PANEL]);
-    match isa {
-        Isa::Scalar => {
-            for l in 0..PANEL {
-                let (gv, uv) = (bf16::to_f32(g[l]), bf16::to_f32(u[l]));
-                let sig = 1.0 / (1.0 + (-gv).exp());
-                let d = w * da[l];
-                dg_out[l] = bf16::from_f32(d * uv * sig * (1.0 + gv * (1.0 - sig)));
-                du_out[l] = bf16::from_f32(d * gv * sig);
-            }
-        }
-        // SAFETY: as in `swiglu_fwd`.
-        Isa::Avx512 | Isa::Amx => unsafe { avx512::swiglu_bwd(w, da, g, u, dg_out, du_out) },
-        _ => swiglu_bwd_poly(isa, w, da, g, u, dg_out, du_out),
+    // SAFETY: as in `swiglu_fwd`.
+    unsafe { (KernelSet::of(isa).swiglu_bwd)(w, da, g, u, dg_out, du_out) }
+}
+
+/// `swiglu_fwd` with `f32::exp`: the reference (`Scalar`).
+pub(super) fn swiglu_fwd_scalar(
+    gate: &[f32],
+    up: &[f32],
+    g_out: &mut [u16],
+    u_out: &mut [u16],
+    a_out: &mut [u16],
+) {
+    for l in 0..PANEL {
+        g_out[l] = bf16::from_f32(gate[l]);
+        u_out[l] = bf16::from_f32(up[l]);
+        a_out[l] = bf16::from_f32(gate[l] / (1.0 + (-gate[l]).exp()) * up[l]);
+    }
+}
+
+/// `swiglu_bwd` with `f32::exp`: the reference (`Scalar`).
+pub(super) fn swiglu_bwd_scalar(
+    w: f32,
+    da: &[f32],
+    g: &[u16],
+    u: &[u16],
+    dg_out: &mut [u16],
+    du_out: &mut [u16],
+) {
+    for l in 0..PANEL {
+        let (gv, uv) = (bf16::to_f32(g[l]), bf16::to_f32(u[l]));
+        let sig = 1.0 / (1.0 + (-gv).exp());
+        let d = w * da[l];
+        dg_out[l] = bf16::from_f32(d * uv * sig * (1.0 + gv * (1.0 - sig)));
+        du_out[l] = bf16::from_f32(d * gv * sig);
     }
 }
 
@@ -94,7 +106,7 @@ fn sigmoid_poly(x: f32) -> f32 {
 
 super::multiversion! {
     /// `swiglu_fwd` with [`exp_poly`].
-    fn swiglu_fwd_poly(gate: &[f32], up: &[f32], g_out: &mut [u16], u_out: &mut [u16], a_out: &mut [u16]) {
+    mod swiglu_fwd_poly(gate: &[f32], up: &[f32], g_out: &mut [u16], u_out: &mut [u16], a_out: &mut [u16]) {
         let (gate, up) = (&gate[..PANEL], &up[..PANEL]);
         let (g_out, u_out, a_out) = (&mut g_out[..PANEL], &mut u_out[..PANEL], &mut a_out[..PANEL]);
         for l in 0..PANEL {
@@ -107,7 +119,7 @@ super::multiversion! {
 
 super::multiversion! {
     /// `swiglu_bwd` with [`exp_poly`].
-    fn swiglu_bwd_poly(w: f32, da: &[f32], g: &[u16], u: &[u16], dg_out: &mut [u16], du_out: &mut [u16]) {
+    mod swiglu_bwd_poly(w: f32, da: &[f32], g: &[u16], u: &[u16], dg_out: &mut [u16], du_out: &mut [u16]) {
         let (da, g, u) = (&da[..PANEL], &g[..PANEL], &u[..PANEL]);
         let (dg_out, du_out) = (&mut dg_out[..PANEL], &mut du_out[..PANEL]);
         for l in 0..PANEL {
@@ -121,7 +133,7 @@ super::multiversion! {
     }
 }
 
-mod avx512 {
+pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     /// e^x for |x| ≤ 88 (clamped outside), relative error ≈ 2e-7.
@@ -166,7 +178,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn swiglu_fwd(
+    pub(in crate::kernels) unsafe fn swiglu_fwd(
         gate: &[f32],
         up: &[f32],
         g_out: &mut [u16],
@@ -181,7 +193,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn swiglu_bwd(
+    pub(in crate::kernels) unsafe fn swiglu_bwd(
         w: f32,
         da: &[f32],
         g: &[u16],

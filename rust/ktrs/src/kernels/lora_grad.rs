@@ -4,6 +4,7 @@
 //! Written once in portable Rust, compiled per tier (LLVM vectorises the 16 lanes), plus
 //! an AVX-512 version with the block pinned in zmm registers.
 
+use super::KernelSet;
 use crate::bf16::to_f32;
 use crate::cpu::Isa;
 use crate::pack::{fused_row, PANEL};
@@ -64,19 +65,16 @@ pub(crate) fn accumulate(
     if rows.is_empty() {
         return;
     }
-    match isa {
-        // SAFETY: a non-scalar Isa reaches kernels only after check_available().
-        Isa::Avx512 | Isa::Amx => unsafe {
-            body_avx512(x, ld, cols, rows, v, coef, r, k, layout, out)
-        },
-        _ => portable(isa, x, ld, cols, rows, v, coef, r, k, layout, out),
-    }
+    // SAFETY: `isa` was checked available by the caller's layer (`kernels::dispatch`);
+    // `v` is as long as the AVX-512 kernel's unchecked reads (asserted above), and it
+    // asserts `x`'s bounds itself.
+    unsafe { (KernelSet::of(isa).lora_grad)(x, ld, cols, rows, v, coef, r, k, layout, out) }
 }
 
 /// Same as `portable`, with the 8 × 16 accumulator block pinned in zmm registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn body_avx512(
+pub(super) unsafe fn body_avx512(
     x: &[u16],
     ld: usize,
     cols: Cols,
@@ -131,7 +129,7 @@ unsafe fn body_avx512(
 }
 
 super::multiversion! {
-fn portable(
+mod portable(
     x: &[u16],
     ld: usize,
     cols: Cols,

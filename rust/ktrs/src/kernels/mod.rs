@@ -6,18 +6,22 @@
 //! accumulation; `scalar` is the reference the others are tested against (see the tests
 //! at the bottom, shared by every ISA).
 //!
-//! ISA safety: the `avx2` and `avx512` functions are `unsafe` and only reached through the
-//! dispatch functions here and the `multiversion!` helpers, whose `Isa` argument comes
-//! from a layer that checked [`Isa::check_available`]. These functions are crate-private
-//! for that reason.
+//! ISA dispatch: `dispatch.rs` maps each [`Isa`] to its kernels (a `KernelSet` of function
+//! pointers) and compiles the portable helpers per tier (`multiversion!`); the functions
+//! here and in the submodules check bounds, then call through `KernelSet::of(isa)`. The
+//! `avx2` and `avx512` functions are `unsafe` and crate-private: they are only reached
+//! that way, with an `Isa` from a layer that checked [`Isa::check_available`]. Choices
+//! that depend on the tier but are about work, not code (`moe/driver.rs` runs AMX GEMMs
+//! of few rows as AVX-512, `moe/schedule.rs` sizes AMX tasks) stay with the scheduler.
 //!
-//! Adding a tier: a row in `cpu.rs`'s tier table, an arm in [`multiversion!`] (every
-//! portable helper then compiles for it), and arms for the hand-written kernels in the
-//! dispatch functions below; the compiler lists every `match isa` that lacks it.
+//! Adding a tier: a row in `cpu.rs`'s tier table and a `KernelSet` in `dispatch.rs` (the
+//! compiler lists the `match` that lacks it); a new set of target features for portable
+//! code is a `Portable` variant and its copy in `multiversion!`.
 
 pub(crate) mod amx;
 pub(crate) mod avx2;
 pub(crate) mod avx512;
+mod dispatch;
 pub(crate) mod epilogue;
 pub(crate) mod lora_grad;
 #[cfg(test)]
@@ -29,39 +33,7 @@ pub(crate) mod vec;
 
 use crate::cpu::Isa;
 
-/// Defines `fn $name(isa: Isa, args..)` from a portable body compiled once per tier: as
-/// is for `Scalar`, and with each vector tier's target features enabled, where LLVM
-/// vectorises the inner loops for that register width. The only place that maps tiers
-/// to target features for portable code.
-macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name(isa: $crate::cpu::Isa, $($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[target_feature(enable = "avx2,fma,f16c")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx512f($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-            match isa {
-                $crate::cpu::Isa::Scalar => body($($arg),*),
-                // SAFETY: a non-scalar Isa reaches kernels only after check_available().
-                $crate::cpu::Isa::Avx2 => unsafe { avx2($($arg),*) },
-                // SAFETY: as above.
-                $crate::cpu::Isa::Avx512f => unsafe { avx512f($($arg),*) },
-                $crate::cpu::Isa::Avx512 | $crate::cpu::Isa::Amx => unsafe { avx512($($arg),*) },
-            }
-        }
-    };
-}
-pub(crate) use multiversion;
+use dispatch::{multiversion, KernelSet};
 
 /// Whether this build contains AMX kernels.
 pub fn amx_kernels_built() -> bool {
@@ -116,23 +88,21 @@ pub(crate) fn gemm(isa: Isa, g: Gemm<'_>) {
     if g.m == 0 {
         return;
     }
-    match isa {
-        Isa::Scalar => scalar::gemm(g),
-        // SAFETY: see module doc: `isa` was checked available by the caller's layer.
-        Isa::Avx2 => unsafe { avx2::gemm(g) },
-        // SAFETY: as above.
-        Isa::Avx512f => unsafe { avx2::gemm_avx512f(g) },
-        // SAFETY: as above.
-        Isa::Avx512 => unsafe { avx512::gemm(g) },
-        // SAFETY: as above; `amx_split` keeps tile reads inside A.
-        Isa::Amx => {
-            #[cfg(test)]
-            if EMULATE_AMX.load(std::sync::atomic::Ordering::Relaxed) {
-                return unsafe { amx_split::<amx::Emulated>(g) };
-            }
-            unsafe { amx_split::<amx::Hardware>(g) }
-        }
+    // SAFETY: bounds checked above (`amx_split` keeps tile reads inside A); `isa` was
+    // checked available by the caller's layer (see module doc).
+    unsafe { (KernelSet::of(isa).gemm)(g) }
+}
+
+/// `Isa::Amx`'s GEMM: tiles where rows allow, AVX-512 BF16 for the rest.
+///
+/// # Safety
+/// AMX-BF16 and AVX-512 BF16 must be usable on this CPU; bounds as for [`gemm`].
+unsafe fn amx_gemm(g: Gemm<'_>) {
+    #[cfg(test)]
+    if EMULATE_AMX.load(std::sync::atomic::Ordering::Relaxed) {
+        return amx_split::<amx::Emulated>(g);
     }
+    amx_split::<amx::Hardware>(g)
 }
 
 /// Tests only: `Isa::Amx` GEMMs go through the tile emulation, so whole layers run the
@@ -208,14 +178,8 @@ pub(crate) fn gemm_transposed(isa: Isa, g: TransposedGemm<'_>) {
         g.ldc >= cols && g.c.len() >= (g.m - 1) * g.ldc + cols,
         "C too short"
     );
-    match isa {
-        // SAFETY: bounds asserted above; `isa` checked available by the caller's layer
-        // (this kernel needs AVX-512 F/BW only, which every tier from avx512f up has).
-        Isa::Avx512f | Isa::Avx512 | Isa::Amx => unsafe { avx512::gemm_transposed(g) },
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { avx2::gemm_transposed(g) },
-        Isa::Scalar => scalar::gemm_transposed(g),
-    }
+    // SAFETY: bounds asserted above; `isa` checked available by the caller's layer.
+    unsafe { (KernelSet::of(isa).gemm_transposed)(g) }
 }
 
 const PANEL_U: usize = crate::pack::PANEL;
@@ -236,16 +200,8 @@ pub(crate) fn transpose_block(
         "column block out of range"
     );
     assert!(dst.len() >= np * 16 * shape.n_pad, "destination too short");
-    match isa {
-        // SAFETY: bounds asserted above; `isa` checked available by the caller's layer
-        // (AVX-512 F/BW only, as for `gemm_transposed`).
-        Isa::Avx512f | Isa::Avx512 | Isa::Amx => unsafe {
-            avx512::pack_transposed_block(src, shape, c0, np, dst)
-        },
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { avx2::pack_transposed_block(src, shape, c0, np, dst) },
-        Isa::Scalar => scalar::pack_transposed_block(src, shape, c0, np, dst),
-    }
+    // SAFETY: bounds asserted above; `isa` checked available by the caller's layer.
+    unsafe { (KernelSet::of(isa).transpose_block)(src, shape, c0, np, dst) }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Small f32 vector helpers for LoRA (rank r ≪ hidden) and the SwiGLU epilogues.
 //!
 //! Each helper is written once as plain Rust and compiled once per tier by
-//! `multiversion!` (`kernels/mod.rs`): as is (the portable path) and with each vector
+//! `multiversion!` (`kernels/dispatch.rs`): as is (the portable path) and with each vector
 //! tier's features enabled, where LLVM vectorises the inner loops.
 //! LoRA math stays in f32: the matrices are tiny next to the base GEMMs, and f32 keeps the
 //! adapter gradients as accurate as PEFT's.
@@ -9,28 +9,27 @@
 use crate::bf16::to_f32;
 use crate::cpu::Isa;
 
-use super::multiversion;
+use super::{multiversion, KernelSet};
 
-multiversion! {
-    /// `out[j] = Σ_c x[c] · m[j, c]` for `j < rows`, `c < k` (x bf16, m f32 row-major [rows, k]).
-    pub(crate) fn project(x: &[u16], m: &[f32], rows: usize, k: usize, out: &mut [f32]) {
-        let x = &x[..k];
-        for j in 0..rows {
-            let mrow = &m[j * k..(j + 1) * k];
-            let mut acc = [0f32; 16];
-            let mut xc = x.chunks_exact(16);
-            let mut mc = mrow.chunks_exact(16);
-            for (xa, ma) in (&mut xc).zip(&mut mc) {
-                for l in 0..16 {
-                    acc[l] += to_f32(xa[l]) * ma[l];
-                }
+/// `out[j] = Σ_c x[c] · m[j, c]` for `j < rows`, `c < k` (x bf16, m f32 row-major [rows, k]).
+#[inline(always)]
+fn project(x: &[u16], m: &[f32], rows: usize, k: usize, out: &mut [f32]) {
+    let x = &x[..k];
+    for j in 0..rows {
+        let mrow = &m[j * k..(j + 1) * k];
+        let mut acc = [0f32; 16];
+        let mut xc = x.chunks_exact(16);
+        let mut mc = mrow.chunks_exact(16);
+        for (xa, ma) in (&mut xc).zip(&mut mc) {
+            for l in 0..16 {
+                acc[l] += to_f32(xa[l]) * ma[l];
             }
-            let mut s: f32 = acc.iter().sum();
-            for (a, b) in xc.remainder().iter().zip(mc.remainder()) {
-                s += to_f32(*a) * b;
-            }
-            out[j] = s;
         }
+        let mut s: f32 = acc.iter().sum();
+        for (a, b) in xc.remainder().iter().zip(mc.remainder()) {
+            s += to_f32(*a) * b;
+        }
+        out[j] = s;
     }
 }
 
@@ -57,32 +56,32 @@ pub(crate) fn project_rows(
     assert!(ldx >= k && x.len() >= (n - 1) * ldx + k, "x too short");
     assert!(m.len() >= r * k, "m too short");
     assert!(out.len() >= n * r, "out too short");
-    match isa {
-        // SAFETY: bounds asserted above; a non-scalar Isa was checked available (this
-        // block needs AVX-512 F/BW/VL only).
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512f | Isa::Avx512 | Isa::Amx => unsafe {
-            project_rows_avx512(x.as_ptr(), ldx, n, m.as_ptr(), r, k, out.as_mut_ptr())
-        },
-        _ => {
-            for i in 0..n {
-                project(isa, &x[i * ldx..], m, r, k, &mut out[i * r..(i + 1) * r]);
-            }
+    // SAFETY: bounds asserted above (the AVX-512 kernel reads through raw pointers); `isa`
+    // was checked available by the caller's layer (`kernels::dispatch`).
+    unsafe { (KernelSet::of(isa).project_rows)(x, ldx, n, m, r, k, out) }
+}
+
+multiversion! {
+    /// `project_rows` a row at a time, for tiers without the blocked kernel.
+    mod project_rows_portable(x: &[u16], ldx: usize, n: usize, m: &[f32], r: usize, k: usize, out: &mut [f32]) {
+        for i in 0..n {
+            project(&x[i * ldx..], m, r, k, &mut out[i * r..(i + 1) * r]);
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+/// `project_rows` in 4 × 4 blocks (AVX-512 F/BW/VL).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn project_rows_avx512(
-    x: *const u16,
+pub(super) unsafe fn project_rows_avx512(
+    x: &[u16],
     ldx: usize,
     n: usize,
-    m: *const f32,
+    m: &[f32],
     r: usize,
     k: usize,
-    out: *mut f32,
+    out: &mut [f32],
 ) {
+    let (x, m, out) = (x.as_ptr(), m.as_ptr(), out.as_mut_ptr());
     let mut i = 0;
     while i < n {
         let rn = (n - i).min(4);
@@ -106,7 +105,6 @@ unsafe fn project_rows_avx512(
 }
 
 /// R rows × J ranks of `project_rows`.
-#[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn project_block<const R: usize, const J: usize>(
@@ -211,7 +209,7 @@ mod tests {
         let m: Vec<f32> = (0..r * k).map(|i| (i as f32 * 0.11).cos()).collect();
         for isa in Isa::available() {
             let mut out = vec![0f32; r];
-            project(isa, &x, &m, r, k, &mut out);
+            project_rows(isa, &x, k, 1, &m, r, k, &mut out);
             for j in 0..r {
                 let e: f32 = (0..k).map(|c| to_f32(x[c]) * m[j * k + c]).sum();
                 assert!((out[j] - e).abs() < 1e-4, "{isa}");
