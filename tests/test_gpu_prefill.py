@@ -188,3 +188,18 @@ def test_refused_page_locking_keeps_long_prompts_on_the_cpu(monkeypatch):
     with pytest.warns(UserWarning, match="page-lock"):
         assert s(p.hidden, p.ids, p.weights) is None
     assert s(p.hidden, p.ids, p.weights) is None  # decided once, warned once
+
+
+def test_a_packed_view_keeps_its_layer_alive():
+    # The GPU copy may still read a view when the module that made it is gone: the
+    # view holds the layer (an Arc on the Rust side), never a dangling pointer.
+    import gc
+
+    p = make_problem(E=3, H=64, I=32, k=1, T=1, r=0, seed=6)
+    ex = build(p)
+    view = ex.packed_weights("down")
+    before = view.clone()
+    del ex
+    gc.collect()
+    build(make_problem(E=3, H=64, I=32, k=1, T=1, r=0, seed=7))  # reuse freed memory, if any
+    assert torch.equal(view, before)
