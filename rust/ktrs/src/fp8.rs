@@ -13,6 +13,7 @@
 use crate::bf16;
 use crate::error::{checked_size, KtrsError, Result};
 use crate::pool::ThreadPool;
+use std::ops::Range;
 
 /// The two float8 encodings of checkpoints (torch's `float8_e4m3fn`, `float8_e5m2`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +76,33 @@ pub fn dequantize_bf16(
     pool: Option<&ThreadPool>,
 ) -> Result<()> {
     let simd = vbmi::available();
-    dequantize_with(format, weight, shape, scale, block, out, pool, simd)
+    dequantize_with(
+        format,
+        weight,
+        shape,
+        scale,
+        block,
+        0..shape[0],
+        out,
+        pool,
+        simd,
+    )
+}
+
+/// [`dequantize_bf16`] of rows `rows` only, into `out` ([rows.len(), k]): a loader packs
+/// a strip while it is still in cache instead of writing the whole matrix to memory and
+/// reading it back.
+pub fn dequantize_rows(
+    format: Fp8Format,
+    weight: &[u8],
+    shape: [usize; 2],
+    scale: &[f32],
+    block: [usize; 2],
+    rows: Range<usize>,
+    out: &mut [u16],
+) -> Result<()> {
+    let simd = vbmi::available();
+    dequantize_with(format, weight, shape, scale, block, rows, out, None, simd)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -85,6 +112,7 @@ fn dequantize_with(
     [n, k]: [usize; 2],
     scale: &[f32],
     block: [usize; 2],
+    rows: Range<usize>,
     out: &mut [u16],
     pool: Option<&ThreadPool>,
     simd: bool,
@@ -116,14 +144,21 @@ fn dequantize_with(
             scale.len(),
         ));
     }
-    if out.len() != len {
+    if rows.start > rows.end || rows.end > n {
+        return Err(KtrsError::invalid(
+            "rows",
+            format!("rows of 0..{n}"),
+            format!("{rows:?}"),
+        ));
+    }
+    if out.len() != rows.len() * k {
         return Err(KtrsError::invalid(
             "out",
-            format!("{len} elements ([{n}, {k}])"),
+            format!("{} elements ([{}, {k}])", rows.len() * k, rows.len()),
             out.len(),
         ));
     }
-    if len == 0 {
+    if out.is_empty() {
         return Ok(());
     }
     let values = format.table();
@@ -131,27 +166,31 @@ fn dequantize_with(
     // than the matrix (one scale per tensor) counts as n rows, not as bn / 64 tasks.
     let per_block_row = bn.min(n).div_ceil(ROWS_PER_TASK);
     let chunk = bn.min(n).div_ceil(per_block_row);
-    let tasks = gn * per_block_row;
+    let first_block_row = rows.start / bn;
+    let tasks = (rows.end.div_ceil(bn) - first_block_row) * per_block_row;
     let dst = crate::buffer::SendPtr(out.as_mut_ptr());
     let task = |t: usize, _: usize| {
-        let (br, piece) = (t / per_block_row, t % per_block_row);
-        let r0 = br * bn + piece * chunk;
-        let r1 = (r0 + chunk).min((br + 1) * bn).min(n);
+        let br = first_block_row + t / per_block_row;
+        let r0 = (br * bn + t % per_block_row * chunk).max(rows.start);
+        let r1 = (br * bn + (t % per_block_row + 1) * chunk)
+            .min((br + 1) * bn)
+            .min(rows.end);
         if r0 >= r1 {
             return;
         }
-        // SAFETY: tasks own disjoint row ranges r0..r1 of `out` (len n·k, checked above).
-        let rows = unsafe { dst.slice_mut(r0 * k, (r1 - r0) * k) };
+        // SAFETY: tasks own disjoint row ranges r0..r1 of `out` (rows.len()·k, checked
+        // above), which starts at row rows.start.
+        let dst = unsafe { dst.slice_mut((r0 - rows.start) * k, (r1 - r0) * k) };
         let src = &weight[r0 * k..r1 * k];
         for (bc, &s) in scale[br * gk..(br + 1) * gk].iter().enumerate() {
             let table: [u16; 256] = std::array::from_fn(|b| bf16::from_f32(values[b] * s));
             let (c0, c1) = (bc * bk, ((bc + 1) * bk).min(k));
             if simd {
                 // SAFETY: `simd` is only set where `vbmi::available()` said so.
-                unsafe { vbmi::map_columns(&table, src, rows, k, c0, c1) };
+                unsafe { vbmi::map_columns(&table, src, dst, k, c0, c1) };
                 continue;
             }
-            for (o, w) in rows.chunks_exact_mut(k).zip(src.chunks_exact(k)) {
+            for (o, w) in dst.chunks_exact_mut(k).zip(src.chunks_exact(k)) {
                 for (o, &b) in o[c0..c1].iter_mut().zip(&w[c0..c1]) {
                     *o = table[usize::from(b)];
                 }
@@ -349,11 +388,27 @@ mod tests {
                 for p in [None, Some(&pool)] {
                     for simd in [false, vbmi::available()] {
                         let mut got = vec![0xabcdu16; n * k];
-                        dequantize_with(f, &w, [n, k], &s, [bn, bk], &mut got, p, simd).unwrap();
+                        let all = 0..n;
+                        dequantize_with(f, &w, [n, k], &s, [bn, bk], all, &mut got, p, simd)
+                            .unwrap();
                         assert_eq!(
                             got, want,
                             "{f:?} n={n} k={k} block=[{bn}, {bk}] simd={simd}"
                         );
+                        // Strips that start and end inside blocks, and straddle them.
+                        for strip in [1, 16, 37] {
+                            for r0 in (0..n).step_by(strip) {
+                                let rows = r0..(r0 + strip).min(n);
+                                let mut got = vec![0xabcdu16; rows.len() * k];
+                                let (b, r) = ([bn, bk], rows.clone());
+                                dequantize_with(f, &w, [n, k], &s, b, r, &mut got, p, simd)
+                                    .unwrap();
+                                assert!(
+                                    got == want[r0 * k..rows.end * k],
+                                    "{f:?} n={n} k={k} block={b:?} rows={rows:?} simd={simd}"
+                                );
+                            }
+                        }
                     }
                 }
             }
@@ -417,6 +472,12 @@ mod tests {
             )),
             "block"
         );
+        let rows = |r: Range<usize>, len: usize| {
+            dequantize_rows(f, &w, [3, 4], &[1.0; 2], [2, 4], r, &mut vec![0; len])
+        };
+        assert_eq!(arg(rows(2..4, 8)), "rows");
+        assert_eq!(arg(rows(1..3, 12)), "out");
+        rows(1..3, 8).unwrap();
         dequantize_bf16(f, &w, [3, 4], &[1.0; 2], [2, 4], &mut out, None).unwrap();
     }
 }

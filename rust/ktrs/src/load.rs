@@ -4,8 +4,9 @@
 //! key names; here an expert's projection is a byte range of a shard with a dtype and a
 //! shape. Each task of the layer's pool reads one (expert, projection) with `pread` into
 //! its worker's reusable buffer, converts it to bf16 where needed (f16, f32, or fp8 with
-//! its block scales) and packs it into the layer with the code `set_expert` uses, so the
-//! packed bytes are the same. Tasks run in the order the bytes lie in the shards.
+//! its block scales) a strip of rows at a time, and packs each strip into the layer with
+//! the code `set_expert` uses, so the packed bytes are the same. Tasks run in the order
+//! the bytes lie in the shards.
 //!
 //! `pread` rather than a memory map: the copy out of the page cache costs about what the
 //! faults of a mapping cost, the buffers stay in cache while they are packed, nothing of
@@ -16,7 +17,9 @@ use crate::bf16;
 use crate::error::{checked_size, KtrsError, Result};
 use crate::fp8::{self, Fp8Format};
 use crate::moe::{MoeLayer, PackTarget, Proj};
+use crate::pack::PANEL;
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
@@ -332,11 +335,13 @@ fn run(
         }
         let t = &tasks[n];
         let mut s = scratch[worker].lock().unwrap_or_else(|p| p.into_inner());
-        match load_one(shards, t.tensor, target.shape(t.proj), &mut s) {
+        let pack = |rows, w: &[u16]| {
             // SAFETY: (expert, projection) pairs are unique (checked by `load_experts`),
             // so this task alone writes these panels.
-            Ok(w) => unsafe { target.pack(t.expert, t.proj, w) },
-            Err(e) => return fail(e),
+            unsafe { target.pack_rows(t.expert, t.proj, rows, w) }
+        };
+        if let Err(e) = load_one(shards, t.tensor, target.shape(t.proj), &mut s, pack) {
+            return fail(e);
         }
         if left[t.slot].fetch_sub(1, Relaxed) == 1 {
             done.fetch_add(1, Relaxed);
@@ -354,52 +359,71 @@ fn run(
     }
 }
 
-/// Reads `t` into `s` and returns its bf16 values (`shape`, checked).
-fn load_one<'s>(
+/// Rows converted to bf16 at a time: a whole projection in bf16 (5.8 MB for [1408, 2048])
+/// overflows L2, so converting it all before packing writes it to memory and reads it
+/// back; a strip ([128, 2048]: 512 KB) is packed while it is still in cache. A multiple
+/// of the 16-row panel, so strips split no panel.
+const STRIP_ROWS: usize = 128;
+const _: () = assert!(STRIP_ROWS.is_multiple_of(PANEL));
+
+/// Reads `t` (`shape`, checked) into `s` and hands its bf16 values to `pack(rows, values)`
+/// strip by strip, in row order.
+fn load_one(
     shards: &Shards,
     t: &Tensor,
     shape: [usize; 2],
-    s: &'s mut Scratch,
-) -> Result<&'s [u16]> {
-    let n = shape[0] * shape[1];
+    s: &mut Scratch,
+    mut pack: impl FnMut(Range<usize>, &[u16]),
+) -> Result<()> {
+    let [n, k] = shape;
     let bytes = t.span.bytes as usize;
     grow(&mut s.raw, bytes.div_ceil(2))?;
     let raw = &mut as_bytes_mut(&mut s.raw)[..bytes];
     shards.read(&t.key, t.span, raw)?;
     if t.dtype == DType::BF16 {
-        return Ok(&s.raw[..n]);
+        pack(0..n, &s.raw[..n * k]);
+        return Ok(());
     }
-    grow(&mut s.bf16, n)?;
-    let out = &mut s.bf16[..n];
-    match (t.dtype, &t.scale) {
-        (DType::F32, _) => {
-            for (o, v) in out.iter_mut().zip(raw.chunks_exact(4)) {
-                *o = bf16::from_f32(f32::from_le_bytes([v[0], v[1], v[2], v[3]]));
-            }
-        }
-        (DType::F16, _) => {
-            for (o, v) in out.iter_mut().zip(raw.chunks_exact(2)) {
-                *o = bf16::from_f32(f16_to_f32(u16::from_le_bytes([v[0], v[1]])));
-            }
-        }
-        (dtype, Some(scale)) => {
-            let sb = scale.span.bytes as usize;
-            grow(&mut s.scale, sb)?;
-            shards.read(&scale.key, scale.span, &mut s.scale[..sb])?;
-            s.scale_f32.clear();
-            s.scale_f32.extend(
-                s.scale[..sb]
-                    .chunks_exact(4)
-                    .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]])),
-            );
-            let format = dtype
-                .fp8()
-                .expect("checked: a scale only comes with float8");
-            fp8::dequantize_bf16(format, raw, shape, &s.scale_f32, scale.block, out, None)?;
-        }
-        (dtype, None) => unreachable!("checked: {dtype:?} without a scale is bf16, f16 or f32"),
+    if let Some(scale) = &t.scale {
+        let sb = scale.span.bytes as usize;
+        grow(&mut s.scale, sb)?;
+        shards.read(&scale.key, scale.span, &mut s.scale[..sb])?;
+        s.scale_f32.clear();
+        s.scale_f32.extend(
+            s.scale[..sb]
+                .chunks_exact(4)
+                .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]])),
+        );
     }
-    Ok(&s.bf16[..n])
+    grow(&mut s.bf16, STRIP_ROWS.min(n) * k)?;
+    let size = t.dtype.size();
+    for r0 in (0..n).step_by(STRIP_ROWS) {
+        let rows = r0..(r0 + STRIP_ROWS).min(n);
+        let out = &mut s.bf16[..rows.len() * k];
+        let src = &raw[r0 * k * size..rows.end * k * size];
+        match (t.dtype, &t.scale) {
+            (DType::F32, _) => {
+                for (o, v) in out.iter_mut().zip(src.chunks_exact(4)) {
+                    *o = bf16::from_f32(f32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+                }
+            }
+            (DType::F16, _) => {
+                for (o, v) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = bf16::from_f32(f16_to_f32(u16::from_le_bytes([v[0], v[1]])));
+                }
+            }
+            (dtype, Some(scale)) => {
+                let format = dtype
+                    .fp8()
+                    .expect("checked: a scale only comes with float8");
+                let (scales, block) = (&s.scale_f32, scale.block);
+                fp8::dequantize_rows(format, raw, shape, scales, block, rows.clone(), out)?;
+            }
+            (dtype, None) => unreachable!("checked: {dtype:?} without a scale is bf16, f16 or f32"),
+        }
+        pack(rows, out);
+    }
+    Ok(())
 }
 
 /// Grows `v` to at least `len` elements, reporting a refused allocation as an error.

@@ -68,7 +68,11 @@ impl Drop for Files {
 }
 
 fn layer(threads: usize) -> MoeLayer {
-    MoeLayer::new_empty(CFG, None, Isa::Scalar, threads, 0).unwrap()
+    layer_of(CFG, threads)
+}
+
+fn layer_of(cfg: MoeConfig, threads: usize) -> MoeLayer {
+    MoeLayer::new_empty(cfg, None, Isa::Scalar, threads, 0).unwrap()
 }
 
 /// Values a checkpoint may hold, as f32 (bf16-exact or not).
@@ -79,21 +83,21 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn shape(p: Proj) -> [usize; 2] {
+fn shape(cfg: MoeConfig, p: Proj) -> [usize; 2] {
     match p {
-        Proj::Down => [CFG.hidden, CFG.intermediate],
-        _ => [CFG.intermediate, CFG.hidden],
+        Proj::Down => [cfg.hidden, cfg.intermediate],
+        _ => [cfg.intermediate, cfg.hidden],
     }
 }
 
 const PROJS: [Proj; 3] = [Proj::Gate, Proj::Up, Proj::Down];
 
-fn tensor(key: String, span: Span, dtype: DType, p: Proj) -> Tensor {
+fn tensor(key: String, span: Span, dtype: DType, shape: [usize; 2]) -> Tensor {
     Tensor {
         key,
         span,
         dtype,
-        shape: shape(p).to_vec(),
+        shape: shape.to_vec(),
         scale: None,
     }
 }
@@ -112,16 +116,27 @@ fn source(expert: usize, mut t: Vec<Tensor>) -> ExpertSource {
 
 /// Writes every expert's projections as `dtype` (spread over `files` files, experts in
 /// reverse order, projections of one expert in different files) and returns the
-/// sources with the bf16 values `set_expert` must get.
+/// sources with the bf16 values `set_expert` must get. Float8 blocks that do not divide
+/// the dims: partial last blocks both ways.
 fn write(f: &mut Files, dtype: DType) -> (Vec<ExpertSource>, Vec<[Vec<u16>; 3]>) {
+    write_shaped(f, dtype, CFG, [16, 17])
+}
+
+/// [`write`] for a layer of `cfg`, float8 in blocks of `block`.
+fn write_shaped(
+    f: &mut Files,
+    dtype: DType,
+    cfg: MoeConfig,
+    block: [usize; 2],
+) -> (Vec<ExpertSource>, Vec<[Vec<u16>; 3]>) {
     let files = f.data.len();
     let mut sources = Vec::new();
     let mut want = Vec::new();
-    for x in (0..CFG.experts).rev() {
+    for x in (0..cfg.experts).rev() {
         let mut ts = Vec::new();
         let mut ws: [Vec<u16>; 3] = Default::default();
         for (j, &p) in PROJS.iter().enumerate() {
-            let [n, k] = shape(p);
+            let [n, k] = shape(cfg, p);
             let v = values(n * k, (x * 3 + j) as u64);
             let file = (x + j) % files;
             let key = format!("experts.{x}.{p:?}");
@@ -142,9 +157,7 @@ fn write(f: &mut Files, dtype: DType) -> (Vec<ExpertSource>, Vec<[Vec<u16>; 3]>)
                 }
                 DType::F8E4M3 | DType::F8E5M2 => {
                     let w8: Vec<u8> = (0..n * k).map(|i| (i * 37 + x) as u8).collect();
-                    // Blocks that do not divide the dims: partial last blocks both ways.
-                    let block = [16, 17];
-                    let grid = [n.div_ceil(16), k.div_ceil(17)];
+                    let grid = [n.div_ceil(block[0]), k.div_ceil(block[1])];
                     let s = values(grid[0] * grid[1], 99 + x as u64);
                     let mut out = vec![0u16; n * k];
                     let format = dtype.fp8().unwrap();
@@ -161,13 +174,13 @@ fn write(f: &mut Files, dtype: DType) -> (Vec<ExpertSource>, Vec<[Vec<u16>; 3]>)
                     ws[j] = out;
                     ts.push(Tensor {
                         scale,
-                        ..tensor(key, span, dtype, p)
+                        ..tensor(key, span, dtype, [n, k])
                     });
                     continue;
                 }
             };
             let span = f.put(file, &bytes);
-            ts.push(tensor(key, span, dtype, p));
+            ts.push(tensor(key, span, dtype, [n, k]));
             ws[j] = bf;
         }
         sources.push(source(x, ts));
@@ -207,6 +220,32 @@ fn packs_the_bytes_set_expert_packs_for_every_dtype() {
 }
 
 #[test]
+fn float8_strips_pack_the_bytes_set_expert_packs() {
+    // The loader converts `STRIP_ROWS` rows at a time: strips that end inside a block and
+    // inside a panel (300 = 2·128 + 44 rows, 136 = 128 + 8), blocks shorter than a
+    // strip and not a multiple of the 16-row panel (24), one scale for the whole tensor.
+    let cfg = MoeConfig {
+        experts: 2,
+        hidden: 300,
+        intermediate: 136,
+    };
+    for block in [[128, 128], [24, 40], [1000, 1000]] {
+        let mut f = Files::new(2);
+        let (sources, want) = write_shaped(&mut f, DType::F8E4M3, cfg, block);
+        let shards = f.open();
+        let mut got = layer_of(cfg, 2);
+        load_experts(&mut got, &shards, &sources, &all).unwrap();
+        let mut reference = layer_of(cfg, 1);
+        for (s, [g, u, d]) in sources.iter().zip(&want) {
+            reference.set_expert(s.expert, g, u, d).unwrap();
+        }
+        for x in 0..cfg.experts {
+            assert!(got.packed(x) == reference.packed(x), "{block:?} expert {x}");
+        }
+    }
+}
+
+#[test]
 fn fused_slices_and_a_subset_of_experts() {
     // transformers-5 fused tensors: each expert's gate and up are halves of one
     // [E, 2I, H] tensor, its down a slice of [E, H, I]; only experts 1 and 3 are loaded.
@@ -229,7 +268,7 @@ fn fused_slices_and_a_subset_of_experts() {
             bytes: 2 * len as u64,
             ..s
         };
-        tensor(key.into(), span, DType::BF16, p)
+        tensor(key.into(), span, DType::BF16, shape(CFG, p))
     };
     let sources: Vec<ExpertSource> = [3, 1]
         .iter()

@@ -280,7 +280,7 @@ impl MoeLayer {
             };
             // SAFETY: task t owns panel t of expert e's pack alone (&mut self holds it).
             let panel = unsafe { base.slice_mut(p * len, len) };
-            pack_panel(gs, ds, h, i, src.of(panel_source(gs, t).0), t, panel);
+            pack_panel(gs, ds, h, i, src.of(panel_source(gs, t).0), 0, t, panel);
         });
         Ok(())
     }

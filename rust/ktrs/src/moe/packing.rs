@@ -6,6 +6,7 @@ use super::{ExpertWeights, MoeLayer};
 use crate::buffer::SendPtr;
 use crate::pack::{self, PackShape, PANEL};
 use crate::pool::ThreadPool;
+use std::ops::Range;
 
 /// Packs one expert into `g` (fused gate+up) and `d` (down), panel by panel.
 pub(super) fn pack_expert(
@@ -21,7 +22,7 @@ pub(super) fn pack_expert(
         .chunks_mut(gs.panel_len())
         .chain(d.chunks_mut(ds.panel_len()));
     for (t, panel) in panels.enumerate() {
-        pack_panel(gs, ds, h, i, src.of(panel_source(gs, t).0), t, panel);
+        pack_panel(gs, ds, h, i, src.of(panel_source(gs, t).0), 0, t, panel);
     }
 }
 
@@ -61,14 +62,16 @@ pub(super) fn panel_source(gs: PackShape, t: usize) -> (Proj, usize) {
 
 /// Packs panel `t` of one expert (`t < gs.panels()`: a fused gate+up panel, else down
 /// panel `t - gs.panels()`) into `panel` from `w`, the projection [`panel_source`] names
-/// (gate, up `[i, h]`, down `[h, i]`), padding with zeros. Panels are disjoint, so they
-/// can be packed in parallel.
+/// (gate, up `[i, h]`, down `[h, i]`) from row `first` on, padding with zeros. Panels
+/// are disjoint, so they can be packed in parallel.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn pack_panel(
     gs: PackShape,
     ds: PackShape,
     h: usize,
     i: usize,
     w: &[u16],
+    first: usize,
     t: usize,
     panel: &mut [u16],
 ) {
@@ -78,8 +81,10 @@ pub(super) fn pack_panel(
     } else {
         (i, h, gs)
     };
-    let src: [Option<&[u16]>; PANEL] =
-        std::array::from_fn(|l| (r0 + l < rows).then(|| &w[(r0 + l) * k..(r0 + l + 1) * k]));
+    let src: [Option<&[u16]>; PANEL] = std::array::from_fn(|l| {
+        let r = r0 + l - first;
+        (r0 + l < rows).then(|| &w[r * k..(r + 1) * k])
+    });
     pack::pack_panel_rows(&src, shape.k, panel);
 }
 
@@ -127,16 +132,21 @@ impl PackTarget<'_> {
         }
     }
 
-    /// Packs projection `p` of expert `e` from `w` (`shape(p)`, bf16 bits): the panels
-    /// `set_expert` would write, so the bytes are the same.
+    /// Packs rows `rows` of projection `p` of expert `e` from `w` (`[rows.len(), k]`, bf16
+    /// bits): the panels `set_expert` would write for them, so the bytes are the same.
+    /// A panel is 16 rows, so `rows` starts at a multiple of 16 and ends at one or at the
+    /// projection's end (which also writes the all-padding panels after it).
     ///
     /// # Safety
     /// No other thread touches projection `p` of expert `e` while this runs.
-    pub(crate) unsafe fn pack(&self, e: usize, p: Proj, w: &[u16]) {
-        let [rows, k] = self.shape(p);
+    pub(crate) unsafe fn pack_rows(&self, e: usize, p: Proj, rows: Range<usize>, w: &[u16]) {
+        let [n, k] = self.shape(p);
         assert!(
-            e < self.experts && w.len() == rows * k,
-            "packing {p:?} of expert {e}"
+            e < self.experts
+                && w.len() == rows.len() * k
+                && rows.start.is_multiple_of(PANEL)
+                && (rows.end.is_multiple_of(PANEL) && rows.end <= n || rows.end == n),
+            "packing rows {rows:?} of {p:?} of expert {e}"
         );
         let (gs, ds) = (self.gs, self.ds);
         let (first, step, count) = match p {
@@ -144,7 +154,13 @@ impl PackTarget<'_> {
             Proj::Up => (1, 2, gs.panels() / 2),
             Proj::Down => (gs.panels(), 1, ds.panels()),
         };
-        for t in (first..).step_by(step).take(count) {
+        let end = if rows.end == n {
+            count
+        } else {
+            rows.end / PANEL
+        };
+        let panels = (first..).step_by(step).take(end).skip(rows.start / PANEL);
+        for t in panels {
             let panel = if t < gs.panels() {
                 self.gate_up
                     .slice_mut(e * gs.len() + t * gs.panel_len(), gs.panel_len())
@@ -153,7 +169,7 @@ impl PackTarget<'_> {
                 self.down
                     .slice_mut(e * ds.len() + p * ds.panel_len(), ds.panel_len())
             };
-            pack_panel(gs, ds, self.h, self.i, w, t, panel);
+            pack_panel(gs, ds, self.h, self.i, w, rows.start, t, panel);
         }
     }
 }
