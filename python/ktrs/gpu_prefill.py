@@ -19,6 +19,7 @@ rounded to bf16 before the SiLU.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 import weakref
@@ -189,7 +190,10 @@ class StreamedExperts:
             w = topk_weights.to("cpu", torch.float32).contiguous()
             cpu_job = background().submit(self.experts.forward, x, i, w, use_lora=bool(lora))
         try:
-            out = self.forward(hidden, torch.where(mask, ids, no), topk_weights, lora, scaling, out_dtype=torch.float32)
+            # The GPU's rows per expert are known: no second pass over the ids.
+            gpu = set(chosen)
+            gpu_counts = [c if e in gpu else 0 for e, c in enumerate(counts)]
+            out = self._forward(hidden, torch.where(mask, ids, no), topk_weights, lora, scaling, torch.float32, gpu_counts)
         finally:
             cpu_out = cpu_job.result()[0] if cpu_job is not None else None
         if cpu_out is not None:
@@ -226,20 +230,23 @@ class StreamedExperts:
         ``lora``: the six expert LoRA matrices (:data:`ktrs.experts.LORA_NAMES` order, f32,
         any device) or None.
         """
-        dev = hidden.device
-        if dev.type == "cuda":
-            with torch.cuda.device(dev):  # streams and events on the input's GPU
-                return self._forward(hidden, topk_ids, topk_weights, lora, scaling, out_dtype)
-        return self._forward(hidden, topk_ids, topk_weights, lora, scaling, out_dtype)
+        counts = self._counts(topk_ids, skips_ok=True)
+        return self._forward(hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts)
 
-    def _forward(self, hidden, topk_ids, topk_weights, lora, scaling, out_dtype) -> torch.Tensor:
+    def _forward(self, hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts: List[int]) -> torch.Tensor:
+        """:meth:`forward` with ``counts``, the checked rows per expert of ``topk_ids``."""
+        dev = hidden.device
+        if dev.type != "cuda":
+            return self._compute(hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts)
+        self._register()  # refused: pageable copies, correct but slow
+        with torch.cuda.device(dev):  # streams and events on the input's GPU
+            return self._compute(hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts)
+
+    def _compute(self, hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts: List[int]) -> torch.Tensor:
         dev = hidden.device
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         T, k = topk_ids.shape
         cuda = dev.type == "cuda"
-        if cuda:
-            self._register()  # refused: pageable copies, correct but slow
-        counts = self._counts(topk_ids, skips_ok=True)
         # -1 (skipped) sorts last as E; only the first sum(counts) pairs are computed.
         flat = topk_ids.reshape(-1)
         flat = torch.where(flat < 0, torch.full_like(flat, E), flat)
@@ -248,18 +255,13 @@ class StreamedExperts:
         xs = hidden.to(torch.bfloat16)[tok]
         ys = torch.empty(order.numel(), H, dtype=torch.float32, device=dev)
         active = [e for e in range(E) if counts[e]]
-        starts = {}
-        s = 0
-        for e in range(E):
-            starts[e] = s
-            s += counts[e]
+        starts = [0, *itertools.accumulate(counts)]
         L: Dict[str, torch.Tensor] = {}
         if lora:
             idx = torch.tensor(active, dtype=torch.long)
             L = {n: t.detach()[idx].to(dev, torch.float32, non_blocking=True) for n, t in zip(LORA_NAMES, lora)}
             slot_of = {e: j for j, e in enumerate(active)}
-        per_expert = (self.gate_up[0].numel() + self.down[0].numel()) * 2
-        chunk = max(1, min(len(active), CHUNK_BYTES // per_expert))
+        chunk = max(1, min(len(active), CHUNK_BYTES // self.expert_bytes))
         groups = [active[i:i + chunk] for i in range(0, len(active), chunk)]
         i_pad = self.gate_up.shape[1] * 8  # gate_up rows = 2·I_pad, 16 per panel
         copy_stream = torch.cuda.Stream(dev) if cuda else None
