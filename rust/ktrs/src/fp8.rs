@@ -89,9 +89,9 @@ pub fn dequantize_bf16(
     )
 }
 
-/// [`dequantize_bf16`] of rows `rows` only, into `out` ([rows.len(), k]): a loader packs
-/// a strip while it is still in cache instead of writing the whole matrix to memory and
-/// reading it back.
+/// [`dequantize_bf16`] of rows `rows` of the [n, k] matrix only: `weight` and `out` hold
+/// just those rows ([rows.len(), k]), so a loader can read, convert and pack a strip while
+/// it is still in cache instead of holding the whole matrix (or its bf16) in memory.
 pub fn dequantize_rows(
     format: Fp8Format,
     weight: &[u8],
@@ -125,14 +125,6 @@ fn dequantize_with(
             format!("{block:?}"),
         ));
     }
-    let len = checked_size("weight", &[n, k])?;
-    if weight.len() != len {
-        return Err(KtrsError::invalid(
-            "weight",
-            format!("{len} elements ([{n}, {k}])"),
-            weight.len(),
-        ));
-    }
     let (gn, gk) = (n.div_ceil(bn), k.div_ceil(bk));
     if scale.len() != gn * gk {
         return Err(KtrsError::invalid(
@@ -149,6 +141,14 @@ fn dequantize_with(
             "rows",
             format!("rows of 0..{n}"),
             format!("{rows:?}"),
+        ));
+    }
+    let len = checked_size("weight", &[rows.len(), k])?;
+    if weight.len() != len {
+        return Err(KtrsError::invalid(
+            "weight",
+            format!("{len} elements ([{}, {k}])", rows.len()),
+            weight.len(),
         ));
     }
     if out.len() != rows.len() * k {
@@ -179,9 +179,9 @@ fn dequantize_with(
             return;
         }
         // SAFETY: tasks own disjoint row ranges r0..r1 of `out` (rows.len()·k, checked
-        // above), which starts at row rows.start.
+        // above), which starts at row rows.start, as `weight` does.
         let dst = unsafe { dst.slice_mut((r0 - rows.start) * k, (r1 - r0) * k) };
-        let src = &weight[r0 * k..r1 * k];
+        let src = &weight[(r0 - rows.start) * k..(r1 - rows.start) * k];
         for (bc, &s) in scale[br * gk..(br + 1) * gk].iter().enumerate() {
             let table: [u16; 256] = std::array::from_fn(|b| bf16::from_f32(values[b] * s));
             let (c0, c1) = (bc * bk, ((bc + 1) * bk).min(k));
@@ -401,8 +401,8 @@ mod tests {
                                 let rows = r0..(r0 + strip).min(n);
                                 let mut got = vec![0xabcdu16; rows.len() * k];
                                 let (b, r) = ([bn, bk], rows.clone());
-                                dequantize_with(f, &w, [n, k], &s, b, r, &mut got, p, simd)
-                                    .unwrap();
+                                let w = &w[r0 * k..rows.end * k];
+                                dequantize_with(f, w, [n, k], &s, b, r, &mut got, p, simd).unwrap();
                                 assert!(
                                     got == want[r0 * k..rows.end * k],
                                     "{f:?} n={n} k={k} block={b:?} rows={rows:?} simd={simd}"
@@ -472,12 +472,14 @@ mod tests {
             )),
             "block"
         );
-        let rows = |r: Range<usize>, len: usize| {
-            dequantize_rows(f, &w, [3, 4], &[1.0; 2], [2, 4], r, &mut vec![0; len])
+        let rows = |w: &[u8], r: Range<usize>, len: usize| {
+            dequantize_rows(f, w, [3, 4], &[1.0; 2], [2, 4], r, &mut vec![0; len])
         };
-        assert_eq!(arg(rows(2..4, 8)), "rows");
-        assert_eq!(arg(rows(1..3, 12)), "out");
-        rows(1..3, 8).unwrap();
+        assert_eq!(arg(rows(&w[..8], 2..4, 8)), "rows");
+        // The weight of just the rows, not the whole matrix.
+        assert_eq!(arg(rows(&w, 1..3, 8)), "weight");
+        assert_eq!(arg(rows(&w[..8], 1..3, 12)), "out");
+        rows(&w[..8], 1..3, 8).unwrap();
         dequantize_bf16(f, &w, [3, 4], &[1.0; 2], [2, 4], &mut out, None).unwrap();
     }
 }

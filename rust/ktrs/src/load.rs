@@ -2,11 +2,11 @@
 //!
 //! The caller (`ktrs.from_pretrained`) parses the shard headers and knows each family's
 //! key names; here an expert's projection is a byte range of a shard with a dtype and a
-//! shape. Each task of the layer's pool reads one (expert, projection) with `pread` into
-//! its worker's reusable buffer, converts it to bf16 where needed (f16, f32, or fp8 with
-//! its block scales) a strip of rows at a time, and packs each strip into the layer with
-//! the code `set_expert` uses, so the packed bytes are the same. Tasks run in the order
-//! the bytes lie in the shards.
+//! shape. Each task of the layer's pool takes one (expert, projection) a strip of rows at
+//! a time: it reads the strip with `pread` into its worker's reusable buffer, converts it
+//! to bf16 where needed (f16, f32, or fp8 with its block scales), and packs it into the
+//! layer with the code `set_expert` uses, so the packed bytes are the same. Tasks run in
+//! the order the bytes lie in the shards.
 //!
 //! `pread` rather than a memory map: the copy out of the page cache costs about what the
 //! faults of a mapping cost, the buffers stay in cache while they are packed, nothing of
@@ -191,10 +191,10 @@ struct Task<'a> {
     tensor: &'a Tensor,
 }
 
-/// A worker's reusable buffers (allocated once per call, grown to the largest tensor).
+/// A worker's reusable buffers (allocated once per call, grown to the largest strip).
 #[derive(Default)]
 struct Scratch {
-    raw: Vec<u16>,
+    raw: Vec<u8>,
     bf16: Vec<u16>,
     scale: Vec<u8>,
     scale_f32: Vec<f32>,
@@ -359,15 +359,16 @@ fn run(
     }
 }
 
-/// Rows converted to bf16 at a time: a whole projection in bf16 (5.8 MB for [1408, 2048])
-/// overflows L2, so converting it all before packing writes it to memory and reads it
-/// back; a strip ([128, 2048]: 512 KB) is packed while it is still in cache. A multiple
-/// of the 16-row panel, so strips split no panel.
+/// Rows read, converted to bf16 and packed at a time: a whole projection (5.8 MB in bf16
+/// for [1408, 2048], 2.9 MB in fp8) overflows L2, so reading or converting it all before
+/// packing writes it to memory and reads it back; a strip ([128, 2048]: 256 KB of fp8,
+/// 512 KB of bf16) is converted and packed while it is still in cache. A multiple of the
+/// 16-row panel, so strips split no panel.
 const STRIP_ROWS: usize = 128;
 const _: () = assert!(STRIP_ROWS.is_multiple_of(PANEL));
 
-/// Reads `t` (`shape`, checked) into `s` and hands its bf16 values to `pack(rows, values)`
-/// strip by strip, in row order.
+/// Reads `t` (`shape`, checked) a strip of rows at a time into `s` and hands each strip's
+/// bf16 values to `pack(rows, values)`, in row order.
 fn load_one(
     shards: &Shards,
     t: &Tensor,
@@ -376,15 +377,9 @@ fn load_one(
     mut pack: impl FnMut(Range<usize>, &[u16]),
 ) -> Result<()> {
     let [n, k] = shape;
-    let bytes = t.span.bytes as usize;
-    grow(&mut s.raw, bytes.div_ceil(2))?;
-    let raw = &mut as_bytes_mut(&mut s.raw)[..bytes];
-    shards.read(&t.key, t.span, raw)?;
-    if t.dtype == DType::BF16 {
-        pack(0..n, &s.raw[..n * k]);
-        return Ok(());
-    }
+    let size = t.dtype.size();
     if let Some(scale) = &t.scale {
+        // Read whole, not by strip: a few KB at most, and a strip may span block rows.
         let sb = scale.span.bytes as usize;
         grow(&mut s.scale, sb)?;
         shards.read(&scale.key, scale.span, &mut s.scale[..sb])?;
@@ -395,33 +390,60 @@ fn load_one(
                 .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]])),
         );
     }
-    grow(&mut s.bf16, STRIP_ROWS.min(n) * k)?;
-    let size = t.dtype.size();
+    let strip = STRIP_ROWS.min(n);
+    grow(&mut s.bf16, strip * k)?;
+    if t.dtype != DType::BF16 {
+        grow(&mut s.raw, strip * k * size)?;
+    }
     for r0 in (0..n).step_by(STRIP_ROWS) {
         let rows = r0..(r0 + STRIP_ROWS).min(n);
+        let span = Span {
+            offset: t.span.offset + (r0 * k * size) as u64,
+            bytes: (rows.len() * k * size) as u64,
+            ..t.span
+        };
         let out = &mut s.bf16[..rows.len() * k];
-        let src = &raw[r0 * k * size..rows.end * k * size];
-        match (t.dtype, &t.scale) {
-            (DType::F32, _) => {
-                for (o, v) in out.iter_mut().zip(src.chunks_exact(4)) {
-                    *o = bf16::from_f32(f32::from_le_bytes([v[0], v[1], v[2], v[3]]));
-                }
-            }
-            (DType::F16, _) => {
-                for (o, v) in out.iter_mut().zip(src.chunks_exact(2)) {
-                    *o = bf16::from_f32(f16_to_f32(u16::from_le_bytes([v[0], v[1]])));
-                }
-            }
-            (dtype, Some(scale)) => {
-                let format = dtype
-                    .fp8()
-                    .expect("checked: a scale only comes with float8");
-                let (scales, block) = (&s.scale_f32, scale.block);
-                fp8::dequantize_rows(format, raw, shape, scales, block, rows.clone(), out)?;
-            }
-            (dtype, None) => unreachable!("checked: {dtype:?} without a scale is bf16, f16 or f32"),
+        if t.dtype == DType::BF16 {
+            // Nothing to convert: the strip is packed from where it was read.
+            shards.read(&t.key, span, as_bytes_mut(out))?;
+        } else {
+            let src = &mut s.raw[..span.bytes as usize];
+            shards.read(&t.key, span, src)?;
+            convert(t, shape, rows.clone(), src, &s.scale_f32, out)?;
         }
         pack(rows, out);
+    }
+    Ok(())
+}
+
+/// Rows `rows` of `t` (`shape`), read as `src`, into bf16 `out`; `scales` are its float8
+/// block scales.
+fn convert(
+    t: &Tensor,
+    shape: [usize; 2],
+    rows: Range<usize>,
+    src: &[u8],
+    scales: &[f32],
+    out: &mut [u16],
+) -> Result<()> {
+    match (t.dtype, &t.scale) {
+        (DType::F32, _) => {
+            for (o, v) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = bf16::from_f32(f32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+            }
+        }
+        (DType::F16, _) => {
+            for (o, v) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = bf16::from_f32(f16_to_f32(u16::from_le_bytes([v[0], v[1]])));
+            }
+        }
+        (dtype, Some(scale)) => {
+            let format = dtype
+                .fp8()
+                .expect("checked: a scale only comes with float8");
+            fp8::dequantize_rows(format, src, shape, scales, scale.block, rows, out)?;
+        }
+        (dtype, None) => unreachable!("checked: {dtype:?} without a scale is f16 or f32"),
     }
     Ok(())
 }

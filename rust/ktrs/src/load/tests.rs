@@ -220,18 +220,22 @@ fn packs_the_bytes_set_expert_packs_for_every_dtype() {
 }
 
 #[test]
-fn float8_strips_pack_the_bytes_set_expert_packs() {
-    // The loader converts `STRIP_ROWS` rows at a time: strips that end inside a block and
-    // inside a panel (300 = 2·128 + 44 rows, 136 = 128 + 8), blocks shorter than a
-    // strip and not a multiple of the 16-row panel (24), one scale for the whole tensor.
+fn strips_pack_the_bytes_set_expert_packs() {
+    // The loader reads and converts `STRIP_ROWS` rows at a time: strips that end inside a
+    // block and inside a panel (300 = 2·128 + 44 rows, 136 = 128 + 8); float8 blocks
+    // shorter than a strip and not a multiple of the 16-row panel (24), taller than a
+    // strip and not a multiple of it (200: the second strip starts in one block row and
+    // ends in the next), one scale for the whole tensor.
     let cfg = MoeConfig {
         experts: 2,
         hidden: 300,
         intermediate: 136,
     };
-    for block in [[128, 128], [24, 40], [1000, 1000]] {
+    let float8 = [[128, 128], [24, 40], [200, 40], [1000, 1000]].map(|b| (DType::F8E4M3, b));
+    let others = [DType::BF16, DType::F32, DType::F16].map(|d| (d, [1, 1]));
+    for (dtype, block) in float8.into_iter().chain(others) {
         let mut f = Files::new(2);
-        let (sources, want) = write_shaped(&mut f, DType::F8E4M3, cfg, block);
+        let (sources, want) = write_shaped(&mut f, dtype, cfg, block);
         let shards = f.open();
         let mut got = layer_of(cfg, 2);
         load_experts(&mut got, &shards, &sources, &all).unwrap();
@@ -240,7 +244,10 @@ fn float8_strips_pack_the_bytes_set_expert_packs() {
             reference.set_expert(s.expert, g, u, d).unwrap();
         }
         for x in 0..cfg.experts {
-            assert!(got.packed(x) == reference.packed(x), "{block:?} expert {x}");
+            assert!(
+                got.packed(x) == reference.packed(x),
+                "{dtype:?} {block:?} expert {x}"
+            );
         }
     }
 }
