@@ -68,32 +68,17 @@ pub enum DType {
 
 impl DType {
     fn dl(self) -> DLDataType {
-        match self {
-            DType::BF16 => DLDataType {
-                code: 4,
-                bits: 16,
-                lanes: 1,
-            },
-            DType::F32 => DLDataType {
-                code: 2,
-                bits: 32,
-                lanes: 1,
-            },
-            DType::I64 => DLDataType {
-                code: 0,
-                bits: 64,
-                lanes: 1,
-            },
-            DType::F8E4M3Fn => DLDataType {
-                code: 10,
-                bits: 8,
-                lanes: 1,
-            },
-            DType::F8E5M2 => DLDataType {
-                code: 12,
-                bits: 8,
-                lanes: 1,
-            },
+        let (code, bits) = match self {
+            DType::BF16 => (4, 16),
+            DType::F32 => (2, 32),
+            DType::I64 => (0, 64),
+            DType::F8E4M3Fn => (10, 8),
+            DType::F8E5M2 => (12, 8),
+        };
+        DLDataType {
+            code,
+            bits,
+            lanes: 1,
         }
     }
     fn torch_name(self) -> &'static str {
@@ -150,10 +135,8 @@ impl<'py> TensorArg<'py> {
         shape: &[Option<usize>],
     ) -> PyResult<TensorArg<'py>> {
         if !obj.hasattr("__dlpack__")? {
-            return Err(crate::error::type_err(format!(
-                "`{name}` must be a torch.Tensor (or any DLPack tensor), got {}",
-                obj.get_type().name()?
-            )));
+            let want = "a torch.Tensor (or any DLPack tensor)";
+            return Err(crate::error::wrong_type(name, want, obj));
         }
         // torch's `__dlpack_device__` asks CUDA whether a CPU tensor is pinned, which
         // fails in a process forked after CUDA was initialised (a DataLoader worker):
@@ -260,12 +243,7 @@ impl<'py> TensorArg<'py> {
             }
         }
         let data = unsafe { (t.data as *mut u8).add(t.byte_offset as usize) };
-        let align = match dtype {
-            DType::BF16 => 2,
-            DType::F32 => 4,
-            DType::I64 => 8,
-            DType::F8E4M3Fn | DType::F8E5M2 => 1,
-        };
+        let align = usize::from(dtype.dl().bits / 8);
         if numel > 0 && !(data as usize).is_multiple_of(align) {
             return Err(crate::error::value_err(format!(
                 "`{name}` data is not aligned to its element size"

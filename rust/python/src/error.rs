@@ -181,6 +181,16 @@ pub fn type_err(msg: impl Into<String>) -> PyErr {
     err(Kind::Type, msg)
 }
 
+/// The `TypeError` for argument `arg`, which must be `want` ("an integer", ...) but is
+/// `obj`: the message names the type found.
+pub fn wrong_type(arg: &str, want: &str, obj: &Bound<'_, PyAny>) -> PyErr {
+    let got = obj.get_type().name().map(|n| n.to_string());
+    type_err(format!(
+        "`{arg}` must be {want}, got {}",
+        got.unwrap_or_default()
+    ))
+}
+
 pub fn to_py(e: CoreError) -> PyErr {
     let msg = e.to_string();
     match e {

@@ -2,9 +2,11 @@
 //! saved state of one forward.
 
 use crate::dlpack::{export_f32, export_raw, DType, TensorArg};
-use crate::error::{guard, type_err, value_err, IntoPy};
+use crate::error::{guard, type_err, value_err, wrong_type, IntoPy};
+use ktrs::buffer::Buffer;
 use ktrs::{
-    ExpertWeights, ForwardCache, GradTarget, Isa, LoraConfig, LoraMatrix, MoeConfig, MoeLayer,
+    ExpertWeights, ForwardCache, GradTarget, Isa, LoraConfig, LoraMatrix, LoraWeights, MoeConfig,
+    MoeLayer,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyBool;
@@ -49,10 +51,7 @@ pub(crate) fn int_arg(
         obj.call_method0("__index__").ok()
     };
     let Some(index) = index else {
-        return Err(type_err(format!(
-            "`{arg}` must be an integer, got {}",
-            obj.get_type().name()?
-        )));
+        return Err(wrong_type(arg, "an integer", obj));
     };
     let v: Option<i128> = index.extract().ok();
     v.and_then(|v| usize::try_from(v).ok())
@@ -77,15 +76,8 @@ pub(crate) fn opt_int_arg(
 }
 
 fn str_arg(arg: &str, obj: &Bound<'_, PyAny>) -> PyResult<String> {
-    obj.extract::<String>().map_err(|_| {
-        type_err(format!(
-            "`{arg}` must be a str, got {}",
-            obj.get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        ))
-    })
+    obj.extract::<String>()
+        .map_err(|_| wrong_type(arg, "a str", obj))
 }
 
 fn opt_str_arg(arg: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<String>> {
@@ -100,15 +92,9 @@ fn alpha_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<f32>> {
     let Some(o) = obj.filter(|o| !o.is_none()) else {
         return Ok(None);
     };
-    let v: f64 = o.extract().map_err(|_| {
-        type_err(format!(
-            "`lora_alpha` must be a number, got {}",
-            o.get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        ))
-    })?;
+    let v: f64 = o
+        .extract()
+        .map_err(|_| wrong_type("lora_alpha", "a number", o))?;
     if !v.is_finite() || v.abs() > f32::MAX as f64 {
         return Err(value_err(format!(
             "`lora_alpha` must be a finite number, got {v}"
@@ -141,6 +127,31 @@ fn lora_config(rank: usize, alpha: Option<f32>, use_rslora: bool) -> Option<Lora
     })
 }
 
+/// Whether address ranges `[x0, x1)` and `[y0, y1)` share a byte.
+fn overlaps((x0, x1): (usize, usize), (y0, y1): (usize, usize)) -> bool {
+    x0 < y1 && y0 < x1
+}
+
+/// Bf16 token rows, `[T, H]` (T = `t`, or any when None), as forward and backward take them.
+fn token_rows<'py>(
+    arg: &str,
+    obj: &Bound<'py, PyAny>,
+    t: Option<usize>,
+    h: usize,
+) -> PyResult<TensorArg<'py>> {
+    TensorArg::new(arg, obj, DType::BF16, &[t, Some(h)])
+}
+
+/// F32 routing weights (or their gradient), `[T, k]`.
+fn routing_weights<'py>(
+    arg: &str,
+    obj: &Bound<'py, PyAny>,
+    t: usize,
+    k: usize,
+) -> PyResult<TensorArg<'py>> {
+    TensorArg::new(arg, obj, DType::F32, &[Some(t), Some(k)])
+}
+
 /// Refuses arguments that share memory when one of them is written: the kernels write
 /// outputs from several threads while they read the inputs.
 fn no_overlap(
@@ -152,9 +163,7 @@ fn no_overlap(
             if std::ptr::eq(a.1, b.1) {
                 continue;
             }
-            let (x0, x1) = a.1.addr_range(a.2);
-            let (y0, y1) = b.1.addr_range(b.2);
-            if x0 < y1 && y0 < x1 {
+            if overlaps(a.1.addr_range(a.2), b.1.addr_range(b.2)) {
                 return Err(value_err(format!(
                     "`{}` must not share memory with `{}`",
                     a.0, b.0
@@ -244,8 +253,7 @@ impl Experts {
         down: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         guard(|| {
-            let expert = self.expert_index(expert)?;
-            let [g, u, d] = self.expert_args(gate, up, down)?;
+            let (expert, [g, u, d]) = self.expert_args(expert, gate, up, down)?;
             let (gs, us, ds) = (g.u16s(), u.u16s(), d.u16s());
             let mut held = self.layer_mut()?;
             let layer: &mut MoeLayer = &mut held;
@@ -262,12 +270,9 @@ impl Experts {
         down: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         guard(|| {
-            let expert = self.expert_index(expert)?;
-            let [g, u, d] = self.expert_args(gate, up, down)?;
-            no_overlap(
-                &[("gate", &g, 2), ("up", &u, 2), ("down", &d, 2)],
-                &[("gate", &g, 2), ("up", &u, 2), ("down", &d, 2)],
-            )?;
+            let (expert, [g, u, d]) = self.expert_args(expert, gate, up, down)?;
+            let all = [("gate", &g, 2), ("up", &u, 2), ("down", &d, 2)];
+            no_overlap(&all, &all)?;
             let (gv, uv, dv) = self.layer().get_expert(expert).py_err()?;
             g.slice_mut::<u16>().copy_from_slice(&gv);
             u.slice_mut::<u16>().copy_from_slice(&uv);
@@ -296,17 +301,12 @@ impl Experts {
             let save = bool_arg(save_for_backward)?;
             let use_lora = use_lora.map_or(Ok(true), |o| o.is_truthy())?;
             let h = self.layer().config.hidden;
-            let x = TensorArg::new("hidden_states", hidden, DType::BF16, &[None, Some(h)])?;
+            let x = token_rows("hidden_states", hidden, None, h)?;
             let t = x.shape[0];
             let ids = TensorArg::new("topk_ids", topk_ids, DType::I64, &[Some(t), None])?;
             let k = ids.shape[1];
-            let w = TensorArg::new(
-                "topk_weights",
-                topk_weights,
-                DType::F32,
-                &[Some(t), Some(k)],
-            )?;
-            let o = TensorArg::new("out", out, DType::BF16, &[Some(t), Some(h)])?;
+            let w = routing_weights("topk_weights", topk_weights, t, k)?;
+            let o = token_rows("out", out, Some(t), h)?;
             no_overlap(
                 &[("out", &o, 2)],
                 &[
@@ -344,25 +344,18 @@ impl Experts {
     ) -> PyResult<()> {
         guard(|| {
             let handle = handle.cast::<ForwardHandle>().map_err(|_| {
-                type_err(format!(
-                    "`handle` must be the ForwardHandle of a forward with save_for_backward=True, got {}",
-                    handle.get_type().name().map(|n| n.to_string()).unwrap_or_default()
-                ))
+                let want = "the ForwardHandle of a forward with save_for_backward=True";
+                wrong_type("handle", want, handle)
             })?;
             let cache = &handle.get().cache;
             let held_for_backward = self.layer();
             let layer_ref: &MoeLayer = &held_for_backward;
-            self.layer().check_cache(cache).py_err()?;
+            layer_ref.check_cache(cache).py_err()?;
             let accumulate = bool_arg(accumulate)?;
-            let (t, k, h) = (cache.tokens(), cache.top_k(), self.layer().config.hidden);
-            let go = TensorArg::new("grad_output", grad_output, DType::BF16, &[Some(t), Some(h)])?;
-            let gh = TensorArg::new("grad_hidden", grad_hidden, DType::BF16, &[Some(t), Some(h)])?;
-            let gw = TensorArg::new(
-                "grad_topk_weights",
-                grad_topk_weights,
-                DType::F32,
-                &[Some(t), Some(k)],
-            )?;
+            let (t, k, h) = (cache.tokens(), cache.top_k(), layer_ref.config.hidden);
+            let go = token_rows("grad_output", grad_output, Some(t), h)?;
+            let gh = token_rows("grad_hidden", grad_hidden, Some(t), h)?;
+            let gw = routing_weights("grad_topk_weights", grad_topk_weights, t, k)?;
             let mut ext = Vec::new();
             let mut names_ext = Vec::new();
             if let Some(list) = lora_grads.filter(|o| !o.is_none()) {
@@ -396,13 +389,12 @@ impl Experts {
             let mut all = written.clone();
             all.push(("grad_output", &go, 2));
             no_overlap(&written, &all)?;
-            if let Some(l) = self.layer().lora() {
+            if let Some(l) = layer_ref.lora() {
                 for (n, a) in names_ext.iter().zip(&ext) {
                     for m in LoraMatrix::ALL {
                         let b = l.weight(m);
-                        let (x0, x1) = a.addr_range(4);
-                        let (y0, y1) = (b.as_ptr() as usize, b.as_ptr() as usize + b.len() * 4);
-                        if x0 < y1 && y0 < x1 {
+                        let start = b.as_ptr() as usize;
+                        if overlaps(a.addr_range(4), (start, start + b.len() * 4)) {
                             return Err(value_err(format!(
                                 "`{n}` must not share memory with the layer's LoRA weight {}",
                                 m.name()
@@ -444,11 +436,7 @@ impl Experts {
         py: Python<'py>,
         name: &Bound<'_, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        guard(|| {
-            let held = self.layer();
-            let (l, m) = Self::lora_matrix(&held, name)?;
-            export_f32(py, l.weight(m), &l.shape(m))
-        })
+        self.export_lora(py, name, LoraWeights::weight)
     }
 
     /// A DLPack capsule viewing the packed weights of `"gate_up"` or `"down"`: bf16
@@ -503,11 +491,7 @@ impl Experts {
         py: Python<'py>,
         name: &Bound<'_, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        guard(|| {
-            let held = self.layer();
-            let (l, m) = Self::lora_matrix(&held, name)?;
-            export_f32(py, l.grad(m), &l.shape(m))
-        })
+        self.export_lora(py, name, LoraWeights::grad)
     }
 
     /// Copies f32 values into LoRA matrix `name`.
@@ -591,7 +575,7 @@ impl Experts {
     #[setter(threads)]
     fn set_threads(&mut self, threads: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         guard(|| {
-            let n = resolve_threads(opt_int_arg("threads", threads, 1, ktrs::pool::MAX_THREADS)?)?;
+            let n = threads_arg(threads)?;
             self.layer_mut()?.set_threads(n).py_err()
         })
     }
@@ -680,19 +664,19 @@ impl LayerArgs {
         let rank = opt_int_arg("lora_rank", lora_rank, 0, MAX_SIZE)?.unwrap_or(0);
         let lora = lora_config(rank, alpha_arg(lora_alpha)?, bool_arg(use_rslora)?);
         let isa = parse_isa(opt_str_arg("isa", isa)?.as_deref())?;
-        let threads =
-            resolve_threads(opt_int_arg("threads", threads, 1, ktrs::pool::MAX_THREADS)?)?;
         Ok(LayerArgs {
             lora,
             isa,
-            threads,
+            threads: threads_arg(threads)?,
             seed: seed_arg(seed)?,
         })
     }
 }
 
-/// `ktrs::pool::resolve_threads` with its error as a Python exception.
-fn resolve_threads(requested: Option<usize>) -> PyResult<usize> {
+/// A `threads=` argument: 1 to `MAX_THREADS`; None means `KTRS_THREADS` or one per
+/// physical core.
+fn threads_arg(threads: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
+    let requested = opt_int_arg("threads", threads, 1, ktrs::pool::MAX_THREADS)?;
     ktrs::pool::resolve_threads(requested).py_err()
 }
 
@@ -702,24 +686,28 @@ fn resolve_threads(requested: Option<usize>) -> PyResult<usize> {
 #[pyfunction]
 #[pyo3(name = "resolve_threads", signature = (threads=None))]
 pub fn py_resolve_threads(threads: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
-    guard(|| resolve_threads(opt_int_arg("threads", threads, 1, ktrs::pool::MAX_THREADS)?))
+    guard(|| threads_arg(threads))
 }
 
 impl Experts {
-    /// One expert's weights in HF layout: gate, up `[I, H]`, down `[H, I]`, bf16.
+    /// Expert `expert`'s index and weights in HF layout: gate, up `[I, H]`, down `[H, I]`,
+    /// bf16.
     fn expert_args<'py>(
         &self,
+        expert: &Bound<'_, PyAny>,
         gate: &Bound<'py, PyAny>,
         up: &Bound<'py, PyAny>,
         down: &Bound<'py, PyAny>,
-    ) -> PyResult<[TensorArg<'py>; 3]> {
+    ) -> PyResult<(usize, [TensorArg<'py>; 3])> {
         let c = self.layer().config;
+        let expert = int_arg("expert", expert, 0, c.experts - 1)?;
         let (h, i) = (Some(c.hidden), Some(c.intermediate));
-        Ok([
+        let weights = [
             TensorArg::new("gate", gate, DType::BF16, &[i, h])?,
             TensorArg::new("up", up, DType::BF16, &[i, h])?,
             TensorArg::new("down", down, DType::BF16, &[h, i])?,
-        ])
+        ];
+        Ok((expert, weights))
     }
 
     fn wrap(layer: MoeLayer) -> Experts {
@@ -762,7 +750,7 @@ impl Experts {
     fn lora_matrix<'a>(
         layer: &'a MoeLayer,
         name: &Bound<'_, PyAny>,
-    ) -> PyResult<(&'a ktrs::LoraWeights, LoraMatrix)> {
+    ) -> PyResult<(&'a LoraWeights, LoraMatrix)> {
         let name = str_arg("name", name)?;
         let m = LoraMatrix::from_name(&name).py_err()?;
         let l = layer
@@ -771,8 +759,19 @@ impl Experts {
         Ok((l, m))
     }
 
-    fn expert_index(&self, expert: &Bound<'_, PyAny>) -> PyResult<usize> {
-        int_arg("expert", expert, 0, self.layer().config.experts - 1)
+    /// A DLPack capsule viewing the buffer `which` picks (weight or gradient) of LoRA
+    /// matrix `name`.
+    fn export_lora<'py>(
+        &self,
+        py: Python<'py>,
+        name: &Bound<'_, PyAny>,
+        which: fn(&LoraWeights, LoraMatrix) -> &Arc<Buffer<f32>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        guard(|| {
+            let held = self.layer();
+            let (l, m) = Self::lora_matrix(&held, name)?;
+            export_f32(py, which(l, m), &l.shape(m))
+        })
     }
 }
 

@@ -7,11 +7,11 @@
 //! before any kernel runs, so the wrappers that call through a set (after their bounds
 //! checks) only have to name this invariant.
 
-use super::lora_grad::{self, Coef, Cols, Layout};
+use super::epilogue::{BwdPanel, FwdPanel};
+use super::lora_grad::{self, GradSum};
 use super::{amx_gemm, avx2, avx512, epilogue, scalar, vec, Gemm, TransposedGemm};
 use crate::cpu::Isa;
 use crate::pack::PackShape;
-use std::ops::Range;
 
 /// A compiled copy of portable code: the target features LLVM may vectorise it with.
 /// `multiversion!` defines one function per variant.
@@ -36,20 +36,9 @@ pub(super) struct KernelSet {
     pub(super) gemm: unsafe fn(Gemm<'_>),
     pub(super) gemm_transposed: unsafe fn(TransposedGemm<'_>),
     pub(super) transpose_block: unsafe fn(&[u16], PackShape, usize, usize, &mut [u16]),
-    pub(super) swiglu_fwd: unsafe fn(&[f32], &[f32], &mut [u16], &mut [u16], &mut [u16]),
-    pub(super) swiglu_bwd: unsafe fn(f32, &[f32], &[u16], &[u16], &mut [u16], &mut [u16]),
-    pub(super) lora_grad: unsafe fn(
-        &[u16],
-        usize,
-        Cols,
-        Range<usize>,
-        &[f32],
-        Coef<'_>,
-        usize,
-        usize,
-        Layout,
-        &mut [f32],
-    ),
+    pub(super) swiglu_fwd: unsafe fn(FwdPanel<'_>),
+    pub(super) swiglu_bwd: unsafe fn(BwdPanel<'_>),
+    pub(super) lora_grad: unsafe fn(GradSum<'_>, &mut [f32]),
     pub(super) project_rows: unsafe fn(&[u16], usize, usize, &[f32], usize, usize, &mut [f32]),
 }
 

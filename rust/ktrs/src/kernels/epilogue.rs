@@ -9,6 +9,37 @@ use crate::bf16;
 use crate::cpu::Isa;
 use crate::pack::PANEL;
 
+/// The arguments of [`swiglu_fwd`] for the kernels: whole panels.
+pub(super) struct FwdPanel<'a> {
+    gate: &'a [f32; PANEL],
+    up: &'a [f32; PANEL],
+    g_out: &'a mut [u16; PANEL],
+    u_out: &'a mut [u16; PANEL],
+    a_out: &'a mut [u16; PANEL],
+}
+
+/// The arguments of [`swiglu_bwd`] for the kernels: whole panels.
+pub(super) struct BwdPanel<'a> {
+    w: f32,
+    da: &'a [f32; PANEL],
+    g: &'a [u16; PANEL],
+    u: &'a [u16; PANEL],
+    dg_out: &'a mut [u16; PANEL],
+    du_out: &'a mut [u16; PANEL],
+}
+
+/// The first 16 elements, as an array: kernels on it need no bounds checks (panics on a
+/// shorter slice).
+#[inline(always)]
+fn panel<T>(s: &[T]) -> &[T; PANEL] {
+    s.first_chunk().expect("a whole panel")
+}
+
+#[inline(always)]
+fn panel_mut<T>(s: &mut [T]) -> &mut [T; PANEL] {
+    s.first_chunk_mut().expect("a whole panel")
+}
+
 /// Stores gate, up and SiLU(gate)·up (bf16) for 16 columns.
 pub(crate) fn swiglu_fwd(
     isa: Isa,
@@ -18,15 +49,16 @@ pub(crate) fn swiglu_fwd(
     u_out: &mut [u16],
     a_out: &mut [u16],
 ) {
-    let (gate, up) = (&gate[..PANEL], &up[..PANEL]);
-    let (g_out, u_out, a_out) = (
-        &mut g_out[..PANEL],
-        &mut u_out[..PANEL],
-        &mut a_out[..PANEL],
-    );
+    let p = FwdPanel {
+        gate: panel(gate),
+        up: panel(up),
+        g_out: panel_mut(g_out),
+        u_out: panel_mut(u_out),
+        a_out: panel_mut(a_out),
+    };
     // SAFETY: `isa` was checked available by the caller's layer (`kernels::dispatch`);
-    // slices were cut to 16 elements above.
-    unsafe { (KernelSet::of(isa).swiglu_fwd)(gate, up, g_out, u_out, a_out) }
+    // every slice of `p` is a whole panel.
+    unsafe { (KernelSet::of(isa).swiglu_fwd)(p) }
 }
 
 /// From `da` (gradient of SiLU(gate)·up, before the routing weight `w`) and the saved
@@ -40,43 +72,61 @@ pub(crate) fn swiglu_bwd(
     dg_out: &mut [u16],
     du_out: &mut [u16],
 ) {
-    let (da, g, u) = (&da[..PANEL], &g[..PANEL], &u[..PANEL]);
-    let (dg_out, du_out) = (&mut dg_out[..PANEL], &mut du_out[..PANEL]);
+    let p = BwdPanel {
+        w,
+        da: panel(da),
+        g: panel(g),
+        u: panel(u),
+        dg_out: panel_mut(dg_out),
+        du_out: panel_mut(du_out),
+    };
     // SAFETY: as in `swiglu_fwd`.
-    unsafe { (KernelSet::of(isa).swiglu_bwd)(w, da, g, u, dg_out, du_out) }
+    unsafe { (KernelSet::of(isa).swiglu_bwd)(p) }
+}
+
+// The portable kernels compute a panel in locals and store it once: references inside a
+// struct carry no no-alias guarantee, and writing through them in the loop made LLVM add
+// run-time overlap checks and a scalar fallback.
+impl FwdPanel<'_> {
+    /// The portable forward, with `act(g, u)` = SiLU(g)·u.
+    #[inline(always)]
+    fn run(self, act: impl Fn(f32, f32) -> f32) {
+        let (mut g, mut u, mut a) = ([0u16; PANEL], [0u16; PANEL], [0u16; PANEL]);
+        for l in 0..PANEL {
+            g[l] = bf16::from_f32(self.gate[l]);
+            u[l] = bf16::from_f32(self.up[l]);
+            a[l] = bf16::from_f32(act(self.gate[l], self.up[l]));
+        }
+        (*self.g_out, *self.u_out, *self.a_out) = (g, u, a);
+    }
+}
+
+impl BwdPanel<'_> {
+    /// The portable backward, with `grads(d, g, u)` = the gradients of g and u for the
+    /// output gradient `d` = w·da.
+    #[inline(always)]
+    fn run(self, grads: impl Fn(f32, f32, f32) -> (f32, f32)) {
+        let (mut dg, mut du) = ([0u16; PANEL], [0u16; PANEL]);
+        for l in 0..PANEL {
+            let (gv, uv) = (bf16::to_f32(self.g[l]), bf16::to_f32(self.u[l]));
+            let (a, b) = grads(self.w * self.da[l], gv, uv);
+            (dg[l], du[l]) = (bf16::from_f32(a), bf16::from_f32(b));
+        }
+        (*self.dg_out, *self.du_out) = (dg, du);
+    }
 }
 
 /// `swiglu_fwd` with `f32::exp`: the reference (`Scalar`).
-pub(super) fn swiglu_fwd_scalar(
-    gate: &[f32],
-    up: &[f32],
-    g_out: &mut [u16],
-    u_out: &mut [u16],
-    a_out: &mut [u16],
-) {
-    for l in 0..PANEL {
-        g_out[l] = bf16::from_f32(gate[l]);
-        u_out[l] = bf16::from_f32(up[l]);
-        a_out[l] = bf16::from_f32(gate[l] / (1.0 + (-gate[l]).exp()) * up[l]);
-    }
+pub(super) fn swiglu_fwd_scalar(p: FwdPanel<'_>) {
+    p.run(|g, u| g / (1.0 + (-g).exp()) * u);
 }
 
 /// `swiglu_bwd` with `f32::exp`: the reference (`Scalar`).
-pub(super) fn swiglu_bwd_scalar(
-    w: f32,
-    da: &[f32],
-    g: &[u16],
-    u: &[u16],
-    dg_out: &mut [u16],
-    du_out: &mut [u16],
-) {
-    for l in 0..PANEL {
-        let (gv, uv) = (bf16::to_f32(g[l]), bf16::to_f32(u[l]));
+pub(super) fn swiglu_bwd_scalar(p: BwdPanel<'_>) {
+    p.run(|d, gv, uv| {
         let sig = 1.0 / (1.0 + (-gv).exp());
-        let d = w * da[l];
-        dg_out[l] = bf16::from_f32(d * uv * sig * (1.0 + gv * (1.0 - sig)));
-        du_out[l] = bf16::from_f32(d * gv * sig);
-    }
+        (d * uv * sig * (1.0 + gv * (1.0 - sig)), d * gv * sig)
+    });
 }
 
 /// e^x for |x| ≤ 87 (clamped outside; 2^n stays a normal float), relative error ≈ 2e-7:
@@ -106,34 +156,24 @@ fn sigmoid_poly(x: f32) -> f32 {
 
 super::multiversion! {
     /// `swiglu_fwd` with [`exp_poly`].
-    mod swiglu_fwd_poly(gate: &[f32], up: &[f32], g_out: &mut [u16], u_out: &mut [u16], a_out: &mut [u16]) {
-        let (gate, up) = (&gate[..PANEL], &up[..PANEL]);
-        let (g_out, u_out, a_out) = (&mut g_out[..PANEL], &mut u_out[..PANEL], &mut a_out[..PANEL]);
-        for l in 0..PANEL {
-            g_out[l] = bf16::from_f32(gate[l]);
-            u_out[l] = bf16::from_f32(up[l]);
-            a_out[l] = bf16::from_f32(gate[l] * sigmoid_poly(gate[l]) * up[l]);
-        }
+    mod swiglu_fwd_poly(p: FwdPanel<'_>) {
+        p.run(|g, u| g * sigmoid_poly(g) * u);
     }
 }
 
 super::multiversion! {
     /// `swiglu_bwd` with [`exp_poly`].
-    mod swiglu_bwd_poly(w: f32, da: &[f32], g: &[u16], u: &[u16], dg_out: &mut [u16], du_out: &mut [u16]) {
-        let (da, g, u) = (&da[..PANEL], &g[..PANEL], &u[..PANEL]);
-        let (dg_out, du_out) = (&mut dg_out[..PANEL], &mut du_out[..PANEL]);
-        for l in 0..PANEL {
-            let (gv, uv) = (bf16::to_f32(g[l]), bf16::to_f32(u[l]));
+    mod swiglu_bwd_poly(p: BwdPanel<'_>) {
+        p.run(|d, gv, uv| {
             let sig = sigmoid_poly(gv);
-            let d = w * da[l];
             // d/dg SiLU(g) = σ(g)·(1 + g·(1 − σ(g)))
-            dg_out[l] = bf16::from_f32(d * uv * (sig * gv.mul_add(1.0 - sig, 1.0)));
-            du_out[l] = bf16::from_f32(d * (gv * sig));
-        }
+            (d * uv * (sig * gv.mul_add(1.0 - sig, 1.0)), d * (gv * sig))
+        });
     }
 }
 
 pub(super) mod avx512 {
+    use super::{BwdPanel, FwdPanel, PANEL};
     use std::arch::x86_64::*;
 
     /// e^x for |x| ≤ 88 (clamped outside), relative error ≈ 2e-7.
@@ -166,50 +206,37 @@ pub(super) mod avx512 {
     }
 
     #[inline(always)]
-    unsafe fn load_bf16(p: &[u16]) -> __m512 {
+    unsafe fn load_bf16(p: &[u16; PANEL]) -> __m512 {
         let v = _mm256_loadu_si256(p.as_ptr() as *const __m256i);
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
     }
 
     #[inline(always)]
-    unsafe fn store_bf16(p: &mut [u16], v: __m512) {
+    unsafe fn store_bf16(p: &mut [u16; PANEL], v: __m512) {
         let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
         _mm256_storeu_si256(p.as_mut_ptr() as *mut __m256i, b);
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(in crate::kernels) unsafe fn swiglu_fwd(
-        gate: &[f32],
-        up: &[f32],
-        g_out: &mut [u16],
-        u_out: &mut [u16],
-        a_out: &mut [u16],
-    ) {
-        let g = _mm512_loadu_ps(gate.as_ptr());
-        let u = _mm512_loadu_ps(up.as_ptr());
-        store_bf16(g_out, g);
-        store_bf16(u_out, u);
-        store_bf16(a_out, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid(g)), u));
+    pub(in crate::kernels) unsafe fn swiglu_fwd(p: FwdPanel<'_>) {
+        let g = _mm512_loadu_ps(p.gate.as_ptr());
+        let u = _mm512_loadu_ps(p.up.as_ptr());
+        store_bf16(p.g_out, g);
+        store_bf16(p.u_out, u);
+        store_bf16(p.a_out, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid(g)), u));
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(in crate::kernels) unsafe fn swiglu_bwd(
-        w: f32,
-        da: &[f32],
-        g: &[u16],
-        u: &[u16],
-        dg_out: &mut [u16],
-        du_out: &mut [u16],
-    ) {
-        let gv = load_bf16(g);
-        let uv = load_bf16(u);
-        let d = _mm512_mul_ps(_mm512_set1_ps(w), _mm512_loadu_ps(da.as_ptr()));
+    pub(in crate::kernels) unsafe fn swiglu_bwd(p: BwdPanel<'_>) {
+        let gv = load_bf16(p.g);
+        let uv = load_bf16(p.u);
+        let d = _mm512_mul_ps(_mm512_set1_ps(p.w), _mm512_loadu_ps(p.da.as_ptr()));
         let sig = sigmoid(gv);
         let one = _mm512_set1_ps(1.0);
         // d/dg SiLU(g) = σ(g)·(1 + g·(1 − σ(g)))
         let dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, sig), one));
-        store_bf16(dg_out, _mm512_mul_ps(_mm512_mul_ps(d, uv), dsilu));
-        store_bf16(du_out, _mm512_mul_ps(d, _mm512_mul_ps(gv, sig)));
+        store_bf16(p.dg_out, _mm512_mul_ps(_mm512_mul_ps(d, uv), dsilu));
+        store_bf16(p.du_out, _mm512_mul_ps(d, _mm512_mul_ps(gv, sig)));
     }
 }
 

@@ -18,6 +18,16 @@ pub(crate) enum Cols {
     Fused(bool),
 }
 
+impl Cols {
+    #[inline(always)]
+    pub(crate) fn at(self, c: usize) -> usize {
+        match self {
+            Cols::Plain => c,
+            Cols::Fused(up) => fused_row(c, up),
+        }
+    }
+}
+
 /// Per-pair factor.
 #[derive(Clone, Copy)]
 pub(crate) enum Coef<'a> {
@@ -43,140 +53,144 @@ pub(crate) enum Layout {
     ColMajor,
 }
 
+impl Layout {
+    /// Where element (j, c) of an `r × k` gradient lies.
+    #[inline(always)]
+    fn index(self, j: usize, c: usize, r: usize, k: usize) -> usize {
+        match self {
+            Layout::RankMajor => j * k + c,
+            Layout::ColMajor => c * r + j,
+        }
+    }
+}
+
+/// One gradient sum, `Σ_{p ∈ rows} coef_p · v[p, j] · x[p, cols.at(c)]` for `j < r`,
+/// `c < k`, laid out in memory as `layout` says.
+pub(crate) struct GradSum<'a> {
+    /// bf16 rows of stride `ld`.
+    pub x: &'a [u16],
+    pub ld: usize,
+    pub cols: Cols,
+    pub rows: Range<usize>,
+    /// `r` values per row.
+    pub v: &'a [f32],
+    pub coef: Coef<'a>,
+    pub r: usize,
+    pub k: usize,
+    pub layout: Layout,
+}
+
 const JB: usize = 8;
 
-/// `out += Σ_{p ∈ rows} coef_p · v[p, j] · x[p, col(c)]` for `j < r`, `c < k`, stored as
-/// `out[j·k + c]` (RankMajor) or `out[c·r + j]` (ColMajor). `x` rows have stride `ld`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn accumulate(
-    isa: Isa,
-    x: &[u16],
-    ld: usize,
-    cols: Cols,
-    rows: Range<usize>,
-    v: &[f32],
-    coef: Coef<'_>,
-    r: usize,
-    k: usize,
-    layout: Layout,
-    out: &mut [f32],
-) {
-    assert!(out.len() >= r * k && v.len() >= rows.end * r);
-    if rows.is_empty() {
+/// `out += sum`.
+pub(crate) fn accumulate(isa: Isa, sum: GradSum<'_>, out: &mut [f32]) {
+    assert!(out.len() >= sum.r * sum.k && sum.v.len() >= sum.rows.end * sum.r);
+    if sum.rows.is_empty() {
         return;
     }
     // SAFETY: `isa` was checked available by the caller's layer (`kernels::dispatch`);
     // `v` is as long as the AVX-512 kernel's unchecked reads (asserted above), and it
     // asserts `x`'s bounds itself.
-    unsafe { (KernelSet::of(isa).lora_grad)(x, ld, cols, rows, v, coef, r, k, layout, out) }
+    unsafe { (KernelSet::of(isa).lora_grad)(sum, out) }
 }
 
-/// Same as `portable`, with the 8 × 16 accumulator block pinned in zmm registers.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn body_avx512(
-    x: &[u16],
-    ld: usize,
-    cols: Cols,
-    rows: Range<usize>,
-    v: &[f32],
-    coef: Coef<'_>,
-    r: usize,
-    k: usize,
-    layout: Layout,
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let col_of = |c: usize| match cols {
-        Cols::Plain => c,
-        Cols::Fused(up) => fused_row(c, up),
-    };
-    for c0 in (0..k).step_by(PANEL) {
-        let width = PANEL.min(k - c0);
-        let base = col_of(c0);
-        assert!(rows.end == 0 || (rows.end - 1) * ld + base + PANEL <= x.len());
-        for j0 in (0..r).step_by(JB) {
-            let jn = JB.min(r - j0);
-            let mut acc = [_mm512_setzero_ps(); JB];
-            for p in rows.clone() {
-                let raw = _mm256_loadu_si256(x.as_ptr().add(p * ld + base) as *const __m256i);
-                let xv = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
-                let f = coef.get(p);
-                let vp = v.as_ptr().add(p * r + j0);
-                if jn == JB {
-                    for (jj, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(_mm512_set1_ps(f * *vp.add(jj)), xv, *a);
-                    }
-                } else {
-                    for (jj, a) in acc.iter_mut().enumerate().take(jn) {
-                        *a = _mm512_fmadd_ps(_mm512_set1_ps(f * *vp.add(jj)), xv, *a);
-                    }
-                }
+/// One block of the sum: ranks `j0..j0 + jn` (`jn` ≤ 8) × 16 columns from `c0`, of which
+/// `width` are in range, starting at `base` in a row of `x`.
+#[derive(Clone, Copy)]
+struct Block {
+    c0: usize,
+    width: usize,
+    base: usize,
+    j0: usize,
+    jn: usize,
+}
+
+impl GradSum<'_> {
+    /// The blocks each kernel sums in registers, each over all the rows (column blocks
+    /// outer, rank blocks inner).
+    #[inline(always)]
+    fn blocks(&self) -> impl Iterator<Item = Block> + '_ {
+        let nj = self.r.div_ceil(JB);
+        (0..self.k.div_ceil(PANEL) * nj).map(move |b| {
+            let (c0, j0) = (b / nj * PANEL, b % nj * JB);
+            Block {
+                c0,
+                width: PANEL.min(self.k - c0),
+                // A 16-column block is contiguous in both layouts (a fused panel holds 16
+                // columns).
+                base: self.cols.at(c0),
+                j0,
+                jn: JB.min(self.r - j0),
             }
-            let mut lanes = [0f32; PANEL];
-            for (jj, a) in acc.iter().enumerate().take(jn) {
-                let j = j0 + jj;
-                _mm512_storeu_ps(lanes.as_mut_ptr(), *a);
-                for (l, val) in lanes.iter().enumerate().take(width) {
-                    match layout {
-                        Layout::RankMajor => out[j * k + c0 + l] += val,
-                        Layout::ColMajor => out[(c0 + l) * r + j] += val,
-                    }
-                }
+        })
+    }
+
+    /// Adds the sums of block `b` (rows `..b.jn` of `acc`) into `out`.
+    #[inline(always)]
+    fn add(&self, out: &mut [f32], b: Block, acc: &[[f32; PANEL]; JB]) {
+        for (jj, row) in acc.iter().enumerate().take(b.jn) {
+            for (l, val) in row.iter().enumerate().take(b.width) {
+                out[self.layout.index(b.j0 + jj, b.c0 + l, self.r, self.k)] += val;
             }
         }
     }
 }
 
-super::multiversion! {
-mod portable(
-    x: &[u16],
-    ld: usize,
-    cols: Cols,
-    rows: Range<usize>,
-    v: &[f32],
-    coef: Coef<'_>,
-    r: usize,
-    k: usize,
-    layout: Layout,
-    out: &mut [f32],
-) {
-    let col_of = |c: usize| match cols {
-        Cols::Plain => c,
-        Cols::Fused(up) => fused_row(c, up),
-    };
-    for c0 in (0..k).step_by(PANEL) {
-        let width = PANEL.min(k - c0);
-        // A 16-column block is contiguous in both layouts (a fused panel holds 16 columns).
-        let base = col_of(c0);
-        for j0 in (0..r).step_by(JB) {
-            let jn = JB.min(r - j0);
-            let mut acc = [[0f32; PANEL]; JB];
-            for p in rows.clone() {
-                let xr = &x[p * ld + base..p * ld + base + PANEL];
-                let mut xv = [0f32; PANEL];
-                for l in 0..PANEL {
-                    xv[l] = to_f32(xr[l]);
+/// Same as `portable`, with the 8 × 16 accumulator block pinned in zmm registers.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn body_avx512(sum: GradSum<'_>, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (x, ld, v, r) = (sum.x, sum.ld, sum.v, sum.r);
+    for b in sum.blocks() {
+        let (base, j0, jn) = (b.base, b.j0, b.jn);
+        let end = sum.rows.end;
+        assert!(end == 0 || (end - 1) * ld + base + PANEL <= x.len());
+        let mut acc = [_mm512_setzero_ps(); JB];
+        for p in sum.rows.clone() {
+            let raw = _mm256_loadu_si256(x.as_ptr().add(p * ld + base) as *const __m256i);
+            let xv = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
+            let f = sum.coef.get(p);
+            let vp = v.as_ptr().add(p * r + j0);
+            if jn == JB {
+                for (jj, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(f * *vp.add(jj)), xv, *a);
                 }
-                let f = coef.get(p);
-                let vp = &v[p * r + j0..p * r + j0 + jn];
-                for jj in 0..JB {
-                    let a = if jj < jn { f * vp[jj] } else { 0.0 };
-                    for l in 0..PANEL {
-                        acc[jj][l] += a * xv[l];
-                    }
-                }
-            }
-            for (jj, accj) in acc.iter().enumerate().take(jn) {
-                let j = j0 + jj;
-                for l in 0..width {
-                    match layout {
-                        Layout::RankMajor => out[j * k + c0 + l] += accj[l],
-                        Layout::ColMajor => out[(c0 + l) * r + j] += accj[l],
-                    }
+            } else {
+                for (jj, a) in acc.iter_mut().enumerate().take(jn) {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(f * *vp.add(jj)), xv, *a);
                 }
             }
         }
+        let mut sums = [[0f32; PANEL]; JB];
+        for (row, a) in sums.iter_mut().zip(&acc).take(jn) {
+            _mm512_storeu_ps(row.as_mut_ptr(), *a);
+        }
+        sum.add(out, b, &sums);
+    }
+}
+
+super::multiversion! {
+mod portable(sum: GradSum<'_>, out: &mut [f32]) {
+    let (x, ld, v, r) = (sum.x, sum.ld, sum.v, sum.r);
+    for b in sum.blocks() {
+        let (base, j0, jn) = (b.base, b.j0, b.jn);
+        let mut acc = [[0f32; PANEL]; JB];
+        for p in sum.rows.clone() {
+            let xr = &x[p * ld + base..p * ld + base + PANEL];
+            let mut xv = [0f32; PANEL];
+            for l in 0..PANEL {
+                xv[l] = to_f32(xr[l]);
+            }
+            let f = sum.coef.get(p);
+            let vp = &v[p * r + j0..p * r + j0 + jn];
+            for jj in 0..JB {
+                let a = if jj < jn { f * vp[jj] } else { 0.0 };
+                for l in 0..PANEL {
+                    acc[jj][l] += a * xv[l];
+                }
+            }
+        }
+        sum.add(out, b, &acc);
     }
 }
 }
@@ -218,19 +232,18 @@ mod tests {
                 }
                 for isa in Isa::available() {
                     let mut got = vec![0.5f32; r * k];
-                    accumulate(
-                        isa,
-                        &x,
+                    let sum = GradSum {
+                        x: &x,
                         ld,
                         cols,
-                        rows.clone(),
-                        &v,
-                        Coef::Scaled(2.0, &w),
+                        rows: rows.clone(),
+                        v: &v,
+                        coef: Coef::Scaled(2.0, &w),
                         r,
                         k,
                         layout,
-                        &mut got,
-                    );
+                    };
+                    accumulate(isa, sum, &mut got);
                     for (a, b) in got.iter().zip(&want) {
                         assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{isa}");
                     }

@@ -234,7 +234,7 @@ impl MoeLayer {
                         out.fill(0.0);
                     }
                     let rows = off[e]..off[e + 1];
-                    use lora_grad::{Coef, Layout::*};
+                    use lora_grad::{Coef, GradSum, Layout::*};
                     // (rows x, their stride, column map, per-pair vectors, factor, k, layout)
                     let (x, ld, cols, v, coef, k, layout): (&[u16], _, _, &[f32], _, _, _) = match m
                     {
@@ -269,7 +269,18 @@ impl MoeLayer {
                             ColMajor,
                         ),
                     };
-                    lora_grad::accumulate(isa, x, ld, cols, rows, v, coef, r, k, layout, out);
+                    let sum = GradSum {
+                        x,
+                        ld,
+                        cols,
+                        rows,
+                        v,
+                        coef,
+                        r,
+                        k,
+                        layout,
+                    };
+                    lora_grad::accumulate(isa, sum, out);
                 }));
             }
         }

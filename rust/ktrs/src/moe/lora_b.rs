@@ -6,7 +6,6 @@ use super::MoeLayer;
 use crate::buffer::SendPtr;
 use crate::kernels::lora_grad::Cols;
 use crate::lora::LoraMatrix;
-use crate::pack::fused_row;
 use std::cell::RefCell;
 use std::ops::Range;
 
@@ -122,11 +121,7 @@ impl LoraBPlan<'_> {
         let src = l.expert_weight(m, e);
         // SAFETY: block (q, e) is written by task t alone; experts are distinct.
         let dst = unsafe { SendPtr(self.bufs[q].as_ptr()).slice_mut(e * r * ld, r * ld) };
-        let at = |o| match cols {
-            Cols::Plain => o,
-            Cols::Fused(up) => fused_row(o, up),
-        };
-        transpose_b(src, r, 0..out, at, dst, ld);
+        transpose_b(src, r, 0..out, |o| cols.at(o), dst, ld);
     }
 
     /// Matrix `q`'s transposed blocks (after the phase that ran `fill`).

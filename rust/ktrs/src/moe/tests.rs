@@ -5,6 +5,8 @@ use super::*;
 use crate::bf16;
 use crate::lora::SplitMix64;
 
+/// A layer and a batch: E experts, hidden size H, intermediate size I, k experts per
+/// token, T tokens, LoRA rank r (0: none).
 struct Case {
     e: usize,
     h: usize,
@@ -14,6 +16,7 @@ struct Case {
     r: usize,
 }
 
+#[derive(Clone)]
 struct Data {
     gate: Vec<u16>,
     up: Vec<u16>,
@@ -83,8 +86,11 @@ struct RefOut {
     lg: Vec<Vec<f64>>,
 }
 
-/// Straightforward f64 math, token by token: the independent reference.
 impl Case {
+    /// In the order the test tags name them: E, H, I, k, T, r.
+    fn new(e: usize, h: usize, i: usize, k: usize, t: usize, r: usize) -> Case {
+        Case { e, h, i, k, t, r }
+    }
     fn config(&self) -> MoeConfig {
         MoeConfig {
             experts: self.e,
@@ -100,6 +106,33 @@ impl Case {
             use_rslora: false,
         })
     }
+    /// A zeroed bf16 `[T, H]`: an output or `grad_hidden`.
+    fn out_buf(&self) -> Vec<u16> {
+        vec![0u16; self.t * self.h]
+    }
+    /// Zeroed `grad_hidden` and `grad_topk_weights` (f32 `[T, k]`).
+    fn grad_bufs(&self) -> (Vec<u16>, Vec<f32>) {
+        (self.out_buf(), vec![0f32; self.t * self.k])
+    }
+}
+
+/// A forward of `d`'s batch into `out` that keeps its cache for the backward.
+fn forward_saved(layer: &MoeLayer, c: &Case, d: &Data, out: &mut [u16]) -> ForwardCache {
+    layer
+        .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, out, true)
+        .unwrap()
+        .unwrap()
+}
+
+/// A backward of `d`'s output gradient into the layer's own LoRA gradients.
+fn backward_owned(
+    layer: &MoeLayer,
+    cache: &ForwardCache,
+    d: &Data,
+    gh: &mut [u16],
+    gw: &mut [f32],
+) -> Result<()> {
+    layer.backward(cache, &d.gout, gh, gw, GradTarget::Owned)
 }
 
 /// A layer of case `c` packed from `d`, with `d`'s LoRA weights.
@@ -118,6 +151,7 @@ fn layer_for(c: &Case, d: &Data, isa: Isa, threads: usize) -> MoeLayer {
     layer
 }
 
+/// Straightforward f64 math, token by token: the independent reference.
 fn reference(c: &Case, d: &Data, s: f64) -> RefOut {
     let f = |v: u16| bf16::to_f32(v) as f64;
     let (h, i, r) = (c.h, c.i, c.r);
@@ -251,11 +285,7 @@ fn check_case(c: &Case, seed: u64) {
     let s = c.lora_config().map_or(0.0, |l| l.scaling()) as f64;
     let want = reference(c, &d, s);
     for isa in isas_with_emulated_amx() {
-        if isa == Isa::Amx && Isa::Amx.check_available().is_err() {
-            layer.isa = Isa::Amx; // tiles emulated (see isas_with_emulated_amx)
-        } else {
-            layer.set_isa(isa).unwrap();
-        }
+        use_isa(&mut layer, isa);
         let tag = format!(
             "{isa} E{} H{} I{} k{} T{} r{}",
             c.e, c.h, c.i, c.k, c.t, c.r
@@ -264,7 +294,7 @@ fn check_case(c: &Case, seed: u64) {
         let err = rel_l2(out.iter().map(|&v| bf16::to_f32(v) as f64), &want.out);
         assert!(err < 1e-2, "{tag}: forward rel L2 {err}");
         // The inference forward (nothing kept) computes the same bits.
-        let mut out_inf = vec![0u16; c.t * c.h];
+        let mut out_inf = c.out_buf();
         let none = layer
             .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out_inf, false)
             .unwrap();
@@ -300,134 +330,49 @@ fn check_case(c: &Case, seed: u64) {
 
 #[test]
 fn small_awkward_shapes() {
-    check_case(
-        &Case {
-            e: 5,
-            h: 70,
-            i: 45,
-            k: 3,
-            t: 17,
-            r: 4,
-        },
-        1,
-    );
-    check_case(
-        &Case {
-            e: 1,
-            h: 33,
-            i: 17,
-            k: 1,
-            t: 1,
-            r: 8,
-        },
-        2,
-    );
-    check_case(
-        &Case {
-            e: 2,
-            h: 33,
-            i: 17,
-            k: 1,
-            t: 4,
-            r: 2,
-        },
-        7,
-    );
-    check_case(
-        &Case {
-            e: 3,
-            h: 16,
-            i: 32,
-            k: 2,
-            t: 5,
-            r: 0,
-        },
-        3,
-    );
+    check_case(&Case::new(5, 70, 45, 3, 17, 4), 1);
+    check_case(&Case::new(1, 33, 17, 1, 1, 8), 2);
+    check_case(&Case::new(2, 33, 17, 1, 4, 2), 7);
+    check_case(&Case::new(3, 16, 32, 2, 5, 0), 3);
 }
 
 #[test]
 fn many_experts_and_k8() {
-    check_case(
-        &Case {
-            e: 64,
-            h: 96,
-            i: 40,
-            k: 8,
-            t: 33,
-            r: 8,
-        },
-        4,
-    );
+    check_case(&Case::new(64, 96, 40, 8, 33, 8), 4);
 }
 
 #[test]
 fn many_tokens() {
-    check_case(
-        &Case {
-            e: 16,
-            h: 48,
-            i: 40,
-            k: 6,
-            t: 600,
-            r: 3,
-        },
-        5,
-    );
+    check_case(&Case::new(16, 48, 40, 6, 600, 3), 5);
 }
 
 #[test]
 fn wide_unaligned_hidden() {
-    check_case(
-        &Case {
-            e: 4,
-            h: 2050,
-            i: 1407,
-            k: 2,
-            t: 3,
-            r: 8,
-        },
-        6,
-    );
+    check_case(&Case::new(4, 2050, 1407, 2, 3, 8), 6);
 }
 
 #[test]
 fn owned_grads_accumulate_and_caches_are_independent() {
-    let c = Case {
-        e: 6,
-        h: 40,
-        i: 24,
-        k: 2,
-        t: 9,
-        r: 4,
-    };
+    let c = Case::new(6, 40, 24, 2, 9, 4);
     let d = make(&c, 9);
     let layer = layer_for(&c, &d, Isa::best(), 2);
-    let mut out = vec![0u16; c.t * c.h];
-    let c1 = layer
-        .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
-        .unwrap()
-        .unwrap();
+    let mut out = c.out_buf();
+    let c1 = forward_saved(&layer, &c, &d, &mut out);
     // A second, different forward in between must not disturb c1.
     let other: Vec<u16> = d.hidden.iter().rev().copied().collect();
     let _c2 = layer
         .forward(&other, c.t, &d.ids, &d.w, c.k, &mut out, true)
         .unwrap()
         .unwrap();
-    let mut gh = vec![0u16; c.t * c.h];
-    let mut gw = vec![0f32; c.t * c.k];
-    layer
-        .backward(&c1, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
-        .unwrap();
+    let (mut gh, mut gw) = c.grad_bufs();
+    backward_owned(&layer, &c1, &d, &mut gh, &mut gw).unwrap();
     let once: Vec<f32> = layer
         .lora()
         .unwrap()
         .grad(crate::lora::LoraMatrix::GateA)
         .as_slice()
         .to_vec();
-    layer
-        .backward(&c1, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
-        .unwrap();
+    backward_owned(&layer, &c1, &d, &mut gh, &mut gw).unwrap();
     let twice = layer
         .lora()
         .unwrap()
@@ -452,21 +397,12 @@ fn owned_grads_accumulate_and_caches_are_independent() {
         .all(|&v| v == 0.0));
     // A cache from another layer is refused.
     let layer2 = layer_for(&c, &d, Isa::Scalar, 1);
-    assert!(layer2
-        .backward(&c1, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
-        .is_err());
+    assert!(backward_owned(&layer2, &c1, &d, &mut gh, &mut gw).is_err());
 }
 
 #[test]
 fn bad_inputs_are_errors() {
-    let c = Case {
-        e: 4,
-        h: 32,
-        i: 32,
-        k: 2,
-        t: 2,
-        r: 0,
-    };
+    let c = Case::new(4, 32, 32, 2, 2, 0);
     let d = make(&c, 11);
     let cfg = c.config();
     let layer = layer_for(&c, &d, Isa::Scalar, 1);
@@ -507,14 +443,7 @@ fn bad_inputs_are_errors() {
 /// of their expert).
 #[test]
 fn skipped_slots_add_nothing() {
-    let c = Case {
-        e: 5,
-        h: 48,
-        i: 40,
-        k: 3,
-        t: 7,
-        r: 4,
-    };
+    let c = Case::new(5, 48, 40, 3, 7, 4);
     let d = make(&c, 12);
     let layer = layer_for(&c, &d, Isa::Scalar, 2);
     let mut ids = d.ids.clone();
@@ -525,8 +454,7 @@ fn skipped_slots_add_nothing() {
     }
     ids[c.k..2 * c.k].fill(-1); // a token with no expert at all
     w0[c.k..2 * c.k].fill(0.0);
-    let mut skipped = vec![0u16; c.t * c.h];
-    let mut zero_weight = vec![0u16; c.t * c.h];
+    let (mut skipped, mut zero_weight) = (c.out_buf(), c.out_buf());
     layer
         .forward(&d.hidden, c.t, &ids, &d.w, c.k, &mut skipped, false)
         .unwrap();
@@ -539,16 +467,13 @@ fn skipped_slots_add_nothing() {
     // Backward: the same gradients as weight 0 (values: -0.0 may become +0.0), and a zero
     // routing-weight gradient for the skipped slots.
     let grads = |ids: &[i64], w: &[f32]| {
-        let mut out = vec![0u16; c.t * c.h];
+        let mut out = c.out_buf();
         let cache = layer
             .forward(&d.hidden, c.t, ids, w, c.k, &mut out, true)
             .unwrap()
             .unwrap();
-        let mut gh = vec![0u16; c.t * c.h];
-        let mut gw = vec![f32::NAN; c.t * c.k];
-        layer
-            .backward(&cache, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
-            .unwrap();
+        let (mut gh, mut gw) = (c.out_buf(), vec![f32::NAN; c.t * c.k]);
+        backward_owned(&layer, &cache, &d, &mut gh, &mut gw).unwrap();
         let lora: Vec<Vec<f32>> = crate::lora::LoraMatrix::ALL
             .iter()
             .map(|&m| layer.lora().unwrap().grad(m).as_slice().to_vec())
@@ -576,14 +501,7 @@ fn skipped_slots_add_nothing() {
 
 #[test]
 fn set_and_get_expert_round_trip() {
-    let c = Case {
-        e: 3,
-        h: 40,
-        i: 24,
-        k: 1,
-        t: 1,
-        r: 0,
-    };
+    let c = Case::new(3, 40, 24, 1, 1, 0);
     let d = make(&c, 12);
     let cfg = c.config();
     let full = layer_for(&c, &d, Isa::Scalar, 1);
@@ -609,27 +527,15 @@ fn set_and_get_expert_round_trip() {
 /// with TLB shootdowns) in every call otherwise.
 #[test]
 fn steady_state_allocates_nothing() {
-    let c = Case {
-        e: 8,
-        h: 64,
-        i: 48,
-        k: 2,
-        t: 40,
-        r: 4,
-    };
+    let c = Case::new(8, 64, 48, 2, 40, 4);
     let d = make(&c, 9);
     let mut layer = layer_for(&c, &d, Isa::best(), 2);
     layer.scratch = BufferPool::new(); // a pool of its own, so other tests do not count
-    let mut out = vec![0u16; c.t * c.h];
-    let (mut gh, mut gw) = (vec![0u16; c.t * c.h], vec![0f32; c.t * c.k]);
+    let mut out = c.out_buf();
+    let (mut gh, mut gw) = c.grad_bufs();
     let mut round = |layer: &MoeLayer| {
-        let cache = layer
-            .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
-            .unwrap()
-            .unwrap();
-        layer
-            .backward(&cache, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
-            .unwrap();
+        let cache = forward_saved(layer, &c, &d, &mut out);
+        backward_owned(layer, &cache, &d, &mut gh, &mut gw).unwrap();
         drop(cache);
         layer
             .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, false)
@@ -647,44 +553,27 @@ fn steady_state_allocates_nothing() {
 /// new rank is larger (the old cache is too small), smaller (gradients of nothing) or 0.
 #[test]
 fn backward_refuses_a_cache_from_before_set_lora() {
-    let c = Case {
-        e: 4,
-        h: 32,
-        i: 32,
-        k: 2,
-        t: 3,
-        r: 2,
-    };
+    let c = Case::new(4, 32, 32, 2, 3, 2);
     let d = make(&c, 21);
     for new_rank in [8, 1, 2, 0] {
         let mut layer = layer_for(&c, &d, Isa::Scalar, 1);
-        let mut out = vec![0u16; c.t * c.h];
-        let cache = layer
-            .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
-            .unwrap()
-            .unwrap();
+        let mut out = c.out_buf();
+        let cache = forward_saved(&layer, &c, &d, &mut out);
         let lora = (new_rank > 0).then_some(LoraConfig {
             rank: new_rank,
             alpha: 1.0,
             use_rslora: false,
         });
         layer.set_lora(lora, 1).unwrap();
-        let (mut gh, mut gw) = (vec![0u16; c.t * c.h], vec![0f32; c.t * c.k]);
-        let e = layer
-            .backward(&cache, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
-            .unwrap_err();
+        let (mut gh, mut gw) = c.grad_bufs();
+        let e = backward_owned(&layer, &cache, &d, &mut gh, &mut gw).unwrap_err();
         assert!(
             matches!(e, KtrsError::StaleCache(_)) && e.to_string().contains("set_lora"),
             "{e}"
         );
         // A fresh forward works again.
-        let cache = layer
-            .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
-            .unwrap()
-            .unwrap();
-        layer
-            .backward(&cache, &d.gout, &mut gh, &mut gw, GradTarget::Owned)
-            .unwrap();
+        let cache = forward_saved(&layer, &c, &d, &mut out);
+        backward_owned(&layer, &cache, &d, &mut gh, &mut gw).unwrap();
     }
 }
 
@@ -692,30 +581,19 @@ fn backward_refuses_a_cache_from_before_set_lora() {
 /// the base input gradient and zero LoRA gradients, whatever the layer's LoRA holds.
 #[test]
 fn forward_without_lora_matches_a_layer_without_lora() {
-    let c = Case {
-        e: 5,
-        h: 48,
-        i: 40,
-        k: 2,
-        t: 7,
-        r: 4,
-    };
+    let c = Case::new(5, 48, 40, 2, 7, 4);
     let d = make(&c, 5);
     let with = layer_for(&c, &d, Isa::Scalar, 1);
     let base = layer_for(&Case { r: 0, ..c }, &d, Isa::Scalar, 1);
-    let (mut o1, mut o2) = (vec![0u16; c.t * c.h], vec![0u16; c.t * c.h]);
+    let (mut o1, mut o2) = (c.out_buf(), c.out_buf());
     let c1 = with
         .forward_with(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut o1, true, false)
         .unwrap()
         .unwrap();
-    let c2 = base
-        .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut o2, true)
-        .unwrap()
-        .unwrap();
+    let c2 = forward_saved(&base, &c, &d, &mut o2);
     assert_eq!(o1, o2);
     assert_eq!(c1.lora_rank(), 0);
-    let (mut gh1, mut gw1) = (vec![0u16; c.t * c.h], vec![0f32; c.t * c.k]);
-    let (mut gh2, mut gw2) = (vec![0u16; c.t * c.h], vec![0f32; c.t * c.k]);
+    let ((mut gh1, mut gw1), (mut gh2, mut gw2)) = (c.grad_bufs(), c.grad_bufs());
     let l = with.lora().unwrap();
     let mut ext: Vec<Vec<f32>> = crate::lora::LoraMatrix::ALL
         .iter()
@@ -787,13 +665,9 @@ fn impossible_layer_sizes_are_errors() {
 type Bits = (Vec<u16>, Vec<u16>, Vec<u32>, Vec<Vec<u32>>);
 
 fn train_call(layer: &MoeLayer, c: &Case, d: &Data) -> Bits {
-    let mut out = vec![0u16; c.t * c.h];
-    let cache = layer
-        .forward(&d.hidden, c.t, &d.ids, &d.w, c.k, &mut out, true)
-        .unwrap()
-        .unwrap();
-    let mut gh = vec![0u16; c.t * c.h];
-    let mut gw = vec![0f32; c.t * c.k];
+    let mut out = c.out_buf();
+    let cache = forward_saved(layer, c, d, &mut out);
+    let (mut gh, mut gw) = c.grad_bufs();
     let mut lg: Vec<Vec<f32>> = d.lora.iter().map(|m| vec![f32::NAN; m.len()]).collect();
     {
         let grads = if c.r > 0 {
@@ -848,29 +722,9 @@ fn transposed_cache_gives_the_same_bits() {
     let _guard = crate::tuning::test_override_guard();
     for (c, seed) in [
         // ~24 rows per expert: every active expert takes a transposed block.
-        (
-            Case {
-                e: 5,
-                h: 70,
-                i: 45,
-                k: 2,
-                t: 48,
-                r: 4,
-            },
-            31,
-        ),
+        (Case::new(5, 70, 45, 2, 48, 4), 31),
         // ~12 rows per expert: some experts take the direct product instead.
-        (
-            Case {
-                e: 16,
-                h: 96,
-                i: 40,
-                k: 6,
-                t: 30,
-                r: 0,
-            },
-            32,
-        ),
+        (Case::new(16, 96, 40, 6, 30, 0), 32),
     ] {
         let d = make(&c, seed);
         let mut shared = layer_with_budget(&c, &d, Isa::Scalar, usize::MAX);
@@ -902,14 +756,7 @@ fn transposed_cache_gives_the_same_bits() {
 #[test]
 fn set_expert_invalidates_the_transposed_cache() {
     let _guard = crate::tuning::test_override_guard();
-    let c = Case {
-        e: 4,
-        h: 40,
-        i: 56,
-        k: 2,
-        t: 40,
-        r: 4,
-    };
+    let c = Case::new(4, 40, 56, 2, 40, 4);
     let d = make(&c, 33);
     let new = make(&c, 34);
     let (e, ih) = (1, c.i * c.h);
@@ -935,11 +782,7 @@ fn set_expert_invalidates_the_transposed_cache() {
         gate: patch(&d.gate, &new.gate),
         up: patch(&d.up, &new.up),
         down: patch(&d.down, &new.down),
-        hidden: d.hidden.clone(),
-        ids: d.ids.clone(),
-        w: d.w.clone(),
-        gout: d.gout.clone(),
-        lora: d.lora.clone(),
+        ..d.clone()
     };
     let fresh = layer_with_budget(&c, &d2, Isa::best(), 0);
     assert!(
@@ -954,14 +797,7 @@ fn set_expert_invalidates_the_transposed_cache() {
 #[test]
 fn transposed_cache_budget_is_kept_and_returned() {
     let _guard = crate::tuning::test_override_guard();
-    let c = Case {
-        e: 4,
-        h: 70,
-        i: 45,
-        k: 2,
-        t: 40,
-        r: 2,
-    };
+    let c = Case::new(4, 70, 45, 2, 40, 2);
     let d = make(&c, 35);
     let off = layer_with_budget(&c, &d, Isa::best(), 0);
     let want = train_call(&off, &c, &d);
@@ -1005,14 +841,7 @@ fn transposed_cache_knob() {
     let _guard = crate::tuning::test_override_guard();
     #[cfg(target_os = "linux")]
     assert!(super::transposed_cache_default_mb() > 0);
-    let c = Case {
-        e: 3,
-        h: 40,
-        i: 56,
-        k: 2,
-        t: 30,
-        r: 0,
-    };
+    let c = Case::new(3, 40, 56, 2, 30, 0);
     let d = make(&c, 36);
     let layer = layer_for(&c, &d, Isa::best(), 2);
     set(Knob::TransposedCacheMb, Some(0));
