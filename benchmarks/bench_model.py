@@ -513,13 +513,15 @@ def print_profile(p: Dict) -> None:
 def print_sft_table(results: Dict) -> None:
     cols = [("tok_s", "tok/s"), ("step_s", "step s"), ("expert_s", "CPU expert s"), ("step_per_expert", "step/expert"),
             ("expert_forwards_per_step", "expert fwd/step"), ("gpu_peak_gb", "GPU peak GiB"), ("host_rss_gb", "host RSS GB")]
-    print(f"\n{'SFT':<12} {'config':<20} " + " ".join(f"{h:>15}" for _, h in cols))
+    print(f"\n{'SFT':<16} {'config':<20} " + " ".join(f"{h:>15}" for _, h in cols))
     for name, r in results.items():
-        for key, v in r.get("sft", {}).items():
+        rows = [(name, k, v) for k, v in r.get("sft", {}).items()]
+        rows += [(f"{name} CPU only", k, v) for k, v in r.get("sft_cpu_only", {}).items()]
+        for label, key, v in rows:
             if isinstance(v, dict) and "oom" in v:
-                print(f"{name:<12} {key:<20} out of GPU memory")
+                print(f"{label:<16} {key:<20} out of GPU memory")
             elif isinstance(v, dict):
-                print(f"{name:<12} {key:<20} " + " ".join(f"{v[k]:15.3f}" if v.get(k) is not None else f"{'-':>15}" for k, _ in cols))
+                print(f"{label:<16} {key:<20} " + " ".join(f"{v[k]:15.3f}" if v.get(k) is not None else f"{'-':>15}" for k, _ in cols))
 
 
 def run_hf(config, device: str, args, sft: Optional[List[int]], ckpts: List[bool], lora: Dict, results: Dict) -> None:
@@ -570,6 +572,8 @@ def main() -> int:
     ap.add_argument("--accum", type=int, default=1, metavar="N",
                     help="SFT: gradient accumulation, N micro-batches (forward+backward each) per optimizer step; tok/s counts all")
     ap.add_argument("--checkpointing", choices=["both", "on", "off"], default="both", help="SFT with activation checkpointing")
+    ap.add_argument("--gpu-experts", choices=["auto", "off", "both"], default="auto",
+                    help="SFT: long expert calls partly on the GPU (auto), CPU only (off), or both in turn")
     ap.add_argument("--reentrant", action="store_true", help="reentrant checkpointing (default: HF's non-reentrant)")
     ap.add_argument("--profile", nargs="?", const=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sft_profile.json"),
                     default=None, metavar="JSON", help="SFT: also where each step's time goes, written to JSON")
@@ -622,7 +626,15 @@ def main() -> int:
             from peft import LoraConfig
 
             pm = ktrs.get_peft_model(model, LoraConfig(**lora))
-            out["results"]["ktrs"]["sft"] = measure_sft(pm, device, sft, args.sft_steps, ckpts, args.reentrant, bool(args.profile), args.accum)
+            # Long calls run part of their experts on the GPU (gpu_prefill.py) unless
+            # KTRS_GPU_PREFILL_ROWS=0: "both" measures with and without, in one process.
+            splits = {"auto": [None], "off": ["0"], "both": [None, "0"]}[args.gpu_experts]
+            for rows in splits:
+                if rows is not None:
+                    os.environ["KTRS_GPU_PREFILL_ROWS"] = rows
+                    print("  [experts on the CPU only: KTRS_GPU_PREFILL_ROWS=0]", flush=True)
+                key = "sft" if rows is None else "sft_cpu_only"
+                out["results"]["ktrs"][key] = measure_sft(pm, device, sft, args.sft_steps, ckpts, args.reentrant, bool(args.profile), args.accum)
             del pm
         del model
         free_gpu()

@@ -203,3 +203,98 @@ def test_a_packed_view_keeps_its_layer_alive():
     gc.collect()
     build(make_problem(E=3, H=64, I=32, k=1, T=1, r=0, seed=7))  # reuse freed memory, if any
     assert torch.equal(view, before)
+
+
+# -- training calls split between the devices (StreamedExperts.train) --------------------
+
+@pytest.fixture
+def training_split(monkeypatch):
+    """CPU tensors take the training split and the stream path (host functions at launch);
+    a cost model under which some experts, not all, go to the "GPU"."""
+    from ktrs import stream_call
+
+    monkeypatch.setattr(gpu_prefill, "ON_CPU", True)
+    monkeypatch.setattr(stream_call, "INLINE_CPU", True)
+    monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
+    monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "0.005,1000,0.0001")
+    chosen = []
+    real = gpu_prefill.split
+
+    def spy(*args, **kwargs):
+        chosen.append(real(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(gpu_prefill, "split", spy)
+    return chosen
+
+
+def training_module(p):
+    m = ktrs.KtrsExperts(build(p))
+    m.experts.threads = 2
+    return m
+
+
+def run_training(m, p, device="cpu"):
+    x = p.hidden.to(device, copy=True).requires_grad_(True)
+    w = p.weights.to(device, copy=True).requires_grad_(True)
+    out = m(x, p.ids.to(device), w)
+    out.backward(p.grad_out.to(device))
+    return out, x.grad, w.grad
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_split_training_call_matches_the_float64_reference(device, training_split, monkeypatch):
+    p = make_problem(E=8, H=64, I=48, k=2, T=64, r=4, seed=11)
+    m = training_module(p)
+    if device == "cuda":
+        monkeypatch.setattr(gpu_prefill, "ON_CPU", False)
+    out, gx, gw = run_training(m, p, device)
+    assert training_split and 0 < len(training_split[-1]) < 8  # both devices had experts
+    ref = reference(p)
+    assert out.device.type == device and out.dtype == torch.bfloat16
+    assert rel_l2(out.cpu(), ref["out"]) < 1e-2
+    assert rel_l2(gx.cpu(), ref["grad_hidden"]) < 1e-2
+    assert rel_l2(gw.cpu(), ref["grad_weights"]) < 1e-2
+    for n in LORA_NAMES:
+        grad = m.lora[n].grad
+        assert grad is not None and grad.data_ptr() == m.experts.lora_grad(n).data_ptr()  # still the Rust buffer
+        assert rel_l2(grad, ref[f"grad_{n}"]) < 1e-2, n
+
+
+def test_split_training_gradients_accumulate_and_reset(training_split):
+    p = make_problem(E=8, H=64, I=48, k=2, T=64, r=4, seed=12)
+    m = training_module(p)
+    run_training(m, p)
+    once = {n: m.lora[n].grad.clone() for n in LORA_NAMES}
+    run_training(m, p)  # a second micro-batch adds, on both devices' experts
+    for n in LORA_NAMES:
+        assert torch.allclose(m.lora[n].grad, 2 * once[n], rtol=1e-5, atol=1e-7), n
+    for prm in m.lora.values():
+        prm.grad = None
+    run_training(m, p)  # zero_grad(set_to_none=True): overwritten, not added
+    for n in LORA_NAMES:
+        assert torch.allclose(m.lora[n].grad, once[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_split_training_reports_a_non_finite_gpu_expert(training_split):
+    p = make_problem(E=8, H=64, I=48, k=2, T=64, r=4, seed=13)
+    m = training_module(p)
+    counts = torch.bincount(p.ids.reshape(-1), minlength=8)
+    busiest = int(counts.argmax())  # the split moves it first
+    with torch.no_grad():
+        m.lora["down_B"][busiest, 0, 0] = float("nan")
+    with pytest.raises(ktrs.NonFiniteError, match="GPU"):
+        run_training(m, p)
+    assert busiest in training_split[-1]
+
+
+def test_training_calls_split_only_when_wanted(training_split, monkeypatch):
+    p = make_problem(E=8, H=64, I=48, k=2, T=64, r=4, seed=14)
+    m = training_module(p)
+    monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "0")  # off
+    run_training(m, p)
+    assert not training_split
+    monkeypatch.setattr(gpu_prefill, "ON_CPU", False)  # CPU tensors: never
+    monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
+    run_training(m, p)
+    assert not training_split

@@ -23,7 +23,7 @@ import itertools
 import os
 import warnings
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,28 +71,39 @@ def cost_model() -> Tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def wanted(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor) -> bool:
-    """Whether this call may stream weights: CUDA input, no autograd, and enough rows per
-    expert (:func:`rows_threshold`); :func:`split` then decides which experts go."""
+#: A CPU backward's time over its forward's (the layer's measured ratio at 512–2048 tokens
+#: on the reference machine, V2-Lite and Qwen3-30B-A3B shapes: 1.06–1.16).
+BACKWARD_FACTOR = 1.1
+#: Test hook: CPU inputs may take the training split (the tests run it without a GPU).
+ON_CPU = False
+
+
+def wanted(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, training: bool = False) -> bool:
+    """Whether this call may stream weights: CUDA input, enough rows per expert
+    (:func:`rows_threshold`), and no autograd unless ``training`` (the stream path's
+    calls, which split fwd and bwd alike); :func:`split` then decides which experts go."""
     limit = rows_threshold()
-    if limit <= 0 or not hidden.is_cuda or torch.is_grad_enabled():
+    if limit <= 0 or not (hidden.is_cuda or (ON_CPU and training)) or (torch.is_grad_enabled() and not training):
         return False
     return topk_ids.numel() >= limit * experts.num_experts
 
 
-def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float) -> List[int]:
+def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float, training: bool = False) -> List[int]:
     """The experts to run on the GPU so that the copy and the CPU's share end together.
 
     An expert costs the GPU its weights' copy, whatever its rows; the CPU its weights'
     read plus its rows' products (this sum fits the layer's measured forward times
     within 10% at 512 and 2048 tokens). The copy reads the same DRAM, so no split beats
     reading every active expert once at the DRAM rate. The experts with the most rows
-    move first, for as long as moving one shortens the call.
+    move first, for as long as moving one shortens the call. ``training``: the split
+    holds for forward and backward, each of which copies the GPU's weights again; the
+    CPU's backward costs :data:`BACKWARD_FACTOR` forwards.
     """
     pcie, dram, tflops = cost_model()
-    gpu_cost = expert_bytes / (pcie * 1e9)
-    cpu_cost = [expert_bytes / (dram * 1e9) + c * flops_per_row / (tflops * 1e12) if c else 0.0 for c in counts]
-    floor = sum(1 for c in counts if c) * expert_bytes / (dram * 1e9)
+    copies, cpu_passes = (2, 1 + BACKWARD_FACTOR) if training else (1, 1)
+    gpu_cost = copies * expert_bytes / (pcie * 1e9)
+    cpu_cost = [cpu_passes * (expert_bytes / (dram * 1e9) + c * flops_per_row / (tflops * 1e12)) if c else 0.0 for c in counts]
+    floor = copies * sum(1 for c in counts if c) * expert_bytes / (dram * 1e9)
     cpu, gpu = sum(cpu_cost), 0.0
     chosen: List[int] = []
     for e in sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e]):
@@ -128,6 +139,8 @@ class StreamedExperts:
         self.hidden_size = experts.hidden_size
         self.intermediate_size = experts.intermediate_size
         self._registered: Optional[bool] = None
+        #: The stream the CPU's share of a training call is queued on.
+        self._side: Optional[torch.cuda.Stream] = None
 
     # -- host memory --------------------------------------------------------------------
     def _register(self) -> bool:
@@ -200,6 +213,57 @@ class StreamedExperts:
             out += cpu_out.to(dev).float()
         return out.to(hidden.dtype)
 
+    def train(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, lora: Sequence[torch.Tensor], scaling: float,
+              cpu_call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], sink: Callable, guard: bool) -> Optional[torch.Tensor]:
+        """A training call (autograd on) with the experts :func:`split` between the
+        devices for forward and backward, or None when the split gives the GPU nothing.
+
+        ``cpu_call(hidden, ids, weights)`` runs the CPU's share (the GPU's experts' ids
+        set to -1) as differentiable stream work; on CUDA it is queued on a side stream,
+        so its host functions do not hold up the GPU's share on the current one, and
+        autograd runs its backward on that stream too. The GPU's backward copies its
+        weights again (nothing of them stays on the GPU between the passes) and hands
+        its expert-LoRA gradients to ``sink(active, grads, bad)`` (``grads``: None or
+        ``{name: [len(active), ...]}`` on the GPU; ``bad``: None, or a GPU flag of a
+        non-finite output or gradient when ``guard``), since the stream path's LoRA
+        gradients live in the layer's buffers, written by host functions.
+        """
+        H, I = self.hidden_size, self.intermediate_size
+        if hidden.is_cuda and not self._register():
+            return None
+        counts = self._counts(topk_ids)
+        chosen = split(counts, self.expert_bytes, 2.0 * 3 * H * I, training=True)
+        if not chosen:
+            return None
+        dev = hidden.device
+        on_gpu = torch.zeros(self.num_experts, dtype=torch.bool, device=dev)
+        on_gpu[chosen] = True
+        ids = topk_ids.to(torch.int64)
+        mask = on_gpu[ids]
+        no = torch.full_like(ids, -1)
+        cpu_ids = torch.where(mask, no, ids)
+        gpu = set(chosen)
+        plan = self._plan(torch.where(mask, ids, no), [c if e in gpu else 0 for e, c in enumerate(counts)])
+        args = (self, plan, tuple(lora), scaling, sink, guard, hidden, topk_weights)
+        if not hidden.is_cuda:
+            cpu_out = cpu_call(hidden, cpu_ids, topk_weights)
+            gpu_out = _GpuShareFunction.apply(*args)
+        else:
+            with torch.cuda.device(dev):
+                main = torch.cuda.current_stream()
+                if self._side is None:
+                    self._side = torch.cuda.Stream(dev)
+                side = self._side
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    cpu_out = cpu_call(hidden, cpu_ids, topk_weights)
+                for t in (hidden, cpu_ids, topk_weights):
+                    t.record_stream(side)  # made on main, read on side
+                gpu_out = _GpuShareFunction.apply(*args)
+                main.wait_stream(side)
+                cpu_out.record_stream(main)
+        return (gpu_out + cpu_out.float()).to(hidden.dtype)
+
     @property
     def expert_bytes(self) -> int:
         return (self.gate_up[0].numel() + self.down[0].numel()) * 2
@@ -242,35 +306,32 @@ class StreamedExperts:
         with torch.cuda.device(dev):  # streams and events on the input's GPU
             return self._compute(hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts)
 
-    def _compute(self, hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts: List[int]) -> torch.Tensor:
-        dev = hidden.device
-        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
-        T, k = topk_ids.shape
-        cuda = dev.type == "cuda"
-        # -1 (skipped) sorts last as E; only the first sum(counts) pairs are computed.
+    # -- the computation, shared by inference and training ------------------------------
+    def _plan(self, topk_ids: torch.Tensor, counts: List[int]) -> "_Plan":
+        """The pairs of ``topk_ids`` whose experts have rows in ``counts``, sorted by
+        expert, and the chunks the weights are copied in."""
+        E = self.num_experts
         flat = topk_ids.reshape(-1)
+        # -1 (skipped) sorts last as E; only the first sum(counts) pairs are computed.
         flat = torch.where(flat < 0, torch.full_like(flat, E), flat)
         order = torch.argsort(flat, stable=True)[: sum(counts)]
-        tok = order // k
-        xs = hidden.to(torch.bfloat16)[tok]
-        ys = torch.empty(order.numel(), H, dtype=torch.float32, device=dev)
         active = [e for e in range(E) if counts[e]]
-        starts = [0, *itertools.accumulate(counts)]
-        L: Dict[str, torch.Tensor] = {}
-        if lora:
-            idx = torch.tensor(active, dtype=torch.long)
-            L = {n: t.detach()[idx].to(dev, torch.float32, non_blocking=True) for n, t in zip(LORA_NAMES, lora)}
-            slot_of = {e: j for j, e in enumerate(active)}
         chunk = max(1, min(len(active), CHUNK_BYTES // self.expert_bytes))
-        groups = [active[i:i + chunk] for i in range(0, len(active), chunk)]
-        i_pad = self.gate_up.shape[1] * 8  # gate_up rows = 2·I_pad, 16 per panel
+        return _Plan(order, topk_ids.shape[1], counts, active, [active[i:i + chunk] for i in range(0, len(active), chunk)])
+
+    def _chunks(self, plan: "_Plan", dev: torch.device):
+        """Yields ``(position of the chunk's first expert in plan.active, gate_up [n, 2·I_pad,
+        H_pad], down [n, H_pad, I_pad])`` per chunk, each copied while the previous one is
+        used: two slots, a slot refilled once the work queued on it before the next
+        chunk was asked for is done."""
+        cuda = dev.type == "cuda"
         copy_stream = torch.cuda.Stream(dev) if cuda else None
         compute = torch.cuda.current_stream(dev) if cuda else None
         slots: List[Optional[tuple]] = [None, None]
         freed: List[Optional[torch.cuda.Event]] = [None, None]
+        groups = plan.groups
 
         def fetch(gi: int):
-            """Starts copying group ``gi`` into its slot; returns (gate_up, down, ready)."""
             group, b = groups[gi], gi % 2
             if slots[b] is None or slots[b][0].shape[0] < len(group):
                 slots[b] = (
@@ -296,36 +357,148 @@ class StreamedExperts:
             return gu, dn, ready
 
         pending = fetch(0) if groups else None
+        first = 0
         for gi, group in enumerate(groups):
             gu, dn, ready = pending
             if gi + 1 < len(groups):
                 pending = fetch(gi + 1)
             if ready is not None:
                 compute.wait_event(ready)
-            w_gu = self._unpack(gu[: len(group)])  # [n, 2·I_pad, H_pad]
-            w_dn = self._unpack(dn[: len(group)])  # [n, H_pad, I_pad]
+            n = len(group)
+            yield first, self._unpack(gu[:n]), self._unpack(dn[:n])
+            first += n
             if cuda:
                 done = torch.cuda.Event()
-            for j, e in enumerate(group):
-                a0, a1 = starts[e], starts[e] + counts[e]
-                x = xs[a0:a1]
-                h = (x @ w_gu[j, :, :H].T).view(-1, i_pad // 16, 2, 16)
-                g = h[:, :, 0].reshape(-1, i_pad)[:, :I].float()
-                u = h[:, :, 1].reshape(-1, i_pad)[:, :I].float()
-                if L:
-                    q, xf = slot_of[e], x.float()
-                    g = g + scaling * ((xf @ L["gate_A"][q].T) @ L["gate_B"][q].T)
-                    u = u + scaling * ((xf @ L["up_A"][q].T) @ L["up_B"][q].T)
-                act = (F.silu(g) * u).to(torch.bfloat16)
-                y = (act @ w_dn[j, :H, :I].T).float()
-                if L:
-                    y = y + scaling * ((act.float() @ L["down_A"][q].T) @ L["down_B"][q].T)
-                ys[a0:a1] = y
-            if cuda:
                 done.record(compute)
                 freed[gi % 2] = done
-        wts = topk_weights.reshape(-1).to(dev, torch.float32)[order]
-        out = torch.zeros(T, H, dtype=torch.float32, device=dev)
-        out.index_add_(0, tok, ys * wts[:, None])
+
+    def _rows(self, plan: "_Plan", first: int, n: int, dev: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's pairs padded per expert: ``pairs [n, m]`` (indices into the flat
+        ``[T·k]`` slots; a pad row repeats its expert's first pair) and ``valid [n, m]``,
+        m the chunk's most rows of one expert."""
+        group = plan.active[first:first + n]
+        counts = [plan.counts[e] for e in group]
+        starts = [plan.starts[e] for e in group]
+        m = max(counts)
+        meta = torch.tensor([starts, counts], dtype=torch.int64).to(dev, non_blocking=True)
+        ar = torch.arange(m, device=dev)
+        valid = ar[None, :] < meta[1][:, None]
+        pos = torch.where(valid, meta[0][:, None] + ar[None, :], meta[0][:, None])
+        return plan.order[pos], valid
+
+    def _math(self, x: torch.Tensor, w_gu: torch.Tensor, w_dn: torch.Tensor, L: Dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
+        """``[n, m, H]`` bf16 rows of n experts → their ``[n, m, H]`` f32 outputs (LoRA
+        from ``L``'s ``[n, ...]`` slices when given); differentiable."""
+        H, I = self.hidden_size, self.intermediate_size
+        n, m, _ = x.shape
+        i_pad = w_gu.shape[1] // 2  # gate/up interleaved in panels of 16 rows
+        h = torch.bmm(x, w_gu[:, :, :H].transpose(1, 2)).view(n, m, i_pad // 16, 2, 16)
+        g = h[:, :, :, 0].reshape(n, m, i_pad)[..., :I].float()
+        u = h[:, :, :, 1].reshape(n, m, i_pad)[..., :I].float()
+        if L:
+            xf = x.float()
+            g = g + scaling * torch.bmm(torch.bmm(xf, L["gate_A"].transpose(1, 2)), L["gate_B"].transpose(1, 2))
+            u = u + scaling * torch.bmm(torch.bmm(xf, L["up_A"].transpose(1, 2)), L["up_B"].transpose(1, 2))
+        act = (F.silu(g) * u).to(torch.bfloat16)
+        y = torch.bmm(act, w_dn[:, :H, :I].transpose(1, 2)).float()
+        if L:
+            y = y + scaling * torch.bmm(torch.bmm(act.float(), L["down_A"].transpose(1, 2)), L["down_B"].transpose(1, 2))
+        return y
+
+    def _lora_slices(self, plan: "_Plan", lora, dev: torch.device) -> Dict[str, torch.Tensor]:
+        """The active experts' LoRA matrices on ``dev`` in f32 (``plan.active`` order)."""
+        if not lora:
+            return {}
+        idx = torch.tensor(plan.active, dtype=torch.long)
+        return {n: t.detach()[idx.to(t.device)].to(dev, torch.float32, non_blocking=True) for n, t in zip(LORA_NAMES, lora)}
+
+    def _compute(self, hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts: List[int]) -> torch.Tensor:
+        plan = self._plan(topk_ids, counts)
+        out = self._run(plan, hidden, topk_weights, self._lora_slices(plan, lora, hidden.device), scaling)
         return out.to(out_dtype or hidden.dtype)
 
+    def _run(self, plan: "_Plan", hidden: torch.Tensor, topk_weights: torch.Tensor, L: Dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
+        """The plan's routing-weighted sum ``[T, H]`` in f32 (no autograd)."""
+        dev, k = hidden.device, plan.k
+        x = hidden.detach().to(torch.bfloat16)
+        wts = topk_weights.detach().reshape(-1).to(dev, torch.float32)
+        out = torch.zeros(hidden.shape[0], self.hidden_size, dtype=torch.float32, device=dev)
+        with torch.no_grad():
+            for first, w_gu, w_dn in self._chunks(plan, dev):
+                n = w_gu.shape[0]
+                pairs, valid = self._rows(plan, first, n, dev)
+                tok = pairs // k
+                xs = x[tok] * valid[..., None]  # pad rows zero: their outputs are zero
+                y = self._math(xs, w_gu, w_dn, {a: b[first:first + n] for a, b in L.items()}, scaling)
+                y *= (wts[pairs] * valid)[..., None]
+                out.index_add_(0, tok.reshape(-1), y.reshape(-1, self.hidden_size))
+        return out
+
+    def _run_backward(self, plan: "_Plan", hidden, topk_weights, L: Dict[str, torch.Tensor], scaling: float, grad_out, want_lora: bool):
+        """Gradients of :meth:`_run`'s output (weights copied again, the forward recomputed
+        per chunk): ``(d hidden [T, H] f32, d topk_weights [T·k] f32, d L)`` where
+        ``d L`` is None or the LoRA gradients in ``plan.active`` order."""
+        dev, k, H = hidden.device, plan.k, self.hidden_size
+        x = hidden.detach().to(torch.bfloat16)
+        wts = topk_weights.detach().reshape(-1).to(dev, torch.float32)
+        gout = grad_out.detach().to(dev, torch.float32)
+        gx = torch.zeros(hidden.shape[0], H, dtype=torch.float32, device=dev)
+        gw = torch.zeros(wts.shape, dtype=torch.float32, device=dev)
+        gL = {a: torch.zeros_like(b) for a, b in L.items()} if want_lora else None
+        for first, w_gu, w_dn in self._chunks(plan, dev):
+            n = w_gu.shape[0]
+            pairs, valid = self._rows(plan, first, n, dev)
+            tok = pairs // k
+            with torch.enable_grad():
+                xs = (x[tok] * valid[..., None]).requires_grad_(True)
+                Ls = {a: b[first:first + n].detach().requires_grad_(want_lora) for a, b in L.items()}
+                y = self._math(xs, w_gu, w_dn, Ls, scaling)
+                go = gout[tok]
+                w = wts[pairs] * valid
+                # out[t] += w·y: dy = w·dout, dw = <y, dout> (pad rows: w = 0, y = 0).
+                wanted = [xs, *(Ls.values() if want_lora else ())]
+                grads = torch.autograd.grad(y, wanted, go * w[..., None])
+            with torch.no_grad():
+                gw.index_add_(0, pairs.reshape(-1), ((y.detach() * go).sum(-1) * valid).reshape(-1))
+                gx.index_add_(0, tok.reshape(-1), grads[0].float().reshape(-1, H))
+                if want_lora:
+                    for (a, _), g in zip(Ls.items(), grads[1:]):
+                        gL[a][first:first + n] = g
+        return gx, gw, gL
+
+
+class _Plan:
+    """One call's GPU share: its pairs in expert order and the chunks of its experts."""
+
+    __slots__ = ("order", "k", "counts", "starts", "active", "groups")
+
+    def __init__(self, order: torch.Tensor, k: int, counts: List[int], active: List[int], groups: List[List[int]]) -> None:
+        self.order, self.k, self.counts, self.active, self.groups = order, k, counts, active, groups
+        self.starts = [0, *itertools.accumulate(counts)][:-1]
+
+
+class _GpuShareFunction(torch.autograd.Function):
+    """The GPU's share of a training call: f32 ``[T, H]``; backward recomputes it chunk by
+    chunk from weights copied again (see :meth:`StreamedExperts.train`)."""
+
+    @staticmethod
+    def forward(ctx, streamed: StreamedExperts, plan: _Plan, lora, scaling: float, sink, guard: bool, hidden, topk_weights):
+        # The LoRA values of this forward, as the CPU's cache keeps its own.
+        L = streamed._lora_slices(plan, lora, hidden.device)
+        out = streamed._run(plan, hidden, topk_weights, L, scaling)
+        ctx.save_for_backward(hidden, topk_weights)
+        ctx.args = (streamed, plan, L, scaling, sink, any(p.requires_grad for p in lora))
+        ctx.bad = ~torch.isfinite(out).all() if guard else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, topk_weights = ctx.saved_tensors
+        streamed, plan, L, scaling, sink, want_lora = ctx.args
+        gx, gw, gL = streamed._run_backward(plan, hidden, topk_weights, L, scaling, grad_out, want_lora)
+        bad = ctx.bad
+        if bad is not None:
+            for g in (gx, *(gL or {}).values()):
+                bad = bad | ~torch.isfinite(g).all()
+        sink(plan.active, gL, bad)
+        return None, None, None, None, None, None, gx.to(hidden.dtype), gw.view(topk_weights.shape).to(topk_weights.dtype)

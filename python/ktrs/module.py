@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
@@ -686,7 +687,10 @@ class KtrsExperts(nn.Module):
         mode = stream_call._mode(hidden_states)
         if mode is not None:
             # Training on CUDA (checkpointing included): enqueued on the stream, Python does
-            # not wait (stream_call.py).
+            # not wait (stream_call.py); long calls partly on the GPU (gpu_prefill.py).
+            out = self._gpu_training(hidden_states, top_k_index, top_k_weights, bool(check), mode)
+            if out is not None:
+                return out
             return stream_call.experts_call(self, hidden_states, top_k_index, top_k_weights, guard=bool(check), mode=mode)
         out = self._gpu_prefill(hidden_states, top_k_index, top_k_weights)
         if out is not None:
@@ -745,14 +749,30 @@ class KtrsExperts(nn.Module):
         None where this call stays on the CPU (short, training, or the split says so)."""
         if not gpu_prefill.wanted(self.experts, hidden_states, top_k_index) or _reentrant_checkpoint_owner() is not None:
             return None
-        if self._streamed is None or self._streamed.experts is not self.experts:
-            self._streamed = gpu_prefill.StreamedExperts(self.experts)
         t0 = time.perf_counter()
         lora = self.lora_params() or None
-        out = self._streamed(hidden_states, top_k_index, top_k_weights, lora=lora, scaling=self.experts.lora_scaling)
+        out = self._streamed_experts()(hidden_states, top_k_index, top_k_weights, lora=lora, scaling=self.experts.lora_scaling)
         if out is not None:
             Timer.global_().add("gpu prefill", time.perf_counter() - t0, self.where)
         return out
+
+    def _gpu_training(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, guard: bool, mode) -> Optional[torch.Tensor]:
+        """A long training call on the stream path with some experts on the GPU (forward
+        and backward), or None where it stays on the CPU. Not under activation
+        checkpointing: its recompute would copy the weights a third time."""
+        if mode[0] != stream_call.PLAIN or not gpu_prefill.wanted(self.experts, hidden_states, top_k_index, training=True):
+            return None
+
+        def cpu_share(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return stream_call.experts_call(self, h, ids, w, guard=guard, mode=mode)
+
+        sink = functools.partial(stream_call.gpu_share_done, self)
+        return self._streamed_experts().train(hidden_states, top_k_index, top_k_weights, self.lora_params(), self.experts.lora_scaling, cpu_share, sink, guard)
+
+    def _streamed_experts(self) -> gpu_prefill.StreamedExperts:
+        if self._streamed is None or self._streamed.experts is not self.experts:
+            self._streamed = gpu_prefill.StreamedExperts(self.experts)
+        return self._streamed
 
     def extra_repr(self) -> str:
         e = self.experts

@@ -458,11 +458,46 @@ def _register(binding: _Binding) -> None:
         return
     gid = binding.task = _GRAPH_TASK_ID()
     with _LOCK:
-        pending = _TASKS.get(gid)
-        if pending is None:
-            pending = _TASKS[gid] = []
-            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_end_of_backward, gid))
-        pending.append((binding, binding.stage))
+        _task(gid).append((binding, binding.stage))
+
+
+def _task(gid: int) -> list:
+    """What the end of backward `gid` waits for and finishes (queues that callback on first
+    use); under `_LOCK`."""
+    pending = _TASKS.get(gid)
+    if pending is None:
+        pending = _TASKS[gid] = []
+        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_end_of_backward, gid))
+    return pending
+
+
+class _GpuGrads:
+    """The expert-LoRA gradients of a training call's GPU share (``gpu_prefill``), added
+    into the layer's gradient buffers once the backward's host functions (which write or
+    overwrite those buffers) are done."""
+
+    __slots__ = ("module", "experts", "grads", "bad")
+
+    def __init__(self, module, experts: List[int], grads: Optional[Dict[str, torch.Tensor]], bad: Optional[torch.Tensor]) -> None:
+        self.module, self.experts, self.grads, self.bad = module, experts, grads, bad
+
+    def apply(self) -> None:
+        if self.grads:
+            idx = torch.tensor(self.experts, dtype=torch.long)
+            with torch.no_grad():
+                for n, g in self.grads.items():
+                    self.module.experts.lora_grad(n).index_add_(0, idx, g.to("cpu", torch.float32))
+
+    def check(self) -> None:
+        if self.bad is not None and bool(self.bad):
+            raise _native.NonFiniteError(f"ktrs: non-finite output or gradient of the experts computed on the GPU in {self.module.where}")
+
+
+def gpu_share_done(module, experts: List[int], grads: Optional[Dict[str, torch.Tensor]], bad: Optional[torch.Tensor]) -> None:
+    """Called by a GPU share's backward (in a backward): its LoRA gradients go into the
+    layer's buffers, and its non-finite flag is checked, at the end of this backward."""
+    with _LOCK:
+        _task(_GRAPH_TASK_ID()).append(_GpuGrads(module, experts, grads, bad))
 
 
 def _drop_stale_tasks() -> None:
@@ -475,7 +510,8 @@ def _drop_stale_tasks() -> None:
     with _LOCK:
         if not _TASKS:
             return
-        stale = [p for pairs in _TASKS.values() for p in pairs]
+        # GPU shares' gradients of a backward that raised are dropped with it.
+        stale = [p for pairs in _TASKS.values() for p in pairs if isinstance(p, tuple)]
         _TASKS.clear()
     for b, _ in stale:
         b.task = None
@@ -503,16 +539,22 @@ def _raise_earliest(stages: List[_Stage]) -> None:
 
 def _end_of_backward(gid: int) -> None:
     with _LOCK:
-        pairs = _TASKS.pop(gid, [])
+        entries = _TASKS.pop(gid, [])
+    pairs = [p for p in entries if isinstance(p, tuple)]
+    shares = [p for p in entries if isinstance(p, _GpuGrads)]
     bindings = [b for b, _ in pairs]
     for b in bindings:
         b.task = None
     stages = list({id(st): st for _, st in pairs if st is not None}.values())
     _wait_and_harvest(stages)
+    for g in shares:
+        g.apply()
     for b in bindings:
         if b.token is None or b.token() is None:
             b.release()  # no retain_graph: nothing will use the cache again
     _raise_earliest(stages)
+    for g in shares:
+        g.check()
 
 
 def _wait_and_harvest(stages: List["_Stage"]) -> None:
