@@ -112,6 +112,11 @@ def test_split_moves_the_busiest_experts_while_it_pays(monkeypatch):
     # V2-Lite at 2048 tokens (192 rows per expert): most experts go, not all.
     many = gpu_prefill.split([192] * 64, nbytes, fpr)
     assert 32 < len(many) < 64
+    # Training: two copies against forward + backward on the CPU (slower while it shares
+    # the DRAM); still a split, and idle experts never move.
+    train = gpu_prefill.split([192] * 60 + [0] * 4, nbytes, fpr, training=True)
+    assert 30 < len(train) < 60 and max(train) < 60
+    assert len(gpu_prefill.split([1] * 64, nbytes, fpr, training=True)) <= 8
     # One row per expert: the CPU reads weights at DRAM speed and the copy reads the same
     # DRAM, so hardly anything moves.
     assert len(gpu_prefill.split([1] * 64, nbytes, fpr)) <= 4

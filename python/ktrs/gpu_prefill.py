@@ -74,6 +74,12 @@ def cost_model() -> Tuple[float, float, float]:
 #: A CPU backward's time over its forward's (the layer's measured ratio at 512–2048 tokens
 #: on the reference machine, V2-Lite and Qwen3-30B-A3B shapes: 1.06–1.16).
 BACKWARD_FACTOR = 1.1
+#: The CPU's share of a training call runs slower than the model's rates say: its experts
+#: are the least busy ones, and the copies of both passes read the same DRAM. Fitted on
+#: the reference machine (27-layer V2-Lite, LoRA SFT at 2048 tokens, tok/s as the copy
+#: rate in the model varied, i.e. this factor as 50/rate): 35 GB/s 1,045; 50 GB/s 992;
+#: 70 GB/s 1,140 and 1,114; 85 GB/s 829; 100 GB/s 975. 1.4 is the 70 GB/s optimum.
+TRAINING_CPU_FACTOR = 1.4
 #: Test hook: CPU inputs may take the training split (the tests run it without a GPU).
 ON_CPU = False
 
@@ -100,10 +106,10 @@ def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float, traini
     CPU's backward costs :data:`BACKWARD_FACTOR` forwards.
     """
     pcie, dram, tflops = cost_model()
-    copies, cpu_passes = (2, 1 + BACKWARD_FACTOR) if training else (1, 1)
+    copies, cpu_passes, slower = (2, 1 + BACKWARD_FACTOR, TRAINING_CPU_FACTOR) if training else (1, 1, 1.0)
     gpu_cost = copies * expert_bytes / (pcie * 1e9)
-    cpu_cost = [cpu_passes * (expert_bytes / (dram * 1e9) + c * flops_per_row / (tflops * 1e12)) if c else 0.0 for c in counts]
-    floor = copies * sum(1 for c in counts if c) * expert_bytes / (dram * 1e9)
+    cpu_cost = [slower * cpu_passes * (expert_bytes / (dram * 1e9) + c * flops_per_row / (tflops * 1e12)) if c else 0.0 for c in counts]
+    floor = slower * copies * sum(1 for c in counts if c) * expert_bytes / (dram * 1e9)
     cpu, gpu = sum(cpu_cost), 0.0
     chosen: List[int] = []
     for e in sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e]):
