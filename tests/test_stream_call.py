@@ -8,6 +8,7 @@ the forward kept in its stage: one expert forward per layer and micro-batch.
 On CUDA the real stream path runs (host functions on the current stream). Without CUDA
 the same bookkeeping runs with `stream_call.INLINE_CPU` (host functions run at launch)."""
 
+import collections
 import copy
 import gc
 import warnings
@@ -406,7 +407,8 @@ def test_switch_and_eligibility(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_training_split_with_the_gpu_matches_the_cpu_only_stream_path(base, device, monkeypatch):
+@pytest.mark.parametrize("checkpointing", [None, "non_reentrant", "reentrant"])
+def test_training_split_with_the_gpu_matches_the_cpu_only_stream_path(base, device, checkpointing, monkeypatch):
     """Long training calls run some experts on the GPU (gpu_prefill.StreamedExperts.train):
     losses, input gradients and every parameter gradient, summed over two micro-batches,
     stay those of the CPU-only run up to bf16 rounding (other GEMMs). (Weights after AdamW
@@ -415,15 +417,25 @@ def test_training_split_with_the_gpu_matches_the_cpu_only_stream_path(base, devi
     from ktrs import gpu_prefill
 
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "0")
-    _, la, (ga,), _ = train(base, device, True, monkeypatch, steps=1)
+    _, la, (ga,), _ = train(base, device, True, monkeypatch, steps=1, checkpointing=checkpointing)
     chosen = []
     real = gpu_prefill.split
     monkeypatch.setattr(gpu_prefill, "split", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
     monkeypatch.setattr(gpu_prefill, "ON_CPU", device == "cpu")
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
     monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "0.005,1000,0.0001")  # some experts go, not all
-    pm, lb, (gb,), _ = train(base, device, True, monkeypatch, steps=1)
-    assert len(chosen) == 2 * len(MOE_LAYERS) and all(chosen)
+    counts = []
+    calls = SyncCalls(monkeypatch)
+    pm, lb, (gb,), _ = train(base, device, True, monkeypatch, steps=1, checkpointing=checkpointing, counts=counts)
+    passes = 1 if checkpointing is None else 2  # the recompute splits as its first pass did
+    assert len(chosen) == passes * 2 * len(MOE_LAYERS) and all(chosen)
+    if passes == 2:
+        assert all(n % 2 == 0 for n in collections.Counter(map(tuple, chosen)).values())
+    # The CPU's share: every call stream work, one forward per layer and micro-batch (the
+    # recompute served from the kept first pass), nothing kept after the step.
+    per_step = 2 * len(MOE_LAYERS)
+    assert calls.n == 0 and counts == [(per_step, per_step, 0 if checkpointing is None else per_step)]
+    assert pending_recomputes() == 0 and live_forward_caches() == 0
     assert all(0 < len(c) < pm.config.n_routed_experts for c in chosen)
 
     def rel(a, b):

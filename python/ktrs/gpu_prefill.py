@@ -94,7 +94,7 @@ def wanted(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, tr
     return topk_ids.numel() >= limit * experts.num_experts
 
 
-def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float, training: bool = False) -> List[int]:
+def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float, training: bool = False, checkpointed: bool = False) -> List[int]:
     """The experts to run on the GPU so that the copy and the CPU's share end together.
 
     An expert costs the GPU its weights' copy, whatever its rows; the CPU its weights'
@@ -103,10 +103,12 @@ def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float, traini
     reading every active expert once at the DRAM rate. The experts with the most rows
     move first, for as long as moving one shortens the call. ``training``: the split
     holds for forward and backward, each of which copies the GPU's weights again; the
-    CPU's backward costs :data:`BACKWARD_FACTOR` forwards.
+    CPU's backward costs :data:`BACKWARD_FACTOR` forwards; ``checkpointed``: activation
+    checkpointing's recompute copies them a third time (the CPU's recompute reuses its
+    first pass).
     """
     pcie, dram, tflops = cost_model()
-    copies, cpu_passes, slower = (2, 1 + BACKWARD_FACTOR, TRAINING_CPU_FACTOR) if training else (1, 1, 1.0)
+    copies, cpu_passes, slower = (3 if checkpointed else 2, 1 + BACKWARD_FACTOR, TRAINING_CPU_FACTOR) if training else (1, 1, 1.0)
     gpu_cost = copies * expert_bytes / (pcie * 1e9)
     cpu_cost = [slower * cpu_passes * (expert_bytes / (dram * 1e9) + c * flops_per_row / (tflops * 1e12)) if c else 0.0 for c in counts]
     floor = slower * copies * sum(1 for c in counts if c) * expert_bytes / (dram * 1e9)
@@ -220,7 +222,8 @@ class StreamedExperts:
         return out.to(hidden.dtype)
 
     def train(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, lora: Sequence[torch.Tensor], scaling: float,
-              cpu_call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], sink: Callable, guard: bool) -> Optional[torch.Tensor]:
+              cpu_call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], sink: Callable, guard: bool,
+              checkpointed: bool = False) -> Optional[torch.Tensor]:
         """A training call (autograd on) with the experts :func:`split` between the
         devices for forward and backward, or None when the split gives the GPU nothing.
 
@@ -233,12 +236,15 @@ class StreamedExperts:
         ``{name: [len(active), ...]}`` on the GPU; ``bad``: None, or a GPU flag of a
         non-finite output or gradient when ``guard``), since the stream path's LoRA
         gradients live in the layer's buffers, written by host functions.
+        ``checkpointed``: a pass of activation checkpointing (first or recompute; both
+        must say so, the split of both must be the same for the recompute to find the
+        CPU's first pass).
         """
         H, I = self.hidden_size, self.intermediate_size
         if hidden.is_cuda and not self._register():
             return None
         counts = self._counts(topk_ids)
-        chosen = split(counts, self.expert_bytes, 2.0 * 3 * H * I, training=True)
+        chosen = split(counts, self.expert_bytes, 2.0 * 3 * H * I, training=True, checkpointed=checkpointed)
         if not chosen:
             return None
         dev = hidden.device

@@ -734,6 +734,12 @@ class KtrsExperts(nn.Module):
         queue more GPU work (the shared experts).
         """
         self._ensure_views()
+        mode = stream_call._mode(hidden_states)
+        if mode is not None and mode[0] == stream_call.REENTRANT_FIRST:
+            # Split as its recompute will be (which then finds the CPU's share kept).
+            out = self._gpu_training(hidden_states, top_k_index, top_k_weights, self.check_finite is not False, mode)
+            if out is not None:
+                return _Done(out)
         # A reentrant checkpoint's first pass on the stream path: enqueued, kept in its stage.
         fut = stream_call.submit(self, hidden_states, top_k_index, top_k_weights, guard=self.check_finite is not False)
         if fut is not None:
@@ -758,16 +764,17 @@ class KtrsExperts(nn.Module):
 
     def _gpu_training(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, guard: bool, mode) -> Optional[torch.Tensor]:
         """A long training call on the stream path with some experts on the GPU (forward
-        and backward), or None where it stays on the CPU. Not under activation
-        checkpointing: its recompute would copy the weights a third time."""
-        if mode[0] != stream_call.PLAIN or not gpu_prefill.wanted(self.experts, hidden_states, top_k_index, training=True):
+        and backward), or None where it stays on the CPU. Under activation checkpointing
+        the first pass (a reentrant one without grad too) and the recompute split alike."""
+        if not gpu_prefill.wanted(self.experts, hidden_states, top_k_index, training=True):
             return None
 
         def cpu_share(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return stream_call.experts_call(self, h, ids, w, guard=guard, mode=mode)
 
         sink = functools.partial(stream_call.gpu_share_done, self)
-        return self._streamed_experts().train(hidden_states, top_k_index, top_k_weights, self.lora_params(), self.experts.lora_scaling, cpu_share, sink, guard)
+        return self._streamed_experts().train(hidden_states, top_k_index, top_k_weights, self.lora_params(), self.experts.lora_scaling, cpu_share, sink, guard,
+                                              checkpointed=mode[0] != stream_call.PLAIN)
 
     def _streamed_experts(self) -> gpu_prefill.StreamedExperts:
         if self._streamed is None or self._streamed.experts is not self.experts:
