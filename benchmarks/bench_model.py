@@ -400,6 +400,11 @@ def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool],
                 r.update(expert_forwards_per_step=snap["forwards"], expert_backwards_per_step=snap["backwards"],
                          expert_recomputes_reused=snap["reused"], expert_s=snap["seconds"])
                 r["step_per_expert"] = step_s / snap["seconds"] if snap["seconds"] else float("nan")
+                from ktrs import gpu_prefill
+
+                # The training split's CPU cost factor as learnt so far (ktrs.gpu_prefill.Balance).
+                r["split_cpu_factor"] = gpu_prefill.TRAINING_CPU_FACTOR * gpu_prefill.BALANCE.factor
+                r["split_calls_learnt"] = gpu_prefill.BALANCE.calls
             if cuda:
                 r["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if profile:
@@ -408,6 +413,8 @@ def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool],
             line = f"    SFT seq {seq}{f' x{accum} micro-batches' if accum > 1 else ''}, checkpointing {'on ' if ckpt else 'off'}: {r['tok_s']:.1f} tok/s ({step_s:.3f} s/step"
             if is_ktrs:
                 line += f"; CPU experts {r['expert_s']:.3f} s, step/expert {r['step_per_expert']:.2f}; expert fwd/bwd/reused per step {snap['forwards']}/{snap['backwards']}/{snap['reused']}"
+                if r["split_calls_learnt"]:
+                    line += f"; split CPU factor {r['split_cpu_factor']:.2f} after {r['split_calls_learnt']} calls"
             line += ")" + (f", GPU peak {r['gpu_peak_gb']:.2f} GiB" if cuda else "") + f", host RSS {r['host_rss_gb']:.1f} GB"
             print(line, flush=True)
             if profile:

@@ -116,7 +116,7 @@ def test_split_moves_the_busiest_experts_while_it_pays(monkeypatch):
     # the DRAM); still a split, and idle experts never move.
     train = gpu_prefill.split([192] * 60 + [0] * 4, nbytes, fpr, training=True)
     assert 30 < len(train) < 60 and max(train) < 60
-    assert len(gpu_prefill.split([1] * 64, nbytes, fpr, training=True)) <= 8
+    assert len(gpu_prefill.split([1] * 64, nbytes, fpr, training=True)) < 32  # the DRAM floor
     # One row per expert: the CPU reads weights at DRAM speed and the copy reads the same
     # DRAM, so hardly anything moves.
     assert len(gpu_prefill.split([1] * 64, nbytes, fpr)) <= 4
@@ -303,3 +303,63 @@ def test_training_calls_split_only_when_wanted(training_split, monkeypatch):
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
     run_training(m, p)
     assert not training_split
+
+
+@pytest.mark.parametrize("slow", ["cpu", "gpu"])
+def test_the_training_split_learns_the_machines_balance(slow, monkeypatch):
+    """Whichever side takes longer, later calls move experts away from it."""
+    import time
+
+    monkeypatch.setattr(gpu_prefill, "ON_CPU", True)
+    monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
+    monkeypatch.delenv("KTRS_GPU_PREFILL_MODEL", raising=False)
+    monkeypatch.setattr(gpu_prefill, "BALANCE", gpu_prefill.Balance())
+    p = make_problem(E=16, H=64, I=48, k=2, T=256, r=0, seed=15)
+    ex = build(p)
+    s = gpu_prefill.StreamedExperts(ex)
+    counts = torch.bincount(p.ids.reshape(-1), minlength=16).tolist()
+    # A starting model that gives the GPU about half of the experts.
+    for f in [10.0 ** (e / 8) for e in range(-48, 49)]:
+        monkeypatch.setattr(gpu_prefill, "TRAINING_CPU_FACTOR", f)
+        if 6 <= len(gpu_prefill.split(counts, s.expert_bytes, 2.0 * 3 * 64 * 48, training=True)) <= 10:
+            break
+    else:
+        pytest.fail("no factor splits the experts")
+    run = s._run
+
+    def slow_gpu(*a, **k):
+        if slow == "gpu":
+            time.sleep(0.02)
+        return run(*a, **k)
+
+    def cpu_call(h, i, w):
+        if slow == "cpu":
+            time.sleep(0.02)
+        return ex.forward(h, i, w)[0]
+
+    monkeypatch.setattr(s, "_run", slow_gpu)
+    chosen = []
+    real = gpu_prefill.split
+    monkeypatch.setattr(gpu_prefill, "split", lambda *a, **k: chosen.append(len(real(*a, **k))) or real(*a, **k))
+    want = reference(p)["out"]
+    for _ in range(12):
+        out = s.train(p.hidden, p.ids, p.weights, (), 1.0, cpu_call, lambda *a: None, guard=False)
+        if out is None:  # the split gave the GPU nothing: the caller runs the CPU path
+            assert slow == "gpu" and chosen[-1] == 0
+        else:
+            assert rel_l2(out, want) < 1e-2
+    b = gpu_prefill.BALANCE
+    b.update()
+    assert b.calls >= 6
+    if slow == "cpu":
+        assert b.factor > 2 and chosen[-1] > chosen[0]
+    else:
+        assert b.factor < 0.7 and min(chosen) < chosen[0]
+        if 0 in chosen:
+            # Nothing measured then: the factor creeps back, and the split is tried again.
+            assert chosen[chosen.index(0) + 1:] and max(chosen[chosen.index(0) + 1:]) > 0
+    # Calls under checkpointing neither learn nor are timed.
+    before = (b.factor, b.calls)
+    s.train(p.hidden, p.ids, p.weights, (), 1.0, cpu_call, lambda *a: None, guard=False, checkpointed=True)
+    b.update()
+    assert (b.factor, b.calls) == before

@@ -19,8 +19,10 @@ rounded to bf16 before the SiLU.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
+import time
 import warnings
 import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -78,10 +80,73 @@ BACKWARD_FACTOR = 1.1
 #: are the least busy ones, and the copies of both passes read the same DRAM. Fitted on
 #: the reference machine (27-layer V2-Lite, LoRA SFT at 2048 tokens, tok/s as the copy
 #: rate in the model varied, i.e. this factor as 50/rate): 35 GB/s 1,045; 50 GB/s 992;
-#: 70 GB/s 1,140 and 1,114; 85 GB/s 829; 100 GB/s 975. 1.4 is the 70 GB/s optimum.
+#: 70 GB/s 1,140 and 1,114; 85 GB/s 829; 100 GB/s 975. 1.4 is the 70 GB/s optimum. It is
+#: where training starts; :class:`Balance` corrects it for the machine at hand.
 TRAINING_CPU_FACTOR = 1.4
 #: Test hook: CPU inputs may take the training split (the tests run it without a GPU).
 ON_CPU = False
+
+
+class Balance:
+    """The training split's correction, learnt while training: each split forward outside
+    activation checkpointing is timed on both devices (CUDA events on the two streams,
+    read once they are done, never waited for; on the CPU, the clock), and ``factor``
+    (multiplying the CPU's cost in :func:`split`) moves toward the measured ratio of the
+    CPU's share time to the GPU's, a damped step per finished call. Calls under
+    checkpointing use it but do not move it: a recompute must split as its first pass
+    did. Off when ``KTRS_GPU_PREFILL_MODEL`` is set (the user's model is taken as is)."""
+
+    #: Step per finished call (of the log ratio), and the factor's range.
+    GAIN = 0.15
+    LIMITS = (0.25, 4.0)
+
+    def __init__(self) -> None:
+        self.factor = 1.0
+        self.calls = 0
+        self._spans: "collections.deque" = collections.deque()
+
+    def add(self, cpu_span, gpu_span) -> None:
+        """One call's ``(start, end)`` on each side: CUDA events or ``perf_counter`` values."""
+        self._spans.append((cpu_span, gpu_span))
+        while len(self._spans) > 256:  # never read (no further split call): bounded
+            self._spans.popleft()
+
+    def unused(self) -> None:
+        """A call that gave the GPU nothing: no measurement either, so a factor that had
+        fallen below the model's (a slow GPU, or a passing hiccup) creeps back toward it,
+        and the split is tried, and measured, again."""
+        self.factor = min(1.0, self.factor * 2 ** self.GAIN) if self.factor < 1.0 else self.factor
+
+    def update(self) -> None:
+        """Folds in the calls whose spans are done."""
+        lo, hi = self.LIMITS
+        while self._spans:
+            cpu, gpu = self._spans[0]
+            if isinstance(cpu[1], torch.cuda.Event) and not (cpu[1].query() and gpu[1].query()):
+                return
+            self._spans.popleft()
+            c, g = (_span_ms(cpu), _span_ms(gpu))
+            if c > 0 and g > 0:
+                ratio = min(max(c / g, 0.5), 2.0)
+                self.factor = min(max(self.factor * ratio ** self.GAIN, lo), hi)
+                self.calls += 1
+
+
+def _span_ms(span) -> float:
+    a, b = span
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+
+
+#: The process's training-split correction (all layers share it).
+BALANCE = Balance()
+
+
+def _mark(cuda: bool, stream=None):
+    if not cuda:
+        return time.perf_counter()
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(stream)
+    return ev
 
 
 def wanted(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, training: bool = False) -> bool:
@@ -108,10 +173,11 @@ def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float, traini
     first pass).
     """
     pcie, dram, tflops = cost_model()
-    copies, cpu_passes, slower = (3 if checkpointed else 2, 1 + BACKWARD_FACTOR, TRAINING_CPU_FACTOR) if training else (1, 1, 1.0)
+    learnt = BALANCE.factor if not os.environ.get("KTRS_GPU_PREFILL_MODEL") else 1.0
+    copies, cpu_passes, slower = (3 if checkpointed else 2, 1 + BACKWARD_FACTOR, TRAINING_CPU_FACTOR * learnt) if training else (1, 1, 1.0)
     gpu_cost = copies * expert_bytes / (pcie * 1e9)
     cpu_cost = [slower * cpu_passes * (expert_bytes / (dram * 1e9) + c * flops_per_row / (tflops * 1e12)) if c else 0.0 for c in counts]
-    floor = slower * copies * sum(1 for c in counts if c) * expert_bytes / (dram * 1e9)
+    floor = copies * sum(1 for c in counts if c) * expert_bytes / (dram * 1e9)
     cpu, gpu = sum(cpu_cost), 0.0
     chosen: List[int] = []
     for e in sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e]):
@@ -243,9 +309,14 @@ class StreamedExperts:
         H, I = self.hidden_size, self.intermediate_size
         if hidden.is_cuda and not self._register():
             return None
-        counts = self._counts(topk_ids)
+        counts = self._counts(topk_ids)  # waits for the router (and so for the last layer's calls)
+        learn = not checkpointed and not os.environ.get("KTRS_GPU_PREFILL_MODEL")
+        if learn:
+            BALANCE.update()
         chosen = split(counts, self.expert_bytes, 2.0 * 3 * H * I, training=True, checkpointed=checkpointed)
         if not chosen:
+            if learn:
+                BALANCE.unused()
             return None
         dev = hidden.device
         on_gpu = torch.zeros(self.num_experts, dtype=torch.bool, device=dev)
@@ -257,9 +328,13 @@ class StreamedExperts:
         gpu = set(chosen)
         plan = self._plan(torch.where(mask, ids, no), [c if e in gpu else 0 for e, c in enumerate(counts)])
         args = (self, plan, tuple(lora), scaling, sink, guard, hidden, topk_weights)
-        if not hidden.is_cuda:
+        cuda = hidden.is_cuda
+        if not cuda:
+            c0 = _mark(False)
             cpu_out = cpu_call(hidden, cpu_ids, topk_weights)
+            c1 = g0 = _mark(False)
             gpu_out = _GpuShareFunction.apply(*args)
+            g1 = _mark(False)
         else:
             with torch.cuda.device(dev):
                 main = torch.cuda.current_stream()
@@ -267,13 +342,19 @@ class StreamedExperts:
                     self._side = torch.cuda.Stream(dev)
                 side = self._side
                 side.wait_stream(main)
+                c0 = _mark(True, side)
                 with torch.cuda.stream(side):
                     cpu_out = cpu_call(hidden, cpu_ids, topk_weights)
+                c1 = _mark(True, side)
                 for t in (hidden, cpu_ids, topk_weights):
                     t.record_stream(side)  # made on main, read on side
+                g0 = _mark(True, main)
                 gpu_out = _GpuShareFunction.apply(*args)
+                g1 = _mark(True, main)
                 main.wait_stream(side)
                 cpu_out.record_stream(main)
+        if learn:
+            BALANCE.add((c0, c1), (g0, g1))
         return (gpu_out + cpu_out.float()).to(hidden.dtype)
 
     @property
