@@ -313,6 +313,7 @@ def test_the_training_split_learns_the_machines_balance(slow, monkeypatch):
     monkeypatch.setattr(gpu_prefill, "ON_CPU", True)
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
     monkeypatch.delenv("KTRS_GPU_PREFILL_MODEL", raising=False)
+    monkeypatch.setenv("KTRS_GPU_SPLIT_LEARN", "1")
     monkeypatch.setattr(gpu_prefill, "BALANCE", gpu_prefill.Balance())
     p = make_problem(E=16, H=64, I=48, k=2, T=256, r=0, seed=15)
     ex = build(p)
@@ -358,8 +359,12 @@ def test_the_training_split_learns_the_machines_balance(slow, monkeypatch):
         if 0 in chosen:
             # Nothing measured then: the factor creeps back, and the split is tried again.
             assert chosen[chosen.index(0) + 1:] and max(chosen[chosen.index(0) + 1:]) > 0
-    # Calls under checkpointing neither learn nor are timed.
+    # Calls under checkpointing neither learn nor are timed; nor any call by default.
     before = (b.factor, b.calls)
     s.train(p.hidden, p.ids, p.weights, (), 1.0, cpu_call, lambda *a: None, guard=False, checkpointed=True)
+    b.update()
+    assert (b.factor, b.calls) == before
+    monkeypatch.delenv("KTRS_GPU_SPLIT_LEARN")
+    s.train(p.hidden, p.ids, p.weights, (), 1.0, cpu_call, lambda *a: None, guard=False)
     b.update()
     assert (b.factor, b.calls) == before
