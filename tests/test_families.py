@@ -33,15 +33,21 @@ def test_every_family_has_a_tiny_model():
         assert build().config.model_type == name
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the GPU machine)"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_family_matches_the_stock_model(family):
+def test_family_matches_the_stock_model(family, device):
+    """On CUDA the rest of the model runs on the GPU, the experts through the overlapped
+    submit path and, in `generate`, the decode graphs."""
     stock = stock_model(family)
-    model = ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2)
+    model = ktrs.patch_model(copy.deepcopy(stock), device=device, threads=2)
     blocks = ktrs.find_moe_blocks(model)
     assert len(blocks) >= 2 and all(isinstance(b.experts, ktrs.KtrsExperts) for _, b in blocks)
     ids = inputs(stock)
     with torch.no_grad():
-        want, got = stock(ids).logits, model(ids).logits
+        want, got = stock(ids).logits, model(ids.to(device)).logits.cpu()
         # The routed experts matter here: zeroing them moves the logits far more than
         # the tolerance below (so the comparison can fail).
         no_experts = copy.deepcopy(stock)
@@ -51,7 +57,7 @@ def test_family_matches_the_stock_model(family):
         assert rel_l2(no_experts(ids).logits, want) > 0.1
     assert rel_l2(got, want) < 2e-2
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    got, want = model.generate(ids[:1], **kw), stock.generate(ids[:1], **kw)
+    got, want = model.generate(ids[:1].to(device), **kw).cpu(), stock.generate(ids[:1], **kw)
     if not torch.equal(got, want):
         # Greedy paths may part only at a near tie of the stock model's top two logits
         # (bf16 experts round differently from the stock fp32 ones).

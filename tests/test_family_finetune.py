@@ -41,9 +41,9 @@ def logits(model, b):
         return model(**b).logits
 
 
-def ktrs_peft(stock, config, seed):
+def ktrs_peft(stock, config, seed, device="cpu"):
     """The stock model patched, with `config`'s LoRA (B random, so every gradient is informative)."""
-    model = ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2)
+    model = ktrs.patch_model(copy.deepcopy(stock), device=device, threads=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = ktrs.get_peft_model(model, config)
@@ -80,8 +80,10 @@ def peft_expert_grads(wrapper_gu, wrapper_dn, E):
     }
 
 
-def test_loss_and_every_lora_gradient_match_stock_peft(family, stock, tmp_path):
-    pm = ktrs_peft(stock, every_target(family), seed=1)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the GPU machine)"))])
+def test_loss_and_every_lora_gradient_match_stock_peft(family, stock, device, tmp_path):
+    """On CUDA the expert calls are stream work (stream_call.py) against stock PEFT on the CPU."""
+    pm = ktrs_peft(stock, every_target(family), seed=1, device=device)
     pm.save_pretrained(str(tmp_path))  # carries the same values to stock PEFT
     # Stock PEFT, without its transformers-5 MoE target rewrite (which would move the
     # shared-expert and dense-MLP targets onto the routed experts, peft#3711).
@@ -89,7 +91,7 @@ def test_loss_and_every_lora_gradient_match_stock_peft(family, stock, tmp_path):
         warnings.simplefilter("ignore")
         rm = PeftModel.from_pretrained(copy.deepcopy(stock), str(tmp_path), is_trainable=True)
     b = tie_free_batch(rm)
-    loss = pm(**b).loss
+    loss = pm(**{k: v.to(device) for k, v in b.items()}).loss
     loss.backward()
     ref_loss = rm(**b).loss
     ref_loss.backward()
@@ -98,7 +100,7 @@ def test_loss_and_every_lora_gradient_match_stock_peft(family, stock, tmp_path):
     checked = set()
     for n, p in pm.named_parameters():
         if p.requires_grad and ".lora_experts." not in n:
-            assert p.grad is not None and rel_l2(p.grad, ref[n].grad) < 3e-2, n
+            assert p.grad is not None and rel_l2(p.grad.cpu(), ref[n].grad) < 3e-2, n
             checked.add(n)
     assert any(".self_attn." in n for n in checked)
     if family not in ("qwen3_moe", "mixtral"):
