@@ -148,3 +148,64 @@ def test_unavailable_isa_is_an_error_never_a_fallback(monkeypatch):
     monkeypatch.setenv("KTRS_ISA", "scalar")
     assert ktrs.MoeExperts(z(1, 8, 16), z(1, 8, 16), z(1, 16, 8)).isa == "scalar"
     assert ktrs.info()["selected_isa"] == "scalar"
+
+
+BAD_CALLS = [
+    # Broadcastable or castable ones: torch would run them silently.
+    (lambda p: (p.hidden, p.ids, p.weights[:, :1]), ValueError, ["topk_weights", "shape"]),
+    (lambda p: (p.hidden, p.ids.float(), p.weights), TypeError, ["topk_ids", "integer"]),
+    (lambda p: (p.hidden, p.ids.bool(), p.weights), TypeError, ["topk_ids", "integer"]),
+    (lambda p: (p.hidden.to(torch.int32), p.ids, p.weights), TypeError, ["hidden_states", "floating"]),
+    (lambda p: (p.hidden, p.ids, p.weights.to(torch.int64)), TypeError, ["topk_weights", "floating"]),
+    (lambda p: (p.hidden, p.ids, p.weights[:10]), ValueError, ["topk_weights", "shape"]),
+    (lambda p: (p.hidden[:, :32], p.ids, p.weights), ValueError, ["hidden_states", "shape"]),
+    (lambda p: (p.hidden[:10], p.ids, p.weights), ValueError, ["topk_ids", "one row per token"]),
+    (lambda p: (p.hidden, p.ids.tolist(), p.weights), TypeError, ["topk_ids", "torch.Tensor"]),
+]
+
+
+@pytest.mark.parametrize("path", ["sync", "stream", "gpu split"])
+@pytest.mark.parametrize("case", range(len(BAD_CALLS)))
+def test_the_module_rejects_bad_calls_on_every_path(path, case, monkeypatch):
+    """`KtrsExperts` (what patched models call) names the argument on the synchronous path,
+    the stream path and the GPU split alike, before anything runs."""
+    from ktrs import gpu_prefill, stream_call
+
+    monkeypatch.setenv("KTRS_ASYNC_EXPERTS", "0" if path == "sync" else "1")
+    monkeypatch.setattr(stream_call, "INLINE_CPU", path != "sync")
+    monkeypatch.setattr(gpu_prefill, "ON_CPU", path == "gpu split")
+    monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
+    monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "0.005,1000,0.0001")
+    p = make_problem(E=8, H=64, I=48, k=2, T=64, r=4, seed=41)
+    m = ktrs.KtrsExperts(build(p))
+    make, exc, words = BAD_CALLS[case]
+    x, ids, w = make(p)
+    with pytest.raises(exc) as e:
+        m(x.clone().requires_grad_() if x.is_floating_point() else x, ids, w)
+    assert isinstance(e.value, (ktrs.KtrsValueError, ktrs.KtrsTypeError))
+    for word in words:
+        assert word in str(e.value), (word, str(e.value))
+
+
+def test_a_failed_split_step_leaves_no_garbage_for_the_next(monkeypatch):
+    """NaN routing weights in a split training call: the error is raised at the end of
+    backward, and the GPU share's (NaN) LoRA gradients stay out of the gradient buffers, so
+    the next step runs clean."""
+    from ktrs import gpu_prefill, stream_call
+
+    monkeypatch.setattr(stream_call, "INLINE_CPU", True)
+    monkeypatch.setattr(gpu_prefill, "ON_CPU", True)
+    monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
+    monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "0.005,1000,0.0001")
+    p = make_problem(E=8, H=64, I=48, k=2, T=64, r=4, seed=42)
+    m = ktrs.KtrsExperts(build(p))
+    chosen = []
+    real = gpu_prefill.split
+    monkeypatch.setattr(gpu_prefill, "split", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    w = p.weights.clone()
+    w[3] = float("nan")
+    with pytest.raises(FloatingPointError, match="topk_weights"):
+        m(p.hidden.clone().requires_grad_(), p.ids, w).sum().backward()
+    assert set(p.ids[3].tolist()) & set(chosen[0])  # a NaN slot's expert ran on the "GPU"
+    m(p.hidden.clone().requires_grad_(), p.ids, p.weights).sum().backward()
+    assert all(bool(torch.isfinite(prm.grad).all()) for prm in m.lora.values())

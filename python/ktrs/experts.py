@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
-from ._native import KtrsTypeError
+from ._native import KtrsTypeError, KtrsValueError
 from . import _native
 
 ForwardHandle = _native.ForwardHandle
@@ -30,6 +30,28 @@ def background():
 
         _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktrs-submit")
     return _BACKGROUND
+
+
+def check_call(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, hidden_size: int) -> None:
+    """The arguments of an expert call, checked before any path touches them: what the
+    Rust layer checks on the CPU path, for the paths where a torch op would otherwise
+    fail with a bare error or, worse, broadcast or cast without one (stream work, the
+    GPU's share)."""
+    for name, t in (("hidden_states", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise KtrsTypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
+        raise KtrsValueError(f"`hidden_states` must have shape [*, {hidden_size}], got {list(hidden.shape)}")
+    if not hidden.is_floating_point():
+        raise KtrsTypeError(f"`hidden_states` must be floating point, got {hidden.dtype}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
+        raise KtrsValueError(f"`topk_ids` must have shape [{hidden.shape[0]}, k] (one row per token), got {list(topk_ids.shape)}")
+    if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
+        raise KtrsTypeError(f"`topk_ids` must be an integer tensor, got {topk_ids.dtype}")
+    if topk_weights.shape != topk_ids.shape:
+        raise KtrsValueError(f"`topk_weights` must have the shape of topk_ids {list(topk_ids.shape)}, got {list(topk_weights.shape)}")
+    if not topk_weights.is_floating_point():
+        raise KtrsTypeError(f"`topk_weights` must be floating point, got {topk_weights.dtype}")
 
 
 def _locked(fn: _F) -> _F:

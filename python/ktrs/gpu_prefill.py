@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ._native import KtrsValueError
-from .experts import LORA_NAMES, MoeExperts, background
+from .experts import LORA_NAMES, MoeExperts, background, check_call
 
 #: Rows per expert (on average) from which a CUDA inference call considers the GPU.
 ROWS_DEFAULT = 16
@@ -270,13 +270,15 @@ class StreamedExperts:
         share streamed here while the CPU runs the rest (its kernels release the GIL).
         None when the split gives the GPU nothing (the caller runs the CPU path)."""
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        check_call(hidden, topk_ids, topk_weights, self.hidden_size)
         if hidden.is_cuda and not self._register():
             return None
+        dev = hidden.device
+        topk_ids, topk_weights = topk_ids.to(dev), topk_weights.to(dev)
         counts = self._counts(topk_ids)
         chosen = split(counts, self.expert_bytes, 2.0 * 3 * H * I)
         if not chosen:
             return None
-        dev = hidden.device
         on_gpu = torch.zeros(E, dtype=torch.bool, device=dev)
         on_gpu[chosen] = True
         ids = topk_ids.to(torch.int64)
@@ -319,8 +321,11 @@ class StreamedExperts:
         CPU's first pass).
         """
         H, I = self.hidden_size, self.intermediate_size
+        check_call(hidden, topk_ids, topk_weights, self.hidden_size)
         if hidden.is_cuda and not self._register():
             return None
+        dev = hidden.device
+        topk_ids, topk_weights = topk_ids.to(dev), topk_weights.to(dev)
         counts = self._counts(topk_ids)  # waits for the router (and so for the last layer's calls)
         learn = not checkpointed and learning()
         if learn:
@@ -330,7 +335,6 @@ class StreamedExperts:
             if learn:
                 BALANCE.unused()
             return None
-        dev = hidden.device
         on_gpu = torch.zeros(self.num_experts, dtype=torch.bool, device=dev)
         on_gpu[chosen] = True
         ids = topk_ids.to(torch.int64)

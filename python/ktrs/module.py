@@ -17,7 +17,7 @@ from torch import nn
 
 from ._native import KtrsValueError, NonFiniteError, StaleHandleError
 from . import gpu_prefill
-from .experts import LORA_NAMES, MoeExperts, background
+from .experts import LORA_NAMES, MoeExperts, background, check_call
 
 
 class Timer:
@@ -682,6 +682,7 @@ class KtrsExperts(nn.Module):
         return tuple(self.lora_experts[n] for n in LORA_NAMES) if self.lora_active else ()
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        check_call(hidden_states, top_k_index, top_k_weights, self.experts.hidden_size)
         self._ensure_views()
         check = torch.is_grad_enabled() if self.check_finite is None else self.check_finite
         mode = stream_call._mode(hidden_states)
@@ -733,6 +734,7 @@ class KtrsExperts(nn.Module):
         back to the GPU when :meth:`ExpertsFuture.result` is called. Meanwhile the caller can
         queue more GPU work (the shared experts).
         """
+        check_call(hidden_states, top_k_index, top_k_weights, self.experts.hidden_size)
         self._ensure_views()
         mode = stream_call._mode(hidden_states)
         if mode is not None and mode[0] == stream_call.REENTRANT_FIRST:

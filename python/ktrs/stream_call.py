@@ -488,8 +488,11 @@ class _GpuGrads:
                 for n, g in self.grads.items():
                     self.module.experts.lora_grad(n).index_add_(0, idx, g.to("cpu", torch.float32))
 
+    def failed(self) -> bool:
+        return self.bad is not None and bool(self.bad)
+
     def check(self) -> None:
-        if self.bad is not None and bool(self.bad):
+        if self.failed():
             raise _native.NonFiniteError(f"ktrs: non-finite output or gradient of the experts computed on the GPU in {self.module.where}")
 
 
@@ -547,8 +550,12 @@ def _end_of_backward(gid: int) -> None:
         b.task = None
     stages = list({id(st): st for _, st in pairs if st is not None}.values())
     _wait_and_harvest(stages)
-    for g in shares:
-        g.apply()
+    # The GPU shares' LoRA gradients join the buffers only when this backward went through:
+    # after an error (a CPU share's, or a GPU share's non-finite flag) they would leave
+    # garbage there for the next step to add to.
+    if not any(st.native.error_seq is not None for st in stages) and not any(g.failed() for g in shares):
+        for g in shares:
+            g.apply()
     for b in bindings:
         if b.token is None or b.token() is None:
             b.release()  # no retain_graph: nothing will use the cache again
