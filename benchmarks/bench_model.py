@@ -400,11 +400,11 @@ def measure_sft(pm, device: str, seqs: List[int], steps: int, ckpts: List[bool],
                 r.update(expert_forwards_per_step=snap["forwards"], expert_backwards_per_step=snap["backwards"],
                          expert_recomputes_reused=snap["reused"], expert_s=snap["seconds"])
                 r["step_per_expert"] = step_s / snap["seconds"] if snap["seconds"] else float("nan")
-                from ktrs import gpu_prefill
+                from ktrs import gpu_experts
 
-                # The training split's CPU cost factor as learnt so far (ktrs.gpu_prefill.Balance).
-                r["split_cpu_factor"] = gpu_prefill.TRAINING_CPU_FACTOR * gpu_prefill.BALANCE.factor
-                r["split_calls_learnt"] = gpu_prefill.BALANCE.calls
+                # The training split's CPU cost factor as learnt so far (ktrs.gpu_experts.Balance).
+                r["split_cpu_factor"] = gpu_experts.TRAINING_CPU_FACTOR * gpu_experts.BALANCE.factor
+                r["split_calls_learnt"] = gpu_experts.BALANCE.calls
             if cuda:
                 r["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if profile:
@@ -633,7 +633,7 @@ def main() -> int:
             from peft import LoraConfig
 
             pm = ktrs.get_peft_model(model, LoraConfig(**lora))
-            # Long calls run part of their experts on the GPU (gpu_prefill.py) unless
+            # Long calls run part of their experts on the GPU (gpu_experts.py) unless
             # KTRS_GPU_PREFILL_ROWS=0: "both" measures with and without, in one process.
             splits = {"auto": [None], "off": ["0"], "both": [None, "0"]}[args.gpu_experts]
             for rows in splits:

@@ -169,11 +169,11 @@ BAD_CALLS = [
 def test_the_module_rejects_bad_calls_on_every_path(path, case, monkeypatch):
     """`KtrsExperts` (what patched models call) names the argument on the synchronous path,
     the stream path and the GPU split alike, before anything runs."""
-    from ktrs import gpu_prefill, stream_call
+    from ktrs import gpu_experts, stream_call
 
     monkeypatch.setenv("KTRS_ASYNC_EXPERTS", "0" if path == "sync" else "1")
     monkeypatch.setattr(stream_call, "INLINE_CPU", path != "sync")
-    monkeypatch.setattr(gpu_prefill, "ON_CPU", path == "gpu split")
+    monkeypatch.setattr(gpu_experts, "ON_CPU", path == "gpu split")
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
     monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "0.005,1000,0.0001")
     p = make_problem(E=8, H=64, I=48, k=2, T=64, r=4, seed=41)
@@ -191,17 +191,17 @@ def test_a_failed_split_step_leaves_no_garbage_for_the_next(monkeypatch):
     """NaN routing weights in a split training call: the error is raised at the end of
     backward, and the GPU share's (NaN) LoRA gradients stay out of the gradient buffers, so
     the next step runs clean."""
-    from ktrs import gpu_prefill, stream_call
+    from ktrs import gpu_experts, stream_call
 
     monkeypatch.setattr(stream_call, "INLINE_CPU", True)
-    monkeypatch.setattr(gpu_prefill, "ON_CPU", True)
+    monkeypatch.setattr(gpu_experts, "ON_CPU", True)
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
     monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "0.005,1000,0.0001")
     p = make_problem(E=8, H=64, I=48, k=2, T=64, r=4, seed=42)
     m = ktrs.KtrsExperts(build(p))
     chosen = []
-    real = gpu_prefill.split
-    monkeypatch.setattr(gpu_prefill, "split", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    real = gpu_experts.split
+    monkeypatch.setattr(gpu_experts, "split", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
     w = p.weights.clone()
     w[3] = float("nan")
     with pytest.raises(FloatingPointError, match="topk_weights"):

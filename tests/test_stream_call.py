@@ -409,19 +409,19 @@ def test_switch_and_eligibility(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("checkpointing", [None, "non_reentrant", "reentrant"])
 def test_training_split_with_the_gpu_matches_the_cpu_only_stream_path(base, device, checkpointing, monkeypatch):
-    """Long training calls run some experts on the GPU (gpu_prefill.StreamedExperts.train):
+    """Long training calls run some experts on the GPU (gpu_experts.StreamedExperts.train):
     losses, input gradients and every parameter gradient, summed over two micro-batches,
     stay those of the CPU-only run up to bf16 rounding (other GEMMs). (Weights after AdamW
     steps are not compared: Adam's per-coordinate normalisation turns rounding-level
     differences of near-zero gradients into full-size update differences.)"""
-    from ktrs import gpu_prefill
+    from ktrs import gpu_experts
 
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "0")
     _, la, (ga,), _ = train(base, device, True, monkeypatch, steps=1, checkpointing=checkpointing)
     chosen = []
-    real = gpu_prefill.split
-    monkeypatch.setattr(gpu_prefill, "split", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
-    monkeypatch.setattr(gpu_prefill, "ON_CPU", device == "cpu")
+    real = gpu_experts.split
+    monkeypatch.setattr(gpu_experts, "split", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    monkeypatch.setattr(gpu_experts, "ON_CPU", device == "cpu")
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
     monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "0.005,1000,0.0001")  # some experts go, not all
     counts = []

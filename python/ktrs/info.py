@@ -16,10 +16,10 @@ def info() -> Dict[str, Any]:
     d["KTRS_THREADS"] = os.environ.get("KTRS_THREADS")
     d["memory_gb"] = _meminfo_gb("MemTotal")
     d["memory_available_gb"] = _meminfo_gb("MemAvailable")
-    from . import gpu_prefill
+    from . import gpu_experts
 
-    d["gpu_prefill_rows"] = gpu_prefill.rows_threshold()
-    d["gpu_prefill_model"] = gpu_prefill.cost_model()
+    d["gpu_prefill_rows"] = gpu_experts.rows_threshold()
+    d["gpu_prefill_model"] = gpu_experts.cost_model()
     return d
 
 

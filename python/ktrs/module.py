@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._native import KtrsValueError, NonFiniteError, StaleHandleError
-from . import gpu_prefill
+from . import gpu_experts
 from .experts import LORA_NAMES, MoeExperts, background, check_call
 
 
@@ -539,7 +539,7 @@ class KtrsExperts(nn.Module):
 
     Inputs may live on any device and dtype; the experts run on the CPU in bf16 and the
     result comes back on the input's device and dtype. Long CUDA inference calls (a
-    prompt's prefill; see :mod:`ktrs.gpu_prefill`) run on the GPU instead, with the
+    prompt's prefill; see :mod:`ktrs.gpu_experts`) run on the GPU instead, with the
     weights copied from host memory. Expert LoRA matrices are
     ``nn.Parameter``s whose storage is Rust memory; ``.to()``, ``.cuda()``, ``.half()``
     and friends leave them alone (see :meth:`_apply`), and if anything rebinds a
@@ -559,8 +559,8 @@ class KtrsExperts(nn.Module):
         self.where = "experts"
         #: Non-finite guard: None = on while autograd records (training), or True/False.
         self.check_finite: Optional[bool] = None if os.environ.get("KTRS_CHECK_FINITE", "1") != "0" else False
-        #: The GPU path of long CUDA inference calls, made on first use (gpu_prefill.py).
-        self._streamed: Optional[gpu_prefill.StreamedExperts] = None
+        #: The GPU path of long CUDA inference calls, made on first use (gpu_experts.py).
+        self._streamed: Optional[gpu_experts.StreamedExperts] = None
         # PEFT adapter state, kept in step with the PeftModel by `ktrs.peft` (PEFT's
         # controls act on its own layers only, failure-modes row 11): the expert LoRA
         # belongs to adapter `expert_adapter` and applies while adapters are enabled and
@@ -688,7 +688,7 @@ class KtrsExperts(nn.Module):
         mode = stream_call._mode(hidden_states)
         if mode is not None:
             # Training on CUDA (checkpointing included): enqueued on the stream, Python does
-            # not wait (stream_call.py); long calls partly on the GPU (gpu_prefill.py).
+            # not wait (stream_call.py); long calls partly on the GPU (gpu_experts.py).
             out = self._gpu_training(hidden_states, top_k_index, top_k_weights, bool(check), mode)
             if out is not None:
                 return out
@@ -751,11 +751,11 @@ class KtrsExperts(nn.Module):
             return _Done(out)
         return ExpertsFuture(self, hidden_states, top_k_index, top_k_weights)
 
-    # -- long prefills partly on the GPU (gpu_prefill.py) --------------------------------
+    # -- long prefills partly on the GPU (gpu_experts.py) --------------------------------
     def _gpu_prefill(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> Optional[torch.Tensor]:
         """The call with some experts on the GPU (weights streamed from host memory), or
         None where this call stays on the CPU (short, training, or the split says so)."""
-        if not gpu_prefill.wanted(self.experts, hidden_states, top_k_index) or _reentrant_checkpoint_owner() is not None:
+        if not gpu_experts.wanted(self.experts, hidden_states, top_k_index) or _reentrant_checkpoint_owner() is not None:
             return None
         t0 = time.perf_counter()
         lora = self.lora_params() or None
@@ -768,7 +768,7 @@ class KtrsExperts(nn.Module):
         """A long training call on the stream path with some experts on the GPU (forward
         and backward), or None where it stays on the CPU. Under activation checkpointing
         the first pass (a reentrant one without grad too) and the recompute split alike."""
-        if not gpu_prefill.wanted(self.experts, hidden_states, top_k_index, training=True):
+        if not gpu_experts.wanted(self.experts, hidden_states, top_k_index, training=True):
             return None
 
         def cpu_share(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -778,9 +778,9 @@ class KtrsExperts(nn.Module):
         return self._streamed_experts().train(hidden_states, top_k_index, top_k_weights, self.lora_params(), self.experts.lora_scaling, cpu_share, sink, guard,
                                               checkpointed=mode[0] != stream_call.PLAIN)
 
-    def _streamed_experts(self) -> gpu_prefill.StreamedExperts:
+    def _streamed_experts(self) -> gpu_experts.StreamedExperts:
         if self._streamed is None or self._streamed.experts is not self.experts:
-            self._streamed = gpu_prefill.StreamedExperts(self.experts)
+            self._streamed = gpu_experts.StreamedExperts(self.experts)
         return self._streamed
 
     def extra_repr(self) -> str:

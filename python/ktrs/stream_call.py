@@ -472,7 +472,7 @@ def _task(gid: int) -> list:
 
 
 class _GpuGrads:
-    """The expert-LoRA gradients of a training call's GPU share (``gpu_prefill``), added
+    """The expert-LoRA gradients of a training call's GPU share (``gpu_experts``), added
     into the layer's gradient buffers once the backward's host functions (which write or
     overwrite those buffers) are done."""
 

@@ -1,4 +1,4 @@
-"""The GPU prefill path (ktrs/gpu_prefill.py): the packed-weight view's layout, the
+"""The GPU prefill path (ktrs/gpu_experts.py): the packed-weight view's layout, the
 streamed computation against the float64 reference (run on the CPU here, on CUDA where
 there is one), and which calls take the path."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ktrs
-from ktrs import gpu_prefill
+from ktrs import gpu_experts
 from ktrs.experts import LORA_NAMES
 
 from conftest import build, make_problem, reference, rel_l2
@@ -19,7 +19,7 @@ from conftest import build, make_problem, reference, rel_l2
 def test_packed_view_unpacks_to_the_expert_weights():
     p = make_problem(E=3, H=96, I=80, k=2, T=4, r=0, seed=1)  # both padded: H, I not multiples of 32
     ex = build(p)
-    s = gpu_prefill.StreamedExperts(ex)
+    s = gpu_experts.StreamedExperts(ex)
     gu = s._unpack(ex.packed_weights("gate_up"))
     dn = s._unpack(ex.packed_weights("down"))
     i_pad = gu.shape[1] // 2
@@ -49,8 +49,8 @@ def test_streamed_forward_matches_the_reference(device, rank, monkeypatch):
     ex = build(p)
     # Chunks of two experts: the double-buffered copy runs through several groups.
     per_expert = (ex.packed_weights("gate_up")[0].numel() + ex.packed_weights("down")[0].numel()) * 2
-    monkeypatch.setattr(gpu_prefill, "CHUNK_BYTES", 2 * per_expert)
-    s = gpu_prefill.StreamedExperts(ex)
+    monkeypatch.setattr(gpu_experts, "CHUNK_BYTES", 2 * per_expert)
+    s = gpu_experts.StreamedExperts(ex)
     lora = [ex.lora_weight(n) for n in LORA_NAMES] if rank else None
     got = s.forward(p.hidden.to(device), p.ids.to(device), p.weights.to(device), lora=lora, scaling=ex.lora_scaling)
     assert got.device.type == device and got.dtype == torch.bfloat16
@@ -62,7 +62,7 @@ def test_streamed_forward_matches_the_reference(device, rank, monkeypatch):
 
 def test_streamed_forward_refuses_out_of_range_ids():
     p = make_problem(E=4, H=64, I=32, k=2, T=3, r=0)
-    s = gpu_prefill.StreamedExperts(build(p))
+    s = gpu_experts.StreamedExperts(build(p))
     with pytest.raises(ktrs.KtrsValueError, match="topk_ids"):
         s.forward(p.hidden, torch.tensor([[0, 4], [1, 2], [0, 1]]), p.weights)
 
@@ -73,18 +73,18 @@ def test_only_long_cuda_inference_calls_take_the_path(monkeypatch):
     monkeypatch.delenv("KTRS_GPU_PREFILL_ROWS", raising=False)
     x = torch.zeros(1, 64)
     # Not CUDA: never.
-    assert not gpu_prefill.wanted(ex, x, ids_long)
+    assert not gpu_experts.wanted(ex, x, ids_long)
     fake_cuda = torch.empty(1, 64, device="meta")
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     with torch.no_grad():
-        assert gpu_prefill.wanted(ex, fake_cuda, ids_long)
-        assert not gpu_prefill.wanted(ex, fake_cuda, ids_long[:63])
+        assert gpu_experts.wanted(ex, fake_cuda, ids_long)
+        assert not gpu_experts.wanted(ex, fake_cuda, ids_long[:63])
         monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "0")
-        assert not gpu_prefill.wanted(ex, fake_cuda, ids_long)
+        assert not gpu_experts.wanted(ex, fake_cuda, ids_long)
         monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "4")
-        assert gpu_prefill.wanted(ex, fake_cuda, ids_long[:16])
+        assert gpu_experts.wanted(ex, fake_cuda, ids_long[:16])
     # Autograd on (training): never.
-    assert not gpu_prefill.wanted(ex, fake_cuda, ids_long)
+    assert not gpu_experts.wanted(ex, fake_cuda, ids_long)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -110,33 +110,33 @@ def test_split_moves_the_busiest_experts_while_it_pays(monkeypatch):
     H, I = 2048, 1408
     nbytes, fpr = 3 * H * I * 2, 2.0 * 3 * H * I
     # V2-Lite at 2048 tokens (192 rows per expert): most experts go, not all.
-    many = gpu_prefill.split([192] * 64, nbytes, fpr)
+    many = gpu_experts.split([192] * 64, nbytes, fpr)
     assert 32 < len(many) < 64
     # Training: two copies against forward + backward on the CPU (slower while it shares
     # the DRAM); still a split, and idle experts never move.
-    train = gpu_prefill.split([192] * 60 + [0] * 4, nbytes, fpr, training=True)
+    train = gpu_experts.split([192] * 60 + [0] * 4, nbytes, fpr, training=True)
     assert 30 < len(train) < 60 and max(train) < 60
-    assert len(gpu_prefill.split([1] * 64, nbytes, fpr, training=True)) < 32  # the DRAM floor
+    assert len(gpu_experts.split([1] * 64, nbytes, fpr, training=True)) < 32  # the DRAM floor
     # One row per expert: the CPU reads weights at DRAM speed and the copy reads the same
     # DRAM, so hardly anything moves.
-    assert len(gpu_prefill.split([1] * 64, nbytes, fpr)) <= 4
+    assert len(gpu_experts.split([1] * 64, nbytes, fpr)) <= 4
     # Uneven rows: the busiest go first; idle experts never.
     counts = [0, 500, 3, 400, 0, 2] + [10] * 10
-    got = gpu_prefill.split(counts, nbytes, fpr)
+    got = gpu_experts.split(counts, nbytes, fpr)
     assert got[:2] == [1, 3] and 0 not in got and 4 not in got
     monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "1000,100,0.5")  # fast copies, a slow CPU: more go
-    assert len(gpu_prefill.split(counts, nbytes, fpr)) > len(got)
+    assert len(gpu_experts.split(counts, nbytes, fpr)) > len(got)
     for bad in ["1,2", "a,b,c", "50,0,5"]:
         monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", bad)
         with pytest.raises(ktrs.KtrsValueError, match="KTRS_GPU_PREFILL_MODEL"):
-            gpu_prefill.split(counts, nbytes, fpr)
+            gpu_experts.split(counts, nbytes, fpr)
 
 
 @pytest.mark.parametrize("bad", ["-1", "many", "1.5"])
 def test_a_bad_rows_threshold_names_the_variable(bad, monkeypatch):
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", bad)
     with pytest.raises(ktrs.KtrsValueError, match="KTRS_GPU_PREFILL_ROWS"):
-        gpu_prefill.rows_threshold()
+        gpu_experts.rows_threshold()
 
 
 def test_skipped_slots_add_nothing_on_either_side():
@@ -148,7 +148,7 @@ def test_skipped_slots_add_nothing_on_either_side():
     w0[::3, 1] = 0.0
     ref = reference(dataclasses.replace(p, weights=w0))
     cpu, handle = ex.forward(p.hidden, ids, p.weights, save_for_backward=True)
-    s = gpu_prefill.StreamedExperts(ex)
+    s = gpu_experts.StreamedExperts(ex)
     gpu = s.forward(p.hidden, ids, p.weights, lora=[ex.lora_weight(n) for n in LORA_NAMES], scaling=ex.lora_scaling)
     assert rel_l2(cpu, ref["out"]) < 1e-2 and rel_l2(gpu, ref["out"]) < 1e-2
     # The CPU backward: skipped slots get nothing; the rest as with weight 0.
@@ -166,12 +166,12 @@ def test_a_split_call_matches_the_reference(device, monkeypatch):
     p = make_problem(E=8, H=64, I=48, k=2, T=64, r=4, seed=9)
     ex = build(p)
     # A cost model under which some experts, not all, go to the GPU.
-    per = gpu_prefill.StreamedExperts(ex).expert_bytes
+    per = gpu_experts.StreamedExperts(ex).expert_bytes
     counts = torch.bincount(p.ids.reshape(-1), minlength=8).tolist()
     monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "0.005,1000,0.0001")
-    chosen = gpu_prefill.split(counts, per, 2.0 * 3 * 64 * 48)
+    chosen = gpu_experts.split(counts, per, 2.0 * 3 * 64 * 48)
     assert 0 < len(chosen) < 8
-    s = gpu_prefill.StreamedExperts(ex)
+    s = gpu_experts.StreamedExperts(ex)
     got = s(p.hidden.to(device), p.ids.to(device), p.weights.to(device), lora=[ex.lora_weight(n) for n in LORA_NAMES], scaling=ex.lora_scaling)
     assert got.device.type == device
     assert rel_l2(got.cpu(), reference(p)["out"]) < 1e-2
@@ -179,7 +179,7 @@ def test_a_split_call_matches_the_reference(device, monkeypatch):
 
 def test_refused_page_locking_keeps_long_prompts_on_the_cpu(monkeypatch):
     p = make_problem(E=4, H=64, I=32, k=2, T=64, r=0, seed=4)
-    s = gpu_prefill.StreamedExperts(build(p))
+    s = gpu_experts.StreamedExperts(build(p))
 
     class Refusing:
         def cudaHostRegister(self, ptr, size, flags):
@@ -218,18 +218,18 @@ def training_split(monkeypatch):
     a cost model under which some experts, not all, go to the "GPU"."""
     from ktrs import stream_call
 
-    monkeypatch.setattr(gpu_prefill, "ON_CPU", True)
+    monkeypatch.setattr(gpu_experts, "ON_CPU", True)
     monkeypatch.setattr(stream_call, "INLINE_CPU", True)
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
     monkeypatch.setenv("KTRS_GPU_PREFILL_MODEL", "0.005,1000,0.0001")
     chosen = []
-    real = gpu_prefill.split
+    real = gpu_experts.split
 
     def spy(*args, **kwargs):
         chosen.append(real(*args, **kwargs))
         return chosen[-1]
 
-    monkeypatch.setattr(gpu_prefill, "split", spy)
+    monkeypatch.setattr(gpu_experts, "split", spy)
     return chosen
 
 
@@ -252,7 +252,7 @@ def test_a_split_training_call_matches_the_float64_reference(device, training_sp
     p = make_problem(E=8, H=64, I=48, k=2, T=64, r=4, seed=11)
     m = training_module(p)
     if device == "cuda":
-        monkeypatch.setattr(gpu_prefill, "ON_CPU", False)
+        monkeypatch.setattr(gpu_experts, "ON_CPU", False)
     out, gx, gw = run_training(m, p, device)
     assert training_split and 0 < len(training_split[-1]) < 8  # both devices had experts
     ref = reference(p)
@@ -299,7 +299,7 @@ def test_training_calls_split_only_when_wanted(training_split, monkeypatch):
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "0")  # off
     run_training(m, p)
     assert not training_split
-    monkeypatch.setattr(gpu_prefill, "ON_CPU", False)  # CPU tensors: never
+    monkeypatch.setattr(gpu_experts, "ON_CPU", False)  # CPU tensors: never
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
     run_training(m, p)
     assert not training_split
@@ -310,19 +310,19 @@ def test_the_training_split_learns_the_machines_balance(slow, monkeypatch):
     """Whichever side takes longer, later calls move experts away from it."""
     import time
 
-    monkeypatch.setattr(gpu_prefill, "ON_CPU", True)
+    monkeypatch.setattr(gpu_experts, "ON_CPU", True)
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
     monkeypatch.delenv("KTRS_GPU_PREFILL_MODEL", raising=False)
     monkeypatch.setenv("KTRS_GPU_SPLIT_LEARN", "1")
-    monkeypatch.setattr(gpu_prefill, "BALANCE", gpu_prefill.Balance())
+    monkeypatch.setattr(gpu_experts, "BALANCE", gpu_experts.Balance())
     p = make_problem(E=16, H=64, I=48, k=2, T=256, r=0, seed=15)
     ex = build(p)
-    s = gpu_prefill.StreamedExperts(ex)
+    s = gpu_experts.StreamedExperts(ex)
     counts = torch.bincount(p.ids.reshape(-1), minlength=16).tolist()
     # A starting model that gives the GPU about half of the experts.
     for f in [10.0 ** (e / 8) for e in range(-48, 49)]:
-        monkeypatch.setattr(gpu_prefill, "TRAINING_CPU_FACTOR", f)
-        if 6 <= len(gpu_prefill.split(counts, s.expert_bytes, 2.0 * 3 * 64 * 48, training=True)) <= 10:
+        monkeypatch.setattr(gpu_experts, "TRAINING_CPU_FACTOR", f)
+        if 6 <= len(gpu_experts.split(counts, s.expert_bytes, 2.0 * 3 * 64 * 48, training=True)) <= 10:
             break
     else:
         pytest.fail("no factor splits the experts")
@@ -340,8 +340,8 @@ def test_the_training_split_learns_the_machines_balance(slow, monkeypatch):
 
     monkeypatch.setattr(s, "_run", slow_gpu)
     chosen = []
-    real = gpu_prefill.split
-    monkeypatch.setattr(gpu_prefill, "split", lambda *a, **k: chosen.append(len(real(*a, **k))) or real(*a, **k))
+    real = gpu_experts.split
+    monkeypatch.setattr(gpu_experts, "split", lambda *a, **k: chosen.append(len(real(*a, **k))) or real(*a, **k))
     want = reference(p)["out"]
     for _ in range(12):
         out = s.train(p.hidden, p.ids, p.weights, (), 1.0, cpu_call, lambda *a: None, guard=False)
@@ -349,7 +349,7 @@ def test_the_training_split_learns_the_machines_balance(slow, monkeypatch):
             assert slow == "gpu" and chosen[-1] == 0
         else:
             assert rel_l2(out, want) < 1e-2
-    b = gpu_prefill.BALANCE
+    b = gpu_experts.BALANCE
     b.update()
     assert b.calls >= 6
     if slow == "cpu":

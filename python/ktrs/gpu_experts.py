@@ -1,11 +1,14 @@
-"""Long prefills on the GPU: the routed experts' packed weights streamed over PCIe.
+"""Long expert calls partly on the GPU: the routed experts' packed weights streamed over PCIe.
 
 With many tokens per expert the CPU's tile unit is what a prefill waits for (DeepSeek-V2-Lite,
 2048 tokens: ~50 ms per layer) while the GPU idles; copying the layer's weights to the GPU
 costs their bytes over the PCIe rate (1.1 GB) and the GPU's GEMMs are nearly free. Past
-:func:`rows_threshold` rows per expert (tokens × top-k / experts) the copy wins, so
-inference calls (no autograd) on CUDA inputs take this path; training, decode and short
-prompts stay on the CPU. (llama.cpp's "op offload" makes the same trade for batches ≥ 32.)
+:func:`rows_threshold` rows per expert (tokens × top-k / experts) the copy wins for some
+experts: :func:`split` picks them. Inference calls (no autograd) on CUDA inputs take
+``StreamedExperts.__call__``; training calls on the stream path take
+:meth:`StreamedExperts.train` (forward and backward, the weights copied in each pass).
+Decode and short prompts stay on the CPU. (llama.cpp's "op offload" makes the same trade
+for batches ≥ 32.)
 
 Memory: the weights stay Rust-owned. The copy reads them through a read-only view of the
 packed buffers (which keeps the layer alive), page-locked once per layer with
@@ -485,11 +488,8 @@ class StreamedExperts:
         """The chunk's pairs padded per expert: ``pairs [n, m]`` (indices into the flat
         ``[T·k]`` slots; a pad row repeats its expert's first pair) and ``valid [n, m]``,
         m the chunk's most rows of one expert."""
-        group = plan.active[first:first + n]
-        counts = [plan.counts[e] for e in group]
-        starts = [plan.starts[e] for e in group]
-        m = max(counts)
-        meta = torch.tensor([starts, counts], dtype=torch.int64).to(dev, non_blocking=True)
+        m = max(plan.counts[e] for e in plan.active[first:first + n])
+        meta = plan.meta(dev)[:, first:first + n]
         ar = torch.arange(m, device=dev)
         valid = ar[None, :] < meta[1][:, None]
         pos = torch.where(valid, meta[0][:, None] + ar[None, :], meta[0][:, None])
@@ -579,11 +579,22 @@ class StreamedExperts:
 class _Plan:
     """One call's GPU share: its pairs in expert order and the chunks of its experts."""
 
-    __slots__ = ("order", "k", "counts", "starts", "active", "groups")
+    __slots__ = ("order", "k", "counts", "starts", "active", "groups", "_meta")
 
     def __init__(self, order: torch.Tensor, k: int, counts: List[int], active: List[int], groups: List[List[int]]) -> None:
         self.order, self.k, self.counts, self.active, self.groups = order, k, counts, active, groups
         self.starts = [0, *itertools.accumulate(counts)][:-1]
+        self._meta: Optional[torch.Tensor] = None
+
+    def meta(self, dev: torch.device) -> torch.Tensor:
+        """``[2, len(active)]`` on ``dev``: each active expert's first pair in ``order`` and
+        its rows; copied once per plan (forward and backward share it), from pinned memory
+        so the copy never makes the host wait."""
+        if self._meta is None:
+            host = torch.tensor([[self.starts[e] for e in self.active], [self.counts[e] for e in self.active]], dtype=torch.int64)
+            cuda = dev.type == "cuda"
+            self._meta = (host.pin_memory() if cuda else host).to(dev, non_blocking=cuda)
+        return self._meta
 
 
 class _GpuShareFunction(torch.autograd.Function):
