@@ -308,8 +308,6 @@ def test_training_calls_split_only_when_wanted(training_split, monkeypatch):
 @pytest.mark.parametrize("slow", ["cpu", "gpu"])
 def test_the_training_split_learns_the_machines_balance(slow, monkeypatch):
     """Whichever side takes longer, later calls move experts away from it."""
-    import time
-
     monkeypatch.setattr(gpu_experts, "ON_CPU", True)
     monkeypatch.setenv("KTRS_GPU_PREFILL_ROWS", "1")
     monkeypatch.delenv("KTRS_GPU_PREFILL_MODEL", raising=False)
@@ -327,15 +325,17 @@ def test_the_training_split_learns_the_machines_balance(slow, monkeypatch):
     else:
         pytest.fail("no factor splits the experts")
     run = s._run
+    # A clock the two shares advance (20 ms for the slow one, 1 ms for the other), so the
+    # test does not depend on this machine's load.
+    clock = [0.0]
+    monkeypatch.setattr(gpu_experts, "_mark", lambda cuda, stream=None: clock[0])
 
     def slow_gpu(*a, **k):
-        if slow == "gpu":
-            time.sleep(0.02)
+        clock[0] += 0.02 if slow == "gpu" else 0.001
         return run(*a, **k)
 
     def cpu_call(h, i, w):
-        if slow == "cpu":
-            time.sleep(0.02)
+        clock[0] += 0.02 if slow == "cpu" else 0.001
         return ex.forward(h, i, w)[0]
 
     monkeypatch.setattr(s, "_run", slow_gpu)

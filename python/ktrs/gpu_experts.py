@@ -272,36 +272,26 @@ class StreamedExperts:
         """The whole call with the experts :func:`split` between the devices: the GPU's
         share streamed here while the CPU runs the rest (its kernels release the GIL).
         None when the split gives the GPU nothing (the caller runs the CPU path)."""
-        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
-        check_call(hidden, topk_ids, topk_weights, self.hidden_size)
-        if hidden.is_cuda and not self._register():
+        args = self._prepare(hidden, topk_ids, topk_weights)
+        if args is None:
             return None
-        dev = hidden.device
-        topk_ids, topk_weights = topk_ids.to(dev), topk_weights.to(dev)
-        counts = self._counts(topk_ids)
-        chosen = split(counts, self.expert_bytes, 2.0 * 3 * H * I)
+        topk_ids, topk_weights, counts = args
+        chosen = split(counts, self.expert_bytes, self.flops_per_row)
         if not chosen:
             return None
-        on_gpu = torch.zeros(E, dtype=torch.bool, device=dev)
-        on_gpu[chosen] = True
-        ids = topk_ids.to(torch.int64)
-        mask = on_gpu[ids]
-        no = torch.full_like(ids, -1)
+        cpu_ids, gpu_ids, gpu_counts = self._divide(topk_ids, counts, chosen)
         cpu_job = None
         if len(chosen) < sum(1 for c in counts if c):
             x = hidden.to("cpu", torch.bfloat16).contiguous()
-            i = torch.where(mask, no, ids).cpu()
             w = topk_weights.to("cpu", torch.float32).contiguous()
-            cpu_job = background().submit(self.experts.forward, x, i, w, use_lora=bool(lora))
+            cpu_job = background().submit(self.experts.forward, x, cpu_ids.cpu(), w, use_lora=bool(lora))
         try:
             # The GPU's rows per expert are known: no second pass over the ids.
-            gpu = set(chosen)
-            gpu_counts = [c if e in gpu else 0 for e, c in enumerate(counts)]
-            out = self._forward(hidden, torch.where(mask, ids, no), topk_weights, lora, scaling, torch.float32, gpu_counts)
+            out = self._forward(hidden, gpu_ids, topk_weights, lora, scaling, torch.float32, gpu_counts)
         finally:
             cpu_out = cpu_job.result()[0] if cpu_job is not None else None
         if cpu_out is not None:
-            out += cpu_out.to(dev).float()
+            out += cpu_out.to(hidden.device).float()
         return out.to(hidden.dtype)
 
     def train(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, lora: Sequence[torch.Tensor], scaling: float,
@@ -323,29 +313,21 @@ class StreamedExperts:
         must say so, the split of both must be the same for the recompute to find the
         CPU's first pass).
         """
-        H, I = self.hidden_size, self.intermediate_size
-        check_call(hidden, topk_ids, topk_weights, self.hidden_size)
-        if hidden.is_cuda and not self._register():
+        args = self._prepare(hidden, topk_ids, topk_weights)  # waits for the router
+        if args is None:
             return None
-        dev = hidden.device
-        topk_ids, topk_weights = topk_ids.to(dev), topk_weights.to(dev)
-        counts = self._counts(topk_ids)  # waits for the router (and so for the last layer's calls)
+        topk_ids, topk_weights, counts = args
         learn = not checkpointed and learning()
         if learn:
             BALANCE.update()
-        chosen = split(counts, self.expert_bytes, 2.0 * 3 * H * I, training=True, checkpointed=checkpointed)
+        chosen = split(counts, self.expert_bytes, self.flops_per_row, training=True, checkpointed=checkpointed)
         if not chosen:
             if learn:
                 BALANCE.unused()
             return None
-        on_gpu = torch.zeros(self.num_experts, dtype=torch.bool, device=dev)
-        on_gpu[chosen] = True
-        ids = topk_ids.to(torch.int64)
-        mask = on_gpu[ids]
-        no = torch.full_like(ids, -1)
-        cpu_ids = torch.where(mask, no, ids)
-        gpu = set(chosen)
-        plan = self._plan(torch.where(mask, ids, no), [c if e in gpu else 0 for e, c in enumerate(counts)])
+        dev = hidden.device
+        cpu_ids, gpu_ids, gpu_counts = self._divide(topk_ids, counts, chosen)
+        plan = self._plan(gpu_ids, gpu_counts)
         args = (self, plan, tuple(lora), scaling, sink, guard, hidden, topk_weights)
         cuda = hidden.is_cuda
         if not cuda:
@@ -375,6 +357,31 @@ class StreamedExperts:
         if learn:
             BALANCE.add((c0, c1), (g0, g1))
         return (gpu_out + cpu_out.float()).to(hidden.dtype)
+
+    def _prepare(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        """``(topk_ids, topk_weights, rows per expert)`` on ``hidden``'s device, the
+        arguments checked (the rows are read on the host: this waits for the router), or
+        None when the weights cannot be page-locked (the caller stays on the CPU)."""
+        check_call(hidden, topk_ids, topk_weights, self.hidden_size)
+        if hidden.is_cuda and not self._register():
+            return None
+        topk_ids, topk_weights = topk_ids.to(hidden.device), topk_weights.to(hidden.device)
+        return topk_ids, topk_weights, self._counts(topk_ids)
+
+    def _divide(self, topk_ids: torch.Tensor, counts: List[int], chosen: List[int]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        """The ids of the CPU's and of the GPU's share (the other side's slots -1) and the
+        GPU's rows per expert, for the experts ``chosen`` for the GPU."""
+        on_gpu = torch.zeros(self.num_experts, dtype=torch.bool, device=topk_ids.device)
+        on_gpu[chosen] = True
+        ids = topk_ids.to(torch.int64)
+        mask = on_gpu[ids]
+        no = torch.full_like(ids, -1)
+        gpu = set(chosen)
+        return torch.where(mask, no, ids), torch.where(mask, ids, no), [c if e in gpu else 0 for e, c in enumerate(counts)]
+
+    @property
+    def flops_per_row(self) -> float:
+        return 2.0 * 3 * self.hidden_size * self.intermediate_size
 
     @property
     def expert_bytes(self) -> int:
