@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ._native import KtrsValueError
-from .experts import LORA_NAMES, MoeExperts, background, check_call
+from .experts import LORA_NAMES, MoeExperts, background
 
 #: Rows per expert (on average) from which a CUDA inference call considers the GPU.
 ROWS_DEFAULT = 16
@@ -359,10 +359,10 @@ class StreamedExperts:
         return (gpu_out + cpu_out.float()).to(hidden.dtype)
 
     def _prepare(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        """``(topk_ids, topk_weights, rows per expert)`` on ``hidden``'s device, the
-        arguments checked (the rows are read on the host: this waits for the router), or
-        None when the weights cannot be page-locked (the caller stays on the CPU)."""
-        check_call(hidden, topk_ids, topk_weights, self.hidden_size)
+        """``(topk_ids, topk_weights, rows per expert)`` on ``hidden``'s device (the rows
+        are read on the host: this waits for the router), or None when the weights cannot
+        be page-locked (the caller stays on the CPU). The arguments' shapes and dtypes were
+        checked by the caller (``KtrsExperts``, ``experts.check_call``)."""
         if hidden.is_cuda and not self._register():
             return None
         topk_ids, topk_weights = topk_ids.to(hidden.device), topk_weights.to(hidden.device)
@@ -392,11 +392,16 @@ class StreamedExperts:
         ``skips_ok``)."""
         E = self.num_experts
         flat = topk_ids.reshape(-1)
-        if flat.numel():
-            lo, hi = (int(v) for v in flat.aminmax())
-            if lo < (-1 if skips_ok else 0) or hi >= E:
-                raise KtrsValueError(f"topk_ids: expert ids must be in [0, {E}), got {hi if hi >= E else lo}")
-        return torch.bincount(flat[flat >= 0], minlength=E).tolist()
+        if not flat.numel():
+            return [0] * E
+        # One read on the host (a sync: each training layer pays it) for the range and the
+        # rows; slot 0 of the shifted bincount holds the -1s.
+        lo_hi = torch.stack(flat.aminmax())
+        rows = torch.bincount(flat.clamp(-1, E - 1) + 1, minlength=E + 1)[1:]
+        lo, hi, *counts = torch.cat([lo_hi, rows]).tolist()
+        if lo < (-1 if skips_ok else 0) or hi >= E:
+            raise KtrsValueError(f"topk_ids: expert ids must be in [0, {E}), got {hi if hi >= E else lo}")
+        return counts
 
     def forward(
         self,
