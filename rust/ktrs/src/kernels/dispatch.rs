@@ -40,6 +40,7 @@ pub(super) struct KernelSet {
     pub(super) swiglu_bwd: unsafe fn(BwdPanel<'_>),
     pub(super) lora_grad: unsafe fn(GradSum<'_>, &mut [f32]),
     pub(super) project_rows: unsafe fn(&[u16], usize, usize, &[f32], usize, usize, &mut [f32]),
+    pub(super) add_low_rank: unsafe fn(&vec::LowRank<'_>, usize, &mut [f32], usize),
 }
 
 impl KernelSet {
@@ -65,6 +66,7 @@ const SCALAR: KernelSet = KernelSet {
     swiglu_bwd: epilogue::swiglu_bwd_scalar,
     lora_grad: lora_grad::portable::scalar,
     project_rows: vec::project_rows_portable::scalar,
+    add_low_rank: vec::add_low_rank_portable::scalar,
 };
 
 const AVX2: KernelSet = KernelSet {
@@ -76,6 +78,7 @@ const AVX2: KernelSet = KernelSet {
     swiglu_bwd: epilogue::swiglu_bwd_poly::avx2,
     lora_grad: lora_grad::portable::avx2,
     project_rows: vec::project_rows_portable::avx2,
+    add_low_rank: vec::add_low_rank_portable::avx2,
 };
 
 /// The AVX2 GEMM in zmm registers; the kernels that need AVX-512 F/BW/VL but not BF16
@@ -89,6 +92,7 @@ const AVX512F: KernelSet = KernelSet {
     swiglu_bwd: epilogue::swiglu_bwd_poly::avx512f,
     lora_grad: lora_grad::portable::avx512f,
     project_rows: vec::project_rows_avx512,
+    add_low_rank: vec::add_low_rank_avx512,
 };
 
 const AVX512: KernelSet = KernelSet {
@@ -100,6 +104,7 @@ const AVX512: KernelSet = KernelSet {
     swiglu_bwd: epilogue::avx512::swiglu_bwd,
     lora_grad: lora_grad::body_avx512,
     project_rows: vec::project_rows_avx512,
+    add_low_rank: vec::add_low_rank_avx512,
 };
 
 /// Only the GEMM uses tiles; everything else is AVX-512 BF16 (which AMX CPUs have).

@@ -13,11 +13,46 @@ use crate::bf16;
 use crate::buffer::SendPtr;
 use crate::error::{check_len, KtrsError, Result};
 use crate::kernels::lora_grad::{self, Cols};
+use crate::kernels::vec::LowRank;
 use crate::kernels::{epilogue, vec};
 use crate::lora::LoraMatrix as M;
 use crate::pack::{fused_row, PANEL};
+use std::ops::Range;
 
 impl MoeLayer {
+    /// The LoRA side of a backward product by `W` for its columns `o0 .. o0 + 16·np`:
+    /// `s · v · A[:, o0..]` per `(A matrix, v)`, v's rows being the pairs `rows` (none
+    /// when the forward ran without LoRA, rank 0).
+    fn lora_a_terms<'a>(
+        &'a self,
+        (r, s): (usize, f32),
+        ms: &[(M, &'a [f32])],
+        e: usize,
+        rows: Range<usize>,
+        o0: usize,
+        np: usize,
+    ) -> Vec<LowRank<'a>> {
+        let Some(l) = self.lora.as_ref().filter(|_| r > 0) else {
+            return Vec::new();
+        };
+        ms.iter()
+            .filter_map(|&(m, v)| {
+                let k = l.shape(m)[2];
+                let cols = (np * PANEL).min(k.saturating_sub(o0));
+                (cols > 0).then(|| LowRank {
+                    alpha: s,
+                    z: &v[rows.start * r..rows.end * r],
+                    r,
+                    b: &self.lora_expert(m, e)[o0..],
+                    ldb: k,
+                    cols,
+                    c0: 0,
+                    step: 1,
+                })
+            })
+            .collect()
+    }
+
     /// Refuses a cache of another layer, or one made before `set_lora` replaced the
     /// LoRA it was made with (failure-modes row 12).
     pub fn check_cache(&self, cache: &ForwardCache) -> Result<()> {
@@ -138,20 +173,9 @@ impl MoeLayer {
                 e,
                 i0,
                 np,
+                &self.lora_a_terms((r, s), &[(M::DownA, &vd)], e, off[e]..off[e + 1], i0, np),
                 |p, da| {
                     let cols = (np * PANEL).min(i.saturating_sub(i0));
-                    if r > 0 && cols > 0 {
-                        vec::combine_rows(
-                            isa,
-                            s,
-                            &vd[p * r..(p + 1) * r],
-                            &self.lora_expert(M::DownA, e)[i0..],
-                            i,
-                            r,
-                            cols,
-                            da,
-                        );
-                    }
                     let arow = &act[p * as_ + i0..];
                     // SAFETY: (pair p, block blk) and (pair p, columns i0..i0+16·np) are this task's.
                     unsafe {
@@ -319,30 +343,15 @@ impl MoeLayer {
                     e,
                     h0,
                     np,
+                    &self.lora_a_terms(
+                        (r, s),
+                        &[(M::GateA, &vg), (M::UpA, &vu)],
+                        e,
+                        off[e]..off[e + 1],
+                        h0,
+                        np,
+                    ),
                     |p, c| {
-                        let cols = (np * PANEL).min(h.saturating_sub(h0));
-                        if r > 0 && cols > 0 {
-                            vec::combine_rows(
-                                isa,
-                                s,
-                                &vg[p * r..(p + 1) * r],
-                                &self.lora_expert(M::GateA, e)[h0..],
-                                h,
-                                r,
-                                cols,
-                                c,
-                            );
-                            vec::combine_rows(
-                                isa,
-                                s,
-                                &vu[p * r..(p + 1) * r],
-                                &self.lora_expert(M::UpA, e)[h0..],
-                                h,
-                                r,
-                                cols,
-                                c,
-                            );
-                        }
                         // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
                         unsafe { dxp.slice_mut(p * h_pad + h0, np * PANEL) }.copy_from_slice(c);
                     },

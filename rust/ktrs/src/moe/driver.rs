@@ -5,11 +5,13 @@
 use super::{amx_min_rows, routing, MC, NB_MAX};
 use crate::buffer::SendPtr;
 use crate::cpu::Isa;
+use crate::kernels::vec::LowRank;
 use crate::kernels::{self, Gemm};
 use crate::pack::PANEL;
 use std::ops::Range;
 
-/// `C = A·Bᵀ` over `np` panels for the pair rows in `rows`, in chunks of `MC` rows;
+/// `C = A·Bᵀ` over `np` panels for the pair rows in `rows`, in chunks of `MC` rows, plus
+/// the rank-r `terms` (their `z` rows start at `rows.start`; LoRA-B of the adapter);
 /// `epi(pair, row)` receives each finished row of `16·np` f32 values.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm_rows(
@@ -20,6 +22,7 @@ pub(super) fn gemm_rows(
     rows: Range<usize>,
     b: &[u16],
     np: usize,
+    terms: &[LowRank<'_>],
     mut epi: impl FnMut(usize, &mut [f32]),
 ) {
     thread_local! {
@@ -55,12 +58,29 @@ pub(super) fn gemm_rows(
                     ldc,
                 },
             );
+            add_terms(isa, terms, p0 - rows.start, m, &mut c[..], ldc);
             for r in 0..m {
                 epi(p0 + r, &mut c[r * ldc..r * ldc + np * PANEL]);
             }
             p0 += m;
         }
     })
+}
+
+/// Adds each of `terms` to the `m` rows of block `c` that are rows `first..first + m` of
+/// the terms' `z`.
+pub(super) fn add_terms(
+    isa: Isa,
+    terms: &[LowRank<'_>],
+    first: usize,
+    m: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    for t in terms {
+        let z = &t.z[first * t.r..];
+        kernels::vec::add_low_rank(isa, &LowRank { z, ..*t }, m, c, ldc);
+    }
 }
 
 /// `out[t] = bf16(Σ_slot w(p) · rows[p])` over token t's pairs p (skipped slots add

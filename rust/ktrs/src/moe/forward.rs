@@ -8,6 +8,7 @@ use super::{
 use crate::bf16;
 use crate::buffer::SendPtr;
 use crate::error::{check_len, KtrsError, Result};
+use crate::kernels::vec::LowRank;
 use crate::kernels::{epilogue, vec};
 use crate::lora::LoraMatrix as M;
 use crate::pack::PANEL;
@@ -139,6 +140,24 @@ impl MoeLayer {
             // This task's columns of I: np / 2 gate panels and as many up panels.
             let (c0, cols) = (blk * nb / 2 * PANEL, np / 2 * PANEL);
             self.with_task_bt(gate_up_b, e, c0, cols, |bt| {
+                // LoRA-B of gate and up: their panels alternate in the fused block.
+                let terms = if r > 0 {
+                    let (btg, btu) = bt.split_at(r * cols);
+                    let rows = off[e] * r..off[e + 1] * r;
+                    let term = |z, b, c0| LowRank {
+                        alpha: s,
+                        z,
+                        r,
+                        b,
+                        ldb: cols,
+                        cols,
+                        c0,
+                        step: 2,
+                    };
+                    vec![term(&zg[rows.clone()], btg, 0), term(&zu[rows], btu, PANEL)]
+                } else {
+                    Vec::new()
+                };
                 gemm_rows(
                     isa,
                     x.as_slice(),
@@ -147,18 +166,12 @@ impl MoeLayer {
                     off[e]..off[e + 1],
                     b,
                     np,
+                    &terms,
                     |p, c| {
                         for half in 0..np / 2 {
                             let i0 = c0 + half * PANEL;
                             let (gate, rest) = c[half * 2 * PANEL..].split_at_mut(PANEL);
                             let upv = &mut rest[..PANEL];
-                            if r > 0 {
-                                let (zgr, zur) = (&zg[p * r..(p + 1) * r], &zu[p * r..(p + 1) * r]);
-                                let (btg, btu) = bt.split_at(r * cols);
-                                let at = half * PANEL;
-                                vec::combine_rows(isa, s, zgr, &btg[at..], cols, r, PANEL, gate);
-                                vec::combine_rows(isa, s, zur, &btu[at..], cols, r, PANEL, upv);
-                            }
                             // SAFETY: (pair p, columns i0..i0+16) belong to this task alone.
                             let ar = unsafe { ap.slice_mut(p * as_ + i0, PANEL) };
                             if save {
@@ -225,6 +238,19 @@ impl MoeLayer {
                 &zd[rows.start * r..rows.end * r]
             };
             self.with_task_bt(down_b, e, h0, cols, |bt| {
+                let terms: Vec<LowRank> = (r > 0)
+                    .then_some(LowRank {
+                        alpha: s,
+                        z,
+                        r,
+                        b: bt,
+                        ldb: cols,
+                        cols,
+                        c0: 0,
+                        step: 1,
+                    })
+                    .into_iter()
+                    .collect();
                 gemm_rows(
                     isa,
                     act.as_slice(),
@@ -233,11 +259,8 @@ impl MoeLayer {
                     rows.clone(),
                     b,
                     np,
+                    &terms,
                     |p, c| {
-                        if r > 0 {
-                            let zr = &z[(p - rows.start) * r..(p - rows.start + 1) * r];
-                            vec::combine_rows(isa, s, zr, bt, cols, r, cols, c);
-                        }
                         // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
                         unsafe { yp.slice_mut(p * h_pad + h0, cols) }.copy_from_slice(c);
                     },

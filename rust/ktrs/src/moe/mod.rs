@@ -28,7 +28,7 @@ pub(crate) fn transposed_cache_default_mb() -> usize {
     transposed_cache::default_budget_mb()
 }
 
-use driver::{gather_pairs, gemm_rows, sum_pairs_into};
+use driver::{add_terms, gather_pairs, gemm_rows, sum_pairs_into};
 use packing::{pack_expert, pack_panel, panel_source};
 use schedule::{expert_blocks, expert_runs};
 use transposed_cache::MatrixCache;

@@ -13,9 +13,10 @@
 //! H=7168, was measured slower on the AMX machine; see docs/architecture.md.)
 
 use super::transposed_cache::MatrixCache;
-use super::{gemm_rows, NB_MAX};
+use super::{add_terms, gemm_rows, NB_MAX};
 use crate::cpu::Isa;
 use crate::kernels;
+use crate::kernels::vec::LowRank;
 use crate::pack::{ExpertPack, PANEL};
 use std::cell::RefCell;
 use std::ops::Range;
@@ -27,7 +28,7 @@ thread_local! {
 
 /// `A[rows] · W` for the 16·np columns from `c0` of expert e's weights (given by their
 /// forward packing; `cache` holds the transposed blocks of this matrix);
-/// `epi(pair, row)` gets each finished row.
+/// plus the rank-r `terms` (as in `gemm_rows`); `epi(pair, row)` gets each finished row.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm_t_rows(
     isa: Isa,
@@ -39,12 +40,13 @@ pub(super) fn gemm_t_rows(
     e: usize,
     c0: usize,
     np: usize,
+    terms: &[LowRank<'_>],
     mut epi: impl FnMut(usize, &mut [f32]),
 ) {
     let m = rows.len();
     if m > direct_rows() {
         if let Some(blk) = cache.block(isa, pack, e, c0, np) {
-            return gemm_rows(isa, a, lda, pack.shape.n_pad, rows, blk, np, epi);
+            return gemm_rows(isa, a, lda, pack.shape.n_pad, rows, blk, np, terms, epi);
         }
         return TRANSPOSED.with(|cell| {
             let mut buf = cell.borrow_mut();
@@ -53,7 +55,17 @@ pub(super) fn gemm_t_rows(
                 buf.resize(len, 0);
             }
             kernels::transpose_block(isa, pack.expert(e), pack.shape, c0, np, &mut buf[..len]);
-            gemm_rows(isa, a, lda, pack.shape.n_pad, rows, &buf[..len], np, epi)
+            gemm_rows(
+                isa,
+                a,
+                lda,
+                pack.shape.n_pad,
+                rows,
+                &buf[..len],
+                np,
+                terms,
+                epi,
+            )
         });
     }
     let ldc = np * PANEL;
@@ -70,6 +82,7 @@ pub(super) fn gemm_t_rows(
         ldc,
     };
     kernels::gemm_transposed(isa, g);
+    add_terms(isa, terms, 0, m, &mut c, ldc);
     for (r, p) in rows.enumerate() {
         epi(p, &mut c[r * ldc..(r + 1) * ldc]);
     }
@@ -141,9 +154,17 @@ mod probe {
                         if label == "forward gemm" {
                             for b in 0..shape.panels() / np {
                                 let bw = &w[b * np * shape.panel_len()..];
-                                gemm_rows(isa, &a_f, lda_f, shape.k_pad, 0..m, bw, np, |_, c| {
-                                    sink += c[0]
-                                });
+                                gemm_rows(
+                                    isa,
+                                    &a_f,
+                                    lda_f,
+                                    shape.k_pad,
+                                    0..m,
+                                    bw,
+                                    np,
+                                    &[],
+                                    |_, c| sink += c[0],
+                                );
                             }
                         } else if label == "repack only" {
                             let mut t = vec![0u16; np * PANEL * shape.n_pad];
@@ -163,6 +184,7 @@ mod probe {
                                     e,
                                     b * np * PANEL,
                                     np,
+                                    &[],
                                     |_, c| sink += c[0],
                                 );
                             }
