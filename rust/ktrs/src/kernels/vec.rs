@@ -179,7 +179,7 @@ pub(crate) fn add_low_rank(isa: Isa, t: &LowRank<'_>, rows: usize, c: &mut [f32]
     }
     let last_col = t.c0 + (t.cols - 1) / 16 * 16 * t.step + (t.cols - 1) % 16;
     assert!(t.step >= 1 && last_col < ldc, "columns past the row");
-    assert!(c.len() >= (rows - 1) * ldc + last_col + 1, "c too short");
+    assert!(c.len() > (rows - 1) * ldc + last_col, "c too short");
     assert!(t.z.len() >= rows * t.r, "z too short");
     assert!(
         t.ldb >= t.cols && t.b.len() >= (t.r - 1) * t.ldb + t.cols,
