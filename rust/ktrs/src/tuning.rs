@@ -39,12 +39,15 @@ pub enum Knob {
     /// of physical memory (0 if unknown). Lowering it frees nothing already kept; it
     /// bounds what is added.
     TransposedCacheMb,
+    /// Rows per GEMM call inside a task (`moe::driver::gemm_rows`), at most 384; the C
+    /// block of that many rows stays in the thread's cache for the epilogue.
+    GemmRows,
 }
 
 /// Marks a default computed at first use (see [`default_of`]).
 const COMPUTED: usize = usize::MAX - 1;
 
-const ALL: [(Knob, &str, usize); 11] = [
+const ALL: [(Knob, &str, usize); 12] = [
     (Knob::TaskPanels, "KTRS_NB", 0),
     (Knob::AmxMinRows, "KTRS_AMX_MIN_ROWS", 8),
     (Knob::AmxKBlock, "KTRS_AMX_KBLOCK", 0),
@@ -60,6 +63,7 @@ const ALL: [(Knob, &str, usize); 11] = [
         "KTRS_TRANSPOSED_CACHE_MB",
         COMPUTED,
     ),
+    (Knob::GemmRows, "KTRS_MC", 96),
 ];
 
 /// The default of a knob whose table entry is [`COMPUTED`].

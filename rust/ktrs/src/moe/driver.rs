@@ -1,8 +1,9 @@
 //! The GEMM driver of the expert phases and the row-wise data movement around it:
 //! gathering token rows into expert order, the GEMM over an expert's rows in blocks of
-//! `MC` with a per-row epilogue, and the weighted sum of each token's pairs.
+//! `KTRS_MC` rows (rank-r terms added per block) with a per-row epilogue, and the
+//! weighted sum of each token's pairs.
 
-use super::{amx_min_rows, routing, MC, NB_MAX};
+use super::{amx_min_rows, gemm_call_rows, routing, MC_MAX, NB_MAX};
 use crate::buffer::SendPtr;
 use crate::cpu::Isa;
 use crate::kernels::vec::LowRank;
@@ -10,7 +11,7 @@ use crate::kernels::{self, Gemm};
 use crate::pack::PANEL;
 use std::ops::Range;
 
-/// `C = A·Bᵀ` over `np` panels for the pair rows in `rows`, in chunks of `MC` rows, plus
+/// `C = A·Bᵀ` over `np` panels for the pair rows in `rows`, in chunks of `KTRS_MC` rows, plus
 /// the rank-r `terms` (their `z` rows start at `rows.start`; LoRA-B of the adapter);
 /// `epi(pair, row)` receives each finished row of `16·np` f32 values.
 #[allow(clippy::too_many_arguments)]
@@ -38,12 +39,13 @@ pub(super) fn gemm_rows(
     C.with(|cell| {
         let mut c = cell.borrow_mut();
         if c.is_empty() {
-            c.resize(MC * NB_MAX * PANEL, 0.0);
+            c.resize(MC_MAX * NB_MAX * PANEL, 0.0);
         }
         let ldc = np * PANEL;
+        let mc = gemm_call_rows();
         let mut p0 = rows.start;
         while p0 < rows.end {
-            let m = (rows.end - p0).min(MC);
+            let m = (rows.end - p0).min(mc);
             kernels::gemm(
                 isa,
                 Gemm {
@@ -53,8 +55,9 @@ pub(super) fn gemm_rows(
                     b,
                     np,
                     k_pad,
-                    // All MC rows: the rows past m are scratch the kernel may write.
-                    c: &mut c[..MC * ldc],
+                    // All mc rows (whole 32-row blocks): the rows past m are scratch the
+                    // kernel may write.
+                    c: &mut c[..mc.next_multiple_of(32) * ldc],
                     ldc,
                 },
             );

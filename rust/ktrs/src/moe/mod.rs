@@ -139,9 +139,13 @@ pub enum GradTarget<'a> {
 
 /// Most panels per GEMM task (see [`MoeLayer::task_panels`]).
 const NB_MAX: usize = 16;
-/// Rows per GEMM call inside a task: a multiple of the AVX-512 block height (6) and of
-/// the AMX block height (32).
-const MC: usize = 96;
+/// Most rows per GEMM call inside a task; the call's rows are the `KTRS_MC` knob
+/// (default 96: a multiple of the AVX-512 block height, 6, and of the AMX one, 32).
+const MC_MAX: usize = 384;
+
+fn gemm_call_rows() -> usize {
+    crate::tuning::get(crate::tuning::Knob::GemmRows).clamp(16, MC_MAX)
+}
 /// Extra zero rows after every GEMM input buffer, so AMX may read a whole 32-row block
 /// past an expert's last row (those results are dropped).
 pub(crate) const ROW_PAD: usize = 32;
