@@ -210,7 +210,7 @@ def test_forked_child_computes_the_same():
 KNOB_SETTINGS = [
     ("KTRS_NB", 2), ("KTRS_NB", 8), ("KTRS_NB", 16), ("KTRS_AMX_KBLOCK", 2),
     ("KTRS_AMX_ROWS_OUTER", 1), ("KTRS_AMX_PF", 4), ("KTRS_AMX_PF_L2", 1), ("KTRS_AMX_PIPELINE", 0),
-    ("KTRS_MC", 32), ("KTRS_MC", 200),
+    ("KTRS_MC", 32), ("KTRS_MC", 200), ("KTRS_AMX_TAIL16", 0),
 ]
 
 

@@ -5,7 +5,10 @@
 //! Knobs change speed (or, `KTRS_PROFILE`, print timings; `KTRS_TRANSPOSED_CACHE_MB`
 //! trades memory for backward speed). Those that pick another
 //! kernel for some experts (`KTRS_AMX_MIN_ROWS`, `KTRS_BWD_DIRECT_ROWS`) change rounding;
-//! the others give the same bits (tests/test_experts.py checks each).
+//! the others give the same bits (tests/test_experts.py checks each). `KTRS_AMX_TAIL16`
+//! is among the latter: a layer's GEMM inputs have rows to spare, so a last block of
+//! ≤ 16 rows runs the same tile products either way (only a GEMM whose A ends at its
+//! last row would hand such a tail to AVX-512 under `KTRS_AMX_TAIL16=0`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -42,12 +45,15 @@ pub enum Knob {
     /// Rows per GEMM call inside a task (`moe::driver::gemm_rows`), at most 384; the C
     /// block of that many rows stays in the thread's cache for the epilogue.
     GemmRows,
+    /// 1 = AMX takes an expert's rows in steps of 16 (a last block of ≤ 16 rows runs one
+    /// A tile), 0 = in steps of 32 (the padded rows of the last block cost full products).
+    AmxTail16,
 }
 
 /// Marks a default computed at first use (see [`default_of`]).
 const COMPUTED: usize = usize::MAX - 1;
 
-const ALL: [(Knob, &str, usize); 12] = [
+const ALL: [(Knob, &str, usize); 13] = [
     (Knob::TaskPanels, "KTRS_NB", 0),
     (Knob::AmxMinRows, "KTRS_AMX_MIN_ROWS", 8),
     (Knob::AmxKBlock, "KTRS_AMX_KBLOCK", 0),
@@ -64,6 +70,7 @@ const ALL: [(Knob, &str, usize); 12] = [
         COMPUTED,
     ),
     (Knob::GemmRows, "KTRS_MC", 96),
+    (Knob::AmxTail16, "KTRS_AMX_TAIL16", 1),
 ];
 
 /// The default of a knob whose table entry is [`COMPUTED`].

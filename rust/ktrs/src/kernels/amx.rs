@@ -1,7 +1,8 @@
 //! AMX-BF16 GEMM: `tdpbf16ps` with a 2×2 tile block (32 rows × 32 columns of f32 in
 //! tmm0–3, A in tmm4–5, B in tmm6–7), emitted with inline `asm!` because AMX intrinsics
 //! are unstable in Rust. B tiles are read straight from the packed panels (16 pair rows
-//! of 64 bytes = one panel's K-block of 32), so no repacking happens at run time.
+//! of 64 bytes = one panel's K-block of 32), so no repacking happens at run time. A last
+//! row block of at most 16 rows runs a 1×2 block (one A tile) instead of paying for 32.
 //!
 //! The blocking logic is written once, generic over [`TileKernel`]; [`Emulated`] runs the
 //! same tile operations in plain Rust, so the driver and the packing are tested on
@@ -15,7 +16,8 @@ pub(crate) const MR: usize = 32;
 const TILE_K: usize = 32; // bf16 per A-tile row
 const B_TILE_U16: usize = 16 * 2 * PANEL; // one B tile: 16 pair rows × 16 lanes × 2
 
-/// One 2×2 tile step: `c[32×32] = A[32 rows, 32·kblocks] · [panel b0 | panel b1]`.
+/// One 2×2 tile step: `c[32×32] = A[32 rows, 32·kblocks] · [panel b0 | panel b1]`, and
+/// its 1×2 form for a 16-row tail.
 pub(crate) trait TileKernel {
     /// Prepares the tile unit for a run of micro-kernels on this thread.
     unsafe fn begin();
@@ -53,6 +55,21 @@ pub(crate) trait TileKernel {
     /// `a.lda`, advancing `a.step` u16 per K block.
     unsafe fn run_gen(
         a: ATile,
+        b0: *const u16,
+        b1: *const u16,
+        kblocks: usize,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    );
+    /// The 1×2 step: `c[16×32] (+)= A[16 rows, 32·kblocks] · [panel b0 | panel b1]`.
+    ///
+    /// # Safety
+    /// As [`TileKernel::run_acc`], for 16 rows of `a` and `c`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_half(
+        a: *const u16,
+        lda: usize,
         b0: *const u16,
         b1: *const u16,
         kblocks: usize,
@@ -119,33 +136,55 @@ macro_rules! pf_tile {
     };
 }
 
-/// One `asm!` block of the 2×2 micro-kernel: the K-loop template lines `[...]`, then
-/// the stores of C and the operands every variant shares (`$($op)*`: extra ones).
-macro_rules! tile_asm {
-    ([$($t:expr),* $(,)?], $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr; $($op:tt)*) => {
+/// One `asm!` block of a micro-kernel: its C tiles `[register name = address, ...]`
+/// loaded (`$load_c`) or zeroed, the K-loop template lines `[...]`, the C tiles stored;
+/// with the operands every kernel shares (`$($op)*`: extra ones). One block from C to C:
+/// the compiler cannot place anything between the K loop and the C tiles it keeps.
+macro_rules! micro_asm {
+    ([$($r:literal $cn:ident = $cp:expr),+ $(,)?], [$($t:expr),* $(,)?],
+     $a0:expr, $lda:expr, $astep:expr, $b0:expr, $b1:expr, $kb:expr, $ldc:expr, $load_c:expr;
+     $($op:tt)*) => {
         std::arch::asm!(
+            "test {load_c}, {load_c}",
+            "jz 7f",
+            $(concat!("tileloadd ", $r, ", [{", stringify!($cn), "} + {ldc}*1]"),)+
+            "jmp 8f",
+            "7:",
+            $(concat!("tilezero ", $r),)+
+            "8:",
             $($t,)*
-            "tilestored [{c0} + {ldc}*1], tmm0",
-            "tilestored [{c1} + {ldc}*1], tmm1",
-            "tilestored [{c2} + {ldc}*1], tmm2",
-            "tilestored [{c3} + {ldc}*1], tmm3",
-            a0 = inout(reg) $a.a => _,
-            a1 = inout(reg) $a.a1 => _,
+            $(concat!("tilestored [{", stringify!($cn), "} + {ldc}*1], ", $r),)+
+            a0 = inout(reg) $a0 => _,
+            lda = in(reg) $lda * 2,
+            astep = in(reg) $astep * 2,
             b0 = inout(reg) $b0 => _,
             b1 = inout(reg) $b1 => _,
             kb = inout(reg) $kb => _,
-            lda = in(reg) $a.lda * 2,
-            astep = in(reg) $a.step * 2,
             ldb = in(reg) 64usize,
             ldc = in(reg) $ldc * 4,
-            c0 = in(reg) $c,
-            c1 = in(reg) $c.add(16),
-            c2 = in(reg) $c.add(16 * $ldc),
-            c3 = in(reg) $c.add(16 * $ldc + 16),
+            load_c = in(reg) usize::from($load_c),
+            $($cn = in(reg) $cp,)+
             $($op)*
             out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
             out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
             options(nostack),
+        )
+    };
+}
+
+/// `micro_asm!` of the 2×2 block: C in tmm0–3, A rows 16–31 at `{a1}`.
+macro_rules! tile_asm {
+    ([$($t:expr),* $(,)?], $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr, $load_c:expr;
+     $($op:tt)*) => {
+        micro_asm!(
+            [
+                "tmm0" c0 = $c,
+                "tmm1" c1 = $c.add(16),
+                "tmm2" c2 = $c.add(16 * $ldc),
+                "tmm3" c3 = $c.add(16 * $ldc + 16),
+            ],
+            [$($t),*], $a.a, $a.lda, $a.step, $b0, $b1, $kb, $ldc, $load_c;
+            a1 = inout(reg) $a.a1 => _, $($op)*
         )
     };
 }
@@ -160,7 +199,7 @@ macro_rules! tile_asm {
 /// `$pf` are extra template lines at the top of every iteration (prefetch), `$($op)*`
 /// their operands.
 macro_rules! k_loop {
-    (first, $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr; $($pf:expr),*; $($op:tt)*) => {
+    (first, $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr, $lc:expr; $($pf:expr),*; $($op:tt)*) => {
         tile_asm!([
             "2:",
             $($pf,)*
@@ -178,9 +217,9 @@ macro_rules! k_loop {
             "add {b1}, 1024",
             "dec {kb}",
             "jnz 2b",
-        ], $a, $b0, $b1, $kb, $c, $ldc; $($op)*)
+        ], $a, $b0, $b1, $kb, $c, $ldc, $lc; $($op)*)
     };
-    (pipelined, $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr; $($pf:expr),*; $($op:tt)*) => {
+    (pipelined, $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr, $lc:expr; $($pf:expr),*; $($op:tt)*) => {
         tile_asm!([
             "tileloadd tmm4, [{a0} + {lda}*1]",
             "tileloadd tmm6, [{b0} + {ldb}*1]",
@@ -209,18 +248,18 @@ macro_rules! k_loop {
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-        ], $a, $b0, $b1, $kb, $c, $ldc; $($op)*)
+        ], $a, $b0, $b1, $kb, $c, $ldc, $lc; $($op)*)
     };
 }
 
 /// `k_loop!` of variant `$v` with the B prefetch this process is tuned for.
 macro_rules! k_loop_prefetched {
-    ($v:ident, $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr) => {
+    ($v:ident, $a:expr, $b0:expr, $b1:expr, $kb:expr, $c:expr, $ldc:expr, $lc:expr) => {
         match b_prefetch() {
-            (0, _) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc; ; ),
-            (pf, true) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc;
+            (0, _) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc, $lc; ; ),
+            (pf, true) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc, $lc;
                 pf_tile!("prefetcht0", "b0"), pf_tile!("prefetcht0", "b1"); pf = in(reg) pf,),
-            (pf, false) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc;
+            (pf, false) => k_loop!($v, $a, $b0, $b1, $kb, $c, $ldc, $lc;
                 pf_tile!("prefetcht1", "b0"), pf_tile!("prefetcht1", "b1"); pf = in(reg) pf,),
         }
     };
@@ -243,31 +282,66 @@ impl TileKernel for Hardware {
         ldc: usize,
         load_c: bool,
     ) {
-        if load_c {
-            std::arch::asm!(
-                "tileloadd tmm0, [{c0} + {ldc}*1]",
-                "tileloadd tmm1, [{c1} + {ldc}*1]",
-                "tileloadd tmm2, [{c2} + {ldc}*1]",
-                "tileloadd tmm3, [{c3} + {ldc}*1]",
-                c0 = in(reg) c, c1 = in(reg) c.add(16), c2 = in(reg) c.add(16 * ldc), c3 = in(reg) c.add(16 * ldc + 16),
-                ldc = in(reg) ldc * 4,
-                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-                options(nostack, readonly),
-            );
-        } else {
-            std::arch::asm!(
-                "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-                options(nostack, nomem),
-            );
-        }
-        // C stays in tmm0-3 between the blocks: nothing between them touches tiles.
         debug_assert!(kblocks > 0);
         if pipelined() {
-            k_loop_prefetched!(pipelined, a, b0, b1, kblocks, c, ldc)
+            k_loop_prefetched!(pipelined, a, b0, b1, kblocks, c, ldc, load_c)
         } else {
-            k_loop_prefetched!(first, a, b0, b1, kblocks, c, ldc)
+            k_loop_prefetched!(first, a, b0, b1, kblocks, c, ldc, load_c)
         }
+    }
+
+    unsafe fn run_half(
+        a: *const u16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        kblocks: usize,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) {
+        debug_assert!(kblocks > 0);
+        // Every operand tile is read by the products of its own K block only, and a load
+        // waits for the products reading its register: the K blocks alternate between
+        // two register sets (A tmm4, B tmm6–7 / A tmm5, B tmm2–3), so the next block's
+        // loads are issued before this block's products without waiting on them.
+        micro_asm!(["tmm0" c0 = c, "tmm1" c1 = c.add(16)], [
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "dec {kb}",
+            "jz 4f",
+            "2:",
+            "add {a0}, {astep}",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "tileloadd tmm5, [{a0} + {lda}*1]",
+            "tileloadd tmm2, [{b0} + {ldb}*1]",
+            "tileloadd tmm3, [{b1} + {ldb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "dec {kb}",
+            "jz 5f",
+            "add {a0}, {astep}",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "tdpbf16ps tmm0, tmm5, tmm2",
+            "tdpbf16ps tmm1, tmm5, tmm3",
+            "dec {kb}",
+            "jnz 2b",
+            // The last block in the first set (an odd count) or in the second.
+            "4:",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "jmp 6f",
+            "5:",
+            "tdpbf16ps tmm0, tmm5, tmm2",
+            "tdpbf16ps tmm1, tmm5, tmm3",
+            "6:",
+        ], a, lda, TILE_K, b0, b1, kblocks, ldc, load_c; )
     }
 
     unsafe fn end() {
@@ -292,8 +366,46 @@ impl TileKernel for Emulated {
         ldc: usize,
         load_c: bool,
     ) {
+        Self::tiles(MR, a, b0, b1, kblocks, c, ldc, load_c)
+    }
+
+    unsafe fn run_half(
+        a: *const u16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        kblocks: usize,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) {
+        let a = ATile {
+            a,
+            a1: a, // not read: 16 rows
+            lda,
+            step: TILE_K,
+        };
+        Self::tiles(16, a, b0, b1, kblocks, c, ldc, load_c)
+    }
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl Emulated {
+    /// `rows` (16 or 32) rows of C, from the A tiles of `a` that cover them.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tiles(
+        rows: usize,
+        a: ATile,
+        b0: *const u16,
+        b1: *const u16,
+        kblocks: usize,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) {
         use crate::bf16::to_f32;
-        let mut acc = [[0f32; 32]; 32];
+        let mut acc = [[0f32; 32]; MR];
+        let acc = &mut acc[..rows];
         if load_c {
             for (r, row) in acc.iter_mut().enumerate() {
                 std::ptr::copy_nonoverlapping(c.add(r * ldc), row.as_mut_ptr(), 32);
@@ -325,16 +437,17 @@ impl TileKernel for Emulated {
     }
 }
 
-/// The rows `0 .. m32` (a multiple of 32) of `g` with tile kernel `K`. The caller makes
-/// sure A has 32-row blocks readable up to `m32` and `np` is even. When `g.c` has room
-/// for `m32` rows, the tiles are stored straight into it (rows past `m` included);
-/// otherwise through a block of its own.
+/// The rows `0 .. m16` (a multiple of 16) of `g` with tile kernel `K`: 32-row chunks
+/// with the 2×2 block, a last 16-row one (when `m16` is an odd multiple of 16) with the
+/// 1×2. The caller makes sure A has rows readable up to `m16` and `np` is even. When
+/// `g.c` has room for `m16` rows, the tiles are stored straight into it (rows past `m`
+/// included); otherwise through a block of its own.
 ///
 /// # Safety
 /// `K`'s hardware must be usable on this thread; bounds as stated.
-pub(crate) unsafe fn gemm_tiles<K: TileKernel>(g: &mut Gemm<'_>, m32: usize) {
+pub(crate) unsafe fn gemm_tiles<K: TileKernel>(g: &mut Gemm<'_>, m16: usize) {
     debug_assert!(
-        m32.is_multiple_of(MR) && g.np.is_multiple_of(2) && m32 <= g.m.next_multiple_of(MR)
+        m16.is_multiple_of(16) && g.np.is_multiple_of(2) && m16 <= g.m.next_multiple_of(MR)
     );
     let panel_len = g.k_pad * PANEL;
     let kblocks = g.k_pad / TILE_K;
@@ -342,58 +455,65 @@ pub(crate) unsafe fn gemm_tiles<K: TileKernel>(g: &mut Gemm<'_>, m32: usize) {
         0 => kblocks,
         s => s.min(kblocks),
     };
-    let (chunks, pairs) = (m32 / MR, g.np / 2);
-    let direct = g.c.len() >= m32 * g.ldc;
-    // Otherwise one 32×32 f32 accumulator block per (row chunk, panel pair).
+    let (chunks, pairs) = (m16.div_ceil(MR), g.np / 2);
+    let half = !m16.is_multiple_of(MR); // the last chunk has 16 rows
+    let direct = g.c.len() >= m16 * g.ldc;
+    // Otherwise the accumulators of the `m16` rows, 32 columns per panel pair.
     let mut tiles = if direct {
         Vec::new()
     } else {
-        vec![0f32; chunks * pairs * MR * 32]
+        vec![0f32; m16 * pairs * 32]
     };
     let (cbase, ldc) = if direct {
         (g.c.as_mut_ptr(), g.ldc)
     } else {
         (tiles.as_mut_ptr(), pairs * 32)
     };
-    let c_at = |ch: usize, pp: usize| cbase.add(ch * MR * ldc + pp * 32);
     K::begin();
     for kb0 in (0..kblocks).step_by(kstep) {
         let kn = kstep.min(kblocks - kb0);
-        let b_at = |pp: usize| {
+        let run = |ch: usize, pp: usize| {
+            let a = g.a.as_ptr().add(ch * MR * g.lda + kb0 * TILE_K);
             let b0 = g.b.as_ptr().add(2 * pp * panel_len + kb0 * B_TILE_U16);
-            (b0, b0.add(panel_len))
+            let b1 = b0.add(panel_len);
+            let c = cbase.add(ch * MR * ldc + pp * 32);
+            if half && ch == chunks - 1 {
+                K::run_half(a, g.lda, b0, b1, kn, c, ldc, kb0 > 0)
+            } else {
+                K::run_acc(a, g.lda, b0, b1, kn, c, ldc, kb0 > 0)
+            }
         };
-        let a_at = |ch: usize| g.a.as_ptr().add(ch * MR * g.lda + kb0 * TILE_K);
         if rows_outer() {
             // A row chunk stays in L2 (L1 for short K) while every panel pair passes.
             for ch in 0..chunks {
                 for pp in 0..pairs {
-                    let (b0, b1) = b_at(pp);
-                    K::run_acc(a_at(ch), g.lda, b0, b1, kn, c_at(ch, pp), ldc, kb0 > 0);
+                    run(ch, pp);
                 }
             }
         } else {
             // The B block of a panel pair stays in L2 while every row chunk passes.
             for pp in 0..pairs {
-                let (b0, b1) = b_at(pp);
                 for ch in 0..chunks {
-                    K::run_acc(a_at(ch), g.lda, b0, b1, kn, c_at(ch, pp), ldc, kb0 > 0);
+                    run(ch, pp);
                 }
             }
         }
     }
     K::end();
     if !direct {
-        for ch in 0..chunks {
-            for pp in 0..pairs {
-                let t = &tiles[ch * MR * ldc + pp * 32..];
-                for r in 0..MR.min(g.m - ch * MR) {
-                    let row = ch * MR + r;
-                    g.c[row * g.ldc + pp * 32..row * g.ldc + pp * 32 + 32]
-                        .copy_from_slice(&t[r * ldc..r * ldc + 32]);
-                }
-            }
+        for r in 0..m16.min(g.m) {
+            g.c[r * g.ldc..r * g.ldc + ldc].copy_from_slice(&tiles[r * ldc..(r + 1) * ldc]);
         }
+    }
+}
+
+/// Rows the AMX part of a GEMM call is rounded to: 16 with the 1×2 tail block, 32
+/// without (`KTRS_AMX_TAIL16=0`, for A/B runs).
+pub(crate) fn row_step() -> usize {
+    if crate::tuning::get(crate::tuning::Knob::AmxTail16) == 1 {
+        16
+    } else {
+        MR
     }
 }
 

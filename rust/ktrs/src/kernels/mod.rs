@@ -111,8 +111,9 @@ unsafe fn amx_gemm(g: Gemm<'_>) {
 pub(crate) static EMULATE_AMX: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// AMX for as many whole 32-row blocks as A can supply (a partial last block is fine
-/// when A has readable rows past `m`: the extra results are dropped), AVX-512 for the rest.
+/// AMX for as many whole 16-row blocks (32 with `KTRS_AMX_TAIL16=0`) as A can supply (a
+/// partial last block is fine when A has readable rows past `m`: the extra results are
+/// dropped), AVX-512 for the rest.
 ///
 /// # Safety
 /// `K` must be usable on this CPU (and AVX-512 BF16 for the remainder).
@@ -122,20 +123,21 @@ unsafe fn amx_split<K: amx::TileKernel>(mut g: Gemm<'_>) {
     } else {
         0
     };
-    let m32 = (g.m.next_multiple_of(amx::MR).min(rows_readable) / amx::MR) * amx::MR;
-    let m32 = if g.np.is_multiple_of(2) { m32 } else { 0 };
-    if m32 > 0 {
-        amx::gemm_tiles::<K>(&mut g, m32);
+    let step = amx::row_step();
+    let m_amx = (g.m.next_multiple_of(step).min(rows_readable) / step) * step;
+    let m_amx = if g.np.is_multiple_of(2) { m_amx } else { 0 };
+    if m_amx > 0 {
+        amx::gemm_tiles::<K>(&mut g, m_amx);
     }
-    if m32 < g.m {
+    if m_amx < g.m {
         let rest = Gemm {
-            m: g.m - m32,
-            a: &g.a[m32 * g.lda..],
+            m: g.m - m_amx,
+            a: &g.a[m_amx * g.lda..],
             lda: g.lda,
             b: g.b,
             np: g.np,
             k_pad: g.k_pad,
-            c: &mut g.c[m32 * g.ldc..],
+            c: &mut g.c[m_amx * g.ldc..],
             ldc: g.ldc,
         };
         avx512::gemm(rest);
@@ -320,15 +322,19 @@ mod tests {
             return;
         }
         let mut seed = 9u64;
-        // K blocks of 32: 64, 3, 1 and 2 (the pipelined loop's short cases).
+        // K blocks of 32: 64, 3, 1 and 2 (the pipelined loop's short cases, and odd and
+        // even counts for the 1×2 tail's two register sets); rows with a 16-row tail
+        // (70: two 32-row blocks and one of 16) and a tail alone (16).
         for k in [2048, 96, 32, 64] {
-            amx_loop_variants_same_bits_at(k, &mut seed);
+            for m in [70, 16] {
+                amx_loop_variants_same_bits_at(m, k, &mut seed);
+            }
         }
     }
 
-    fn amx_loop_variants_same_bits_at(k: usize, seed: &mut u64) {
+    fn amx_loop_variants_same_bits_at(m: usize, k: usize, seed: &mut u64) {
         use crate::tuning::{set, Knob};
-        let (m, n) = (70, 96);
+        let n = 96;
         let mut seed = *seed;
         let (sh, _, pw) = rand_packed(n, k, &mut seed);
         let lda = sh.k_pad + 32;
@@ -357,7 +363,10 @@ mod tests {
             (Knob::AmxPrefetchKib, 1),
             (Knob::AmxPrefetchKib, 4),
             (Knob::AmxKBlock, 8),
+            (Knob::AmxKBlock, 3),
             (Knob::AmxRowsOuter, 1),
+            // The tail's rows in a 32-row block: the same tile products.
+            (Knob::AmxTail16, 0),
         ] {
             set(knob, Some(v));
             let got = run();
@@ -366,22 +375,47 @@ mod tests {
                 got.iter()
                     .zip(&base)
                     .all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{knob:?}={v} at k={k}"
+                "{knob:?}={v} at m={m} k={k}"
             );
         }
     }
 
-    /// The AMX blocking and packing logic with TDPBF16PS emulated in Rust, so it is
-    /// exercised on machines without AMX (the real tiles run the same driver).
+    /// The AMX blocking and packing logic against the scalar kernel, with TDPBF16PS
+    /// emulated in Rust (so it is exercised on machines without AMX) and on the real tiles
+    /// where the CPU has them: rows ending in a 16-row tail (m % 32 in 1..=16) or in a
+    /// whole 32-row block (17..=31), with and without readable rows past m, C stored
+    /// straight and through a block of its own, under the knobs that change the blocking.
     #[test]
-    fn amx_driver_with_emulated_tiles_matches_scalar() {
+    fn amx_driver_matches_scalar() {
+        amx_driver_matches_scalar_on::<amx::Emulated>("emulated");
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Amx.check_available().is_ok() {
+            amx_driver_matches_scalar_on::<amx::Hardware>("hardware");
+        }
+    }
+
+    fn amx_driver_matches_scalar_on<K: amx::TileKernel>(tiles: &str) {
+        use crate::tuning::{set, Knob};
+        let settings: [&[(Knob, usize)]; 4] = [
+            &[],
+            &[(Knob::AmxKBlock, 2)],
+            &[(Knob::AmxKBlock, 3), (Knob::AmxRowsOuter, 1)],
+            &[(Knob::AmxTail16, 0)],
+        ];
+        let _guard = crate::tuning::test_override_guard();
         let mut seed = 8u64;
         for &(m, n, k, extra_rows) in &[
             (32, 32, 32, 0),
+            (16, 32, 64, 0),
+            (24, 64, 32, 0),
             (45, 64, 96, 0),
             (45, 64, 96, 32),
             (7, 32, 2050, 32),
+            (57, 64, 96, 0),
+            (57, 64, 96, 7),
             (70, 96, 64, 0),
+            (70, 96, 160, 32),
+            (90, 32, 224, 0),
         ] {
             let (sh, _, pw) = rand_packed(n, k, &mut seed);
             let lda = sh.k_pad;
@@ -401,39 +435,49 @@ mod tests {
                     ldc,
                 },
             );
-            // Without and with scratch rows past m in C (the direct-store path).
-            for c_rows in [m, m.next_multiple_of(amx::MR)] {
-                let mut got = vec![f32::NAN; c_rows * ldc];
-                let mut want = want.clone();
-                let g = Gemm {
-                    m,
-                    a: &a,
-                    lda,
-                    b: &pw,
-                    np: sh.panels(),
-                    k_pad: sh.k_pad,
-                    c: &mut got,
-                    ldc,
-                };
-                if Isa::Avx512.check_available().is_ok() {
-                    unsafe { amx_split::<amx::Emulated>(g) };
-                } else {
-                    let mut g = g;
-                    let m32 = (m / amx::MR) * amx::MR;
-                    unsafe { amx::gemm_tiles::<amx::Emulated>(&mut g, m32) };
-                    for i in m32..m {
-                        let row = i * ldc;
-                        want[row..row + ldc].copy_from_slice(&vec![f32::NAN; ldc]);
+            for knobs in settings {
+                for &(knob, v) in knobs {
+                    set(knob, Some(v));
+                }
+                // Without and with scratch rows past m in C (the direct-store path).
+                let mut c_rows = vec![m, m.next_multiple_of(16), m.next_multiple_of(amx::MR)];
+                c_rows.dedup();
+                for c_rows in c_rows {
+                    let mut got = vec![f32::NAN; c_rows * ldc];
+                    let mut want = want.clone();
+                    let g = Gemm {
+                        m,
+                        a: &a,
+                        lda,
+                        b: &pw,
+                        np: sh.panels(),
+                        k_pad: sh.k_pad,
+                        c: &mut got,
+                        ldc,
+                    };
+                    if Isa::Avx512.check_available().is_ok() {
+                        unsafe { amx_split::<K>(g) };
+                    } else {
+                        let mut g = g;
+                        let m_amx = m / amx::row_step() * amx::row_step();
+                        unsafe { amx::gemm_tiles::<K>(&mut g, m_amx) };
+                        for i in m_amx..m {
+                            want[i * ldc..(i + 1) * ldc].fill(f32::NAN);
+                        }
+                    }
+                    for i in 0..m {
+                        for o in 0..sh.n_pad {
+                            let (x, y) = (got[i * ldc + o], want[i * ldc + o]);
+                            assert!(
+                                x.is_nan() && y.is_nan() || (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                                "{tiles} {knobs:?} m{m} n{n} k{k} +{extra_rows} c_rows {c_rows} \
+                                 ({i},{o}) {x} vs {y}"
+                            );
+                        }
                     }
                 }
-                for i in 0..m {
-                    for o in 0..sh.n_pad {
-                        let (x, y) = (got[i * ldc + o], want[i * ldc + o]);
-                        assert!(
-                            x.is_nan() && y.is_nan() || (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                            "m{m} n{n} k{k} c_rows {c_rows} ({i},{o}) {x} vs {y}"
-                        );
-                    }
+                for &(knob, _) in knobs {
+                    set(knob, None);
                 }
             }
         }
@@ -450,6 +494,8 @@ mod tests {
             (13, 96, 1407),
             (6, 40, 64),
             (31, 2050 / 10, 96),
+            // AMX rows: a 32-row block and a 16-row tail, the rest on AVX-512.
+            (50, 64, 160),
             // Row counts that pick each AVX2 register block (1-4 rows, 5 + 4).
             (2, 48, 64),
             (4, 64, 96),
