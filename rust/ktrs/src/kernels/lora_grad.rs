@@ -111,18 +111,22 @@ impl GradSum<'_> {
     #[inline(always)]
     fn blocks(&self) -> impl Iterator<Item = Block> + '_ {
         let nj = self.r.div_ceil(JB);
-        (0..self.k.div_ceil(PANEL) * nj).map(move |b| {
-            let (c0, j0) = (b / nj * PANEL, b % nj * JB);
-            Block {
-                c0,
-                width: PANEL.min(self.k - c0),
-                // A 16-column block is contiguous in both layouts (a fused panel holds 16
-                // columns).
-                base: self.cols.at(c0),
-                j0,
-                jn: JB.min(self.r - j0),
-            }
-        })
+        (0..self.k.div_ceil(PANEL) * nj).map(move |b| self.block(b / nj, b % nj))
+    }
+
+    /// Column block `cb` × rank block `jb`.
+    #[inline(always)]
+    fn block(&self, cb: usize, jb: usize) -> Block {
+        let (c0, j0) = (cb * PANEL, jb * JB);
+        Block {
+            c0,
+            width: PANEL.min(self.k - c0),
+            // A 16-column block is contiguous in both layouts (a fused panel holds 16
+            // columns).
+            base: self.cols.at(c0),
+            j0,
+            jn: JB.min(self.r - j0),
+        }
     }
 
     /// Adds the sums of block `b` (rows `..b.jn` of `acc`) into `out`.
@@ -136,36 +140,99 @@ impl GradSum<'_> {
     }
 }
 
-/// Same as `portable`, with the 8 × 16 accumulator block pinned in zmm registers.
+thread_local! {
+    /// `coef_p · v[p, ..]` for the rows of this thread's current sum.
+    static SCALED_V: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Same sums as `portable`, with 8-rank × 16-column accumulator blocks pinned in zmm
+/// registers, two column blocks at a time (each row's broadcast ranks serve 32 columns),
+/// and `coef_p · v[p, j]` formed once per row rather than once per block (the same
+/// products, so the same bits).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) unsafe fn body_avx512(sum: GradSum<'_>, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let (x, ld, v, r) = (sum.x, sum.ld, sum.v, sum.r);
-    for b in sum.blocks() {
-        let (base, j0, jn) = (b.base, b.j0, b.jn);
-        let end = sum.rows.end;
-        assert!(end == 0 || (end - 1) * ld + base + PANEL <= x.len());
-        let mut acc = [_mm512_setzero_ps(); JB];
+    let r = sum.r;
+    SCALED_V.with(|cell| {
+        let mut fv = cell.borrow_mut();
+        fv.clear();
         for p in sum.rows.clone() {
-            let raw = _mm256_loadu_si256(x.as_ptr().add(p * ld + base) as *const __m256i);
-            let xv = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
             let f = sum.coef.get(p);
-            let vp = v.as_ptr().add(p * r + j0);
-            if jn == JB {
-                for (jj, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(_mm512_set1_ps(f * *vp.add(jj)), xv, *a);
+            fv.extend(sum.v[p * r..(p + 1) * r].iter().map(|v| f * v));
+        }
+        let (ncb, nj) = (sum.k.div_ceil(PANEL), r.div_ceil(JB));
+        let mut cb = 0;
+        while cb < ncb {
+            // The rows' lines of the next column pair, fetched during the last pass over
+            // this pair: rows are a page apart, which hardware prefetchers do not follow,
+            // and the loads waited on L2/L3 (60% of this kernel's samples).
+            let next = [cb + 2, cb + 3].map(|c| (c < ncb).then(|| sum.block(c, 0).base));
+            for jb in 0..nj {
+                let pf = if jb + 1 == nj { next } else { [None; 2] };
+                if cb + 1 < ncb {
+                    let bs = [sum.block(cb, jb), sum.block(cb + 1, jb)];
+                    sum_blocks::<2>(&sum, &fv, bs, pf, out);
+                } else {
+                    sum_blocks::<1>(&sum, &fv, [sum.block(cb, jb)], pf, out);
                 }
-            } else {
-                for (jj, a) in acc.iter_mut().enumerate().take(jn) {
-                    *a = _mm512_fmadd_ps(_mm512_set1_ps(f * *vp.add(jj)), xv, *a);
+            }
+            cb += 2;
+        }
+    })
+}
+
+/// N column blocks of `body_avx512` (same ranks), over all the rows; `fv` holds the
+/// scaled `v` rows from `sum.rows.start`; `pf`: row offsets to prefetch in each row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn sum_blocks<const N: usize>(
+    sum: &GradSum<'_>,
+    fv: &[f32],
+    bs: [Block; N],
+    pf: [Option<usize>; 2],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (x, ld, r) = (sum.x, sum.ld, sum.r);
+    let (start, end) = (sum.rows.start, sum.rows.end);
+    for b in &bs {
+        assert!(end == 0 || (end - 1) * ld + b.base + PANEL <= x.len());
+    }
+    assert!(fv.len() >= (end - start) * r);
+    let (j0, jn) = (bs[0].j0, bs[0].jn);
+    let mut acc = [[_mm512_setzero_ps(); JB]; N];
+    for p in sum.rows.clone() {
+        // A prefetch never faults, so offsets past `x` would be harmless; these are inside.
+        for o in pf.iter().flatten() {
+            _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().add(p * ld + o) as *const i8);
+        }
+        let mut xv = [_mm512_setzero_ps(); N];
+        for (v, b) in xv.iter_mut().zip(&bs) {
+            let raw = _mm256_loadu_si256(x.as_ptr().add(p * ld + b.base) as *const __m256i);
+            *v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
+        }
+        let fp = fv.as_ptr().add((p - start) * r + j0);
+        if jn == JB {
+            for jj in 0..JB {
+                let f = _mm512_set1_ps(*fp.add(jj));
+                for (a, v) in acc.iter_mut().zip(&xv) {
+                    a[jj] = _mm512_fmadd_ps(f, *v, a[jj]);
+                }
+            }
+        } else {
+            for jj in 0..jn {
+                let f = _mm512_set1_ps(*fp.add(jj));
+                for (a, v) in acc.iter_mut().zip(&xv) {
+                    a[jj] = _mm512_fmadd_ps(f, *v, a[jj]);
                 }
             }
         }
+    }
+    for (a, b) in acc.iter().zip(&bs) {
         let mut sums = [[0f32; PANEL]; JB];
-        for (row, a) in sums.iter_mut().zip(&acc).take(jn) {
-            _mm512_storeu_ps(row.as_mut_ptr(), *a);
+        for (row, v) in sums.iter_mut().zip(a).take(jn) {
+            _mm512_storeu_ps(row.as_mut_ptr(), *v);
         }
-        sum.add(out, b, &sums);
+        sum.add(out, *b, &sums);
     }
 }
 
