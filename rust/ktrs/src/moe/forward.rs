@@ -238,19 +238,16 @@ impl MoeLayer {
                 &zd[rows.start * r..rows.end * r]
             };
             self.with_task_bt(down_b, e, h0, cols, |bt| {
-                let terms: Vec<LowRank> = (r > 0)
-                    .then_some(LowRank {
-                        alpha: s,
-                        z,
-                        r,
-                        b: bt,
-                        ldb: cols,
-                        cols,
-                        c0: 0,
-                        step: 1,
-                    })
-                    .into_iter()
-                    .collect();
+                let term = (r > 0).then_some(LowRank {
+                    alpha: s,
+                    z,
+                    r,
+                    b: bt,
+                    ldb: cols,
+                    cols,
+                    c0: 0,
+                    step: 1,
+                });
                 gemm_rows(
                     isa,
                     act.as_slice(),
@@ -259,7 +256,7 @@ impl MoeLayer {
                     rows.clone(),
                     b,
                     np,
-                    &terms,
+                    term.as_slice(),
                     |p, c| {
                         // SAFETY: (pair p, columns h0..h0+16·np) belong to this task alone.
                         unsafe { yp.slice_mut(p * h_pad + h0, cols) }.copy_from_slice(c);
