@@ -16,67 +16,23 @@ pub(crate) const MR: usize = 32;
 const TILE_K: usize = 32; // bf16 per A-tile row
 const B_TILE_U16: usize = 16 * 2 * PANEL; // one B tile: 16 pair rows × 16 lanes × 2
 
-/// One 2×2 tile step: `c[32×32] = A[32 rows, 32·kblocks] · [panel b0 | panel b1]`, and
-/// its 1×2 form for a 16-row tail.
+/// The micro-kernels: the 2×2 tile block `c[32×32] (+)= A[32 rows, 32·kblocks] ·
+/// [panel b0 | panel b1]`, and its 1×2 form for a 16-row tail.
 pub(crate) trait TileKernel {
     /// Prepares the tile unit for a run of micro-kernels on this thread.
     unsafe fn begin();
-    /// # Safety
-    /// `a` readable for 32 rows of stride `lda` u16 and `32·kblocks` columns; `b0`, `b1`
-    /// readable for `kblocks` B tiles; `c` writable for 32 rows of 32 f32, row stride
-    /// `ldc`. When `load_c`, adds to the values already in `c`.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn run_acc(
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        kblocks: usize,
-        c: *mut f32,
-        ldc: usize,
-        load_c: bool,
-    ) {
-        Self::run_gen(
-            ATile {
-                a,
-                lda,
-                a1: a.add(16 * lda),
-                step: TILE_K,
-            },
-            b0,
-            b1,
-            kblocks,
-            c,
-            ldc,
-            load_c,
-        )
-    }
-    /// The general form: A tiles at `a.a` and `a.a1` (rows 0–15 and 16–31), row stride
-    /// `a.lda`, advancing `a.step` u16 per K block.
-    unsafe fn run_gen(
-        a: ATile,
-        b0: *const u16,
-        b1: *const u16,
-        kblocks: usize,
-        c: *mut f32,
-        ldc: usize,
-        load_c: bool,
-    );
-    /// The 1×2 step: `c[16×32] (+)= A[16 rows, 32·kblocks] · [panel b0 | panel b1]`.
+    /// The 2×2 block: C in tmm0–3.
     ///
     /// # Safety
-    /// As [`TileKernel::run_acc`], for 16 rows of `a` and `c`.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn run_half(
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        kblocks: usize,
-        c: *mut f32,
-        ldc: usize,
-        load_c: bool,
-    );
+    /// `t.a` readable for 32 rows (`a.a`: rows 0–15, `a.a1`: rows 16–31, stride `a.lda`)
+    /// and `kblocks` K blocks; `b0`, `b1` readable for `kblocks` B tiles; `c` writable
+    /// for 32 rows of 32 f32, row stride `ldc`.
+    unsafe fn run(t: TileCall);
+    /// The 1×2 block: C in tmm0–1, A rows 0–15 only.
+    ///
+    /// # Safety
+    /// As [`TileKernel::run`], for 16 rows of A and C.
+    unsafe fn run_half(t: TileCall);
     /// Releases the tile state (so an idle thread carries none).
     unsafe fn end();
 }
@@ -88,6 +44,50 @@ pub(crate) struct ATile {
     pub a1: *const u16,
     pub lda: usize,
     pub step: usize,
+}
+
+/// One micro-kernel call's operands.
+#[derive(Clone, Copy)]
+pub(crate) struct TileCall {
+    pub a: ATile,
+    pub b0: *const u16,
+    pub b1: *const u16,
+    pub kblocks: usize,
+    pub c: *mut f32,
+    pub ldc: usize,
+    /// Adds to the values already in `c` (a later K block) rather than overwriting them.
+    pub load_c: bool,
+}
+
+impl TileCall {
+    /// A call on row-major A from `a` (row stride `lda` u16), one K block of 32 per step.
+    /// (Rows 16–31 may lie past A for a 1×2 call, which never reads them.)
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rows(
+        a: *const u16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        kblocks: usize,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) -> TileCall {
+        TileCall {
+            a: ATile {
+                a,
+                a1: a.wrapping_add(16 * lda),
+                lda,
+                step: TILE_K,
+            },
+            b0,
+            b1,
+            kblocks,
+            c,
+            ldc,
+            load_c,
+        }
+    }
 }
 
 /// The real AMX unit.
@@ -273,39 +273,22 @@ impl TileKernel for Hardware {
         std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
     }
 
-    unsafe fn run_gen(
-        a: ATile,
-        b0: *const u16,
-        b1: *const u16,
-        kblocks: usize,
-        c: *mut f32,
-        ldc: usize,
-        load_c: bool,
-    ) {
-        debug_assert!(kblocks > 0);
+    unsafe fn run(t: TileCall) {
+        debug_assert!(t.kblocks > 0);
         if pipelined() {
-            k_loop_prefetched!(pipelined, a, b0, b1, kblocks, c, ldc, load_c)
+            k_loop_prefetched!(pipelined, t.a, t.b0, t.b1, t.kblocks, t.c, t.ldc, t.load_c)
         } else {
-            k_loop_prefetched!(first, a, b0, b1, kblocks, c, ldc, load_c)
+            k_loop_prefetched!(first, t.a, t.b0, t.b1, t.kblocks, t.c, t.ldc, t.load_c)
         }
     }
 
-    unsafe fn run_half(
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        kblocks: usize,
-        c: *mut f32,
-        ldc: usize,
-        load_c: bool,
-    ) {
-        debug_assert!(kblocks > 0);
+    unsafe fn run_half(t: TileCall) {
+        debug_assert!(t.kblocks > 0);
         // Every operand tile is read by the products of its own K block only, and a load
         // waits for the products reading its register: the K blocks alternate between
         // two register sets (A tmm4, B tmm6–7 / A tmm5, B tmm2–3), so the next block's
         // loads are issued before this block's products without waiting on them.
-        micro_asm!(["tmm0" c0 = c, "tmm1" c1 = c.add(16)], [
+        micro_asm!(["tmm0" c0 = t.c, "tmm1" c1 = t.c.add(16)], [
             "tileloadd tmm4, [{a0} + {lda}*1]",
             "tileloadd tmm6, [{b0} + {ldb}*1]",
             "tileloadd tmm7, [{b1} + {ldb}*1]",
@@ -341,7 +324,7 @@ impl TileKernel for Hardware {
             "tdpbf16ps tmm0, tmm5, tmm2",
             "tdpbf16ps tmm1, tmm5, tmm3",
             "6:",
-        ], a, lda, TILE_K, b0, b1, kblocks, ldc, load_c; )
+        ], t.a.a, t.a.lda, t.a.step, t.b0, t.b1, t.kblocks, t.ldc, t.load_c; )
     }
 
     unsafe fn end() {
@@ -357,52 +340,28 @@ impl TileKernel for Emulated {
     unsafe fn begin() {}
     unsafe fn end() {}
 
-    unsafe fn run_gen(
-        a: ATile,
-        b0: *const u16,
-        b1: *const u16,
-        kblocks: usize,
-        c: *mut f32,
-        ldc: usize,
-        load_c: bool,
-    ) {
-        Self::tiles(MR, a, b0, b1, kblocks, c, ldc, load_c)
+    unsafe fn run(t: TileCall) {
+        Self::tiles(MR, t)
     }
 
-    unsafe fn run_half(
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        kblocks: usize,
-        c: *mut f32,
-        ldc: usize,
-        load_c: bool,
-    ) {
-        let a = ATile {
-            a,
-            a1: a, // not read: 16 rows
-            lda,
-            step: TILE_K,
-        };
-        Self::tiles(16, a, b0, b1, kblocks, c, ldc, load_c)
+    unsafe fn run_half(t: TileCall) {
+        Self::tiles(16, t)
     }
 }
 
 #[cfg_attr(not(test), allow(dead_code))]
 impl Emulated {
-    /// `rows` (16 or 32) rows of C, from the A tiles of `a` that cover them.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tiles(
-        rows: usize,
-        a: ATile,
-        b0: *const u16,
-        b1: *const u16,
-        kblocks: usize,
-        c: *mut f32,
-        ldc: usize,
-        load_c: bool,
-    ) {
+    /// `rows` (16 or 32) rows of C, from the A tiles that cover them.
+    unsafe fn tiles(rows: usize, t: TileCall) {
+        let TileCall {
+            a,
+            b0,
+            b1,
+            kblocks,
+            c,
+            ldc,
+            load_c,
+        } = t;
         use crate::bf16::to_f32;
         let mut acc = [[0f32; 32]; MR];
         let acc = &mut acc[..rows];
@@ -477,10 +436,11 @@ pub(crate) unsafe fn gemm_tiles<K: TileKernel>(g: &mut Gemm<'_>, m16: usize) {
             let b0 = g.b.as_ptr().add(2 * pp * panel_len + kb0 * B_TILE_U16);
             let b1 = b0.add(panel_len);
             let c = cbase.add(ch * MR * ldc + pp * 32);
+            let t = TileCall::rows(a, g.lda, b0, b1, kn, c, ldc, kb0 > 0);
             if half && ch == chunks - 1 {
-                K::run_half(a, g.lda, b0, b1, kn, c, ldc, kb0 > 0)
+                K::run_half(t)
             } else {
-                K::run_acc(a, g.lda, b0, b1, kn, c, ldc, kb0 > 0)
+                K::run(t)
             }
         };
         if rows_outer() {

@@ -229,15 +229,15 @@ fn probe_amx_schedules() {
                     };
                     amx::Hardware::begin();
                     for _ in 0..reps {
-                        amx::Hardware::run_gen(
+                        amx::Hardware::run(amx::TileCall {
                             a,
-                            base.add(2 * s),
-                            base.add(3 * s),
-                            kb,
-                            cp as *mut f32,
-                            32,
-                            false,
-                        );
+                            b0: base.add(2 * s),
+                            b1: base.add(3 * s),
+                            kblocks: kb,
+                            c: cp as *mut f32,
+                            ldc: 32,
+                            load_c: false,
+                        });
                     }
                     amx::Hardware::end();
                 });

@@ -208,7 +208,15 @@ fn gemm_throughput() {
                                 lda: 32,
                                 step: 512,
                             };
-                            amx::Hardware::run_gen(a, b0, b1, kb_n, tile.as_mut_ptr(), 32, false);
+                            amx::Hardware::run(amx::TileCall {
+                                a,
+                                b0,
+                                b1,
+                                kblocks: kb_n,
+                                c: tile.as_mut_ptr(),
+                                ldc: 32,
+                                load_c: false,
+                            });
                         }
                     }
                 }
@@ -279,7 +287,15 @@ fn amx_rate(work: AmxWork, cpus: &[usize], seed: &mut u64) -> f64 {
                             let mut c = vec![0f32; 32 * 32];
                             amx::Hardware::begin();
                             for _ in 0..reps {
-                                amx::Hardware::run_gen(a, b0, b1, kb, c.as_mut_ptr(), 32, false);
+                                amx::Hardware::run(amx::TileCall {
+                                    a,
+                                    b0,
+                                    b1,
+                                    kblocks: kb,
+                                    c: c.as_mut_ptr(),
+                                    ldc: 32,
+                                    load_c: false,
+                                });
                             }
                             amx::Hardware::end();
                             2.0 * (32 * 32 * 32 * kb * reps) as f64
