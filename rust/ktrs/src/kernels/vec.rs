@@ -197,13 +197,15 @@ multiversion! {
         for s0 in (0..t.cols).step_by(16) {
             let w = (t.cols - s0).min(16);
             let co = t.c0 + s0 * t.step;
-            for i in 0..rows {
-                let out = &mut c[i * ldc + co..i * ldc + co + w];
-                for j in 0..t.r {
+            // Ranks outside: each `alpha · b` slice is formed once for all the rows, and
+            // every output still sums its ranks in order.
+            for j in 0..t.r {
+                for (b, v) in bs[..w].iter_mut().zip(&t.b[j * t.ldb + s0..]) {
+                    *b = t.alpha * v;
+                }
+                for i in 0..rows {
                     let f = t.z[i * t.r + j];
-                    for (q, b) in bs[..w].iter_mut().enumerate() {
-                        *b = t.alpha * t.b[j * t.ldb + s0 + q];
-                    }
+                    let out = &mut c[i * ldc + co..i * ldc + co + w];
                     for (o, b) in out.iter_mut().zip(&bs[..w]) {
                         *o += f * b;
                     }
@@ -217,9 +219,7 @@ multiversion! {
 /// (ranks in groups of 8, 4, then 1) while the block's rows pass.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) unsafe fn add_low_rank_avx512(t: &LowRank<'_>, rows: usize, c: &mut [f32], ldc: usize) {
-    use std::arch::x86_64::*;
-    let (zp, bp, cp) = (t.z.as_ptr(), t.b.as_ptr(), c.as_mut_ptr());
-    let alpha = _mm512_set1_ps(t.alpha);
+    let cp = c.as_mut_ptr();
     for s0 in (0..t.cols).step_by(16) {
         let w = (t.cols - s0).min(16);
         let mask: u16 = if w == 16 { 0xFFFF } else { (1u16 << w) - 1 };
@@ -227,46 +227,45 @@ pub(super) unsafe fn add_low_rank_avx512(t: &LowRank<'_>, rows: usize, c: &mut [
         let mut j = 0;
         while j < t.r {
             let left = t.r - j;
-            let (zj, bj) = (zp.add(j), bp.add(j * t.ldb + s0));
-            let args = (zj, t.r, bj, t.ldb, alpha, mask, cs, ldc, rows);
             j += if left >= 8 {
-                low_rank_slice::<8>(args)
+                low_rank_slice::<8>(t, j, s0, mask, rows, cs, ldc)
             } else if left >= 4 {
-                low_rank_slice::<4>(args)
+                low_rank_slice::<4>(t, j, s0, mask, rows, cs, ldc)
             } else {
-                low_rank_slice::<1>(args)
+                low_rank_slice::<1>(t, j, s0, mask, rows, cs, ldc)
             };
         }
     }
 }
 
-/// J ranks of one 16-column slice of `add_low_rank_avx512`; returns J.
+/// Ranks `j .. j + J` of the 16-column slice from `s0` (`mask`: its columns in range) of
+/// `add_low_rank_avx512`, into `rows` rows from `c`; returns J.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-#[allow(clippy::type_complexity)]
 unsafe fn low_rank_slice<const J: usize>(
-    (z, r, b, ldb, alpha, mask, c, ldc, rows): (
-        *const f32,
-        usize,
-        *const f32,
-        usize,
-        std::arch::x86_64::__m512,
-        u16,
-        *mut f32,
-        usize,
-        usize,
-    ),
+    t: &LowRank<'_>,
+    j: usize,
+    s0: usize,
+    mask: u16,
+    rows: usize,
+    c: *mut f32,
+    ldc: usize,
 ) -> usize {
     use std::arch::x86_64::*;
+    let (z, b, alpha) = (
+        t.z.as_ptr().add(j),
+        t.b.as_ptr().add(j * t.ldb + s0),
+        _mm512_set1_ps(t.alpha),
+    );
     let mut bv = [_mm512_setzero_ps(); J];
     for (q, v) in bv.iter_mut().enumerate() {
-        *v = _mm512_mul_ps(alpha, _mm512_maskz_loadu_ps(mask, b.add(q * ldb)));
+        *v = _mm512_mul_ps(alpha, _mm512_maskz_loadu_ps(mask, b.add(q * t.ldb)));
     }
     for i in 0..rows {
         let ci = c.add(i * ldc);
         let mut acc = _mm512_maskz_loadu_ps(mask, ci);
         for (q, v) in bv.iter().enumerate() {
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(*z.add(i * r + q)), *v, acc);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(*z.add(i * t.r + q)), *v, acc);
         }
         _mm512_mask_storeu_ps(ci, mask, acc);
     }
