@@ -465,7 +465,8 @@ def step_profile(pm, ids, opt, sync, step_s, fwd_s, bwd_s, opt_s, snap, cuda) ->
     forward and backward less the experts and copies. One more forward+backward under
     torch.profiler splits that rest (`profiled`): the GPU kernels' busy time (CUDA) or
     torch's CPU op time (CPU), and what is neither (`python`: the interpreter, launches,
-    an idle GPU, the profiler's own overhead, so an upper bound)."""
+    an idle GPU, the profiler's own overhead, so an upper bound). ``KTRS_TRACE=path``
+    also writes that forward+backward as a Chrome trace and prints the top ops."""
     from ktrs.module import Timer
     from torch.profiler import ProfilerActivity, profile
 
@@ -501,6 +502,11 @@ def step_profile(pm, ids, opt, sync, step_s, fwd_s, bwd_s, opt_s, snap, cuda) ->
         prof_out["torch_cpu_ops"] = ops
         prof_out["python"] = rest - ops
     out["profiled"] = prof_out
+    trace = os.environ.get("KTRS_TRACE")
+    if trace:  # the profiled forward+backward as a Chrome trace, and the top ops
+        prof.export_chrome_trace(trace)
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
     return out
 
 
@@ -581,6 +587,8 @@ def main() -> int:
     ap.add_argument("--checkpointing", choices=["both", "on", "off"], default="both", help="SFT with activation checkpointing")
     ap.add_argument("--gpu-experts", choices=["auto", "off", "both"], default="auto",
                     help="SFT: long expert calls partly on the GPU (auto), CPU only (off), or both in turn")
+    ap.add_argument("--gpu-expert-memory", default=None, metavar="SIZE",
+                    help="ktrs: GPU memory for routed experts kept on the GPU (ktrs.place_experts_on_gpu), e.g. 12GiB")
     ap.add_argument("--reentrant", action="store_true", help="reentrant checkpointing (default: HF's non-reentrant)")
     ap.add_argument("--profile", nargs="?", const=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sft_profile.json"),
                     default=None, metavar="JSON", help="SFT: also where each step's time goes, written to JSON")
@@ -620,6 +628,13 @@ def main() -> int:
         t0 = time.perf_counter()
         model = build_ktrs(config, device, args.threads)
         out["config"]["ktrs_build_s"] = time.perf_counter() - t0
+        if args.gpu_expert_memory:
+            placed = ktrs.place_experts_on_gpu(model, memory=args.gpu_expert_memory)
+            n = sum(len(v) for v in placed.values())
+            out["config"]["gpu_expert_memory"] = args.gpu_expert_memory
+            out["config"]["gpu_resident_experts"] = n
+            print(f"[ktrs] {n} of {sum(m.num_experts for _, m in ktrs.resident._layers(model))} routed experts kept on the GPU "
+                  f"({args.gpu_expert_memory})", flush=True)
         print(f"[ktrs] built in {out['config']['ktrs_build_s']:.0f} s; host RSS {rss_gb():.1f} GB", flush=True)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()

@@ -24,6 +24,7 @@ from . import decode, optim
 from .adapters import load_adapter, save_adapter
 from .experts import ForwardHandle, MoeExperts
 from .hf import find_moe_blocks, from_pretrained, patch_model
+from .resident import count_routing, place_experts_on_gpu
 from .info import info, set_tuning, tuning
 from .module import KtrsExperts, experts_function
 from .peft import expert_lora_parameters, get_peft_model
@@ -61,6 +62,8 @@ __all__ = [
     "info",
     "load_adapter",
     "patch_model",
+    "place_experts_on_gpu",
+    "count_routing",
     "save_adapter",
     "set_tuning",
     "tuning",

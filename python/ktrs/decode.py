@@ -156,6 +156,9 @@ def _fingerprint(model: nn.Module) -> Tuple:
                           repr(getattr(m, "active_adapters", None)), repr(sorted(scaling.items())) if isinstance(scaling, dict) else None))
         if hasattr(m, "lora_active"):  # a KtrsExperts: PEFT's controls of the expert LoRA
             flags.append((name, bool(m.lora_active), getattr(m, "expert_adapter", None)))
+            res = getattr(m, "resident", None)
+            if res is not None:  # the graphs read its LoRA mirror's addresses
+                flags.append((name, tuple(t.data_ptr() for t in res.lora_mirror.values())))
     return (ptrs, tuple(flags), model.training)
 
 
@@ -334,14 +337,16 @@ class DecodeGraphs:
     def run_generate(self, *args, **kwargs):
         if not self.enabled or self.active:
             return self.generate(*args, **kwargs)
+        for m in _ktrs_experts(self.model):
+            m._ensure_views()  # restored LoRA views, refreshed resident experts
+            if m.resident is not None:
+                m.resident.refresh_lora(m.lora_params())  # the graphs read this GPU mirror
         fp = _fingerprint(self.model)
         if fp != self.fingerprint:
             self.drop()
             self.fingerprint = fp
             fused_lora.install(self.model)  # before capture: PEFT's LoRA as one kernel each
             fused_norm.install(self.model)  # and each RMSNorm
-        for m in _ktrs_experts(self.model):
-            m._ensure_views()
         _raise_stage_errors(self.model, synchronize=False)
         plan = _loop_plan(self.model, args, kwargs) if self.in_graph_loop else None
         if plan is not None and not plan.ids.is_cuda:

@@ -115,6 +115,7 @@ class MoeExperts:
         self._grad_views: Dict[str, torch.Tensor] = {}
         self._lock = threading.RLock()
         self._state_version = 0
+        self._weights_version = 0
 
     @classmethod
     def empty(
@@ -131,6 +132,7 @@ class MoeExperts:
         self._grad_views = {}
         self._lock = threading.RLock()
         self._state_version = 0
+        self._weights_version = 0
         return self
 
     # -- weights -------------------------------------------------------------------------
@@ -138,6 +140,7 @@ class MoeExperts:
     def set_expert(self, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """Packs one expert's weights (gate, up ``[I, H]``, down ``[H, I]``)."""
         self._state_version += 1
+        self._weights_version += 1
         self._native.set_expert(expert, _as_bf16_cpu("gate", gate), _as_bf16_cpu("up", up), _as_bf16_cpu("down", down))
 
     @_locked
@@ -292,6 +295,12 @@ class MoeExperts:
         or the ISA (what a forward's result depends on besides its inputs; in-place writes
         to the LoRA parameters show in their torch version counters instead)."""
         return self._state_version
+
+    @property
+    def weights_version(self) -> int:
+        """Changes whenever :meth:`set_expert` replaces expert weights (copies of them made
+        elsewhere, such as GPU-resident experts, are stale then)."""
+        return self._weights_version
 
     @property
     def lora_generation(self) -> int:

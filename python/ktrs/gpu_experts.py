@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ._native import KtrsValueError
 from .experts import LORA_NAMES, MoeExperts, background
+from .resident import ResidentExperts, unpack
 
 #: Rows per expert (on average) from which a CUDA inference call considers the GPU.
 ROWS_DEFAULT = 16
@@ -166,18 +167,34 @@ def _mark(cuda: bool, stream=None):
     return ev
 
 
-def wanted(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, training: bool = False) -> bool:
-    """Whether this call may stream weights: CUDA input, enough rows per expert
-    (:func:`rows_threshold`), and no autograd unless ``training`` (the stream path's
-    calls, which split fwd and bwd alike); :func:`split` then decides which experts go."""
+def wanted(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, training: bool = False,
+           resident: Optional[ResidentExperts] = None) -> bool:
+    """Whether this call may run experts on the GPU: no autograd unless ``training`` (the
+    stream path's calls, which split fwd and bwd alike), and either experts resident on
+    the input's device or a long call that may stream weights (:func:`streams`);
+    :func:`split` then decides which experts go."""
+    if torch.is_grad_enabled() and not training:
+        return False
+    if resident is not None and resident.count and resident.device == hidden.device:
+        return True
+    return streams(experts, hidden, topk_ids, training)
+
+
+def streams(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, training: bool = False) -> bool:
+    """Whether this call may stream weights to the GPU: CUDA input (or the tests' CPU
+    hook for training calls) and enough rows per expert (:func:`rows_threshold`)."""
     limit = rows_threshold()
-    if limit <= 0 or not (hidden.is_cuda or (ON_CPU and training)) or (torch.is_grad_enabled() and not training):
+    if limit <= 0 or not (hidden.is_cuda or (ON_CPU and training)):
         return False
     return topk_ids.numel() >= limit * experts.num_experts
 
 
-def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float, training: bool = False, checkpointed: bool = False) -> List[int]:
+def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float, training: bool = False, checkpointed: bool = False,
+          resident: Sequence[int] = (), stream: bool = True) -> List[int]:
     """The experts to run on the GPU so that the copy and the CPU's share end together.
+
+    ``resident`` experts (already on the GPU) with rows always go, first; the rest is
+    decided among the others, and only if ``stream`` (a call long enough to copy weights).
 
     An expert costs the GPU its weights' copy, whatever its rows; the CPU its weights'
     read plus its rows' products (this sum fits the layer's measured forward times
@@ -189,6 +206,13 @@ def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float, traini
     checkpointing's recompute copies them a third time (the CPU's recompute reuses its
     first pass).
     """
+    on_gpu = [e for e in resident if counts[e]]
+    if not stream:
+        return on_gpu
+    if on_gpu:
+        counts = list(counts)
+        for e in on_gpu:
+            counts[e] = 0
     pcie, dram, tflops = cost_model()
     learnt = BALANCE.factor if learning() else 1.0
     copies, cpu_passes, slower = (3 if checkpointed else 2, 1 + BACKWARD_FACTOR, TRAINING_CPU_FACTOR * learnt) if training else (1, 1, 1.0)
@@ -196,7 +220,7 @@ def split(counts: Sequence[int], expert_bytes: int, flops_per_row: float, traini
     cpu_cost = [slower * cpu_passes * (expert_bytes / (dram * 1e9) + c * flops_per_row / (tflops * 1e12)) if c else 0.0 for c in counts]
     floor = copies * sum(1 for c in counts if c) * expert_bytes / (dram * 1e9)
     cpu, gpu = sum(cpu_cost), 0.0
-    chosen: List[int] = []
+    chosen: List[int] = on_gpu
     for e in sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e]):
         if max(gpu + gpu_cost, cpu - cpu_cost[e], floor) >= max(gpu, cpu, floor):
             break
@@ -230,6 +254,8 @@ class StreamedExperts:
         self.hidden_size = experts.hidden_size
         self.intermediate_size = experts.intermediate_size
         self._registered: Optional[bool] = None
+        #: Experts kept on a GPU (``ktrs.place_experts_on_gpu``): never copied, always there.
+        self.resident: Optional[ResidentExperts] = None
         #: The stream the CPU's share of a training call is queued on.
         self._side: Optional[torch.cuda.Stream] = None
 
@@ -257,11 +283,7 @@ class StreamedExperts:
         return self._registered
 
     # -- the computation ---------------------------------------------------------------
-    @staticmethod
-    def _unpack(packed: torch.Tensor) -> torch.Tensor:
-        """``[n, P, K/2, 16, 2]`` panels → ``[n, 16·P, K]`` row-major weights."""
-        n, p, kh, lanes, two = packed.shape
-        return packed.permute(0, 1, 3, 2, 4).reshape(n, p * lanes, kh * two)
+    _unpack = staticmethod(unpack)
 
     def __call__(
         self,
@@ -277,8 +299,8 @@ class StreamedExperts:
         args = self._prepare(hidden, topk_ids, topk_weights)
         if args is None:
             return None
-        topk_ids, topk_weights, counts = args
-        chosen = split(counts, self.expert_bytes, self.flops_per_row)
+        topk_ids, topk_weights, counts, stream = args
+        chosen = split(counts, self.expert_bytes, self.flops_per_row, resident=self._resident_ids(hidden.device), stream=stream)
         if not chosen:
             return None
         cpu_ids, gpu_ids, gpu_counts = self._divide(topk_ids, counts, chosen)
@@ -315,14 +337,15 @@ class StreamedExperts:
         must say so, the split of both must be the same for the recompute to find the
         CPU's first pass).
         """
-        args = self._prepare(hidden, topk_ids, topk_weights)  # waits for the router
+        args = self._prepare(hidden, topk_ids, topk_weights, training=True)  # waits for the router
         if args is None:
             return None
-        topk_ids, topk_weights, counts = args
-        learn = not checkpointed and learning()
+        topk_ids, topk_weights, counts, stream = args
+        learn = stream and not checkpointed and learning()
         if learn:
             BALANCE.update()
-        chosen = split(counts, self.expert_bytes, self.flops_per_row, training=True, checkpointed=checkpointed)
+        chosen = split(counts, self.expert_bytes, self.flops_per_row, training=True, checkpointed=checkpointed,
+                       resident=self._resident_ids(hidden.device), stream=stream)
         if not chosen:
             if learn:
                 BALANCE.unused()
@@ -360,15 +383,25 @@ class StreamedExperts:
             BALANCE.add((c0, c1), (g0, g1))
         return (gpu_out + cpu_out.float()).to(hidden.dtype)
 
-    def _prepare(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        """``(topk_ids, topk_weights, rows per expert)`` on ``hidden``'s device (the rows
-        are read on the host: this waits for the router), or None when the weights cannot
-        be page-locked (the caller stays on the CPU). The arguments' shapes and dtypes were
+    def _prepare(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, training: bool = False):
+        """``(topk_ids, topk_weights, rows per expert, whether weights may be streamed)`` on
+        ``hidden``'s device (the rows are read on the host: this waits for the router), or
+        None when nothing can run on the GPU (no resident experts there, and a short call
+        or weights that cannot be page-locked). The arguments' shapes and dtypes were
         checked by the caller (``KtrsExperts``, ``experts.check_call``)."""
-        if hidden.is_cuda and not self._register():
+        # Without resident experts the caller's `wanted` chose this path for streaming.
+        stream = streams(self.experts, hidden, topk_ids, training) if self._resident_ids(hidden.device) else True
+        if stream and hidden.is_cuda and not self._register():
+            stream = False
+        if not stream and not self._resident_ids(hidden.device):
             return None
         topk_ids, topk_weights = topk_ids.to(hidden.device), topk_weights.to(hidden.device)
-        return topk_ids, topk_weights, self._counts(topk_ids)
+        return topk_ids, topk_weights, self._counts(topk_ids), stream
+
+    def _resident_ids(self, dev: torch.device) -> List[int]:
+        """The experts resident on ``dev`` (none where they are on another device)."""
+        res = self.resident
+        return res.ids if res is not None and res.device == dev else []
 
     def _divide(self, topk_ids: torch.Tensor, counts: List[int], chosen: List[int]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
         """The ids of the CPU's and of the GPU's share (the other side's slots -1) and the
@@ -428,7 +461,8 @@ class StreamedExperts:
         dev = hidden.device
         if dev.type != "cuda":
             return self._compute(hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts)
-        self._register()  # refused: pageable copies, correct but slow
+        if any(c and e not in self._resident_ids(dev) for e, c in enumerate(counts)):
+            self._register()  # refused: pageable copies, correct but slow
         with torch.cuda.device(dev):  # streams and events on the input's GPU
             return self._compute(hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts)
 
@@ -441,21 +475,25 @@ class StreamedExperts:
         # -1 (skipped) sorts last as E; only the first sum(counts) pairs are computed.
         flat = torch.where(flat < 0, torch.full_like(flat, E), flat)
         order = torch.argsort(flat, stable=True)[: sum(counts)]
-        active = [e for e in range(E) if counts[e]]
-        chunk = max(1, min(len(active), CHUNK_BYTES // self.expert_bytes))
-        return _Plan(order, topk_ids.shape[1], counts, active, [active[i:i + chunk] for i in range(0, len(active), chunk)])
+        # Resident experts first (no copy to wait for; meanwhile the first copy runs).
+        on = set(self._resident_ids(topk_ids.device))
+        active = [e for e in range(E) if counts[e] and e in on]
+        groups = _groups(active, max(1, CHUNK_BYTES // self.expert_bytes))
+        streamed = [e for e in range(E) if counts[e] and e not in on]
+        return _Plan(order, topk_ids.shape[1], counts, active + streamed, groups + _groups(streamed, max(1, CHUNK_BYTES // self.expert_bytes)), len(groups))
 
     def _chunks(self, plan: "_Plan", dev: torch.device):
         """Yields ``(position of the chunk's first expert in plan.active, gate_up [n, 2·I_pad,
-        H_pad], down [n, H_pad, I_pad])`` per chunk, each copied while the previous one is
-        used: two slots, a slot refilled once the work queued on it before the next
-        chunk was asked for is done."""
+        H_pad], down [n, H_pad, I_pad])`` per chunk: the resident experts' from their GPU
+        copy, then the others', each copied while the previous one is used: two slots, a
+        slot refilled once the work queued on it before the next chunk was asked for is
+        done."""
         cuda = dev.type == "cuda"
-        copy_stream = torch.cuda.Stream(dev) if cuda else None
+        groups = plan.groups[plan.resident_groups:]
+        copy_stream = torch.cuda.Stream(dev) if cuda and groups else None
         compute = torch.cuda.current_stream(dev) if cuda else None
         slots: List[Optional[tuple]] = [None, None]
         freed: List[Optional[torch.cuda.Event]] = [None, None]
-        groups = plan.groups
 
         def fetch(gi: int):
             group, b = groups[gi], gi % 2
@@ -484,6 +522,11 @@ class StreamedExperts:
 
         pending = fetch(0) if groups else None
         first = 0
+        for group in plan.groups[:plan.resident_groups]:
+            res = self.resident
+            idx = torch.tensor([res.slots[e] for e in group], dtype=torch.long).to(dev, non_blocking=cuda)
+            yield first, res.gate_up.index_select(0, idx), res.down.index_select(0, idx)
+            first += len(group)
         for gi, group in enumerate(groups):
             gu, dn, ready = pending
             if gi + 1 < len(groups):
@@ -509,25 +552,6 @@ class StreamedExperts:
         pos = torch.where(valid, meta[0][:, None] + ar[None, :], meta[0][:, None])
         return plan.order[pos], valid
 
-    def _math(self, x: torch.Tensor, w_gu: torch.Tensor, w_dn: torch.Tensor, L: Dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
-        """``[n, m, H]`` bf16 rows of n experts → their ``[n, m, H]`` f32 outputs (LoRA
-        from ``L``'s ``[n, ...]`` slices when given); differentiable."""
-        H, I = self.hidden_size, self.intermediate_size
-        n, m, _ = x.shape
-        i_pad = w_gu.shape[1] // 2  # gate/up interleaved in panels of 16 rows
-        h = torch.bmm(x, w_gu[:, :, :H].transpose(1, 2)).view(n, m, i_pad // 16, 2, 16)
-        g = h[:, :, :, 0].reshape(n, m, i_pad)[..., :I].float()
-        u = h[:, :, :, 1].reshape(n, m, i_pad)[..., :I].float()
-        if L:
-            xf = x.float()
-            g = g + scaling * torch.bmm(torch.bmm(xf, L["gate_A"].transpose(1, 2)), L["gate_B"].transpose(1, 2))
-            u = u + scaling * torch.bmm(torch.bmm(xf, L["up_A"].transpose(1, 2)), L["up_B"].transpose(1, 2))
-        act = (F.silu(g) * u).to(torch.bfloat16)
-        y = torch.bmm(act, w_dn[:, :H, :I].transpose(1, 2)).float()
-        if L:
-            y = y + scaling * torch.bmm(torch.bmm(act.float(), L["down_A"].transpose(1, 2)), L["down_B"].transpose(1, 2))
-        return y
-
     def _lora_slices(self, plan: "_Plan", lora, dev: torch.device) -> Dict[str, torch.Tensor]:
         """The active experts' LoRA matrices on ``dev`` in f32 (``plan.active`` order)."""
         if not lora:
@@ -552,7 +576,7 @@ class StreamedExperts:
                 pairs, valid = self._rows(plan, first, n, dev)
                 tok = pairs // k
                 xs = x[tok] * valid[..., None]  # pad rows zero: their outputs are zero
-                y = self._math(xs, w_gu, w_dn, {a: b[first:first + n] for a, b in L.items()}, scaling)
+                y = expert_math(xs, w_gu, w_dn, {a: b[first:first + n] for a, b in L.items()}, scaling, self.hidden_size, self.intermediate_size)
                 y *= (wts[pairs] * valid)[..., None]
                 out.index_add_(0, tok.reshape(-1), y.reshape(-1, self.hidden_size))
         return out
@@ -575,7 +599,7 @@ class StreamedExperts:
             with torch.enable_grad():
                 xs = (x[tok] * valid[..., None]).requires_grad_(True)
                 Ls = {a: b[first:first + n].detach().requires_grad_(want_lora) for a, b in L.items()}
-                y = self._math(xs, w_gu, w_dn, Ls, scaling)
+                y = expert_math(xs, w_gu, w_dn, Ls, scaling, self.hidden_size, self.intermediate_size)
                 go = gout[tok]
                 w = wts[pairs] * valid
                 # out[t] += w·y: dy = w·dout, dw = <y, dout> (pad rows: w = 0, y = 0).
@@ -590,13 +614,41 @@ class StreamedExperts:
         return gx, gw, gL
 
 
+def expert_math(x: torch.Tensor, w_gu: torch.Tensor, w_dn: torch.Tensor, L: Dict[str, torch.Tensor], scaling: float, H: int, I: int) -> torch.Tensor:
+    """``[n, m, H]`` bf16 rows of n experts → their ``[n, m, H]`` f32 outputs, the CPU
+    kernels' math (bf16 products, f32 accumulation, LoRA from ``L``'s ``[n, ...]`` f32
+    slices when given; like the stock HF model, gate and up are rounded to bf16 before the
+    SiLU); differentiable. ``w_gu [n, 2·I_pad, ≥H]`` (gate and up interleaved per 16
+    rows), ``w_dn [n, ≥H, ≥I]``."""
+    n, m, _ = x.shape
+    i_pad = w_gu.shape[1] // 2
+    h = torch.bmm(x, w_gu[:, :, :H].transpose(1, 2)).view(n, m, i_pad // 16, 2, 16)
+    g = h[:, :, :, 0].reshape(n, m, i_pad)[..., :I].float()
+    u = h[:, :, :, 1].reshape(n, m, i_pad)[..., :I].float()
+    if L:
+        xf = x.float()
+        g = g + scaling * torch.bmm(torch.bmm(xf, L["gate_A"].transpose(1, 2)), L["gate_B"].transpose(1, 2))
+        u = u + scaling * torch.bmm(torch.bmm(xf, L["up_A"].transpose(1, 2)), L["up_B"].transpose(1, 2))
+    act = (F.silu(g) * u).to(torch.bfloat16)
+    y = torch.bmm(act, w_dn[:, :H, :I].transpose(1, 2)).float()
+    if L:
+        y = y + scaling * torch.bmm(torch.bmm(act.float(), L["down_A"].transpose(1, 2)), L["down_B"].transpose(1, 2))
+    return y
+
+
+def _groups(experts: List[int], size: int) -> List[List[int]]:
+    return [experts[i:i + size] for i in range(0, len(experts), size)]
+
+
 class _Plan:
     """One call's GPU share: its pairs in expert order and the chunks of its experts."""
 
-    __slots__ = ("order", "k", "counts", "starts", "active", "groups", "_meta")
+    __slots__ = ("order", "k", "counts", "starts", "active", "groups", "resident_groups", "_meta")
 
-    def __init__(self, order: torch.Tensor, k: int, counts: List[int], active: List[int], groups: List[List[int]]) -> None:
+    def __init__(self, order: torch.Tensor, k: int, counts: List[int], active: List[int], groups: List[List[int]], resident_groups: int = 0) -> None:
         self.order, self.k, self.counts, self.active, self.groups = order, k, counts, active, groups
+        #: The first ``resident_groups`` groups are resident experts (no copy).
+        self.resident_groups = resident_groups
         self.starts = [0, *itertools.accumulate(counts)][:-1]
         self._meta: Optional[torch.Tensor] = None
 

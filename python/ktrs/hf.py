@@ -26,6 +26,7 @@ from ._native import KtrsFileNotFoundError, KtrsTypeError, KtrsValueError
 from .experts import MoeExperts
 from .families import _PROJ, family_for, ignored_keys
 from .module import KtrsExperts
+from .resident import parse_bytes, place_experts_on_gpu
 
 __all__ = ["find_moe_blocks", "patch_model", "from_pretrained"]
 
@@ -155,10 +156,18 @@ def _moe_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in experts.parameters()))
     if flat.is_cuda and not needs_grad and decode.host_node_mode():
         # Decode graphs: the experts become stream work, no Python per step; the GPU runs
-        # the shared experts while the CPU runs the routed ones.
-        finish = decode.submit_on_stream(experts, flat, topk_indices, topk_weights)
-        shared = _shared_output(self, flat, hidden_states)
-        routed = finish()
+        # the shared experts (and resident routed ones) while the CPU runs the routed ones.
+        res = experts.resident if experts.resident is not None and experts.resident.device == flat.device else None
+        if res is not None and res.count == experts.num_experts:
+            routed = res.decode_forward(flat, topk_indices, topk_weights, experts.lora_active, experts.experts.lora_scaling).to(flat.dtype)
+            shared = _shared_output(self, flat, hidden_states)
+        else:
+            finish = decode.submit_on_stream(experts, flat, topk_indices if res is None else res.cpu_ids(topk_indices), topk_weights)
+            shared = _shared_output(self, flat, hidden_states)
+            on_gpu = res.decode_forward(flat, topk_indices, topk_weights, experts.lora_active, experts.experts.lora_scaling) if res is not None else None
+            routed = finish()
+            if on_gpu is not None:
+                routed = (routed.float() + on_gpu).to(flat.dtype)
     elif flat.is_cuda and not needs_grad:
         pending = experts.submit(flat, topk_indices, topk_weights)
         shared = _shared_output(self, flat, hidden_states)
@@ -238,6 +247,7 @@ def patch_model(
     lora_alpha: Optional[float] = None,
     use_rslora: bool = False,
     seed: int = 0,
+    gpu_expert_memory: Union[int, str, None] = None,
 ) -> nn.Module:
     """Moves the routed experts of every MoE block of `model` into ktrs and the rest to `device`.
 
@@ -255,6 +265,9 @@ def patch_model(
         threads: ktrs worker threads (default: one per physical core, or ``KTRS_THREADS``).
         isa: ``"amx"``, ``"avx512"`` or ``"scalar"`` (default: the best, or ``KTRS_ISA``).
         lora_rank, lora_alpha, use_rslora: expert LoRA owned by ktrs (0: none).
+        gpu_expert_memory: GPU memory (bytes, or a size such as ``"12GiB"``) for routed
+            experts kept on `device` as well, the most used first; see
+            :func:`ktrs.place_experts_on_gpu`.
     """
     device = torch.device(device or _default_device())
     opts = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, isa=isa, threads=threads, seed=seed)
@@ -288,7 +301,13 @@ def patch_model(
     model.to(device)
     model._ktrs_device = device
     decode.enable(model)
+    _place(model, gpu_expert_memory, device)
     return model
+
+
+def _place(model: nn.Module, memory: Union[int, str, None], device: torch.device) -> None:
+    if memory is not None and parse_bytes(memory) > 0:
+        place_experts_on_gpu(model, memory=memory, device=device)
 
 
 # -- streaming load ------------------------------------------------------------------------
@@ -466,6 +485,7 @@ def from_pretrained(
     lora_alpha: Optional[float] = None,
     use_rslora: bool = False,
     seed: int = 0,
+    gpu_expert_memory: Union[int, str, None] = None,
 ) -> nn.Module:
     """Loads a checkpoint of a family in :data:`ktrs.families.FAMILIES` (DeepSeek-V2/V3,
     Qwen2/3-MoE, Mixtral, GLM-4-MoE) with the routed experts streamed into ktrs.
@@ -479,6 +499,8 @@ def from_pretrained(
     Block-wise fp8 checkpoints (``quantization_config.quant_method == "fp8"``, e.g.
     DeepSeek-V3/R1) are dequantised on load: routed experts to bf16, the rest to
     `dtype`; the model (and its config) is then an unquantised one.
+
+    ``gpu_expert_memory``: as in :func:`patch_model`, routed experts also kept on `device`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -618,6 +640,7 @@ def from_pretrained(
     _load_rest(model, state, device)
     model._ktrs_device = device
     decode.enable(model)
+    _place(model, gpu_expert_memory, device)
     return model
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from ._native import KtrsValueError, NonFiniteError, StaleHandleError
 from . import gpu_experts
 from .experts import LORA_NAMES, MoeExperts, background, check_call
+from .resident import ResidentExperts
 
 
 class Timer:
@@ -561,6 +562,12 @@ class KtrsExperts(nn.Module):
         self.check_finite: Optional[bool] = None if os.environ.get("KTRS_CHECK_FINITE", "1") != "0" else False
         #: The GPU path of long CUDA inference calls, made on first use (gpu_experts.py).
         self._streamed: Optional[gpu_experts.StreamedExperts] = None
+        #: Experts kept on the GPU (``ktrs.place_experts_on_gpu``, resident.py): a
+        #: submodule, so its buffers are part of the model's (never of its state_dict).
+        self.resident: Optional[ResidentExperts] = None
+        #: Rows routed to each expert while ``ktrs.count_routing`` is on (CPU int64).
+        self.routing_counts: Optional[torch.Tensor] = None
+        self.counting = False
         # PEFT adapter state, kept in step with the PeftModel by `ktrs.peft` (PEFT's
         # controls act on its own layers only, failure-modes row 11): the expert LoRA
         # belongs to adapter `expert_adapter` and applies while adapters are enabled and
@@ -649,6 +656,11 @@ class KtrsExperts(nn.Module):
         return self
 
     def _ensure_views(self) -> None:
+        res = self.resident
+        if res is not None and res.weights_version != self.experts.weights_version:
+            # Expert weights were replaced (merge_expert_lora, set_expert): copy them again.
+            self.set_resident(None)
+            self.set_resident(ResidentExperts(self.experts, res.ids, res.device))
         for name, param in self.lora_experts.items():
             view = self.experts.lora_weight(name)
             if param.data_ptr() == view.data_ptr() and param.device.type == "cpu" and param.dtype == torch.float32:
@@ -681,9 +693,23 @@ class KtrsExperts(nn.Module):
         the expert LoRA is inactive)."""
         return tuple(self.lora_experts[n] for n in LORA_NAMES) if self.lora_active else ()
 
+    def set_resident(self, resident: Optional[ResidentExperts]) -> None:
+        """Keeps ``resident``'s experts on its device from now on (None: none); see
+        :func:`ktrs.place_experts_on_gpu`, which makes them."""
+        self.resident = resident
+        self._streamed_experts().resident = resident
+
+    def count_routing(self, top_k_index: torch.Tensor) -> None:
+        """Adds a call's routing to :attr:`routing_counts` while counting is on."""
+        if self.counting and not (top_k_index.is_cuda and torch.cuda.is_current_stream_capturing()):
+            ids = top_k_index.detach().reshape(-1).to(torch.int64)
+            ids = ids[(ids >= 0) & (ids < self.num_experts)]
+            self.routing_counts += torch.bincount(ids, minlength=self.num_experts).cpu()
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         check_call(hidden_states, top_k_index, top_k_weights, self.experts.hidden_size)
         self._ensure_views()
+        self.count_routing(top_k_index)
         check = torch.is_grad_enabled() if self.check_finite is None else self.check_finite
         mode = stream_call._mode(hidden_states)
         if mode is not None:
@@ -736,6 +762,7 @@ class KtrsExperts(nn.Module):
         """
         check_call(hidden_states, top_k_index, top_k_weights, self.experts.hidden_size)
         self._ensure_views()
+        self.count_routing(top_k_index)
         mode = stream_call._mode(hidden_states)
         if mode is not None and mode[0] == stream_call.REENTRANT_FIRST:
             # Split as its recompute will be (which then finds the CPU's share kept).
@@ -755,7 +782,7 @@ class KtrsExperts(nn.Module):
     def _gpu_prefill(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> Optional[torch.Tensor]:
         """The call with some experts on the GPU (weights streamed from host memory), or
         None where this call stays on the CPU (short, training, or the split says so)."""
-        if not gpu_experts.wanted(self.experts, hidden_states, top_k_index) or _reentrant_checkpoint_owner() is not None:
+        if not gpu_experts.wanted(self.experts, hidden_states, top_k_index, resident=self.resident) or _reentrant_checkpoint_owner() is not None:
             return None
         t0 = time.perf_counter()
         lora = self.lora_params() or None
@@ -768,7 +795,7 @@ class KtrsExperts(nn.Module):
         """A long training call on the stream path with some experts on the GPU (forward
         and backward), or None where it stays on the CPU. Under activation checkpointing
         the first pass (a reentrant one without grad too) and the recompute split alike."""
-        if not gpu_experts.wanted(self.experts, hidden_states, top_k_index, training=True):
+        if not gpu_experts.wanted(self.experts, hidden_states, top_k_index, training=True, resident=self.resident):
             return None
 
         def cpu_share(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -781,6 +808,7 @@ class KtrsExperts(nn.Module):
     def _streamed_experts(self) -> gpu_experts.StreamedExperts:
         if self._streamed is None or self._streamed.experts is not self.experts:
             self._streamed = gpu_experts.StreamedExperts(self.experts)
+            self._streamed.resident = self.resident
         return self._streamed
 
     def extra_repr(self) -> str:

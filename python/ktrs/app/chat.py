@@ -11,7 +11,8 @@ import torch
 from .._native import KtrsFileNotFoundError
 
 
-def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                    gpu_expert_memory: Optional[str] = None):
     """(model, tokenizer) with routed experts in ktrs and the adapter, if any, loaded;
     `dtype` of the non-expert weights (default: bf16 on CUDA, else float32)."""
     from transformers import AutoTokenizer
@@ -28,7 +29,7 @@ def load_chat_model(model_path: str, adapter: Optional[str] = None, device: Opti
     tok = AutoTokenizer.from_pretrained(tok_src)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = ktrs.from_pretrained(model_path, device=device, dtype=dtype)
+    model = ktrs.from_pretrained(model_path, device=device, dtype=dtype, gpu_expert_memory=gpu_expert_memory)
     if adapter:
         model = ktrs.load_adapter(model, adapter)
     model.eval()

@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, help=f"conversations per step (default: {d['batch_size'].default})")
     s.add_argument("--max-len", type=int, help=f"tokens kept per conversation, at least {MIN_MAX_LEN} (default: {d['max_len'].default})")
     s.add_argument("--device", help="cuda or cpu for everything but the routed experts (default: cuda when available)")
+    s.add_argument("--gpu-expert-memory", help="GPU memory for routed experts kept on the GPU too, most used first (e.g. 12GiB; default: none)")
     s.add_argument("--seed", type=int, help=f"random seed (default: {d['seed'].default})")
 
     s = cmd("chat", "chat with a checkpoint (and adapter): REPL, or one shot with --prompt")
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", help="answer this one message and exit")
     s.add_argument("--max-new-tokens", type=int, default=64, help="longest reply, in tokens")
     s.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    s.add_argument("--gpu-expert-memory", help="GPU memory for routed experts kept on the GPU too (e.g. 12GiB; default: none)")
 
     s = cmd("bench", "one DeepSeek-V2-Lite-shaped MoE layer on every ISA: checked and timed")
     s.add_argument("--tokens", type=int, default=64, help="tokens T in the batch")
@@ -134,7 +136,7 @@ def _run(args) -> int:
 
         import os
 
-        over = {k: getattr(args, k) for k in ("model", "data", "output", "steps", "learning_rate", "lora_rank", "lora_alpha", "batch_size", "max_len", "device", "seed", "overwrite")}
+        over = {k: getattr(args, k) for k in ("model", "data", "output", "steps", "learning_rate", "lora_rank", "lora_alpha", "batch_size", "max_len", "device", "seed", "overwrite", "gpu_expert_memory")}
         cfg = load_config(args.config, over)
         m = train(cfg, progress=not os.environ.get("KTRS_NO_PROGRESS"))
         print(f"trained {m['steps']} steps on {m['device']} (ISA {m['isa']}): loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}")
@@ -144,7 +146,7 @@ def _run(args) -> int:
     if args.command == "chat":
         from .chat import load_chat_model, repl, reply
 
-        model, tok = load_chat_model(args.model, args.adapter, args.device)
+        model, tok = load_chat_model(args.model, args.adapter, args.device, gpu_expert_memory=args.gpu_expert_memory)
         if args.prompt is not None:
             text, speed = reply(model, tok, [{"role": "user", "content": args.prompt}], args.max_new_tokens, stream=True)
             print(f"[{speed:.1f} tok/s]")

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import torch
 
-from .._native import KtrsFileNotFoundError, KtrsValueError
+from .._native import KtrsError, KtrsFileNotFoundError, KtrsValueError
 from ..families import Family, family_for
 
 
@@ -33,6 +33,8 @@ class TrainConfig:
     targets: Optional[List[str]] = None
     #: Write into an output directory that already holds files.
     overwrite: bool = False
+    #: GPU memory for routed experts kept on the GPU too (e.g. "12GiB"); None: none.
+    gpu_expert_memory: Optional[str] = None
 
     def check(self) -> None:
         """Refuses values that would fail only after the model has loaded, or train on
@@ -47,6 +49,13 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise KtrsValueError(f"{_flag(name)} must be a positive number, got {v!r}")
+        if self.gpu_expert_memory is not None:
+            from ..resident import parse_bytes
+
+            try:
+                parse_bytes(self.gpu_expert_memory)
+            except KtrsError as exc:
+                raise KtrsValueError(f"--gpu-expert-memory: {exc}") from None
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise KtrsValueError(f"--seed must be a whole number, got {self.seed!r}")
         if os.path.isfile(self.output):
@@ -154,7 +163,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     check_encoded(data, cfg.max_len, tok)
     torch.manual_seed(cfg.seed)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = ktrs.from_pretrained(cfg.model, device=device, dtype=dtype)
+    model = ktrs.from_pretrained(cfg.model, device=device, dtype=dtype, gpu_expert_memory=cfg.gpu_expert_memory)
     targets = list(cfg.targets or family.lora_targets)
     pm = ktrs.get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets))
     pm.train()
