@@ -296,5 +296,6 @@ def test_train_config_checks_the_gpu_expert_memory(tmp_path):
 def test_patch_model_places_experts_when_asked(on_cpu, stock):
     model = ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2, gpu_expert_memory="1GiB")
     assert all(m.resident is not None and m.resident.count == 8 for _, m in layers(model))  # 1 GiB holds the tiny model's experts
+    assert "8 kept on cpu too" in ktrs.describe(model)
     plain = ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2, gpu_expert_memory=0)
     assert all(m.resident is None for _, m in layers(plain))

@@ -50,7 +50,7 @@ class ResidentExperts(nn.Module):
         if ids and (ids[0] < 0 or ids[-1] >= E):
             raise KtrsValueError(f"experts: ids must be in [0, {E}), got {ids[0] if ids[0] < 0 else ids[-1]}")
         self.ids: List[int] = ids
-        self.device = torch.device(device)
+        self.device = normalized(device)
         self.num_experts = E
         self.weights_version = experts.weights_version
         self.hidden_size, self.intermediate_size = experts.hidden_size, experts.intermediate_size
@@ -127,6 +127,14 @@ class ResidentExperts(nn.Module):
         route = torch.zeros(T, self.count + 1, dtype=torch.float32, device=x.device)
         route.scatter_add_(1, slot + 1, w)  # column 0 collects the non-resident slots (weight 0)
         return torch.einsum("rt,rth->th", route[:, 1:].t(), y)
+
+
+def normalized(device: Union[str, torch.device]) -> torch.device:
+    """``cuda`` → ``cuda:<current>``: tensors report the indexed form, and calls compare it."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -207,6 +215,7 @@ def place_experts_on_gpu(
         raise KtrsValueError(f"device: expected a CUDA device for resident experts, got {dev}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KtrsValueError("device: CUDA is not available; resident experts need a GPU")
+    dev = normalized(dev)
     names = {n for n, _ in layers}
     per_expert = {n: expert_bytes(m.experts) for n, m in layers}
     if experts is not None:

@@ -106,6 +106,7 @@ def describe(model: nn.Module) -> str:
                 f"{r.weight_bytes / 2**20:.0f} MiB, ISA {r.isa}, {r.threads} threads, LoRA r={r.lora_rank}); "
                 f"router on {dev(block.gate)}"
                 + (f", shared experts on {dev(nn.ModuleList(shared))}" if shared else "")
+                + (f"; {ex.resident.count} kept on {ex.resident.device} too ({ex.resident.nbytes / 2**20:.0f} MiB)" if ex.resident is not None else "")
             )
         else:
             lines.append(f"  {name}: NOT patched (experts in torch)")
