@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 import torch
 
 import ktrs
-from ktrs.hf import _install, _load_rest, find_moe_blocks
+from ktrs.hf import _install, _load_rest, default_threads, find_moe_blocks
 
 
 def rss_gb() -> float:
@@ -178,6 +178,7 @@ def build_ktrs(config, device, threads):
         g = torch.Generator().manual_seed(0)
         pool = [(torch.randn(I, H, generator=g) * H**-0.5).bfloat16() for _ in range(4)]
         down = [(torch.randn(H, I, generator=g) * I**-0.5).bfloat16() for _ in range(2)]
+    threads = default_threads(torch.device(device), threads)  # as patch_model and from_pretrained choose
     for name, block in blocks:
         rust = ktrs.MoeExperts.empty(E, H, I, threads=threads)
         for x in range(E):

@@ -299,3 +299,17 @@ def test_patch_model_places_experts_when_asked(on_cpu, stock):
     assert "8 kept on cpu too" in ktrs.describe(model)
     plain = ktrs.patch_model(copy.deepcopy(stock), device="cpu", threads=2, gpu_expert_memory=0)
     assert all(m.resident is None for _, m in layers(plain))
+
+
+def test_models_on_cuda_leave_one_core_to_python(monkeypatch):
+    from ktrs import hf
+
+    monkeypatch.delenv("KTRS_THREADS", raising=False)
+    monkeypatch.setattr(hf._native, "resolve_threads", lambda t=None: 16)
+    assert hf.default_threads(torch.device("cuda:0")) == 15
+    assert hf.default_threads(torch.device("cpu")) is None  # the kernels' own default
+    assert hf.default_threads(torch.device("cuda:0"), 4) == 4
+    monkeypatch.setattr(hf._native, "resolve_threads", lambda t=None: 1)
+    assert hf.default_threads(torch.device("cuda:0")) == 1
+    monkeypatch.setenv("KTRS_THREADS", "16")
+    assert hf.default_threads(torch.device("cuda:0")) is None
