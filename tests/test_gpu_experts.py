@@ -368,3 +368,32 @@ def test_the_training_split_learns_the_machines_balance(slow, monkeypatch):
     s.train(p.hidden, p.ids, p.weights, (), 1.0, cpu_call, lambda *a: None, guard=False)
     b.update()
     assert (b.factor, b.calls) == before
+
+
+def test_lora_buffers_are_page_locked_once_per_set(monkeypatch):
+    # The GPU share copies LoRA from page-locked Rust memory: each set of buffers is
+    # registered once, and unregistered when new ones (another rank) replace it.
+    p = make_problem(E=64, H=512, I=512, k=2, T=4, r=8, seed=1)  # each matrix 64·8·512·4 B = 1 MiB: mapped
+    ex = build(p)
+    s = gpu_experts.StreamedExperts(ex)
+    calls = []
+
+    class Fake:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Fake())
+    first = [ex.lora_weight(n) for n in LORA_NAMES]
+    assert s._lora_locked(first) and s._lora_locked(first)
+    assert [c[0] for c in calls] == ["register"] * 6
+    ptrs = sorted(t.data_ptr() for t in first)
+    del first
+    ex.set_lora(4)  # half a MiB each: heap memory, gathered on the host instead
+    assert not s._lora_locked([ex.lora_weight(n) for n in LORA_NAMES])
+    assert sorted(p for c, p in calls if c == "unregister") == ptrs
+    assert [c[0] for c in calls].count("register") == 6

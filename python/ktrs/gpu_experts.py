@@ -578,8 +578,9 @@ class StreamedExperts:
         if self._lora_lock is not None and self._lora_lock[0] == key:
             return self._lora_lock[1]
         if self._lora_lock is not None:
-            torch.cuda.synchronize()  # no copy may still read the old buffers
-            self._lora_lock[2].detach()()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # no copy may still read the old buffers
+            self._lora_lock[2]()  # unregisters them (once) and lets them go
         cudart = torch.cuda.cudart()
         ptrs, ok = [], True
         for t in lora:
