@@ -397,3 +397,25 @@ def test_lora_buffers_are_page_locked_once_per_set(monkeypatch):
     assert not s._lora_locked([ex.lora_weight(n) for n in LORA_NAMES])
     assert sorted(p for c, p in calls if c == "unregister") == ptrs
     assert [c[0] for c in calls].count("register") == 6
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_hand_backward_matches_autograd(lora):
+    g = torch.Generator().manual_seed(3)
+    n, m, H, I, i_pad, r = 3, 5, 64, 40, 48, 4  # I padded to whole panels of 16
+    x = torch.randn(n, m, H, generator=g).bfloat16()
+    w_gu = (torch.randn(n, 2 * i_pad, H, generator=g) * 0.2).bfloat16()
+    w_dn = (torch.randn(n, H, i_pad, generator=g) * 0.2).bfloat16()
+    shapes = {"gate_A": (r, H), "gate_B": (I, r), "up_A": (r, H), "up_B": (I, r), "down_A": (r, I), "down_B": (H, r)}
+    L = {k: torch.randn(n, *v, generator=g) * 0.3 for k, v in shapes.items()} if lora else {}
+    dy = torch.randn(n, m, H, generator=g)
+    y, dx, dL = gpu_experts.expert_math_backward(x, w_gu, w_dn, L, 1.5, H, I, dy, True)
+    xs = x.clone().requires_grad_(True)
+    Ls = {k: v.clone().requires_grad_(True) for k, v in L.items()}
+    want = gpu_experts.expert_math(xs, w_gu, w_dn, Ls, 1.5, H, I)
+    grads = torch.autograd.grad(want, [xs, *Ls.values()], dy)
+    assert rel_l2(y, want.detach()) < 1e-5
+    assert rel_l2(dx, grads[0].float()) < 1e-2
+    assert set(dL) == set(Ls)
+    for (k, _), gr in zip(Ls.items(), grads[1:]):
+        assert rel_l2(dL[k], gr) < 1e-2, k
