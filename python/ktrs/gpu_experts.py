@@ -175,7 +175,7 @@ def wanted(experts: MoeExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, tr
     :func:`split` then decides which experts go."""
     if torch.is_grad_enabled() and not training:
         return False
-    if resident is not None and resident.count and resident.device == hidden.device:
+    if resident is not None and resident.serves(hidden.device):
         return True
     return streams(experts, hidden, topk_ids, training)
 
@@ -403,7 +403,7 @@ class StreamedExperts:
     def _resident_ids(self, dev: torch.device) -> List[int]:
         """The experts resident on ``dev`` (none where they are on another device)."""
         res = self.resident
-        return res.ids if res is not None and res.device == dev else []
+        return res.ids if res is not None and res.serves(dev) else []
 
     def _divide(self, topk_ids: torch.Tensor, counts: List[int], chosen: List[int]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
         """The ids of the CPU's and of the GPU's share (the other side's slots -1) and the
@@ -463,7 +463,8 @@ class StreamedExperts:
         dev = hidden.device
         if dev.type != "cuda":
             return self._compute(hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts)
-        if any(c and e not in self._resident_ids(dev) for e, c in enumerate(counts)):
+        on = set(self._resident_ids(dev))
+        if any(c and e not in on for e, c in enumerate(counts)):
             self._register()  # refused: pageable copies, correct but slow
         with torch.cuda.device(dev):  # streams and events on the input's GPU
             return self._compute(hidden, topk_ids, topk_weights, lora, scaling, out_dtype, counts)
@@ -479,10 +480,11 @@ class StreamedExperts:
         order = torch.argsort(flat, stable=True)[: sum(counts)]
         # Resident experts first (no copy to wait for; meanwhile the first copy runs).
         on = set(self._resident_ids(topk_ids.device))
+        size = max(1, CHUNK_BYTES // self.expert_bytes)
         active = [e for e in range(E) if counts[e] and e in on]
-        groups = _groups(active, max(1, CHUNK_BYTES // self.expert_bytes))
         streamed = [e for e in range(E) if counts[e] and e not in on]
-        return _Plan(order, topk_ids.shape[1], counts, active + streamed, groups + _groups(streamed, max(1, CHUNK_BYTES // self.expert_bytes)), len(groups))
+        groups = _groups(active, size)
+        return _Plan(order, topk_ids.shape[1], counts, active + streamed, groups + _groups(streamed, size), len(groups))
 
     def _chunks(self, plan: "_Plan", dev: torch.device):
         """Yields ``(position of the chunk's first expert in plan.active, gate_up [n, 2·I_pad,
@@ -656,20 +658,30 @@ def expert_math(x: torch.Tensor, w_gu: torch.Tensor, w_dn: torch.Tensor, L: Dict
     slices when given; like the stock HF model, gate and up are rounded to bf16 before the
     SiLU); differentiable. ``w_gu [n, 2·I_pad, ≥H]`` (gate and up interleaved per 16
     rows), ``w_dn [n, ≥H, ≥I]``."""
+    return _expert_forward(x, w_gu, w_dn, L, scaling, H, I)[0]
+
+
+def _expert_forward(x, w_gu, w_dn, L, s, H, I):
+    """:func:`expert_math`'s output and what its hand backward needs: ``(y, (g, u, sg,
+    act, xf, xa_g, xa_u, aa_d))`` (the LoRA ones None without ``L``)."""
     n, m, _ = x.shape
     i_pad = w_gu.shape[1] // 2
     h = torch.bmm(x, w_gu[:, :, :H].transpose(1, 2)).view(n, m, i_pad // 16, 2, 16)
     g = h[:, :, :, 0].reshape(n, m, i_pad)[..., :I].float()
     u = h[:, :, :, 1].reshape(n, m, i_pad)[..., :I].float()
+    xf = xa_g = xa_u = aa_d = None
     if L:
         xf = x.float()
-        g = g + scaling * torch.bmm(torch.bmm(xf, L["gate_A"].transpose(1, 2)), L["gate_B"].transpose(1, 2))
-        u = u + scaling * torch.bmm(torch.bmm(xf, L["up_A"].transpose(1, 2)), L["up_B"].transpose(1, 2))
-    act = (F.silu(g) * u).to(torch.bfloat16)
+        xa_g, xa_u = torch.bmm(xf, L["gate_A"].transpose(1, 2)), torch.bmm(xf, L["up_A"].transpose(1, 2))  # [n, m, r]
+        g = g + s * torch.bmm(xa_g, L["gate_B"].transpose(1, 2))
+        u = u + s * torch.bmm(xa_u, L["up_B"].transpose(1, 2))
+    sg = F.silu(g)
+    act = (sg * u).to(torch.bfloat16)
     y = torch.bmm(act, w_dn[:, :H, :I].transpose(1, 2)).float()
     if L:
-        y = y + scaling * torch.bmm(torch.bmm(act.float(), L["down_A"].transpose(1, 2)), L["down_B"].transpose(1, 2))
-    return y
+        aa_d = torch.bmm(act.float(), L["down_A"].transpose(1, 2))  # [n, m, r]
+        y = y + s * torch.bmm(aa_d, L["down_B"].transpose(1, 2))
+    return y, (g, u, sg, act, xf, xa_g, xa_u, aa_d)
 
 
 def _groups(experts: List[int], size: int) -> List[List[int]]:
@@ -686,30 +698,16 @@ def expert_math_backward(x: torch.Tensor, w_gu: torch.Tensor, w_dn: torch.Tensor
     n, m, _ = x.shape
     i_pad = w_gu.shape[1] // 2
     s = scaling
-    h = torch.bmm(x, w_gu[:, :, :H].transpose(1, 2)).view(n, m, i_pad // 16, 2, 16)
-    g = h[:, :, :, 0].reshape(n, m, i_pad)[..., :I].float()
-    u = h[:, :, :, 1].reshape(n, m, i_pad)[..., :I].float()
-    if L:
-        xf = x.float()
-        xa_g, xa_u = torch.bmm(xf, L["gate_A"].transpose(1, 2)), torch.bmm(xf, L["up_A"].transpose(1, 2))
-        g = g + s * torch.bmm(xa_g, L["gate_B"].transpose(1, 2))
-        u = u + s * torch.bmm(xa_u, L["up_B"].transpose(1, 2))
-    sig = torch.sigmoid(g)
-    sg = g * sig
-    act_f = sg * u
-    act = act_f.to(torch.bfloat16)
-    y = torch.bmm(act, w_dn[:, :H, :I].transpose(1, 2)).float()
+    y, (g, u, sg, act, xf, xa_g, xa_u, aa_d) = _expert_forward(x, w_gu, w_dn, L, s, H, I)
     dL: Dict[str, torch.Tensor] = {}
     d_act = torch.bmm(dy.to(torch.bfloat16), w_dn[:, :H, :I]).float()
     if L:
-        actf = act.float()
-        aa_d = torch.bmm(actf, L["down_A"].transpose(1, 2))  # [n, m, r]
-        y = y + s * torch.bmm(aa_d, L["down_B"].transpose(1, 2))
         dyb = torch.bmm(dy, L["down_B"])  # [n, m, r]
         d_act = d_act + s * torch.bmm(dyb, L["down_A"])
         if want_lora:
             dL["down_B"] = s * torch.bmm(dy.transpose(1, 2), aa_d)
-            dL["down_A"] = s * torch.bmm(dyb.transpose(1, 2), actf)
+            dL["down_A"] = s * torch.bmm(dyb.transpose(1, 2), act.float())
+    sig = torch.sigmoid(g)
     dg = d_act * u * (sig * (1 + g * (1 - sig)))
     du = d_act * sg
     dh = torch.zeros(n, m, i_pad // 16, 2, 16, dtype=torch.bfloat16, device=x.device)

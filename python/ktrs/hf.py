@@ -157,7 +157,7 @@ def _moe_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if flat.is_cuda and not needs_grad and decode.host_node_mode():
         # Decode graphs: the experts become stream work, no Python per step; the GPU runs
         # the shared experts (and resident routed ones) while the CPU runs the routed ones.
-        res = experts.resident if experts.resident is not None and experts.resident.device == flat.device else None
+        res = experts.resident if experts.resident is not None and experts.resident.serves(flat.device) else None
         if res is not None and res.count == experts.num_experts:
             routed = res.decode_forward(flat, topk_indices, topk_weights, experts.lora_active, experts.experts.lora_scaling).to(flat.dtype)
             shared = _shared_output(self, flat, hidden_states)

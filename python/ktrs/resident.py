@@ -73,6 +73,10 @@ class ResidentExperts(nn.Module):
     def count(self) -> int:
         return len(self.ids)
 
+    def serves(self, device: torch.device) -> bool:
+        """Whether calls on `device` run some experts here."""
+        return bool(self.ids) and self.device == device
+
     @property
     def nbytes(self) -> int:
         return (self.gate_up.numel() + self.down.numel()) * 2
